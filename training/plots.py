@@ -1,0 +1,78 @@
+"""The run's PNG plots: learning curves, confusion matrix, misclassified test images."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from training.data import SplitData  # noqa: E402
+
+
+def learning_curves(history: list[dict], phase1_epochs: int, path: Path) -> None:
+    """Train vs validation loss and accuracy per epoch, with the phase boundary marked."""
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, [r.get(metric) for r in history], "o-", label=f"train {metric}")
+        ax.plot(epochs, [r.get(f"val_{metric}") for r in history], "s-", label=f"validation {metric}")
+        if 0 < phase1_epochs < len(history):
+            ax.axvline(phase1_epochs + 0.5, color="gray", linestyle="--", label="start of fine-tuning")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.set_title(metric.capitalize())
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Learning curves (train metrics include dropout and augmentation)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_matrix(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path) -> None:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(5.0, 0.45 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay.from_predictions(
+        labels, probabilities.argmax(axis=1), labels=list(range(len(class_names))), display_labels=class_names,
+        ax=ax, colorbar=False, include_values=len(class_names) <= 30, xticks_rotation="vertical",
+    )
+    ax.set_title("Confusion matrix (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def misclassified(
+    probabilities: np.ndarray, split: SplitData, class_names: list[str], path: Path, limit: int = 25
+) -> None:
+    """A grid of wrongly predicted test images, titled true -> predicted (confidence), most confident first."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != split.labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:limit]
+    if len(wrong) == 0:
+        fig, ax = plt.subplots(figsize=(5, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"No misclassified test images ({len(split)} of {len(split)} correct)",
+                ha="center", va="center")
+    else:
+        cols = min(5, len(wrong))
+        rows = math.ceil(len(wrong) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, index in zip(axes.flat, wrong):
+            ax.imshow(split.images[index])
+            ax.set_title(f"{class_names[split.labels[index]]} → {class_names[predicted[index]]}\n"
+                         f"({probabilities[index, predicted[index]]:.0%})", fontsize=9)
+        fig.suptitle(f"Misclassified test images: {len(np.flatnonzero(predicted != split.labels))} of "
+                     f"{len(split)} (true → predicted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,77 @@
+"""One error taxonomy for every stage.
+
+Each class carries the HTTP status a service should answer with and the exit code a CLI should end with, so the
+mapping lives with the error and not in every caller. Messages say what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+
+class TransferkitError(Exception):
+    """Base class: an error a user can act on. ``str(err)`` is the one line to show them."""
+
+    http_status: int = 500
+    exit_code: int = 1
+    reason: str = "error"
+
+
+class UsageError(TransferkitError):
+    """Arguments or configuration that cannot work together."""
+
+    http_status = 400
+    exit_code = 2
+    reason = "bad_argument"
+
+
+class DatasetError(TransferkitError):
+    """A dataset directory that cannot be trained on (missing, too few classes, an empty class...)."""
+
+    http_status = 400
+    exit_code = 2
+    reason = "bad_dataset"
+
+
+class OutputExistsError(TransferkitError):
+    """The output directory exists and ``--force`` was not given."""
+
+    http_status = 409
+    exit_code = 2
+    reason = "output_exists"
+
+
+class WeightsUnavailableError(TransferkitError):
+    """Pretrained weights could not be loaded (offline, wrong file, wrong backbone)."""
+
+    http_status = 500
+    exit_code = 3
+    reason = "weights_unavailable"
+
+
+class InvalidImageError(TransferkitError):
+    """Bytes that are not a supported, complete image."""
+
+    http_status = 400
+    exit_code = 2
+    reason = "invalid_image"
+
+
+class UnsupportedImageFormatError(InvalidImageError):
+    """A real image, but in a format the project does not accept."""
+
+    http_status = 415
+    reason = "unsupported_format"
+
+
+class ImageTooLargeError(InvalidImageError):
+    """An image whose declared pixel count exceeds the cap (refused from its header, before decoding)."""
+
+    http_status = 413
+    reason = "image_too_large"
+
+
+class RunDirectoryError(TransferkitError):
+    """A training run directory that is missing files or does not match what was asked."""
+
+    http_status = 400
+    exit_code = 2
+    reason = "bad_run"
