@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.config import FLIPS, OPTIMIZERS, STRATEGIES, AugmentConfig, TrainConfig
-from training.model import HeadConfig
+from training.config import FLIPS, OPTIMIZERS, STRATEGIES, AugmentConfig, HeadConfig, TrainConfig
 
 TRAIN_EPILOG = """\
 examples:
@@ -153,6 +152,7 @@ def add_data_parser(subparsers) -> None:
     d.add_argument("--out", type=Path, required=True, help="directory to create")
     d.add_argument("--size", type=int, default=32, help="image size in px (default 32)")
     d.add_argument("--classes", help="digits to include, e.g. 0-4 or 5,6,7 (default: all ten)")
+    d.add_argument("--per-class", type=int, help="keep only the first N images of each digit")
     d.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(handler=run_data)
 
@@ -160,7 +160,7 @@ def add_data_parser(subparsers) -> None:
 def run_data(args: argparse.Namespace) -> int:
     from training.digits import parse_classes, write_digits
 
-    counts = write_digits(args.out, args.size, parse_classes(args.classes), args.force)
+    counts = write_digits(args.out, args.size, parse_classes(args.classes), args.force, args.per_class)
     print(f"wrote {sum(counts.values())} images of {len(counts)} classes to {args.out.absolute()}")
     print("  " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     return 0

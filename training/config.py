@@ -5,7 +5,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from training.model import HeadConfig
+
+@dataclass
+class HeadConfig:
+    """The classification head. ``pool``: GAP -> dropout -> [dense -> dropout] -> softmax.
+    ``flatten``: 2x2 average pool -> flatten -> dense (128) -> dropout (0.4) -> softmax."""
+
+    kind: Literal["pool", "flatten"] = "pool"
+    dropout: float = 0.2
+    hidden_units: int = 0
+    hidden_dropout: float | None = None
+    l2: float = 0.0
+
 
 Strategy = Literal["feature-extraction", "fine-tune", "scratch"]
 STRATEGIES: tuple[str, ...] = ("feature-extraction", "fine-tune", "scratch")

@@ -38,7 +38,7 @@ class SplitData:
     images: np.ndarray  # (N, H, W, 3) uint8
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.labels)  # folds of k-fold cross-validation carry no file list
 
 
 @dataclass

@@ -37,10 +37,17 @@ def parse_classes(spec: str | None) -> list[int]:
     return sorted(digits)
 
 
-def write_digits(out: Path, size: int = 32, classes: list[int] | None = None, force: bool = False) -> dict[str, int]:
-    """Write the digits as ``out/<digit>/<index>.png`` (RGB, ``size`` px); return the image count per class."""
+def write_digits(
+    out: Path, size: int = 32, classes: list[int] | None = None, force: bool = False, per_class: int | None = None
+) -> dict[str, int]:
+    """Write the digits as ``out/<digit>/<index>.png`` (RGB, ``size`` px); return the image count per class.
+
+    ``per_class`` keeps only the first N images of each digit (small datasets for quick runs and tests).
+    """
     from sklearn.datasets import load_digits
 
+    if per_class is not None and per_class < 1:
+        raise UsageError(f"--per-class must be at least 1, got {per_class}")
     if not 8 <= size <= 1024:
         raise UsageError(f"--size must be between 8 and 1024 px, got {size}")
     wanted = set(classes if classes is not None else range(10))
@@ -48,11 +55,11 @@ def write_digits(out: Path, size: int = 32, classes: list[int] | None = None, fo
     counts: Counter[str] = Counter()
     with atomic_output_dir(Path(out), force=force) as staging:
         for index, (pixels, target) in enumerate(zip(digits.images, digits.target)):
-            if int(target) not in wanted:
+            if int(target) not in wanted or (per_class is not None and counts[str(int(target))] >= per_class):
                 continue
             # 0..16 ink levels -> white ink on black, as in the original scans' rendering
             gray = np.clip(pixels * (255.0 / 16.0), 0, 255).astype(np.uint8)
-            image = Image.fromarray(gray, mode="L").resize((size, size), Image.Resampling.BICUBIC)
+            image = Image.fromarray(gray).resize((size, size), Image.Resampling.BICUBIC)
             folder = staging / str(int(target))
             folder.mkdir(exist_ok=True)
             image.convert("RGB").save(folder / f"{index:04d}.png")

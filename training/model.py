@@ -8,27 +8,16 @@ named "head", so its weights can be trained alone on cached features).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import keras
 
+from training.config import HeadConfig
 from training.layers import BackbonePreprocessing
 from transferkit.core.backbones import Backbone
 from transferkit.core.errors import RunDirectoryError, UsageError, WeightsUnavailableError
 
-
-@dataclass
-class HeadConfig:
-    """The classification head. ``pool``: GAP -> dropout -> [dense -> dropout] -> softmax.
-    ``flatten``: 2x2 average pool -> flatten -> dense (128) -> dropout (0.4) -> softmax."""
-
-    kind: Literal["pool", "flatten"] = "pool"
-    dropout: float = 0.2
-    hidden_units: int = 0
-    hidden_dropout: float | None = None
-    l2: float = 0.0
+SCRATCH_BN_MOMENTUM = 0.9
 
 
 def build_head(feature_shape: tuple[int, ...], num_classes: int, config: HeadConfig) -> keras.Model:
@@ -152,6 +141,13 @@ def build_classifier(
     if run_dir is not None:
         transfer_from_run(base, backbone, run_dir)
     base.trainable = trainable_base
+    if trainable_base:
+        # ImageNet recipes use BatchNormalization momentum 0.99-0.999, tuned for hundreds of thousands of steps; a
+        # small dataset trained from scratch sees a few hundred, and the moving statistics that inference uses
+        # would still be near their initial values (validation at chance while training accuracy climbs).
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = SCRATCH_BN_MOMENTUM
     inputs = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
     x = BackbonePreprocessing(backbone.preprocessing, name="preprocessing")(inputs)
     # training=False keeps BatchNormalization in inference mode when the base is later unfrozen (keras.io guide);

@@ -73,6 +73,6 @@ def misclassified(
                          f"({probabilities[index, predicted[index]]:.0%})", fontsize=9)
         fig.suptitle(f"Misclassified test images: {len(np.flatnonzero(predicted != split.labels))} of "
                      f"{len(split)} (true → predicted)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))  # leave room for the title
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -20,7 +20,7 @@ from training.config import TrainConfig
 from training.data import Dataset, SplitData, load_dataset
 from transferkit.core.atomic import atomic_output_dir, check_output_dir
 from transferkit.core.backbones import Backbone, get_backbone
-from transferkit.core.errors import UsageError
+from transferkit.core.errors import DatasetError, UsageError
 
 Log = Callable[[str], None]
 
@@ -47,6 +47,8 @@ def validate_config(config: TrainConfig) -> tuple[Backbone, int, str, list[str]]
     """Check everything checkable before any data is read. Returns (backbone, size, weights, warnings)."""
     backbone = get_backbone(config.backbone)
     size = config.image_size or backbone.default_size
+    if not Path(config.data).is_dir():
+        raise DatasetError(f"data directory not found: {config.data}")
     weights = config.weights
     if config.strategy == "scratch":
         if weights not in ("imagenet", "none"):
@@ -68,6 +70,9 @@ def validate_config(config: TrainConfig) -> tuple[Backbone, int, str, list[str]]
     if config.kfold == 1 or config.kfold < 0:
         raise UsageError(f"--kfold must be 0 (off) or at least 2, got {config.kfold}")
     warnings = backbone.check_input_size(size, weights)
+    if weights == "none" and config.strategy != "scratch":
+        warnings.append("a frozen backbone with random weights (--weights none) extracts little; "
+                        "--strategy scratch trains it instead")
     backbone.check_alpha(config.alpha, weights)
     check_output_dir(Path(config.out), config.force)
     return backbone, size, weights, warnings

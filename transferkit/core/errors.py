@@ -55,13 +55,6 @@ class InvalidImageError(TransferkitError):
     reason = "invalid_image"
 
 
-class UnsupportedImageFormatError(InvalidImageError):
-    """A real image, but in a format the project does not accept."""
-
-    http_status = 415
-    reason = "unsupported_format"
-
-
 class ImageTooLargeError(InvalidImageError):
     """An image whose declared pixel count exceeds the cap (refused from its header, before decoding)."""
 

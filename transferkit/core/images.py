@@ -62,7 +62,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         if image.mode != "F":
             values = values / 257.0
         gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # avoids Pillow's palette-transparency warning
     return image.convert("RGB")

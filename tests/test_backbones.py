@@ -1,0 +1,102 @@
+"""The registry against Keras itself: every row builds, preprocessing matches, published counts match exactly."""
+
+from __future__ import annotations
+
+import csv
+import gc
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transferkit.core.backbones import get_backbone, parse_backbones, published_table, registry
+from transferkit.core.errors import UsageError
+
+ROWS = list(registry().values())
+SHARED_TABLE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keras-applications-table.tsv"
+
+
+def test_registry_covers_the_published_table_and_mobilenet_v3():
+    table = published_table()
+    assert len(table) == 38
+    assert set(table) | {"MobileNetV3Small", "MobileNetV3Large"} == set(registry())
+    assert len(registry()) == 40
+
+
+@pytest.mark.skipif(not SHARED_TABLE.exists(), reason="shared reference table not beside this checkout")
+def test_shipped_table_matches_the_shared_reference():
+    lines = [line for line in SHARED_TABLE.read_text().splitlines() if line and not line.startswith("#")]
+    reference = {row["model"]: row for row in csv.DictReader(lines, delimiter="\t")}
+    for name, published in published_table().items():
+        assert str(published.parameters or "") in reference[name]["parameters"]
+
+
+def test_lookup_is_case_insensitive_and_errors_list_choices():
+    assert get_backbone("mobilenetv2").name == "MobileNetV2"
+    with pytest.raises(UsageError, match="unknown backbone 'ResNet9000'.*MobileNetV2"):
+        get_backbone("ResNet9000")
+    assert [b.name for b in parse_backbones("ResNet50, EfficientNetB0")] == ["ResNet50", "EfficientNetB0"]
+    assert len(parse_backbones("all")) == 40
+
+
+def test_input_size_and_weight_constraints():
+    with pytest.raises(UsageError, match="at least 75 px"):
+        get_backbone("InceptionV3").check_input_size(64)
+    with pytest.raises(UsageError, match="only for input size 224"):
+        get_backbone("NASNetMobile").check_input_size(96, "imagenet")
+    assert get_backbone("NASNetMobile").check_input_size(96, "none") == []
+    assert get_backbone("MobileNetV2").check_input_size(96, "imagenet") == []
+    assert "loads the 224 px weights" in get_backbone("MobileNetV2").check_input_size(64, "imagenet")[0]
+    with pytest.raises(UsageError, match="alpha"):
+        get_backbone("MobileNetV2").check_alpha(0.6, "imagenet")
+    with pytest.raises(UsageError, match="MobileNet backbones only"):
+        get_backbone("ResNet50").check_alpha(0.5)
+
+
+@pytest.mark.parametrize("family", sorted({row.family for row in ROWS}))
+def test_preprocessing_layer_matches_keras_preprocess_input(family):
+    """Our in-graph layer must equal the family's own preprocess_input (the silent-failure row of backbones.md)."""
+    from training.layers import BackbonePreprocessing
+
+    mode = next(row.preprocessing for row in ROWS if row.family == family)
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    module = importlib.import_module(f"keras.applications.{family}")
+    expected = np.asarray(module.preprocess_input(pixels.copy()))
+    actual = np.asarray(BackbonePreprocessing(mode)(pixels))
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-4)
+
+
+def _free():
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
+def test_every_backbone_builds_headless_and_gives_finite_features(row):
+    size = max(row.min_size, 32)
+    base = row.constructor()(include_top=False, weights=None, input_shape=(size, size, 3))
+    features = np.asarray(base(np.random.default_rng(0).uniform(0, 255, (1, size, size, 3)).astype("float32"),
+                               training=False))
+    assert features.ndim == 4 and features.shape[0] == 1
+    assert np.isfinite(features).all()
+    del base
+    _free()
+
+
+EXACT = [row for row in ROWS if row.published and row.published.parameters]
+
+
+@pytest.mark.parametrize("row", EXACT, ids=[row.name for row in EXACT])
+def test_include_top_parameter_count_matches_published_table(row):
+    model = row.constructor()(include_top=True, weights=None)
+    assert model.count_params() == row.published.parameters
+    assert model.input_shape[1:3] == (row.default_size, row.default_size)
+    del model
+    _free()
+
+
+def test_exact_counts_cover_every_row_the_table_gives_exactly():
+    assert len(EXACT) == 18  # Xception .. NASNetLarge; the table prints EfficientNet/ConvNeXt counts rounded

@@ -1,0 +1,156 @@
+"""The guarded decoder on real files of every supported kind, and on hostile bytes."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferkit.core.errors import ImageTooLargeError, InvalidImageError
+from transferkit.core.images import decode_image
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def gradient(width: int = 64, height: int = 48) -> Image.Image:
+    x = np.linspace(0, 255, width, dtype=np.uint8)
+    y = np.linspace(0, 255, height, dtype=np.uint8)
+    rgb = np.stack([np.tile(x, (height, 1)), np.tile(y[:, None], (1, width)), np.full((height, width), 90, np.uint8)],
+                   axis=-1)
+    return Image.fromarray(rgb, "RGB")
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "WEBP"])
+def test_supported_formats_decode_to_rgb_uint8(fmt):
+    pixels = decode_image(encode(gradient(), fmt), 32)
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+    assert pixels[..., 0].mean() > 60  # the image content survived, not a blank array
+
+
+def test_without_size_keeps_original_size():
+    assert decode_image(encode(gradient(64, 48), "PNG")).shape == (48, 64, 3)
+
+
+def test_format_is_sniffed_from_bytes_not_name(tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(encode(gradient(), "PNG"))  # a PNG named .jpg
+    assert decode_image(path, 16).shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "1", "I;16", "CMYK"])
+def test_any_mode_becomes_rgb(mode):
+    image = gradient().convert("L").convert(mode) if mode != "CMYK" else gradient().convert("CMYK")
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    pixels = decode_image(encode(image, fmt), 24)
+    assert pixels.shape == (24, 24, 3)
+
+
+def test_palette_with_transparency():
+    image = gradient().convert("P")
+    image.info["transparency"] = 0
+    assert decode_image(encode(image, "PNG", transparency=0), 8).shape == (8, 8, 3)
+
+
+def test_16bit_grayscale_is_rescaled_not_clipped():
+    values = np.full((10, 10), 32768, dtype=np.uint16)  # mid-gray in 16 bits
+    image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    pixels = decode_image(encode(image, "PNG"))
+    assert 120 <= pixels.mean() <= 135  # clipping would give 255
+
+
+def test_animated_gif_uses_first_frame():
+    red, blue = Image.new("RGB", (16, 16), (255, 0, 0)), Image.new("RGB", (16, 16), (0, 0, 255))
+    data = encode(red, "GIF", save_all=True, append_images=[blue], duration=100, loop=0)
+    pixels = decode_image(data)
+    assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    pixels = decode_image(encode(image, "JPEG", exif=exif.tobytes(), quality=95))
+    assert pixels.shape == (40, 20, 3)  # width and height swapped
+    assert pixels[:20].mean() > 200 and pixels[20:].mean() < 50  # white ends on top
+
+
+@pytest.mark.parametrize("width,height", [(1, 1), (10000, 1)])
+def test_extreme_but_valid_shapes(width, height):
+    assert decode_image(encode(Image.new("RGB", (width, height), (9, 9, 9)), "PNG"), 32).shape == (32, 32, 3)
+
+
+def test_large_jpeg_uses_draft_and_matches_full_decode_closely():
+    big = gradient(3000, 2000)
+    data = encode(big, "JPEG", quality=90)
+    fast = decode_image(data, 224).astype(np.int16)
+    slow = np.asarray(big.resize((224, 224), Image.Resampling.BILINEAR)).astype(np.int16)
+    assert np.abs(fast - slow).mean() < 3
+
+
+@pytest.mark.parametrize("data", [b"hello, I am text", b"%PDF-1.4\n%...", b"PK\x03\x04zipzipzip", bytes(range(256))])
+def test_non_images_are_refused(data):
+    with pytest.raises(InvalidImageError, match="not a supported image"):
+        decode_image(data)
+
+
+def test_empty_file():
+    with pytest.raises(InvalidImageError, match="empty"):
+        decode_image(b"")
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_images_are_refused(fmt):
+    data = encode(gradient(256, 256), fmt)
+    with pytest.raises(InvalidImageError, match="corrupt or truncated"):
+        decode_image(data[: len(data) // 2], 32)
+
+
+def test_broken_png_chunk_is_refused():
+    data = bytearray(encode(gradient(), "PNG"))
+    index = data.index(b"IDAT") + 8
+    data[index : index + 16] = b"\x00" * 16  # the compressed stream is garbage now
+    with pytest.raises(InvalidImageError):
+        decode_image(bytes(data), 32)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A few-byte PNG that declares a huge canvas: a decompression bomb's header."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [8000, 30000])
+def test_decompression_bomb_refused_from_header(side):
+    data = png_header_only(side, side)
+    assert len(data) < 200
+    with pytest.raises(ImageTooLargeError, match="too large"):
+        decode_image(data, 32)
+
+
+def test_custom_pixel_cap():
+    with pytest.raises(ImageTooLargeError, match="64x48 = 3072 pixels > limit 1000"):
+        decode_image(encode(gradient(), "PNG"), max_pixels=1000)
+
+
+def test_unsupported_real_format_is_refused():
+    with pytest.raises(InvalidImageError, match="not a supported image"):
+        decode_image(encode(gradient(), "TIFF"))
+
+
+def test_error_classes_carry_http_status():
+    assert InvalidImageError.http_status == 400
+    assert ImageTooLargeError.http_status == 413

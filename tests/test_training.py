@@ -1,0 +1,161 @@
+"""Real training runs on the embedded digits: artifacts, re-evaluation, transfer, caching, k-fold, determinism."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.config import AugmentConfig, TrainConfig
+from transferkit.core.errors import OutputExistsError, UsageError
+
+ARTIFACTS = ["model.keras", "labels.json", "config.json", "split.json", "history.csv", "metrics.json",
+             "learning_curves.png", "confusion_matrix.png", "misclassified.png", "report.md",
+             "checkpoints/best.weights.h5"]
+NO_AUGMENT = AugmentConfig(enabled=False)
+LIGHT_AUGMENT = AugmentConfig(flip="none", rotation=0.03, shift=0.05, zoom=0.05, contrast=0.0)
+
+
+def run(tmp: Path, data: Path, name: str, **overrides):
+    from training.train import train
+
+    settings = dict(data=str(data), out=str(tmp / name), image_size=32, weights="none", epochs=2,
+                    fine_tune_epochs=1, batch_size=32, augment=LIGHT_AUGMENT, unfreeze="30")
+    settings.update(overrides)
+    return train(TrainConfig(**settings), log=lambda line: None)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(runs, digits_small):
+    return run(runs, digits_small, "fine_tuned")
+
+
+@pytest.fixture(scope="module")
+def scratch(runs, digits_three):
+    return run(runs, digits_three, "scratch", strategy="scratch", epochs=6)
+
+
+def test_run_directory_has_every_artifact(fine_tuned):
+    for name in ARTIFACTS:
+        assert (fine_tuned.run_dir / name).is_file(), name
+    for name in ("learning_curves.png", "confusion_matrix.png", "misclassified.png"):
+        with Image.open(fine_tuned.run_dir / name) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+    assert json.loads((fine_tuned.run_dir / "labels.json").read_text()) == [str(d) for d in range(10)]
+    assert not list(fine_tuned.run_dir.parent.glob(".fine_tuned.partial-*"))
+
+
+def test_two_phases_are_recorded(fine_tuned):
+    history = (fine_tuned.run_dir / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,phase,learning_rate")
+    phases = [line.split(",")[1] for line in history[1:]]
+    assert phases.count("1") >= 1 and phases.count("2") == 1
+    rates = {line.split(",")[1]: float(line.split(",")[2]) for line in history[1:]}
+    assert rates["2"] == pytest.approx(rates["1"] / 10)
+    config = json.loads((fine_tuned.run_dir / "config.json").read_text())
+    assert config["backbone"] == "MobileNetV2" and config["preprocessing"] == "tf"
+    assert config["fine_tune_lr"] == pytest.approx(1e-4)
+
+
+def test_metrics_and_report(fine_tuned):
+    metrics = json.loads((fine_tuned.run_dir / "metrics.json").read_text())
+    test = metrics["test"]
+    assert 0 <= test["accuracy"] <= 1 and "top5_accuracy" in test and np.isfinite(test["loss"])
+    assert set(test["per_class"]) == {str(d) for d in range(10)}
+    assert {"precision", "recall", "f1", "support"} <= set(test["per_class"]["0"])
+    assert metrics["diagnosis"]["verdict"] in ("underfitting", "overfitting", "good fit",
+                                               "unrepresentative validation split")
+    report = (fine_tuned.run_dir / "report.md").read_text()
+    assert f"**Diagnosis: {metrics['diagnosis']['verdict']}.**" in report
+    assert "| test accuracy |" in report and "## Per-class test metrics" in report
+
+
+def test_saved_model_reproduces_test_accuracy_from_split_json(fine_tuned):
+    """Reload model.keras, decode split.json's test files from disk, and recompute the accuracy."""
+    from training.evaluate import batched_forward
+    from training.model import load_run_model
+    from transferkit.core.images import decode_image
+
+    split = json.loads((fine_tuned.run_dir / "split.json").read_text())
+    labels = json.loads((fine_tuned.run_dir / "labels.json").read_text())
+    root = Path(split["root"])
+    test_files = [(f, info["label"]) for f, info in split["files"].items() if info["split"] == "test"]
+    images = np.stack([decode_image(root / f, 32) for f, _ in test_files])
+    truth = np.array([labels.index(label) for _, label in test_files])
+    model = load_run_model(fine_tuned.run_dir)
+    accuracy = float((batched_forward(model, images).argmax(1) == truth).mean())
+    metrics = json.loads((fine_tuned.run_dir / "metrics.json").read_text())
+    assert accuracy == pytest.approx(metrics["test"]["accuracy"], abs=1e-9)
+    assert len(test_files) == metrics["test"]["samples"]
+
+
+def test_training_from_scratch_learns(scratch):
+    """Three digit classes from random weights: far above chance (1/3) after a few epochs."""
+    metrics = scratch.metrics
+    assert metrics["test"]["accuracy"] > 0.8, metrics["test"]
+    assert "top5_accuracy" not in metrics["test"]  # fewer than 5 classes
+
+
+def test_transfer_from_a_previous_run_copies_backbone_weights(scratch):
+    from training.config import HeadConfig
+    from training.model import build_classifier, find_backbone_layer, load_run_model
+    from transferkit.core.backbones import get_backbone
+
+    source = find_backbone_layer(load_run_model(scratch.run_dir))
+    target = build_classifier(get_backbone("MobileNetV2"), 5, 32, str(scratch.run_dir), HeadConfig())
+    for a, b in zip(find_backbone_layer(target).get_weights(), source.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(UsageError, match="used backbone MobileNetV2, this one ResNet50"):
+        build_classifier(get_backbone("ResNet50"), 5, 32, str(scratch.run_dir), HeadConfig())
+
+
+def test_cache_features_with_kfold(runs, digits_small):
+    result = run(runs, digits_small, "cached", strategy="feature-extraction", fine_tune_epochs=0,
+                 augment=NO_AUGMENT, cache_features=True, kfold=2, epochs=3)
+    assert result.metrics["timings"]["feature_extraction_seconds"] > 0
+    assert result.metrics["epochs"]["phase2"] == 0
+    kfold = result.metrics["kfold"]
+    assert kfold["k"] == 2 and len(kfold["folds"]) == 2
+    accuracies = [fold["accuracy"] for fold in kfold["folds"]]
+    assert kfold["summary"]["accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
+    assert kfold["summary"]["accuracy"]["std"] == pytest.approx(np.std(accuracies))
+    assert "2-fold cross-validation" in (result.run_dir / "report.md").read_text()
+
+
+def test_same_seed_same_result(runs, digits_small):
+    first = run(runs, digits_small, "seed_a", strategy="feature-extraction", augment=NO_AUGMENT, fine_tune_epochs=0)
+    second = run(runs, digits_small, "seed_b", strategy="feature-extraction", augment=NO_AUGMENT, fine_tune_epochs=0)
+    assert first.metrics["test"]["loss"] == second.metrics["test"]["loss"]
+    history_a = (first.run_dir / "history.csv").read_text()
+    assert history_a == (second.run_dir / "history.csv").read_text()
+
+
+def test_configuration_errors_are_caught_before_work(runs, digits_small, fine_tuned):
+    with pytest.raises(OutputExistsError, match="--force"):
+        run(runs, digits_small, "fine_tuned")
+    with pytest.raises(UsageError, match="--no-augment"):
+        run(runs, digits_small, "x", cache_features=True)
+    with pytest.raises(UsageError, match="at least 32 px"):
+        run(runs, digits_small, "x", image_size=16)
+    with pytest.raises(UsageError, match="--unfreeze 'nope'"):
+        run(runs, digits_small, "x", unfreeze="nope")
+    assert not (runs / "x").exists()
+
+
+def test_force_replaces_a_run(runs, digits_small):
+    target = runs / "replace_me"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    start = time.time()
+    run(runs, digits_small, "replace_me", force=True, strategy="feature-extraction", augment=NO_AUGMENT,
+        cache_features=True, epochs=1, fine_tune_epochs=0)
+    assert not (target / "stale.txt").exists() and (target / "model.keras").stat().st_mtime >= start - 1
