@@ -188,9 +188,7 @@ def fit_model(
     log(f"{title} ({config.epochs} epochs max, lr {config.learning_rate:g})")
     start = time.perf_counter()
     if config.cache_features:
-        import keras as k
-
-        extractor = k.Sequential([model.get_layer("preprocessing"), base], name="feature_extractor")
+        extractor = keras.Sequential([model.get_layer("preprocessing"), base], name="feature_extractor")
         train_features = batched_forward(extractor, train.images, config.batch_size)
         val_features = batched_forward(extractor, val.images, config.batch_size)
         result.timings["feature_extraction_seconds"] = time.perf_counter() - start
