@@ -15,9 +15,6 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(autouse=True, scope="session")
 def isolated_homes(tmp_path_factory):
     """No test reads or writes the user's ~/.keras or BentoML store (and no ImageNet weights are cached)."""

@@ -173,6 +173,16 @@ def _decode_all(
     return results
 
 
+def check_data_dir(root: Path) -> Path:
+    """Fail with one line unless ``root`` is an existing directory (cheap: runs before TensorFlow is imported)."""
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"data directory not found: {root}")
+    if not root.is_dir():
+        raise DatasetError(f"--data must be a directory of class folders, got a file: {root}")
+    return root
+
+
 def load_dataset(
     root: Path,
     image_size: int,
@@ -183,11 +193,7 @@ def load_dataset(
     progress: Callable[[int, int], None] | None = None,
 ) -> Dataset:
     """Discover, decode and split a dataset. Raises DatasetError with one readable line for unusable data."""
-    root = Path(root)
-    if not root.exists():
-        raise DatasetError(f"data directory not found: {root}")
-    if not root.is_dir():
-        raise DatasetError(f"--data must be a directory of class folders, got a file: {root}")
+    root = check_data_dir(root)
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise UsageError(
             f"split fractions must be in [0, 1) and leave a training set, got val={val_fraction}, "

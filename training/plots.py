@@ -55,6 +55,7 @@ def misclassified(
     """A grid of wrongly predicted test images, titled true -> predicted (confidence), most confident first."""
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != split.labels)
+    wrong_count = len(wrong)
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:limit]
     if len(wrong) == 0:
         fig, ax = plt.subplots(figsize=(5, 2))
@@ -71,7 +72,7 @@ def misclassified(
             ax.imshow(split.images[index])
             ax.set_title(f"{class_names[split.labels[index]]} → {class_names[predicted[index]]}\n"
                          f"({probabilities[index, predicted[index]]:.0%})", fontsize=9)
-        fig.suptitle(f"Misclassified test images: {len(np.flatnonzero(predicted != split.labels))} of "
+        fig.suptitle(f"Misclassified test images: {wrong_count} of "
                      f"{len(split)} (true → predicted)")
     fig.tight_layout(rect=(0, 0, 1, 0.95))  # leave room for the title
     fig.savefig(path, dpi=100)

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from training.config import TrainConfig
-from training.data import Dataset, SplitData, load_dataset
+from training.data import Dataset, SplitData, check_data_dir, load_dataset
 from transferkit.core.atomic import atomic_output_dir, check_output_dir
 from transferkit.core.backbones import Backbone, get_backbone
-from transferkit.core.errors import DatasetError, UsageError
+from transferkit.core.errors import UsageError
 
 Log = Callable[[str], None]
 
@@ -47,8 +47,7 @@ def validate_config(config: TrainConfig) -> tuple[Backbone, int, str, list[str]]
     """Check everything checkable before any data is read. Returns (backbone, size, weights, warnings)."""
     backbone = get_backbone(config.backbone)
     size = config.image_size or backbone.default_size
-    if not Path(config.data).is_dir():
-        raise DatasetError(f"data directory not found: {config.data}")
+    check_data_dir(Path(config.data))
     weights = config.weights
     if config.strategy == "scratch":
         if weights not in ("imagenet", "none"):
@@ -180,8 +179,10 @@ def fit_model(
                 initial_value_threshold=best_so_far))
         return cbs
 
-    train_ds = _tf_dataset(train, config.batch_size, True, augment, config.seed)
-    val_ds = _tf_dataset(val, config.batch_size, False, None, config.seed)
+    # Built only when a phase trains the full model: from_tensor_slices copies the image arrays.
+    needs_pipeline = not config.cache_features or config.runs_phase2
+    train_ds = _tf_dataset(train, config.batch_size, True, augment, config.seed) if needs_pipeline else None
+    val_ds = _tf_dataset(val, config.batch_size, False, None, config.seed) if needs_pipeline else None
 
     # Phase 1: frozen base, train the head (or, for scratch, everything).
     title = "training from scratch" if scratch else "phase 1: frozen base, training the head"
