@@ -55,3 +55,34 @@ def digits_three(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "digits_three"
     write_digits(out, size=32, classes=[0, 1, 7])
     return out
+
+
+LIGHT_AUGMENT = dict(flip="none", rotation=0.03, shift=0.05, zoom=0.05, contrast=0.0)
+
+
+def train_run(out: Path, data: Path, **overrides):
+    """A real, tiny training run (MobileNetV2, 32 px, no ImageNet weights, 2 + 1 epochs) written to ``out``."""
+    from training.config import AugmentConfig, TrainConfig
+    from training.train import train
+
+    settings = dict(data=str(data), out=str(out), image_size=32, weights="none", epochs=2, fine_tune_epochs=1,
+                    batch_size=32, augment=AugmentConfig(**LIGHT_AUGMENT), unfreeze="30")
+    settings.update(overrides)
+    return train(TrainConfig(**settings), log=lambda line: None)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, digits_three):
+    """A run that really learned (digits 0, 1, 7 from scratch, ~97% test accuracy), shared by the training,
+    export, service and benchmark tests: a model with flat softmaxes would make fidelity checks meaningless."""
+    return train_run(tmp_path_factory.mktemp("runs") / "scratch", digits_three, strategy="scratch", epochs=6)
+
+
+@pytest.fixture(scope="session")
+def bundle(trained_run, tmp_path_factory) -> Path:
+    """``transferkit export`` of the trained run (default formats), registered as ``digits-test``."""
+    out = tmp_path_factory.mktemp("bundles") / "digits"
+    result = run_cli("export", str(trained_run.run_dir), "--out", str(out), "--name", "digits-test")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "BentoML tag" in result.stdout and "| onnx-fp16 |" in result.stdout
+    return out

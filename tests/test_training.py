@@ -10,23 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.config import AugmentConfig, TrainConfig
+from conftest import train_run
+from training.config import AugmentConfig
 from transferkit.core.errors import OutputExistsError, UsageError
 
 ARTIFACTS = ["model.keras", "labels.json", "config.json", "split.json", "history.csv", "metrics.json",
              "learning_curves.png", "confusion_matrix.png", "misclassified.png", "report.md",
              "checkpoints/best.weights.h5"]
 NO_AUGMENT = AugmentConfig(enabled=False)
-LIGHT_AUGMENT = AugmentConfig(flip="none", rotation=0.03, shift=0.05, zoom=0.05, contrast=0.0)
 
 
 def run(tmp: Path, data: Path, name: str, **overrides):
-    from training.train import train
-
-    settings = dict(data=str(data), out=str(tmp / name), image_size=32, weights="none", epochs=2,
-                    fine_tune_epochs=1, batch_size=32, augment=LIGHT_AUGMENT, unfreeze="30")
-    settings.update(overrides)
-    return train(TrainConfig(**settings), log=lambda line: None)
+    return train_run(tmp / name, data, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +35,8 @@ def fine_tuned(runs, digits_small):
 
 
 @pytest.fixture(scope="module")
-def scratch(runs, digits_three):
-    return run(runs, digits_three, "scratch", strategy="scratch", epochs=6)
+def scratch(trained_run):
+    return trained_run
 
 
 def test_run_directory_has_every_artifact(fine_tuned):

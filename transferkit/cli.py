@@ -21,6 +21,8 @@ def _quiet_tensorflow() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from export.cli import add_export_parser, add_predict_parser
+    from service.cli import add_serve_parser
     from training.cli import add_data_parser, add_train_parser
 
     parser = argparse.ArgumentParser(
@@ -32,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_data_parser(sub)
     add_train_parser(sub)
+    add_export_parser(sub)
+    add_predict_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

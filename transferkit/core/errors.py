@@ -68,3 +68,19 @@ class RunDirectoryError(TransferkitError):
     http_status = 400
     exit_code = 2
     reason = "bad_run"
+
+
+class BundleError(TransferkitError):
+    """A bundle that cannot be used: missing manifest, missing format, or a file that fails its checksum."""
+
+    http_status = 500
+    exit_code = 2
+    reason = "bad_bundle"
+
+
+class ExportValidationError(TransferkitError):
+    """An exported format does not answer like the Keras model within its gate."""
+
+    http_status = 500
+    exit_code = 4
+    reason = "export_mismatch"

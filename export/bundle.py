@@ -1,0 +1,297 @@
+"""Export a training run (or any transferkit classifier) as a validated bundle, atomically.
+
+Order matters: every format is written into a hidden staging directory, validated against the Keras model, the
+manifest is written, the bundle is registered in the BentoML model store, and only then is the staging directory
+renamed into place. A failed gate, a conversion error, Ctrl-C or SIGTERM leaves no bundle and no store entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from export.validate import MIN_IMAGES
+from transferkit.core.atomic import atomic_output_dir, check_output_dir
+from transferkit.core.backbones import get_backbone
+from transferkit.core.errors import ExportValidationError, InvalidImageError, RunDirectoryError, UsageError
+from transferkit.core.images import decode_image
+from transferkit.core.manifest import (
+    BACKENDS,
+    FORMAT_FILES,
+    FORMAT_PRECISION,
+    MANIFEST_NAME,
+    FormatEntry,
+    Manifest,
+    sha256_path,
+)
+
+DEFAULT_FORMATS = ("savedmodel", "onnx", "onnx-fp16")
+MAX_VALIDATION_IMAGES = 512
+CALIBRATION_IMAGES = 200
+PREPROCESSING_TEXT = {
+    "caffe": "RGB->BGR, minus the ImageNet mean (103.939, 116.779, 123.68), no scaling",
+    "tf": "x / 127.5 - 1",
+    "torch": "x / 255, minus mean (0.485, 0.456, 0.406), divided by std (0.229, 0.224, 0.225)",
+    "builtin": "none outside the backbone: it rescales 0-255 input itself",
+}
+Log = Callable[[str], None]
+
+
+@dataclass
+class ExportResult:
+    bundle_dir: Path
+    manifest: Manifest
+    tag: str | None  # BentoML model tag, when registered
+    seconds: dict[str, float]
+
+
+@dataclass
+class ValidationImages:
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    labels: np.ndarray | None
+    source: str
+
+
+def parse_formats(spec: str) -> list[str]:
+    formats = [item.strip().lower() for item in spec.split(",") if item.strip()]
+    unknown = [f for f in formats if f not in BACKENDS]
+    if unknown or not formats:
+        raise UsageError(f"--formats {spec!r}: expected a comma-separated list of {', '.join(BACKENDS)}")
+    return list(dict.fromkeys(formats))
+
+
+def store_name(text: str) -> str:
+    """A valid BentoML model name (lowercase letters, digits, '-', '_', '.'; starting and ending alphanumeric)."""
+    name = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")[:63].strip("-._")
+    if not name:
+        raise UsageError(f"--name {text!r}: needs at least one letter or digit")
+    return name
+
+
+def _read_json(run_dir: Path, name: str) -> dict | list:
+    path = run_dir / name
+    if not path.is_file():
+        raise RunDirectoryError(f"{run_dir} is not a transferkit run: {name} is missing")
+    return json.loads(path.read_text())
+
+
+def _decode_files(root: Path, files: list[str], size: int) -> np.ndarray:
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        raise RunDirectoryError(
+            f"the run's images are not at {root} any more ({missing[0]} is missing); "
+            f"pass --data DIR pointing at the dataset the run was trained on"
+        )
+    try:
+        return np.stack([decode_image(root / f, size) for f in files])
+    except InvalidImageError as exc:
+        raise RunDirectoryError(f"a validation image of the run cannot be decoded: {exc}") from None
+
+
+def run_images(run_dir: Path, size: int, class_names: list[str], data_root: Path | None = None,
+               ) -> tuple[ValidationImages, np.ndarray]:
+    """Validation images (test split; topped up from val, then train, to at least 64) and calibration images."""
+    record = _read_json(run_dir, "split.json")
+    root = Path(data_root) if data_root else Path(record["root"])
+    by_split: dict[str, list[tuple[str, int]]] = {"test": [], "val": [], "train": []}
+    for path, item in record["files"].items():
+        by_split.setdefault(item["split"], []).append((path, class_names.index(item["label"])))
+    chosen: list[tuple[str, int]] = []
+    used = []
+    for split in ("test", "val", "train"):
+        if len(chosen) >= MIN_IMAGES and used:
+            break
+        if by_split[split]:
+            chosen += by_split[split][: MAX_VALIDATION_IMAGES - len(chosen)]
+            used.append(split)
+    if not chosen:
+        raise RunDirectoryError(f"{run_dir}/split.json lists no images to validate the export on")
+    images = _decode_files(root, [f for f, _ in chosen], size)
+    rng = np.random.default_rng(0)
+    train = by_split["train"]
+    picks = sorted(rng.choice(len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False)) if train else []
+    calibration = _decode_files(root, [train[i][0] for i in picks], size) if picks else np.zeros((0, size, size, 3))
+    labels = np.array([label for _, label in chosen])
+    return ValidationImages(images, labels, "+".join(used)), calibration
+
+
+def _format_entry(bundle_dir: Path, name: str, opset: int) -> FormatEntry:
+    from export.convert import INPUT_NAME, OUTPUT_NAME
+
+    digest, size, count = sha256_path(bundle_dir / FORMAT_FILES[name])
+    return FormatEntry(file=FORMAT_FILES[name], sha256=digest, bytes=size, files=count, input_name=INPUT_NAME,
+                       output_name=OUTPUT_NAME, precision=FORMAT_PRECISION[name],
+                       opset=None if name == "savedmodel" else opset)
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import transferkit
+
+    versions = {"transferkit": transferkit.__version__}
+    for name in ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime-gpu", "bentoml",
+                 "numpy"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def register_bundle(bundle_dir: Path, manifest: Manifest) -> str:
+    """Copy the bundle into the BentoML model store (``$BENTOML_HOME``); returns the tag."""
+    import shutil
+
+    import bentoml
+
+    labels = {"backbone": manifest.backbone.lower(), "stage": "transferkit-bundle"}
+    metadata = {
+        "backbone": manifest.backbone, "image_size": manifest.image_size, "num_classes": manifest.num_classes,
+        "formats": ",".join(manifest.formats), "validation_passed": bool(manifest.validation and
+                                                                        manifest.validation.passed),
+        "schema_version": manifest.schema_version,
+    }
+    with bentoml.models.create(f"{manifest.name}:{manifest.version}", labels=labels, metadata=metadata,
+                               module="transferkit.bundle") as ref:
+        shutil.copytree(bundle_dir, ref.path, dirs_exist_ok=True)
+    return str(ref.tag)
+
+
+def export_model(
+    model,
+    *,
+    out: Path,
+    backbone: str,
+    image_size: int,
+    class_names: list[str],
+    validation: ValidationImages,
+    calibration: np.ndarray | None = None,
+    formats: list[str] | tuple[str, ...] = DEFAULT_FORMATS,
+    opset: int = 17,
+    name: str | None = None,
+    training: dict | None = None,
+    register: bool = True,
+    allow_mismatch: bool = False,
+    force: bool = False,
+    log: Log = print,
+) -> ExportResult:
+    """Write, validate, describe and register a bundle for a transferkit classifier (see the module docstring)."""
+    import tensorflow as tf
+
+    from export import convert
+    from export.validate import validate_bundle
+    from training.evaluate import batched_forward
+
+    row = get_backbone(backbone)
+    formats = list(formats)
+    if "onnx-int8" in formats and (calibration is None or len(calibration) == 0):
+        raise UsageError("onnx-int8 needs calibration images (the run's training split)")
+    name = store_name(name or f"{backbone}-{out.name}")
+    check_output_dir(out, force)
+    seconds: dict[str, float] = {}
+    with atomic_output_dir(out, force) as staging:
+        onnx_path = staging / FORMAT_FILES["onnx"]
+        onnx_needed = any(f.startswith("onnx") for f in formats)
+        steps = [("savedmodel", lambda: convert.write_saved_model(model, image_size, staging / "saved_model"))]
+        steps.append(("onnx", lambda: convert.write_onnx(model, image_size, onnx_path, opset)))
+        steps.append(("onnx-fp16", lambda: convert.write_onnx_fp16(onnx_path, staging / FORMAT_FILES["onnx-fp16"])))
+        steps.append(("onnx-int8", lambda: convert.write_onnx_int8(
+            onnx_path, staging / FORMAT_FILES["onnx-int8"], calibration.astype(np.float32))))
+        for fmt, step in steps:
+            if fmt in formats or (fmt == "onnx" and onnx_needed):
+                log(f"writing {fmt} ({FORMAT_FILES[fmt]})")
+                start = time.perf_counter()
+                step()
+                seconds[fmt] = round(time.perf_counter() - start, 2)
+        entries = {fmt: _format_entry(staging, fmt, opset) for fmt in BACKENDS if fmt in formats}
+
+        start = time.perf_counter()
+        with tf.device("/CPU:0"):  # the reference; on a GPU, TF32 would blur the comparison
+            reference = batched_forward(model, validation.images.astype(np.float32))
+        report = validate_bundle(staging, entries, reference, validation.images.astype(np.float32),
+                                 validation.labels, validation.source, backbone, image_size, log)
+        seconds["validation"] = round(time.perf_counter() - start, 2)
+        if "onnx" not in formats:  # written only as the source of fp16/int8
+            onnx_path.unlink(missing_ok=True)
+        log("")
+        log(report.table())
+        if not report.passed and not allow_mismatch:
+            failed = [f"{f.format}: {'; '.join(f.failures)}" for f in report.formats if not f.passed]
+            raise ExportValidationError(
+                "the exported model does not answer like the Keras model (" + " | ".join(failed)
+                + "); nothing was written. --allow-mismatch publishes it anyway, recording the failure"
+            )
+        created = datetime.now(timezone.utc)
+        combined = "".join(entries[f].sha256 for f in sorted(entries))
+        version = f"{created:%Y%m%d-%H%M%S}-{hashlib.sha256(combined.encode()).hexdigest()[:8]}"
+        manifest = Manifest(
+            name=name, version=version, created=created, backbone=row.name, family=row.family,
+            image_size=image_size, class_names=list(class_names),
+            preprocessing={"mode": row.preprocessing, "in_graph": PREPROCESSING_TEXT[row.preprocessing]},
+            input={"name": convert.INPUT_NAME, "dtype": "float32", "shape": [None, image_size, image_size, 3],
+                   "range": "RGB 0-255", "resize": "squash, bilinear (transferkit.core.images.decode_image)"},
+            output={"name": convert.OUTPUT_NAME, "dtype": "float32", "shape": [None, len(class_names)],
+                    "meaning": "softmax probabilities, in class_names order"},
+            formats=entries, training=training or {}, validation=report,
+            validation_overridden=not report.passed, versions=_library_versions(),
+        )
+        (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+        tag = None
+        if register:
+            log("registering in the BentoML model store")
+            tag = register_bundle(staging, manifest)
+    return ExportResult(bundle_dir=Path(out).absolute(), manifest=manifest, tag=tag, seconds=seconds)
+
+
+def export_run(
+    run_dir: Path,
+    out: Path,
+    formats: list[str] | tuple[str, ...] = DEFAULT_FORMATS,
+    opset: int = 17,
+    name: str | None = None,
+    register: bool = True,
+    allow_mismatch: bool = False,
+    force: bool = False,
+    data_root: Path | None = None,
+    log: Log = print,
+) -> ExportResult:
+    """Export the model of a training run directory; validation images come from the run's ``split.json``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirectoryError(f"run directory {run_dir} does not exist")
+    config = _read_json(run_dir, "config.json")
+    class_names = _read_json(run_dir, "labels.json")
+    metrics = _read_json(run_dir, "metrics.json")
+    check_output_dir(out, force)  # before the slow part
+    size = int(config["image_size"])
+    log(f"reading validation images of {run_dir.name}")
+    validation, calibration = run_images(run_dir, size, class_names, data_root)
+
+    from training.model import load_run_model
+
+    log(f"loading {run_dir / 'model.keras'}")
+    model = load_run_model(run_dir)
+    training = {
+        "run_dir": str(run_dir.absolute()),
+        "strategy": config.get("strategy"),
+        "weights": config.get("weights_resolved"),
+        "test": {k: metrics.get("test", {}).get(k) for k in ("accuracy", "top5_accuracy", "loss", "samples")
+                 if k in metrics.get("test", {})},
+        "val": metrics.get("val", {}),
+        "diagnosis": metrics.get("diagnosis", {}).get("verdict"),
+    }
+    return export_model(
+        model, out=Path(out), backbone=config["backbone"], image_size=size, class_names=class_names,
+        validation=validation, calibration=calibration, formats=formats, opset=opset,
+        name=name or run_dir.name, training=training, register=register, allow_mismatch=allow_mismatch,
+        force=force, log=log,
+    )

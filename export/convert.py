@@ -1,0 +1,170 @@
+"""Turn a Keras classifier into SavedModel, ONNX fp32, ONNX fp16 and ONNX int8 files.
+
+All formats are traced from one function, ``serve(image) -> {"probabilities": model(image, training=False)}``, with a
+named input spec: unnamed Keras inputs get process-dependent names (``keras_tensor_123``) that would leak into the
+files, and tf2onnx renames outputs only when the function returns a dict. The model already contains the backbone's
+preprocessing layer, so every format takes RGB pixels 0-255.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from transferkit.core.errors import TransferkitError
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+DEFAULT_OPSET = 17
+
+
+class ConversionError(TransferkitError):
+    exit_code = 4
+    reason = "export_failed"
+
+
+def input_spec(image_size: int) -> tf.TensorSpec:
+    return tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name=INPUT_NAME)
+
+
+def serving_function(model: keras.Model) -> Callable:
+    def serve(image):
+        return {OUTPUT_NAME: model(image, training=False)}
+
+    return serve
+
+
+def write_saved_model(model: keras.Model, image_size: int, path: Path) -> None:
+    """A forward-only SavedModel with ``serve`` and ``serving_default`` signatures (keras ExportArchive)."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(name="serve", fn=serving_function(model), input_signature=[input_spec(image_size)])
+    archive.write_out(str(path), verbose=False)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """tf2onnx and the quantizer log every step at INFO on stdout/stderr; keep the CLI's output readable."""
+    import logging
+
+    previous = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in ("tf2onnx", "onnxruntime", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            yield
+        finally:
+            logging.getLogger().setLevel(previous)
+
+
+def write_onnx(model: keras.Model, image_size: int, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """fp32 ONNX through ``tf2onnx.convert.from_function``.
+
+    ``from_keras`` is not used: with Keras 3 it fails on auto-named tensors (onnx/tensorflow-onnx#2448).
+    """
+    import tf2onnx
+
+    function = tf.function(serving_function(model), input_signature=[input_spec(image_size)])
+    try:
+        with _quiet():
+            tf2onnx.convert.from_function(function, input_signature=[input_spec(image_size)], opset=opset,
+                                          output_path=str(path))
+    except Exception as exc:  # tf2onnx raises whatever its handlers raise
+        raise ConversionError(f"tf2onnx could not convert the model to ONNX opset {opset}: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    _fold_captured_constants(path, function.get_concrete_function())
+
+
+def _fold_captured_constants(path: Path, concrete) -> None:
+    """Turn graph inputs that are really captured constants into initializers (or drop them when unused).
+
+    tf2onnx freezes captured *variables* but leaves captured eager *tensors* as graph inputs. Keras'
+    ``Normalization`` layer (inside every EfficientNet) keeps its mean and variance as such tensors, so the exported
+    model would demand two extra inputs besides "image".
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    captured = {placeholder.name: value for value, placeholder in zip(concrete.captured_inputs,
+                                                                     concrete.graph.internal_captures)
+                if value.dtype != tf.resource}
+    model = onnx.load(str(path))
+    extra = [i for i in model.graph.input if i.name != INPUT_NAME]
+    if not extra:
+        return
+    unknown = [i.name for i in extra if i.name not in captured]
+    if unknown:
+        raise ConversionError(f"the ONNX model has inputs besides {INPUT_NAME!r} that are not captured constants: "
+                              f"{', '.join(unknown)}")
+    consumed = {name for node in model.graph.node for name in node.input}
+    for graph_input in extra:
+        if graph_input.name in consumed:  # often tf2onnx has already folded the value and nothing reads the input
+            model.graph.initializer.append(numpy_helper.from_array(captured[graph_input.name].numpy(),
+                                                                   graph_input.name))
+        model.graph.input.remove(graph_input)
+    onnx.save(model, str(path))
+
+
+def write_onnx_fp16(source: Path, path: Path) -> None:
+    """float16 weights and compute, float32 input and output (callers unchanged)."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(source))
+    try:
+        with warnings.catch_warnings():
+            # One warning per weight below fp16's smallest normal number; the validation report shows the effect.
+            warnings.simplefilter("ignore", UserWarning)
+            converted = float16.convert_float_to_float16(model, keep_io_types=True)
+    except Exception as exc:
+        raise ConversionError(f"float16 conversion failed: {type(exc).__name__}: {exc}") from None
+    onnx.save(converted, str(path))
+
+
+def _calibration_reader(images: np.ndarray, batch_size: int = 16):
+    """Feeds calibration batches to onnxruntime's static quantizer."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter([images[i : i + batch_size].astype(np.float32)
+                                  for i in range(0, len(images), batch_size)])
+
+        def get_next(self):
+            batch = next(self._batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    return Reader()
+
+
+def write_onnx_int8(source: Path, path: Path, calibration_images: np.ndarray) -> None:
+    """Static QDQ int8, per-channel weights, calibrated on real training images preprocessed as at serving time.
+
+    Dynamic quantization is not used: for convolutions it produces ConvInteger, which onnxruntime often cannot run.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if len(calibration_images) == 0:
+        raise ConversionError("int8 quantization needs calibration images and the training split is empty")
+    prepared = path.with_name(path.stem + ".prep.onnx")
+    reader = _calibration_reader(calibration_images)
+    try:
+        with _quiet():
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    except Exception as exc:
+        raise ConversionError(f"int8 quantization failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        if prepared.exists():
+            os.remove(prepared)

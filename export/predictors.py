@@ -1,0 +1,198 @@
+"""Run a bundle: one loader that verifies checksums, and a predictor per backend.
+
+``load_bundle`` accepts a bundle directory or a BentoML model tag, checks every file against the manifest's sha256
+before anything is loaded, and hands out predictors: ``onnx`` / ``onnx-fp16`` / ``onnx-int8`` through onnxruntime
+(CUDA when it really loads, else CPU; the provider in use is reported) and ``savedmodel`` through TensorFlow, which
+is imported only for that backend. A predictor maps float32 RGB pixels [N, H, W, 3] (0-255) to probabilities [N, C].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+
+from transferkit.core.errors import BundleError, UsageError
+from transferkit.core.manifest import BACKENDS, MANIFEST_NAME, Manifest, read_manifest, verify_bundle
+
+Device = Literal["auto", "cpu", "gpu"]
+
+
+class Predictor(Protocol):
+    backend: str
+    provider: str  # what actually runs it, e.g. "CUDAExecutionProvider", "CPUExecutionProvider", "TF:CPU"
+
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def available_cores() -> int:
+    """Cores this process may use (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@functools.cache
+def cuda_libraries_missing() -> str:
+    """Why onnxruntime's CUDA provider cannot load here ("" when it can be tried).
+
+    Asking for CUDA without its libraries makes onnxruntime print a page of errors before falling back to CPU, on
+    every session. ``preload_dlls`` loads CUDA/cuDNN from NVIDIA's pip wheels (onnxruntime-gpu[cuda,cudnn]) when
+    they are installed; otherwise the system's libraries must be on the loader path.
+    """
+    import ctypes
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA provider"
+    if hasattr(ort, "preload_dlls"):
+        with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
+            ort.preload_dlls()
+    for library in ("libcudart.so.13", "libcublasLt.so.13", "libcudnn.so.9"):
+        try:
+            ctypes.CDLL(library)
+        except OSError:
+            return f"{library} not found"
+    return ""
+
+
+def _as_batch(images: np.ndarray, size: int) -> np.ndarray:
+    batch = np.asarray(images)
+    if batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
+        raise UsageError(f"expected images of shape [N, {size}, {size}, 3], got {list(batch.shape)}")
+    return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+class OnnxPredictor:
+    """An onnxruntime session. ``device="auto"`` tries CUDA and falls back to CPU; ``"gpu"`` insists on CUDA."""
+
+    def __init__(self, path: Path, backend: str, size: int, device: Device = "auto", threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or available_cores()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # CUDA probing on a CPU machine would otherwise print a page of warnings
+        providers: list = ["CPUExecutionProvider"]
+        # The GPU wheel lists CUDA whenever it is installed, libraries present or not: ask for it only when the
+        # CUDA libraries load, then check which provider the session really got.
+        self.cuda_note = cuda_libraries_missing() if device != "cpu" else "not requested"
+        if not self.cuda_note:
+            providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped exceptions
+            raise BundleError(f"onnxruntime cannot load {path.name}: {str(exc).splitlines()[0]}") from None
+        self.provider = self.session.get_providers()[0]
+        if device == "gpu" and self.provider != "CUDAExecutionProvider":
+            raise UsageError(f"--device gpu: the CUDA provider did not load for {path.name} ("
+                             f"{self.cuda_note or 'onnxruntime fell back to ' + self.provider}); install "
+                             f"onnxruntime-gpu[cuda,cudnn] and an NVIDIA driver >= 580")
+        self.backend = backend
+        self.size = size
+        self.threads = options.intra_op_num_threads
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        batch = _as_batch(images, self.size)
+        return self.session.run([self.output_name], {self.input_name: batch})[0].astype(np.float32, copy=False)
+
+
+class SavedModelPredictor:
+    """The SavedModel's ``serving_default`` signature through TensorFlow (imported only here)."""
+
+    def __init__(self, path: Path, size: int, input_name: str, output_name: str, device: Device = "auto"):
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        if device == "gpu" and not gpus:
+            raise UsageError("--device gpu: TensorFlow sees no GPU")
+        self._device = "/GPU:0" if gpus and device != "cpu" else "/CPU:0"
+        self.provider = f"TF:{self._device[1:4]}"
+        with tf.device(self._device):
+            self._loaded = tf.saved_model.load(str(path))
+        self._signature = self._loaded.signatures["serving_default"]
+        self._tf = tf
+        self.backend = "savedmodel"
+        self.size = size
+        self.input_name = input_name
+        self.output_name = output_name
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        batch = _as_batch(images, self.size)
+        with self._tf.device(self._device):
+            outputs = self._signature(**{self.input_name: self._tf.constant(batch)})
+        return outputs[self.output_name].numpy().astype(np.float32, copy=False)
+
+
+@dataclass
+class Bundle:
+    """A verified bundle on disk."""
+
+    path: Path
+    manifest: Manifest
+    source: str  # what the user named: a directory or a BentoML tag
+
+    def predictor(self, backend: str = "onnx", device: Device = "auto", threads: int | None = None) -> Predictor:
+        if backend not in BACKENDS:
+            raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        entry = self.manifest.formats.get(backend)
+        if entry is None:
+            raise UsageError(f"bundle {self.manifest.name} has no {backend} format; it has "
+                             f"{', '.join(self.manifest.formats)} (re-export with --formats ...,{backend})")
+        path = self.path / entry.file
+        if backend == "savedmodel":
+            return SavedModelPredictor(path, self.manifest.image_size, entry.input_name, entry.output_name, device)
+        return OnnxPredictor(path, backend, self.manifest.image_size, device, threads)
+
+
+def resolve_bundle_path(source: str | Path) -> Path:
+    """A bundle directory, or the store path of a BentoML model tag (``name`` or ``name:version``)."""
+    path = Path(source)
+    if path.is_dir():
+        return path.absolute()
+    text = str(source)
+    if "/" in text or text.startswith(".") or path.suffix:
+        raise BundleError(f"bundle {text} not found (expected a bundle directory or a BentoML model tag)")
+    import bentoml
+    from bentoml.exceptions import BentoMLException, NotFound
+
+    try:
+        return Path(bentoml.models.get(text).path)
+    except NotFound:
+        raise BundleError(f"no bundle directory and no BentoML model named {text!r} "
+                          f"(see `bentoml models list`; BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')})"
+                          ) from None
+    except BentoMLException as exc:
+        raise BundleError(f"{text!r} is not a bundle directory or a valid BentoML model tag: {exc}") from None
+
+
+def load_bundle(source: str | Path, formats: list[str] | None = None) -> Bundle:
+    """Read the manifest and verify checksums (of ``formats``, default all) before anything is loaded."""
+    path = resolve_bundle_path(source)
+    if not (path / MANIFEST_NAME).is_file():
+        raise BundleError(f"{source} is not a transferkit bundle: {MANIFEST_NAME} is missing")
+    manifest = read_manifest(path)
+    verify_bundle(path, manifest, formats)
+    return Bundle(path=path, manifest=manifest, source=str(source))
+
+
+def top_k(probabilities: np.ndarray, class_names: list[str], k: int = 5) -> list[dict]:
+    """Per image: the best label, its score and the ``k`` best ``{label, score}`` pairs."""
+    k = max(1, min(k, len(class_names)))
+    results = []
+    for row in np.asarray(probabilities, dtype=np.float64):
+        order = np.argsort(-row, kind="stable")[:k]
+        best = [{"label": class_names[i], "score": float(row[i])} for i in order]
+        results.append({"label": best[0]["label"], "score": best[0]["score"], "top_k": best})
+    return results

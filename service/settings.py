@@ -1,0 +1,71 @@
+"""Service settings, read once from ``TRANSFERKIT_*`` environment variables.
+
+BentoML reads the batching and traffic settings when the service class is decorated, i.e. at import time, so they
+cannot come from a request or a config object built later. Bad values fail at start-up with the variable's name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+from transferkit.core.errors import UsageError
+from transferkit.core.images import DEFAULT_MAX_PIXELS
+from transferkit.core.manifest import BACKENDS
+
+
+def _int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UsageError(f"{name}={raw!r}: expected an integer") from None
+    if value < minimum:
+        raise UsageError(f"{name}={value}: must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    model: str | None  # BentoML model tag or bundle directory; None: the only transferkit model in the store
+    backend: str
+    device: str  # auto | cpu | gpu
+    threads: int | None  # onnxruntime intra-op threads; None: the cores this process may use
+    top_k: int
+    max_batch_size: int  # images per model call, across requests
+    max_latency_ms: int  # BentoML's adaptive batcher answers 503 when a request cannot meet it
+    max_images: int  # per request
+    max_body_bytes: int  # per request, enforced before the body is read
+    max_pixels: int  # per image, from its header
+    timeout_s: int  # per request -> 504
+    max_concurrency: int  # requests in flight -> 429 beyond it
+
+    @classmethod
+    def from_env(cls) -> ServiceSettings:
+        backend = os.environ.get("TRANSFERKIT_BACKEND", "onnx").strip().lower()
+        if backend not in BACKENDS:
+            raise UsageError(f"TRANSFERKIT_BACKEND={backend!r}: choose one of {', '.join(BACKENDS)}")
+        device = os.environ.get("TRANSFERKIT_DEVICE", "auto").strip().lower()
+        if device not in ("auto", "cpu", "gpu"):
+            raise UsageError(f"TRANSFERKIT_DEVICE={device!r}: choose auto, cpu or gpu")
+        threads = _int("TRANSFERKIT_THREADS", 0, minimum=0) or None
+        max_batch_size = _int("TRANSFERKIT_MAX_BATCH_SIZE", 32, minimum=2)  # BentoML requires > 1
+        return cls(
+            model=os.environ.get("TRANSFERKIT_MODEL") or None,
+            backend=backend,
+            device=device,
+            threads=threads,
+            top_k=_int("TRANSFERKIT_TOP_K", 5),
+            max_batch_size=max_batch_size,
+            max_latency_ms=_int("TRANSFERKIT_MAX_LATENCY_MS", 10_000),
+            max_images=_int("TRANSFERKIT_MAX_IMAGES", 16),
+            max_body_bytes=_int("TRANSFERKIT_MAX_BODY_MB", 32) * 1024 * 1024,
+            max_pixels=_int("TRANSFERKIT_MAX_PIXELS", DEFAULT_MAX_PIXELS),
+            timeout_s=_int("TRANSFERKIT_TIMEOUT_S", 30),
+            max_concurrency=_int("TRANSFERKIT_MAX_CONCURRENCY", 64),
+        )
+
+    def public(self) -> dict:
+        return asdict(self)
