@@ -70,6 +70,7 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
 
 @bentoml.service(
     name="transferkit-model",
+    resources=SETTINGS.resources(),
     workers=1,  # one model copy per process; ONNX Runtime uses every core given to it
     traffic={"timeout": SETTINGS.timeout_s},
 )

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from transferkit.core.errors import UsageError
 from transferkit.core.images import DEFAULT_MAX_PIXELS
 from transferkit.core.manifest import BACKENDS
+
+
+def gpu_present() -> bool:
+    """An NVIDIA GPU is visible (checked without importing a framework: this runs at import time)."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
 
 
 def _int(name: str, default: int, minimum: int = 1) -> int:
@@ -66,6 +72,10 @@ class ServiceSettings:
             timeout_s=_int("TRANSFERKIT_TIMEOUT_S", 30),
             max_concurrency=_int("TRANSFERKIT_MAX_CONCURRENCY", 64),
         )
+
+    def resources(self) -> dict:
+        """BentoML resources: ask for a GPU only when one is present (on CPU BentoML would warn and carry on)."""
+        return {"gpu": 1} if self.device != "cpu" and gpu_present() else {}
 
     def public(self) -> dict:
         return asdict(self)

@@ -68,6 +68,21 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _bomb_message(data: bytes, max_pixels: int, exc: Exception) -> str:
+    """Pillow's bomb error gives only a pixel count; read the header again (nothing is decoded) for W x H."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # header only: our own cap is enforced by every caller
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS).size
+    except Exception:
+        return f"image too large: {exc}".split(", could be")[0]
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return f"image too large: {width}x{height} = {width * height} pixels > limit {max_pixels}"
+
+
 def open_image_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open ``data`` lazily (header only), checking format and pixel count. Raises InvalidImageError subclasses."""
     if not data:
@@ -75,7 +90,7 @@ def open_image_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLargeError(f"image too large: {exc}".split(", could be")[0]) from None
+        raise ImageTooLargeError(_bomb_message(data, max_pixels, exc)) from None
     except UnidentifiedImageError:
         raise InvalidImageError(f"not a supported image: expected {_FORMATS_TEXT}") from None
     except Exception as exc:  # a broken header can raise anything from a plugin
