@@ -133,6 +133,32 @@ def _decode_all(images: list[tuple[str, bytes]], size: int, max_pixels: int) -> 
     return np.stack(pixels)
 
 
+def _dropped_connection(exc: Exception) -> bool:
+    import aiohttp
+
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError)):
+        return True
+    return isinstance(exc, RuntimeError) and ("Connection closed" in str(exc) or "Session is closed" in str(exc))
+
+
+async def _classify(service, pixels: np.ndarray, attempts: int = 3):
+    """Call the model process, retrying when the pooled keep-alive connection was closed under us.
+
+    BentoML's inter-service client keeps connections longer than uvicorn's 5 s keep-alive, so a reused connection
+    can be closed by the server mid-request (bentoml/BentoML#4971; fix proposed in #5698). Inference is
+    idempotent and the failure is the connection's, not the request's, so a retry is safe.
+    """
+    for attempt in range(attempts):
+        try:
+            return await service.model.to_async.classify(pixels)
+        except Exception as exc:
+            if attempt == attempts - 1 or not _dropped_connection(exc):
+                raise
+            logger.warning("transferkit: connection to the model process dropped (%s); retrying",
+                           type(exc).__name__)
+    raise AssertionError("unreachable")
+
+
 def _model_error(exc: Exception) -> JSONResponse:
     """Errors of the model call: overload (503 from the batcher, 429) passes through, anything else is masked."""
     from bentoml.exceptions import BentoMLException
@@ -163,7 +189,7 @@ def build_app(get_service: Callable[[], Any], settings: ServiceSettings) -> Star
             metrics.rejected(exc.reason)
             return _error(exc.status, exc.reason, exc.message)
         try:
-            probabilities = np.asarray(await service.model.to_async.classify(pixels))
+            probabilities = np.asarray(await _classify(service, pixels))
         except Exception as exc:
             return _model_error(exc)
         finite = np.isfinite(probabilities).all(axis=1)

@@ -441,3 +441,16 @@ def test_bentoml_build_packs_service_model_and_dockerfile(bundle):
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     models = [m["tag"] for service in info["services"] for m in service.get("models", [])]
     assert f"digits-test:{read_manifest(bundle).version}" in models
+
+
+def test_service_code_does_not_import_tensorflow_for_onnx(bundle):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, service.service; from export.predictors import load_bundle; "
+            f"load_bundle({str(bundle)!r}).predictor('onnx')(__import__('numpy').zeros((1, 32, 32, 3), 'float32')); "
+            "bad = {'tensorflow', 'keras'} & set(sys.modules); assert not bad, bad")
+    env = {**os.environ, "TRANSFERKIT_MODEL": str(bundle)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -29,7 +29,7 @@ def batched_forward(model: keras.Model, images: np.ndarray, batch_size: int = 64
 
 
 def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
-    """Accuracy, top-5 (>= 5 classes), loss and per-class precision/recall/F1."""
+    """Accuracy, top-5 (more than 5 classes: with 5 it is always 1), loss and per-class precision/recall/F1."""
     from sklearn.metrics import accuracy_score, classification_report, log_loss, top_k_accuracy_score
 
     classes = list(range(len(class_names)))
@@ -52,6 +52,6 @@ def classification_metrics(probabilities: np.ndarray, labels: np.ndarray, class_
         },
         "macro_f1": float(report["macro avg"]["f1-score"]),
     }
-    if len(class_names) >= 5:
+    if len(class_names) > 5:
         metrics["top5_accuracy"] = float(top_k_accuracy_score(labels, probabilities, k=5, labels=classes))
     return metrics

@@ -21,6 +21,7 @@ def _quiet_tensorflow() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from benchmarks.cli import add_bench_parser, add_loadtest_parser
     from export.cli import add_export_parser, add_predict_parser
     from service.cli import add_serve_parser
     from training.cli import add_data_parser, add_train_parser
@@ -37,7 +38,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_predict_parser(sub)
     add_serve_parser(sub)
+    add_bench_parser(sub)
+    add_loadtest_parser(sub)
+    add_demo_parser(sub)
     return parser
+
+
+def add_demo_parser(subparsers) -> None:
+    from pathlib import Path
+
+    p = subparsers.add_parser(
+        "demo", help="the whole toolkit end to end on the embedded digits, offline",
+        description="Train MobileNetV2 on digits 0-4 (model A), transfer it to digits 5-9 (model B: frozen base, "
+                    "then fine-tuning) and compare with the same network trained from scratch; export model B to "
+                    "SavedModel/ONNX/ONNX-fp16 with a validation report, serve it with BentoML, classify held-out "
+                    "images over HTTP (and a corrupt file), benchmark the backends, and summarise. About 5-6 "
+                    "minutes on two CPU cores; --quick takes under 3.",
+    )
+    p.add_argument("--out", type=Path, default=Path("transferkit-demo"),
+                   help="directory for everything the demo writes (default ./transferkit-demo)")
+    p.add_argument("--quick", action="store_true", help="fewer images and epochs (under 3 minutes; used by CI)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(handler=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from transferkit.demo import run_demo as demo
+
+    return demo(args.out, args.quick, args.force)
 
 
 def main(argv: list[str] | None = None) -> int:

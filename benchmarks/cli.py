@@ -1,0 +1,134 @@
+"""``transferkit bench`` and ``transferkit loadtest``: thin commands over :mod:`benchmarks.sweep` and
+:mod:`benchmarks.loadtest`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_bench_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="latency/size/accuracy table per backbone and backend",
+        description="Sweep mode (--backbones): build each backbone with a 10-class head (weights=None), export it "
+                    "through the real export stage and time every backend side by side. Bundle mode (--bundles "
+                    "with --data): time trained bundles and add top-1/top-5 accuracy on a class-folder test "
+                    "directory. Keras is timed through a compiled tf.function; model.predict() is shown once at "
+                    "batch 1 for contrast. Writes results.md/.csv/.json and latency.png (plus "
+                    "accuracy_vs_latency.png in bundle mode) to --out.",
+    )
+    p.add_argument("--backbones", help="comma-separated registry names, or 'all' (sweep mode)")
+    p.add_argument("--bundles", help="comma-separated bundle directories or BentoML model tags (bundle mode)")
+    p.add_argument("--data", type=Path, help="class-folder test images for bundle mode")
+    p.add_argument("--image-size", type=int, help="input size (default: each backbone's default size)")
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 32], help="comma-separated (default 1,32)")
+    p.add_argument("--backends", default="keras,savedmodel,onnx,onnx-fp16",
+                   help="comma-separated, of keras, savedmodel, onnx, onnx-fp16, onnx-int8 "
+                        "(default keras,savedmodel,onnx,onnx-fp16)")
+    p.add_argument("--device", default="auto", choices=("cpu", "gpu", "auto"), help="default auto")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per cell (default 3)")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per cell (default 10)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the available cores)")
+    p.add_argument("--keep-bundles", type=Path, help="keep the sweep's exported bundles here (to serve them)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the results")
+    p.set_defaults(handler=run_bench)
+
+
+def _progress(done: int, total: int, label: str) -> None:
+    width = 30
+    filled = int(width * done / max(total, 1))
+    print(f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total} {label}", flush=True)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from benchmarks.measure import environment
+    from benchmarks.report import markdown, write_results
+    from benchmarks.sweep import BenchSettings, run_bundles, run_sweep
+    from transferkit.core.backbones import parse_backbones
+    from transferkit.core.errors import UsageError
+
+    if (args.backbones is None) == (args.bundles is None):
+        raise UsageError("give --backbones (sweep mode) or --bundles with --data (bundle mode)")
+    settings = BenchSettings(batch_sizes=args.batch_sizes, device=args.device, warmup=args.warmup,
+                             repeats=args.repeats, threads=args.threads, image_size=args.image_size,
+                             backends=[b.strip().lower() for b in args.backends.split(",") if b.strip()])
+    settings.validate()
+    if args.backbones:
+        backbones = parse_backbones(args.backbones)
+        print(f"benchmarking {len(backbones)} backbone(s) on {', '.join(settings.backends)}, batch sizes "
+              f"{settings.batch_sizes}")
+        rows = run_sweep(backbones, settings, keep_bundles=args.keep_bundles, progress=_progress)
+    else:
+        if args.data is None:
+            raise UsageError("bundle mode needs --data DIR (class folders of test images)")
+        rows = run_bundles([b.strip() for b in args.bundles.split(",") if b.strip()], args.data, settings,
+                           progress=_progress)
+    env = environment({**vars(settings), "mode": "sweep" if args.backbones else "bundles"})
+    paths = write_results(args.out, rows, settings.batch_sizes, env)
+    print()
+    print(markdown(rows, settings.batch_sizes))
+    failed = [r for r in rows if r.error]
+    print(f"\n{len(rows) - len(failed)} rows measured, {len(failed)} failed; results in {args.out.absolute()}: "
+          + ", ".join(p.name for p in paths.values()))
+    return 0
+
+
+def add_loadtest_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "loadtest", help="locust load test against the running service",
+        description="Run benchmarks/locustfile.py headless against --url (a running service) or --model (the "
+                    "service is started and stopped for you), write locust's CSV and HTML to --out, and print "
+                    "requests/s, images/s, p50/p95/p99, failure ratio, the batch sizes the service formed, and "
+                    "served ÷ raw images/s. Exits 1 when --max-failure-ratio or --max-p95-ms is exceeded.",
+    )
+    p.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:3000")
+    p.add_argument("--model", help="BentoML model tag or bundle directory to serve for the test")
+    p.add_argument("--backend", default="onnx", help="backend to serve and to time raw (default onnx)")
+    p.add_argument("--users", type=int, default=16, help="concurrent users (default 16)")
+    p.add_argument("--spawn-rate", type=float, default=16, help="users started per second (default 16)")
+    p.add_argument("--duration", default="30s", help="e.g. 30s or 2m (default 30s)")
+    p.add_argument("--max-failure-ratio", type=float, default=0.01, help="exit 1 above this (default 0.01)")
+    p.add_argument("--max-p95-ms", type=float, help="exit 1 when p95 latency exceeds this")
+    p.add_argument("--out", type=Path, required=True, help="directory for locust's CSV/HTML and summary.json")
+    p.set_defaults(handler=run_loadtest)
+
+
+def run_loadtest(args: argparse.Namespace) -> int:
+    from benchmarks.loadtest import loadtest, parse_duration
+
+    summary = loadtest(args.url, args.model, args.users, args.spawn_rate, parse_duration(args.duration), args.out,
+                       args.backend)
+    rows = [
+        ("requests", f"{summary.requests} ({summary.failures} failed, {summary.overloaded} overloaded 429/503)"),
+        ("requests/s", f"{summary.requests_per_s:.1f}"),
+        ("images/s served", f"{summary.images_per_s:.1f}"),
+        ("latency p50/p95/p99", f"{summary.p50_ms:.0f} / {summary.p95_ms:.0f} / {summary.p99_ms:.0f} ms"),
+        ("failure ratio", f"{summary.failure_ratio:.4f}"),
+        ("batch size (mean)", "-" if summary.batch_size_mean is None
+         else f"{summary.batch_size_mean:.2f} over {summary.batch_calls} model calls"),
+    ]
+    if summary.raw_images_per_s:
+        rows.append((f"raw {args.backend} b{summary.raw_batch_size}", f"{summary.raw_images_per_s:.1f} images/s"))
+        rows.append(("served ÷ raw", f"{summary.served_over_raw:.2f}"))
+    width = max(len(k) for k, _ in rows)
+    print("\nsummary")
+    for key, value in rows:
+        print(f"  {key.ljust(width)}  {value}")
+    print(f"  {'files'.ljust(width)}  {args.out.absolute()} (locust_stats.csv, locust.html, summary.json)")
+    problems = []
+    if summary.failure_ratio > args.max_failure_ratio:
+        problems.append(f"failure ratio {summary.failure_ratio:.4f} > {args.max_failure_ratio}")
+    if args.max_p95_ms is not None and summary.p95_ms > args.max_p95_ms:
+        problems.append(f"p95 {summary.p95_ms:.0f} ms > {args.max_p95_ms:.0f} ms")
+    if problems:
+        print(f"transferkit loadtest: error: thresholds exceeded: {'; '.join(problems)}", file=sys.stderr)
+        return 1
+    return 0

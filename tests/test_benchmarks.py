@@ -1,0 +1,85 @@
+"""``transferkit bench`` (sweep and bundle modes) and ``transferkit loadtest`` run for real, small."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from conftest import last_error_line, run_cli
+
+
+def test_tiny_sweep_writes_every_output_and_keeps_going_past_a_failure(tmp_path):
+    out = tmp_path / "bench"
+    result = run_cli("bench", "--backbones", "MobileNetV3Small,Xception", "--image-size", "32", "--batch-sizes",
+                     "1,4", "--backends", "keras,onnx,onnx-fp16", "--repeats", "3", "--warmup", "1",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2/2 done" in result.stdout and "| MobileNetV3Small | onnx |" in result.stdout
+    for name in ("results.md", "results.csv", "results.json", "latency.png"):
+        assert (out / name).stat().st_size > 0, name
+    data = json.loads((out / "results.json").read_text())
+    env = data["environment"]
+    assert env["cores_available"] >= 1 and "onnxruntime-gpu" in env["versions"] and env["cpu"]
+    rows = {(r["model"], r["backend"]): r for r in data["rows"]}
+    # Xception needs 71 px: its rows carry the error, the sweep went on.
+    assert all(rows[("Xception", b)]["error"] and "71" in rows[("Xception", b)]["error"]
+               for b in ("keras", "onnx", "onnx-fp16"))
+    keras, onnx, fp16 = (rows[("MobileNetV3Small", b)] for b in ("keras", "onnx", "onnx-fp16"))
+    for row in (keras, onnx, fp16):
+        assert row["error"] is None
+        assert set(row["latency"]) == {"1", "4"}
+        timing = row["latency"]["4"]
+        assert timing["min_ms"] <= timing["median_ms"] <= timing["p90_ms"] <= timing["max_ms"]
+        assert row["parameters"] == keras["parameters"] > 0 and row["depth"] > 100
+    assert keras["speedup_vs_keras"]["1"] == 1.0 and onnx["speedup_vs_keras"]["1"] > 0
+    assert keras["predict_b1_ms"] > 0 and keras["provider"] == "TF:CPU"
+    assert onnx["provider"] == "CPUExecutionProvider"
+    assert 0.4 < fp16["size_mb"] / onnx["size_mb"] < 0.6
+    with (out / "results.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 6 and float(table[0]["b4_images_per_s"]) > 0
+
+
+def test_bundle_mode_measures_accuracy(bundle, digits_three, trained_run, tmp_path):
+    out = tmp_path / "bench"
+    result = run_cli("bench", "--bundles", str(bundle), "--data", str(digits_three), "--batch-sizes", "1,8",
+                     "--backends", "keras,onnx,onnx-fp16,onnx-int8", "--repeats", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["backend"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    expected = trained_run.metrics["test"]["accuracy"]
+    for backend in ("keras", "onnx", "onnx-fp16"):
+        assert rows[backend]["error"] is None
+        assert abs(rows[backend]["accuracy"] - expected) < 0.15  # all images, not only the test split
+    assert rows["onnx"]["accuracy"] == rows["keras"]["accuracy"]
+    assert "not in this bundle" in rows["onnx-int8"]["error"]
+    assert (out / "accuracy_vs_latency.png").stat().st_size > 0
+
+
+def test_bench_errors_are_one_line(tmp_path):
+    for args, expected in [
+        (["bench", "--out", str(tmp_path)], "--backbones"),
+        (["bench", "--backbones", "NoSuchNet", "--out", str(tmp_path)], "NoSuchNet"),
+        (["bench", "--backbones", "MobileNetV2", "--backends", "tflite", "--out", str(tmp_path)], "tflite"),
+        (["bench", "--bundles", str(tmp_path), "--out", str(tmp_path)], "--data"),
+        (["loadtest", "--out", str(tmp_path)], "exactly one of --url"),
+    ]:
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert expected in last_error_line(result), (args, result.stderr)
+
+
+def test_loadtest_against_the_service_reports_batches_and_served_over_raw(bundle, tmp_path):
+    out = tmp_path / "load"
+    result = run_cli("loadtest", "--model", str(bundle), "--users", "6", "--spawn-rate", "6", "--duration", "8s",
+                     "--max-p95-ms", "0.001", "--out", str(out), timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]  # the impossible p95 threshold
+    assert "thresholds exceeded: p95" in last_error_line(result)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["requests"] > 20 and summary["failures"] == 0 and summary["failure_ratio"] == 0
+    assert summary["images_per_s"] > 0 and summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
+    assert summary["batch_calls"] > 0 and summary["batch_size_mean"] >= 1
+    assert summary["raw_images_per_s"] > 0 and summary["served_over_raw"] > 0
+    assert summary["by_name"]["bad input (expects 4xx)"]["failures"] == 0
+    for name in ("locust_stats.csv", "locust.html", "service.log"):
+        assert (out / name).is_file(), name
+    assert "served ÷ raw" in result.stdout
