@@ -66,6 +66,52 @@ def _quiet():
             logging.getLogger().setLevel(previous)
 
 
+_erfc_registered = False
+
+
+def _register_erfc() -> None:
+    """tf2onnx 1.17 has no handler for ``Erfc``, which Keras' exact GELU (ConvNeXt) emits: erfc(x) = 1 - erf(x)."""
+    global _erfc_registered
+    if _erfc_registered:
+        return
+    from tf2onnx import utils
+    from tf2onnx.handler import tf_op
+
+    @tf_op("Erfc")
+    class Erfc:  # noqa: F841 (registered by the decorator)
+        @classmethod
+        def version_9(cls, ctx, node, **kwargs):
+            node.type = "Erf"
+            dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+            one = ctx.make_const(utils.make_name(f"{node.name}_one"), np.array(1, dtype=dtype))
+            ctx.insert_new_node_on_output("Sub", node.output[0], name=utils.make_name(f"{node.name}_erfc"),
+                                          inputs=[one.output[0], node.output[0]])
+
+    _erfc_registered = True
+
+
+@contextlib.contextmanager
+def _without_forced_xla():
+    """Trace without ``tf.function(jit_compile=True)``.
+
+    Keras' TensorFlow backend runs grouped convolutions (ConvNeXt's depthwise blocks) through an XLA-compiled inner
+    function, which tf2onnx cannot inline ("No Op registered for StatefulPartitionedCall"). Traced without the
+    flag, the same convolution becomes one ONNX ``Conv`` with ``group``, which onnxruntime runs. Only the ONNX trace
+    uses this; the SavedModel keeps Keras' behaviour (TF's CPU kernels need XLA for grouped convolutions).
+    """
+    original = tf.function
+
+    def without_jit(*args, **kwargs):
+        kwargs.pop("jit_compile", None)
+        return original(*args, **kwargs)
+
+    tf.function = without_jit
+    try:
+        yield
+    finally:
+        tf.function = original
+
+
 def write_onnx(model: keras.Model, image_size: int, path: Path, opset: int = DEFAULT_OPSET) -> None:
     """fp32 ONNX through ``tf2onnx.convert.from_function``.
 
@@ -73,15 +119,18 @@ def write_onnx(model: keras.Model, image_size: int, path: Path, opset: int = DEF
     """
     import tf2onnx
 
+    _register_erfc()
     function = tf.function(serving_function(model), input_signature=[input_spec(image_size)])
     try:
-        with _quiet():
+        with _quiet(), _without_forced_xla():
             tf2onnx.convert.from_function(function, input_signature=[input_spec(image_size)], opset=opset,
                                           output_path=str(path))
     except Exception as exc:  # tf2onnx raises whatever its handlers raise
         raise ConversionError(f"tf2onnx could not convert the model to ONNX opset {opset}: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    _fold_captured_constants(path, function.get_concrete_function())
+    with _without_forced_xla():
+        concrete = function.get_concrete_function()
+    _fold_captured_constants(path, concrete)
 
 
 def _fold_captured_constants(path: Path, concrete) -> None:

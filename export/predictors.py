@@ -74,10 +74,15 @@ def _as_batch(images: np.ndarray, size: int) -> np.ndarray:
 class OnnxPredictor:
     """An onnxruntime session. ``device="auto"`` tries CUDA and falls back to CPU; ``"gpu"`` insists on CUDA."""
 
-    def __init__(self, path: Path, backend: str, size: int, device: Device = "auto", threads: int | None = None):
+    def __init__(self, path: Path, backend: str, size: int, device: Device = "auto", threads: int | None = None,
+                 spin: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        if not spin:
+            # Idle intra-op threads spin-wait by default: right for a benchmark that owns the cores, wrong in a
+            # server where decoding and HTTP need the same cores between model calls.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or available_cores()
         options.inter_op_num_threads = 1
@@ -143,7 +148,8 @@ class Bundle:
     manifest: Manifest
     source: str  # what the user named: a directory or a BentoML tag
 
-    def predictor(self, backend: str = "onnx", device: Device = "auto", threads: int | None = None) -> Predictor:
+    def predictor(self, backend: str = "onnx", device: Device = "auto", threads: int | None = None,
+                  spin: bool = True) -> Predictor:
         if backend not in BACKENDS:
             raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         entry = self.manifest.formats.get(backend)
@@ -153,7 +159,7 @@ class Bundle:
         path = self.path / entry.file
         if backend == "savedmodel":
             return SavedModelPredictor(path, self.manifest.image_size, entry.input_name, entry.output_name, device)
-        return OnnxPredictor(path, backend, self.manifest.image_size, device, threads)
+        return OnnxPredictor(path, backend, self.manifest.image_size, device, threads, spin)
 
 
 def resolve_bundle_path(source: str | Path) -> Path:

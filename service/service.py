@@ -52,7 +52,11 @@ MODEL = _store_model(SETTINGS)
 
 def _bundle_path() -> Path:
     if MODEL is not None:
-        return Path(MODEL.stored.path)
+        try:
+            return Path(MODEL.stored.path)
+        except Exception as exc:  # bentoml's NotFound and friends
+            raise TransferkitError(f"BentoML model {SETTINGS.model or MODEL} is not in the model store "
+                                   f"({type(exc).__name__}); see `bentoml models list`") from None
     if SETTINGS.model:
         return Path(SETTINGS.model)
     raise TransferkitError("no model configured: set TRANSFERKIT_MODEL to a BentoML model tag or a bundle directory")
@@ -73,6 +77,8 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
     resources=SETTINGS.resources(),
     workers=1,  # one model copy per process; ONNX Runtime uses every core given to it
     traffic={"timeout": SETTINGS.timeout_s},
+    # The entry service logs every client request; a second line per internal hop is noise and CPU.
+    logging={"access": {"enabled": False}},
 )
 class ClassifierModel:
     bundle = MODEL
@@ -90,7 +96,7 @@ class ClassifierModel:
         start = time.perf_counter()
         try:
             bundle = load_bundle(_bundle_path())  # refuses a tampered or truncated file
-            predictor = bundle.predictor(SETTINGS.backend, SETTINGS.device, SETTINGS.threads)
+            predictor = bundle.predictor(SETTINGS.backend, SETTINGS.device, SETTINGS.threads, spin=False)
             size = bundle.manifest.image_size
             for batch in warmup_sizes(SETTINGS.max_batch_size):
                 probabilities = predictor(np.zeros((batch, size, size, 3), np.float32))
