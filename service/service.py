@@ -75,7 +75,7 @@ def warmup_sizes(max_batch_size: int) -> list[int]:
 @bentoml.service(
     name="transferkit-model",
     resources=SETTINGS.resources(),
-    workers=1,  # one model copy per process; ONNX Runtime uses every core given to it
+    workers=SETTINGS.model_workers,  # one model copy per process (settings.py says why several on CPU)
     traffic={"timeout": SETTINGS.timeout_s},
     # The entry service logs every client request; a second line per internal hop is noise and CPU.
     logging={"access": {"enabled": False}},
@@ -85,6 +85,7 @@ class ClassifierModel:
 
     def __init__(self) -> None:
         self.ready = False
+        self.settled = threading.Event()  # set once loading has succeeded or failed
         self.error: str | None = None
         self.description: dict[str, Any] = {"state": "loading"}
         # Load in the background: /livez answers at once, /readyz turns 200 only once the model is warm.
@@ -106,16 +107,19 @@ class ClassifierModel:
             self.error = str(exc) if isinstance(exc, TransferkitError) else f"{type(exc).__name__}: {exc}"
             self.description = {"state": "failed", "error": self.error}
             logger.error("transferkit: refusing to serve: %s", self.error)
+            self.settled.set()
             return
         self.predictor = predictor
         self.description = {
             "state": "ready", "bundle": str(bundle.path), "backend": SETTINGS.backend,
-            "provider": predictor.provider, "threads": getattr(predictor, "threads", None),
+            "provider": predictor.provider, "model_workers": SETTINGS.model_workers,
+            "threads_per_worker": getattr(predictor, "threads", None),
             "cuda": getattr(predictor, "cuda_note", "n/a") or "loaded",
             "warmup_batch_sizes": warmup_sizes(SETTINGS.max_batch_size),
             "load_seconds": round(time.perf_counter() - start, 2),
         }
         self.ready = True
+        self.settled.set()
         logger.info("transferkit: serving %s %s with %s on %s (%.1fs to verify, load and warm)",
                     bundle.manifest.name, bundle.manifest.version, SETTINGS.backend, predictor.provider,
                     time.perf_counter() - start)
@@ -127,8 +131,12 @@ class ClassifierModel:
                  max_latency_ms=SETTINGS.max_latency_ms)
     def classify(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 RGB [N, H, W, 3] -> float32 probabilities [N, C]; never raises for one bad row."""
+        # With several model processes one may still be warming when another already answers /readyz: wait for
+        # it rather than bounce the batch (a failed load answers at once).
+        if not self.ready and not self.settled.wait(SETTINGS.timeout_s):
+            raise bentoml.exceptions.ServiceUnavailable("model not ready: still loading")
         if not self.ready:
-            raise bentoml.exceptions.ServiceUnavailable(f"model not ready: {self.error or 'loading'}")
+            raise bentoml.exceptions.ServiceUnavailable(f"model not ready: {self.error}")
         return self.predictor(pixels.astype(np.float32))
 
     @bentoml.api

@@ -20,6 +20,14 @@ def gpu_present() -> bool:
     return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
 
 
+def cores() -> int:
+    """Cores this process may use (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _int(name: str, default: int, minimum: int = 1) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -38,7 +46,8 @@ class ServiceSettings:
     model: str | None  # BentoML model tag or bundle directory; None: the only transferkit model in the store
     backend: str
     device: str  # auto | cpu | gpu
-    threads: int | None  # onnxruntime intra-op threads; None: the cores this process may use
+    model_workers: int  # model processes, each with its own copy of the model and its own batcher
+    threads: int  # onnxruntime intra-op threads per model process
     top_k: int
     max_batch_size: int  # images per model call, across requests
     max_latency_ms: int  # BentoML's adaptive batcher answers 503 when a request cannot meet it
@@ -56,12 +65,19 @@ class ServiceSettings:
         device = os.environ.get("TRANSFERKIT_DEVICE", "auto").strip().lower()
         if device not in ("auto", "cpu", "gpu"):
             raise UsageError(f"TRANSFERKIT_DEVICE={device!r}: choose auto, cpu or gpu")
-        threads = _int("TRANSFERKIT_THREADS", 0, minimum=0) or None
+        # On CPU, several single-threaded model processes beat one process with many intra-op threads once
+        # anything else wants the cores (decoding, HTTP): a preempted intra-op thread stalls every operator of
+        # its batch, a preempted process only itself (measured: BENCHMARKS.md). Capped at 4 copies of the model.
+        # On a GPU, and for TensorFlow's SavedModel with its own thread pools, one process owns the device.
+        on_device = backend == "savedmodel" or (device != "cpu" and gpu_present())
+        model_workers = _int("TRANSFERKIT_MODEL_WORKERS", 1 if on_device else min(cores(), 4))
+        threads = _int("TRANSFERKIT_THREADS", max(1, cores() // model_workers))
         max_batch_size = _int("TRANSFERKIT_MAX_BATCH_SIZE", 32, minimum=2)  # BentoML requires > 1
         return cls(
             model=os.environ.get("TRANSFERKIT_MODEL") or None,
             backend=backend,
             device=device,
+            model_workers=model_workers,
             threads=threads,
             top_k=_int("TRANSFERKIT_TOP_K", 5),
             max_batch_size=max_batch_size,

@@ -92,9 +92,18 @@ def test_extreme_but_valid_shapes(width, height):
 def test_large_jpeg_uses_draft_and_matches_full_decode_closely():
     big = gradient(3000, 2000)
     data = encode(big, "JPEG", quality=90)
-    fast = decode_image(data, 224).astype(np.int16)
+    fast = decode_image(data, 224)
+    # The decoder's own DCT scaling picks 1/8 (375x250, the smallest scale covering 224x224): exactly what the
+    # guarded decoder returns, and not what a full-size decode would give.
+    drafted = Image.open(io.BytesIO(data))
+    drafted.draft("RGB", (224, 224))
+    assert drafted.size == (375, 250)
+    expected = np.asarray(drafted.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR))
+    assert np.array_equal(fast, expected)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR))
+    assert not np.array_equal(fast, full)
     slow = np.asarray(big.resize((224, 224), Image.Resampling.BILINEAR)).astype(np.int16)
-    assert np.abs(fast - slow).mean() < 3
+    assert np.abs(fast.astype(np.int16) - slow).mean() < 3
 
 
 @pytest.mark.parametrize("data", [b"hello, I am text", b"%PDF-1.4\n%...", b"PK\x03\x04zipzipzip", bytes(range(256))])

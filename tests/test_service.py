@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import struct
 import threading
@@ -106,7 +107,12 @@ def test_metadata_describes_model_runtime_and_limits(server, bundle):
     assert meta["backbone"] == "MobileNetV2" and meta["classes"] == ["0", "1", "7"] and meta["image_size"] == 32
     assert meta["backend"] == "onnx" and meta["runtime"]["provider"] == "CPUExecutionProvider"
     assert meta["runtime"]["warmup_batch_sizes"] == [1, 2, 4, 8, 16]
-    assert meta["batching"] == {"max_batch_size": 16, "max_latency_ms": 10_000}
+    # On CPU: one model process per core (at most 4), each with its own batcher, the cores shared among them.
+    cores = len(os.sched_getaffinity(0))
+    workers = min(cores, 4)
+    assert meta["batching"] == {"max_batch_size": 16, "max_latency_ms": 10_000, "model_workers": workers}
+    assert meta["runtime"]["model_workers"] == workers
+    assert meta["runtime"]["threads_per_worker"] == max(1, cores // workers)
     assert meta["limits"]["max_images_per_request"] == MAX_IMAGES
     assert meta["checksums"]["onnx"] == manifest.formats["onnx"].sha256
 

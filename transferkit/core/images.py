@@ -7,8 +7,9 @@ lazily, so truncation only shows at ``load()``), EXIF orientation is applied, th
 any mode becomes 8-bit RGB, and the image is resized to a square model input the same way every time.
 
 Resizing squashes to the target size (no crop), with Pillow's bilinear filter, like Keras' ``load_img``. Large JPEGs
-are first downscaled by the decoder itself (``Image.draft``: DCT scaling by 1/2, 1/4, 1/8) to no less than twice the
-target size, which makes a 12-megapixel photo several times cheaper to decode. Alpha is dropped (``convert("RGB")``,
+are first downscaled by the decoder itself (``Image.draft``: DCT scaling by 1/2, 1/4, 1/8) to the smallest scale that
+still covers the target size, which makes a 12-megapixel photo several times cheaper to decode (Pillow's bilinear
+resize then filters over the whole reduction, so no aliasing is added). Alpha is dropped (``convert("RGB")``,
 as Keras does), not composited.
 """
 
@@ -121,7 +122,8 @@ def decode_image(
     fmt = image.format or "image"
     try:
         if fmt == "JPEG" and target is not None:
-            image.draft("RGB", (2 * target[0], 2 * target[1]))
+            side = max(target)  # square request: EXIF may still rotate the stored image by 90 degrees
+            image.draft("RGB", (side, side))
         image.seek(0)  # first frame of an animation
         image.load()
         image = ImageOps.exif_transpose(image)
