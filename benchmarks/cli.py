@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from transferkit.core.console import print_summary
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -118,11 +120,8 @@ def run_loadtest(args: argparse.Namespace) -> int:
     if summary.raw_images_per_s:
         rows.append((f"raw {args.backend} b{summary.raw_batch_size}", f"{summary.raw_images_per_s:.1f} images/s"))
         rows.append(("served ÷ raw", f"{summary.served_over_raw:.2f}"))
-    width = max(len(k) for k, _ in rows)
-    print("\nsummary")
-    for key, value in rows:
-        print(f"  {key.ljust(width)}  {value}")
-    print(f"  {'files'.ljust(width)}  {args.out.absolute()} (locust_stats.csv, locust.html, summary.json)")
+    rows.append(("files", f"{args.out.absolute()} (locust_stats.csv, locust.html, summary.json)"))
+    print_summary(rows)
     problems = []
     if summary.failure_ratio > args.max_failure_ratio:
         problems.append(f"failure ratio {summary.failure_ratio:.4f} > {args.max_failure_ratio}")

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from transferkit.core.console import print_summary
 from transferkit.core.manifest import BACKENDS
 
 
@@ -46,7 +47,6 @@ def run_export(args: argparse.Namespace) -> int:
     result = export_run(args.run_dir, args.out, formats, args.opset, args.name, not args.no_register,
                         args.allow_mismatch, args.force, args.data)
     m = result.manifest
-    print("\nsummary")
     rows = [("bundle", str(result.bundle_dir)), ("model", f"{m.name} {m.version}"),
             ("backbone", f"{m.backbone} @ {m.image_size} px, {m.num_classes} classes")]
     for fmt, entry in m.formats.items():
@@ -55,9 +55,7 @@ def run_export(args: argparse.Namespace) -> int:
     rows.append(("validation", f"{verdict} on {m.validation.images} {m.validation.source} images"))
     rows.append(("BentoML tag", result.tag or "not registered (--no-register)"))
     rows.append(("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())))
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"  {key.ljust(width)}  {value}")
+    print_summary(rows)
     target = result.tag or str(result.bundle_dir)
     print(f"\nserve it:  transferkit serve {target}   (or TRANSFERKIT_MODEL={target} bentoml serve)")
     return 0

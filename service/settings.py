@@ -10,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from export.predictors import available_cores
 from transferkit.core.errors import UsageError
 from transferkit.core.images import DEFAULT_MAX_PIXELS
 from transferkit.core.manifest import BACKENDS
@@ -18,14 +19,6 @@ from transferkit.core.manifest import BACKENDS
 def gpu_present() -> bool:
     """An NVIDIA GPU is visible (checked without importing a framework: this runs at import time)."""
     return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
-
-
-def cores() -> int:
-    """Cores this process may use (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _int(name: str, default: int, minimum: int = 1) -> int:
@@ -70,8 +63,9 @@ class ServiceSettings:
         # its batch, a preempted process only itself (measured: BENCHMARKS.md). Capped at 4 copies of the model.
         # On a GPU, and for TensorFlow's SavedModel with its own thread pools, one process owns the device.
         on_device = backend == "savedmodel" or (device != "cpu" and gpu_present())
-        model_workers = _int("TRANSFERKIT_MODEL_WORKERS", 1 if on_device else min(cores(), 4))
-        threads = _int("TRANSFERKIT_THREADS", max(1, cores() // model_workers))
+        cores = available_cores()
+        model_workers = _int("TRANSFERKIT_MODEL_WORKERS", 1 if on_device else min(cores, 4))
+        threads = _int("TRANSFERKIT_THREADS", max(1, cores // model_workers))
         max_batch_size = _int("TRANSFERKIT_MAX_BATCH_SIZE", 32, minimum=2)  # BentoML requires > 1
         return cls(
             model=os.environ.get("TRANSFERKIT_MODEL") or None,

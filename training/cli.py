@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from training.config import FLIPS, OPTIMIZERS, STRATEGIES, AugmentConfig, HeadConfig, TrainConfig
+from transferkit.core.console import print_summary
 
 TRAIN_EPILOG = """\
 examples:
@@ -134,11 +135,8 @@ def run_train(args: argparse.Namespace) -> int:
     if "kfold" in result.metrics:
         s = result.metrics["kfold"]["summary"]["accuracy"]
         summary.append((f"{result.metrics['kfold']['k']}-fold accuracy", f"{s['mean']:.4f} ± {s['std']:.4f}"))
-    width = max(len(k) for k, _ in summary)
-    print("\nsummary")
-    for key, value in summary:
-        print(f"  {key.ljust(width)}  {value}")
-    print(f"  {'report'.ljust(width)}  {result.run_dir / 'report.md'}")
+    summary.append(("report", str(result.run_dir / "report.md")))
+    print_summary(summary)
     return 0
 
 

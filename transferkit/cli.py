@@ -52,8 +52,9 @@ def add_demo_parser(subparsers) -> None:
         description="Train MobileNetV2 on digits 0-4 (model A), transfer it to digits 5-9 (model B: frozen base, "
                     "then fine-tuning) and compare with the same network trained from scratch; export model B to "
                     "SavedModel/ONNX/ONNX-fp16 with a validation report, serve it with BentoML, classify held-out "
-                    "images over HTTP (and a corrupt file), benchmark the backends, and summarise. About 5-6 "
-                    "minutes on two CPU cores; --quick takes under 3.",
+                    "images over HTTP (and a corrupt file), benchmark the backends, and summarise. About 3 "
+                    "minutes on two CPU cores (early stopping ends most phases before their budget); --quick takes "
+                    "under 3 too.",
     )
     p.add_argument("--out", type=Path, default=Path("transferkit-demo"),
                    help="directory for everything the demo writes (default ./transferkit-demo)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transferkit.core.atomic import check_output_dir
+from transferkit.core.console import print_summary
 
 
 @dataclass(frozen=True)
@@ -140,9 +141,7 @@ def run_demo(out: Path, quick: bool = False, force: bool = False) -> int:
         ("benchmark", str(bench_dir / "results.md")),
         ("time", f"{minutes:.1f} min"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"  {key.ljust(width)}  {value}")
+    print_summary(rows, title=None)
     print("\nnext:")
     print(f"  serve it:       transferkit serve {exported.tag}")
     print(f"                  (or: TRANSFERKIT_MODEL={exported.tag} bentoml serve, from the repository root)")
