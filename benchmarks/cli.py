@@ -1,5 +1,5 @@
-"""``transferkit bench`` and ``transferkit loadtest``: thin commands over :mod:`benchmarks.sweep` and
-:mod:`benchmarks.loadtest`."""
+"""``transferkit bench`` and ``transferkit loadtest``: thin commands over :mod:`transferkit.benchmarks.sweep` and
+:mod:`transferkit.benchmarks.loadtest`."""
 
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ def _progress(done: int, total: int, label: str) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from benchmarks.measure import environment
-    from benchmarks.report import markdown, write_results
-    from benchmarks.sweep import BenchSettings, run_bundles, run_sweep
+    from transferkit.benchmarks.measure import environment
+    from transferkit.benchmarks.report import markdown, write_results
+    from transferkit.benchmarks.sweep import BenchSettings, run_bundles, run_sweep
     from transferkit.core.backbones import parse_backbones
     from transferkit.core.errors import UsageError
 
@@ -104,7 +104,7 @@ def add_loadtest_parser(subparsers) -> None:
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
-    from benchmarks.loadtest import loadtest, parse_duration
+    from transferkit.benchmarks.loadtest import loadtest, parse_duration
 
     summary = loadtest(args.url, args.model, args.users, args.spawn_rate, parse_duration(args.duration), args.out,
                        args.backend)

@@ -68,7 +68,7 @@ class ManagedServer:
                "BENTOML_DO_NOT_TRACK": "true"}
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.service:ImageClassifier", "--working-dir",
+            [sys.executable, "-m", "bentoml", "serve", "transferkit.service.service:ImageClassifier", "--working-dir",
              str(PROJECT_ROOT), "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + 180
@@ -126,7 +126,7 @@ def run_locust(url: str, users: int, spawn_rate: float, duration: int, out: Path
 
 def raw_images_per_s(model: str, backend: str, batch: int, seconds: float = 5.0) -> float:
     """The bare predictor's images/s at ``batch``, this process, after warm-up."""
-    from export.predictors import load_bundle
+    from transferkit.export.predictors import load_bundle
 
     bundle = load_bundle(model)
     predictor = bundle.predictor(backend)

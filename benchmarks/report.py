@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.sweep import Row
+from transferkit.benchmarks.sweep import Row
 
 
 def _fmt(value, digits: int = 2) -> str:

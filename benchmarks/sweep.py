@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.measure import time_steps
+from transferkit.benchmarks.measure import time_steps
 from transferkit.core.backbones import Backbone, published_table
 from transferkit.core.errors import TransferkitError, UsageError
 
@@ -86,7 +86,7 @@ def _measure(row: Row, predict: Callable[[np.ndarray], np.ndarray], settings: Be
 def _keras_predictor(model, size: int, device: str):
     import tensorflow as tf
 
-    from training.evaluate import make_forward
+    from transferkit.training.evaluate import make_forward
 
     forward = make_forward(model, (size, size, 3))
     name = "/GPU:0" if device != "cpu" and tf.config.list_physical_devices("GPU") else "/CPU:0"
@@ -100,7 +100,7 @@ def _keras_predictor(model, size: int, device: str):
 
 def _depth(model) -> int:
     """Layers of the backbone (the keras.io table counts layers likewise, activations and normalisation included)."""
-    from training.model import find_backbone_layer
+    from transferkit.training.model import find_backbone_layer
 
     return len(find_backbone_layer(model).layers)
 
@@ -119,10 +119,10 @@ def _fill_speedups(rows: list[Row]) -> None:
 def sweep_backbone(backbone: Backbone, settings: BenchSettings, work_dir: Path, log: Log,
                    keep_bundle: Path | None = None) -> list[Row]:
     """Build, export and time one backbone on every requested backend."""
-    from export.bundle import ValidationImages, export_model
-    from export.predictors import load_bundle
-    from training.config import HeadConfig
-    from training.model import build_classifier
+    from transferkit.export.bundle import ValidationImages, export_model
+    from transferkit.export.predictors import load_bundle
+    from transferkit.training.config import HeadConfig
+    from transferkit.training.model import build_classifier
 
     size = settings.image_size or backbone.default_size
     published = published_table().get(backbone.name)
@@ -230,8 +230,8 @@ def _release_keras_memory() -> None:
 def run_bundles(sources: list[str], data: Path, settings: BenchSettings, log: Log = print,
                 progress: Callable[[int, int, str], None] | None = None) -> list[Row]:
     """Time trained bundles and measure their accuracy on a class-folder test directory."""
-    from export.predictors import load_bundle
     from transferkit.core.images import SUPPORTED_EXTENSIONS, decode_image
+    from transferkit.export.predictors import load_bundle
 
     settings.validate()
     if not Path(data).is_dir():
@@ -292,6 +292,6 @@ def _run_model(manifest):
     run_dir = manifest.training.get("run_dir")
     if not run_dir or not (Path(run_dir) / "model.keras").is_file():
         return None
-    from training.model import load_run_model
+    from transferkit.training.model import load_run_model
 
     return load_run_model(Path(run_dir))

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from export.validate import MIN_IMAGES
 from transferkit.core.atomic import atomic_output_dir, check_output_dir
 from transferkit.core.backbones import get_backbone
 from transferkit.core.errors import ExportValidationError, InvalidImageError, RunDirectoryError, UsageError
@@ -32,6 +31,7 @@ from transferkit.core.manifest import (
     Manifest,
     sha256_path,
 )
+from transferkit.export.validate import MIN_IMAGES
 
 DEFAULT_FORMATS = ("savedmodel", "onnx", "onnx-fp16")
 MAX_VALIDATION_IMAGES = 512
@@ -124,7 +124,7 @@ def run_images(run_dir: Path, size: int, class_names: list[str], data_root: Path
 
 
 def _format_entry(bundle_dir: Path, name: str, opset: int) -> FormatEntry:
-    from export.convert import INPUT_NAME, OUTPUT_NAME
+    from transferkit.export.convert import INPUT_NAME, OUTPUT_NAME
 
     digest, size, count = sha256_path(bundle_dir / FORMAT_FILES[name])
     return FormatEntry(file=FORMAT_FILES[name], sha256=digest, bytes=size, files=count, input_name=INPUT_NAME,
@@ -187,9 +187,9 @@ def export_model(
     """Write, validate, describe and register a bundle for a transferkit classifier (see the module docstring)."""
     import tensorflow as tf
 
-    from export import convert
-    from export.validate import validate_bundle
-    from training.evaluate import batched_forward
+    from transferkit.export import convert
+    from transferkit.export.validate import validate_bundle
+    from transferkit.training.evaluate import batched_forward
 
     row = get_backbone(backbone)
     formats = list(formats)
@@ -276,7 +276,7 @@ def export_run(
     log(f"reading validation images of {run_dir.name}")
     validation, calibration = run_images(run_dir, size, class_names, data_root)
 
-    from training.model import load_run_model
+    from transferkit.training.model import load_run_model
 
     log(f"loading {run_dir / 'model.keras'}")
     model = load_run_model(run_dir)

@@ -1,5 +1,5 @@
-"""``transferkit export`` and ``transferkit predict``: thin commands over :mod:`export.bundle` and
-:mod:`export.predictors`."""
+"""``transferkit export`` and ``transferkit predict``: thin commands over :mod:`transferkit.export.bundle` and
+:mod:`transferkit.export.predictors`."""
 
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def add_export_parser(subparsers) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from export.bundle import export_run, parse_formats
     from transferkit.core.errors import UsageError
+    from transferkit.export.bundle import export_run, parse_formats
 
     formats = parse_formats(args.formats)
     if not 14 <= args.opset <= 18:
@@ -80,9 +80,9 @@ def add_predict_parser(subparsers) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from export.predictors import load_bundle, top_k
     from transferkit.core.errors import InvalidImageError, UsageError
     from transferkit.core.images import decode_image
+    from transferkit.export.predictors import load_bundle, top_k
 
     if args.top_k < 1:
         raise UsageError("--top-k must be at least 1")

@@ -104,7 +104,7 @@ def validate_bundle(
     log: Callable[[str], None] = print,
 ) -> ValidationReport:
     """Validate every format in ``formats`` (files under ``bundle_dir``) against the Keras ``reference``."""
-    from export.predictors import OnnxPredictor, SavedModelPredictor
+    from transferkit.export.predictors import OnnxPredictor, SavedModelPredictor
 
     results = []
     for name, entry in formats.items():

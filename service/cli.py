@@ -1,4 +1,4 @@
-"""``transferkit serve``: a convenience wrapper around ``bentoml serve service.service:ImageClassifier``."""
+"""``transferkit serve``: a convenience wrapper around ``bentoml serve transferkit.service.service:ImageClassifier``."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def serve_environment(args: argparse.Namespace, model: str) -> dict[str, str]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from export.predictors import load_bundle
     from transferkit.core.errors import UsageError
+    from transferkit.export.predictors import load_bundle
 
     if args.max_batch_size < 2:
         raise UsageError("--max-batch-size must be at least 2 (BentoML's batcher needs room to batch)")
@@ -64,7 +64,7 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"serving {bundle.manifest.name} {bundle.manifest.version} ({bundle.manifest.backbone}, "
           f"{len(bundle.manifest.class_names)} classes) with {args.backend} on http://{args.host}:{args.port}")
     print(f"  try: curl -F images=@photo.jpg http://{args.host}:{args.port}/predict", flush=True)
-    command = [sys.executable, "-m", "bentoml", "serve", "service.service:ImageClassifier",
+    command = [sys.executable, "-m", "bentoml", "serve", "transferkit.service.service:ImageClassifier",
                "--working-dir", str(PROJECT_ROOT), "--host", args.host, "--port", str(args.port)]
     os.execve(sys.executable, command, serve_environment(args, model))
     return 0  # not reached

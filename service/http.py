@@ -2,9 +2,9 @@
 
 Why not a ``@bentoml.api`` taking ``list[Path]``: BentoML's multipart parser turns a *text* value in a file field into
 a URL and downloads it, and its image types trust the part's Content-Type. Here every part is checked to be a real
-file upload, read into memory (the body is already capped by :mod:`service.middleware`), and decoded from its bytes
-alone by :func:`transferkit.core.images.decode_image` in a worker thread, so one bad image fails only its request,
-with a 4xx saying what was expected, before anything is batched.
+file upload, read into memory (the body is already capped by :mod:`transferkit.service.middleware`), and decoded
+from its bytes alone by :func:`transferkit.core.images.decode_image` in a worker thread, so one bad image fails only
+its request, with a 4xx saying what was expected, before anything is batched.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service.settings import ServiceSettings
 from transferkit.core.errors import InvalidImageError
 from transferkit.core.images import decode_image
+from transferkit.service.settings import ServiceSettings
 
 logger = logging.getLogger("transferkit.service")
 FIELD = "images"
@@ -174,7 +174,7 @@ def _model_error(exc: Exception) -> JSONResponse:
 
 def build_app(get_service: Callable[[], Any], settings: ServiceSettings) -> Starlette:
     """The Starlette app; ``get_service`` returns the running ``ImageClassifier`` instance."""
-    from export.predictors import top_k
+    from transferkit.export.predictors import top_k
 
     async def predict(request: Request) -> JSONResponse:
         service = get_service()

@@ -1,4 +1,4 @@
-"""The BentoML service: ``bentoml serve`` (bentofile.yaml names ``service.service:ImageClassifier``).
+"""The BentoML service: ``bentoml serve`` (bentofile.yaml names ``transferkit.service.service:ImageClassifier``).
 
 Two services, BentoML's model-composition pattern for adaptive batching:
 
@@ -22,10 +22,10 @@ from typing import Any
 import bentoml
 import numpy as np
 
-from service.http import build_app, metrics
-from service.middleware import BodySizeLimit
-from service.settings import ServiceSettings
 from transferkit.core.errors import TransferkitError
+from transferkit.service.http import build_app, metrics
+from transferkit.service.middleware import BodySizeLimit
+from transferkit.service.settings import ServiceSettings
 
 logger = logging.getLogger("transferkit.service")
 SETTINGS = ServiceSettings.from_env()
@@ -92,7 +92,7 @@ class ClassifierModel:
         threading.Thread(target=self._load, name="load-bundle", daemon=True).start()
 
     def _load(self) -> None:
-        from export.predictors import load_bundle
+        from transferkit.export.predictors import load_bundle
 
         start = time.perf_counter()
         try:

@@ -10,10 +10,10 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from export.predictors import available_cores
 from transferkit.core.errors import UsageError
 from transferkit.core.images import DEFAULT_MAX_PIXELS
 from transferkit.core.manifest import BACKENDS
+from transferkit.export.predictors import available_cores
 
 
 def gpu_present() -> bool:

@@ -40,7 +40,7 @@ def last_error_line(result: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="session")
 def digits_small(tmp_path_factory) -> Path:
     """All ten digits, 30 per class, 32 px: 300 real images."""
-    from training.digits import write_digits
+    from transferkit.training.digits import write_digits
 
     out = tmp_path_factory.mktemp("data") / "digits_small"
     write_digits(out, size=32, per_class=30)
@@ -50,7 +50,7 @@ def digits_small(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_three(tmp_path_factory) -> Path:
     """Digits 0, 1 and 7 (every image: ~540), 32 px: enough to show that training learns."""
-    from training.digits import write_digits
+    from transferkit.training.digits import write_digits
 
     out = tmp_path_factory.mktemp("data") / "digits_three"
     write_digits(out, size=32, classes=[0, 1, 7])
@@ -62,8 +62,8 @@ LIGHT_AUGMENT = dict(flip="none", rotation=0.03, shift=0.05, zoom=0.05, contrast
 
 def train_run(out: Path, data: Path, **overrides):
     """A real, tiny training run (MobileNetV2, 32 px, no ImageNet weights, 2 + 1 epochs) written to ``out``."""
-    from training.config import AugmentConfig, TrainConfig
-    from training.train import train
+    from transferkit.training.config import AugmentConfig, TrainConfig
+    from transferkit.training.train import train
 
     settings = dict(data=str(data), out=str(out), image_size=32, weights="none", epochs=2, fine_tune_epochs=1,
                     batch_size=32, augment=AugmentConfig(**LIGHT_AUGMENT), unfreeze="30")

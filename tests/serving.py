@@ -22,7 +22,8 @@ def free_port() -> int:
 
 
 class Server:
-    """``bentoml serve service.service:ImageClassifier`` in its own process group, output in ``log_path``."""
+    """``bentoml serve transferkit.service.service:ImageClassifier`` in its own process group, output in
+    ``log_path``."""
 
     def __init__(self, model: Path | str, log_path: Path, **settings: str | int):
         self.port = free_port()
@@ -32,7 +33,7 @@ class Server:
                **{f"TRANSFERKIT_{k.upper()}": str(v) for k, v in settings.items()}}
         self._log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.service:ImageClassifier", "--working-dir",
+            [sys.executable, "-m", "bentoml", "serve", "transferkit.service.service:ImageClassifier", "--working-dir",
              str(ROOT), "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )

@@ -10,34 +10,61 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["transferkit/core", "training", "export", "service", "benchmarks"]
-# What each package may import from the project.
-ALLOWED = {
-    "transferkit/core": {"transferkit"},
-    "training": {"transferkit", "training"},
-    "export": {"transferkit", "training", "export"},
-    "service": {"transferkit", "export", "service"},
-    "benchmarks": {"transferkit", "training", "export", "service", "benchmarks"},
+# Folder in the repository -> the namespace it is installed as.
+STAGES = {
+    "transferkit/core": "transferkit.core",
+    "training": "transferkit.training",
+    "export": "transferkit.export",
+    "service": "transferkit.service",
+    "benchmarks": "transferkit.benchmarks",
 }
-PROJECT = {"transferkit", "training", "export", "service", "benchmarks"}
+# What each stage may import from the project; `transferkit` itself (its __version__) is open to all. The command line
+# and the demo (transferkit.cli, transferkit.demo) sit above every stage, so no stage imports them.
+ALLOWED = {
+    "transferkit.core": {"transferkit.core"},
+    "transferkit.training": {"transferkit.core", "transferkit.training"},
+    "transferkit.export": {"transferkit.core", "transferkit.training", "transferkit.export"},
+    "transferkit.service": {"transferkit.core", "transferkit.export", "transferkit.service"},
+    "transferkit.benchmarks": {"transferkit.core", "transferkit.training", "transferkit.export",
+                               "transferkit.service", "transferkit.benchmarks"},
+}
+LEGACY_TOP_LEVELS = {"training", "export", "service", "benchmarks"}
 
 
-def imported_top_levels(path: Path) -> set[str]:
+def project_imports(path: Path) -> set[str]:
+    """The project namespaces a file imports, as 'transferkit.<part>' (or the bare legacy top-level name)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
+        modules = []
         if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
+            modules = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            modules = [node.module]
+            if node.module == "transferkit":  # from transferkit import core / cli / ...
+                modules = [f"transferkit.{alias.name}" for alias in node.names]
+        for module in modules:
+            parts = module.split(".")
+            if parts[0] == "transferkit":
+                names.add(".".join(parts[:2]))
+            elif parts[0] in LEGACY_TOP_LEVELS:
+                names.add(parts[0])
     return names
 
 
-@pytest.mark.parametrize("package", STAGES)
-def test_imports_flow_one_way(package):
-    for path in (REPO / package).rglob("*.py"):
-        project_imports = imported_top_levels(path) & PROJECT
-        forbidden = project_imports - ALLOWED[package]
+@pytest.mark.parametrize("folder", sorted(STAGES))
+def test_imports_flow_one_way(folder):
+    stage = STAGES[folder]
+    files = list((REPO / folder).rglob("*.py"))
+    assert files
+    for path in files:
+        forbidden = project_imports(path) - ALLOWED[stage] - {"transferkit"}
         assert not forbidden, f"{path.relative_to(REPO)} imports {forbidden}"
+
+
+def test_checker_sees_forbidden_imports(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import service.http\nfrom transferkit import cli\nfrom transferkit.demo import main\n")
+    assert project_imports(sample) == {"service", "transferkit.cli", "transferkit.demo"}
 
 
 def test_core_does_not_import_tensorflow_or_keras():
@@ -45,3 +72,33 @@ def test_core_does_not_import_tensorflow_or_keras():
             "transferkit.cli; transferkit.cli.build_parser(); "
             "bad = {'tensorflow', 'keras'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_distribution_installs_only_the_transferkit_namespace(tmp_path):
+    """Build the wheel from a copy of the repository and read its top-level names: `transferkit` and nothing
+    generic beside it (no `training`, `export`, `service` or `benchmarks` to collide with other distributions)."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
+                                                                 "runs", "bundles", "transferkit-demo", "data"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, timeout=300, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("transferkit-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_levels = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top_levels == {"transferkit"}
+    for stage in ("training/train.py", "export/bundle.py", "service/service.py", "benchmarks/sweep.py",
+                  "core/backbones.py"):
+        assert f"transferkit/{stage}" in names
+
+
+def test_stages_import_from_the_namespace_in_a_plain_checkout(tmp_path):
+    """A bento's src/ or a checkout that was never installed maps the stage folders into the namespace too."""
+    code = ("import sys, transferkit.training, transferkit.service; "
+            "print(transferkit.training.__file__); assert 'training' not in sys.modules")
+    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(REPO / "training" / "__init__.py")

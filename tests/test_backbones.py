@@ -57,7 +57,7 @@ def test_input_size_and_weight_constraints():
 @pytest.mark.parametrize("family", sorted({row.family for row in ROWS}))
 def test_preprocessing_layer_matches_keras_preprocess_input(family):
     """Our in-graph layer must equal the family's own preprocess_input (the silent-failure row of backbones.md)."""
-    from training.layers import BackbonePreprocessing
+    from transferkit.training.layers import BackbonePreprocessing
 
     mode = next(row.preprocessing for row in ROWS if row.family == family)
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype("float32")

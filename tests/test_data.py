@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from training.data import load_dataset
-from training.digits import parse_classes, write_digits
 from transferkit.core.errors import DatasetError, OutputExistsError, UsageError
+from transferkit.training.data import load_dataset
+from transferkit.training.digits import parse_classes, write_digits
 
 
 def test_digits_writer(tmp_path):

@@ -54,8 +54,8 @@ def test_fp16_is_half_the_size(bundle):
 def test_int8_is_calibrated_validated_and_gated(trained_run, bundle, tmp_path):
     """Static QDQ int8 on request. Whether it meets its 97% gate depends on the model (the scratch-trained
     MobileNetV2 at 32 px here agrees ~77%): the test checks the gate decides and the report says so."""
-    from export.bundle import export_run
-    from export.predictors import load_bundle
+    from transferkit.export.bundle import export_run
+    from transferkit.export.predictors import load_bundle
 
     result = export_run(trained_run.run_dir, tmp_path / "int8", ["onnx-int8"], register=False,
                         allow_mismatch=True, log=lambda line: None)
@@ -76,8 +76,8 @@ def test_independent_runtimes_reproduce_keras(bundle, trained_run):
     import onnxruntime as ort
     import tensorflow as tf
 
-    from training.evaluate import batched_forward
-    from training.model import load_run_model
+    from transferkit.training.evaluate import batched_forward
+    from transferkit.training.model import load_run_model
 
     images, _ = _test_images(trained_run.run_dir, 32)
     keras_p = batched_forward(load_run_model(trained_run.run_dir), images)
@@ -112,7 +112,7 @@ def test_bundle_is_registered_in_the_bentoml_store(bundle):
     assert model.info.metadata["backbone"] == "MobileNetV2"
     assert read_manifest(Path(model.path)).formats == manifest.formats
 
-    from export.predictors import load_bundle
+    from transferkit.export.predictors import load_bundle
 
     by_tag = load_bundle("digits-test:latest")
     assert by_tag.manifest.version == manifest.version
@@ -120,7 +120,7 @@ def test_bundle_is_registered_in_the_bentoml_store(bundle):
 
 @pytest.mark.parametrize("backend", ["onnx", "onnx-fp16", "savedmodel"])
 def test_loader_predictors_answer_alike(bundle, trained_run, backend):
-    from export.predictors import load_bundle
+    from transferkit.export.predictors import load_bundle
 
     images, _ = _test_images(trained_run.run_dir, 32)
     loaded = load_bundle(bundle)
@@ -135,7 +135,7 @@ def test_loader_predictors_answer_alike(bundle, trained_run, backend):
 
 @pytest.mark.parametrize("target", ["model.onnx", "model.fp16.onnx", "saved_model/saved_model.pb", "manifest"])
 def test_a_flipped_byte_makes_the_loader_refuse(bundle, tmp_path, target):
-    from export.predictors import load_bundle
+    from transferkit.export.predictors import load_bundle
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
@@ -156,7 +156,7 @@ def test_a_flipped_byte_makes_the_loader_refuse(bundle, tmp_path, target):
 
 
 def test_truncated_and_missing_files_are_refused(bundle, tmp_path):
-    from export.predictors import load_bundle
+    from transferkit.export.predictors import load_bundle
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
@@ -247,8 +247,8 @@ def test_sigterm_during_export_leaves_no_bundle_and_no_store_entry(trained_run, 
 
 def test_failing_gate_publishes_nothing_unless_allowed(trained_run, tmp_path, monkeypatch):
     """A zero tolerance makes the real ONNX export fail its gate (its |Δp| is ~1e-7, not 0)."""
-    from export import validate
-    from export.bundle import export_run
+    from transferkit.export import validate
+    from transferkit.export.bundle import export_run
 
     monkeypatch.setitem(validate.FP32_MAX_ABS_DIFF_OVERRIDES, "MobileNetV2", 0.0)
     out = tmp_path / "strict"

@@ -19,9 +19,9 @@ def _family_members() -> list:
 
 @pytest.mark.parametrize("row", _family_members(), ids=lambda row: row.family)
 def test_every_family_exports_within_the_fp32_gates(row, digits_small, tmp_path):
-    from export.bundle import ValidationImages, export_model
-    from training.config import HeadConfig
-    from training.model import build_classifier
+    from transferkit.export.bundle import ValidationImages, export_model
+    from transferkit.training.config import HeadConfig
+    from transferkit.training.model import build_classifier
 
     size = max(32, row.min_size)
     files = sorted(digits_small.rglob("*.png"))[::4]  # 75 images, every class

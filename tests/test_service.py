@@ -79,7 +79,7 @@ def assert_alive(server, test_files) -> None:
 
 
 def test_predict_answers_like_the_in_process_predictor(server, bundle, test_files):
-    from export.predictors import load_bundle
+    from transferkit.export.predictors import load_bundle
 
     predictor = load_bundle(bundle).predictor("onnx", device="cpu")
     files = test_files[:MAX_IMAGES]
@@ -118,7 +118,7 @@ def test_metadata_describes_model_runtime_and_limits(server, bundle):
 
 
 def test_concurrent_clients_are_batched_and_answered_exactly(server, bundle, test_files):
-    from export.predictors import load_bundle
+    from transferkit.export.predictors import load_bundle
 
     predictor = load_bundle(bundle).predictor("onnx", device="cpu")
     files = [f for f, _ in test_files[:48]]
@@ -250,7 +250,7 @@ def _unusual_images(base: Image.Image) -> dict[str, bytes]:
 
 
 def test_7_unusual_valid_images_are_answered_like_training_decodes_them(server, bundle, test_files):
-    from export.predictors import load_bundle
+    from transferkit.export.predictors import load_bundle
 
     predictor = load_bundle(bundle).predictor("onnx", device="cpu")
     for name, data in _unusual_images(digit(test_files)).items():
@@ -454,7 +454,7 @@ def test_service_code_does_not_import_tensorflow_for_onnx(bundle):
     import subprocess
     import sys
 
-    code = ("import sys, service.service; from export.predictors import load_bundle; "
+    code = ("import sys, transferkit.service.service; from transferkit.export.predictors import load_bundle; "
             f"load_bundle({str(bundle)!r}).predictor('onnx')(__import__('numpy').zeros((1, 32, 32, 3), 'float32')); "
             "bad = {'tensorflow', 'keras'} & set(sys.modules); assert not bad, bad")
     env = {**os.environ, "TRANSFERKIT_MODEL": str(bundle)}

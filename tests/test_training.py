@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import train_run
-from training.config import AugmentConfig
 from transferkit.core.errors import OutputExistsError, UsageError
+from transferkit.training.config import AugmentConfig
 
 ARTIFACTS = ["model.keras", "labels.json", "config.json", "split.json", "history.csv", "metrics.json",
              "learning_curves.png", "confusion_matrix.png", "misclassified.png", "report.md",
@@ -76,9 +76,9 @@ def test_metrics_and_report(fine_tuned):
 
 def test_saved_model_reproduces_test_accuracy_from_split_json(fine_tuned):
     """Reload model.keras, decode split.json's test files from disk, and recompute the accuracy."""
-    from training.evaluate import batched_forward
-    from training.model import load_run_model
     from transferkit.core.images import decode_image
+    from transferkit.training.evaluate import batched_forward
+    from transferkit.training.model import load_run_model
 
     split = json.loads((fine_tuned.run_dir / "split.json").read_text())
     labels = json.loads((fine_tuned.run_dir / "labels.json").read_text())
@@ -101,9 +101,9 @@ def test_training_from_scratch_learns(scratch):
 
 
 def test_transfer_from_a_previous_run_copies_backbone_weights(scratch):
-    from training.config import HeadConfig
-    from training.model import build_classifier, find_backbone_layer, load_run_model
     from transferkit.core.backbones import get_backbone
+    from transferkit.training.config import HeadConfig
+    from transferkit.training.model import build_classifier, find_backbone_layer, load_run_model
 
     source = find_backbone_layer(load_run_model(scratch.run_dir))
     target = build_classifier(get_backbone("MobileNetV2"), 5, 32, str(scratch.run_dir), HeadConfig())

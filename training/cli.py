@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.config import FLIPS, OPTIMIZERS, STRATEGIES, AugmentConfig, HeadConfig, TrainConfig
 from transferkit.core.console import print_summary
+from transferkit.training.config import FLIPS, OPTIMIZERS, STRATEGIES, AugmentConfig, HeadConfig, TrainConfig
 
 TRAIN_EPILOG = """\
 examples:
@@ -117,7 +117,7 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     if args.data is None or args.out is None:
         raise UsageError("train needs --data DIR and --out DIR (or --list-backbones)")
-    from training.train import train
+    from transferkit.training.train import train
 
     result = train(config_from_args(args))
     test = result.metrics["test"]
@@ -156,7 +156,7 @@ def add_data_parser(subparsers) -> None:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from training.digits import parse_classes, write_digits
+    from transferkit.training.digits import parse_classes, write_digits
 
     counts = write_digits(args.out, args.size, parse_classes(args.classes), args.force, args.per_class)
     print(f"wrote {sum(counts.values())} images of {len(counts)} classes to {args.out.absolute()}")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import keras
 
-from training.config import HeadConfig
-from training.layers import BackbonePreprocessing
 from transferkit.core.backbones import Backbone
 from transferkit.core.errors import RunDirectoryError, UsageError, WeightsUnavailableError
+from transferkit.training.config import HeadConfig
+from transferkit.training.layers import BackbonePreprocessing
 
 SCRATCH_BN_MOMENTUM = 0.9
 

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from training.data import SplitData  # noqa: E402
+from transferkit.training.data import SplitData  # noqa: E402
 
 
 def learning_curves(history: list[dict], phase1_epochs: int, path: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from training.data import Dataset
+from transferkit.training.data import Dataset
 
 # Thresholds, in accuracy points, chosen to flag what a person would want to look at, not to be subtle.
 UNDERFIT_TRAIN_ACCURACY = 0.80
@@ -137,7 +137,7 @@ def render(config: dict, metrics: dict, dataset: Dataset, fit: Any) -> str:
     lines += [f"| {k.replace('_seconds', '').replace('_', ' ')} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", "## Files", "",
               "- `model.keras`: the inference-ready model (takes RGB 0-255; preprocessing inside). Load it with "
-              "`training.model.load_run_model(run_dir)`.",
+              "`transferkit.training.model.load_run_model(run_dir)`.",
               "- `labels.json`, `config.json`, `split.json`, `history.csv`, `metrics.json`",
               "- `learning_curves.png`, `confusion_matrix.png`, `misclassified.png`",
               "- `checkpoints/best.weights.h5`: the best weights by validation loss", ""]

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from training.config import TrainConfig
-from training.data import Dataset, SplitData, check_data_dir, load_dataset
 from transferkit.core.atomic import atomic_output_dir, check_output_dir
 from transferkit.core.backbones import Backbone, get_backbone
 from transferkit.core.errors import UsageError
+from transferkit.training.config import TrainConfig
+from transferkit.training.data import Dataset, SplitData, check_data_dir, load_dataset
 
 Log = Callable[[str], None]
 
@@ -154,8 +154,14 @@ def fit_model(
     """Build and train one model (both phases) on ``train``, early-stopping on ``val``."""
     import keras
 
-    from training.evaluate import batched_forward
-    from training.model import build_classifier, find_backbone_layer, find_head_layer, resolve_unfreeze, unfreeze_top
+    from transferkit.training.evaluate import batched_forward
+    from transferkit.training.model import (
+        build_classifier,
+        find_backbone_layer,
+        find_head_layer,
+        resolve_unfreeze,
+        unfreeze_top,
+    )
 
     keras.utils.set_random_seed(config.seed)
     scratch = config.strategy == "scratch"
@@ -241,7 +247,7 @@ def run_kfold(config: TrainConfig, backbone: Backbone, size: int, weights: str, 
     import keras
     from sklearn.model_selection import StratifiedKFold
 
-    from training.evaluate import batched_forward, classification_metrics
+    from transferkit.training.evaluate import batched_forward, classification_metrics
 
     train, val = dataset.splits["train"], dataset.splits["val"]
     images = np.concatenate([train.images, val.images])
@@ -298,8 +304,8 @@ def train(config: TrainConfig, log: Log = print) -> TrainResult:
     import keras
     import tensorflow as tf
 
-    from training import plots, report
-    from training.evaluate import batched_forward, classification_metrics
+    from transferkit.training import plots, report
+    from transferkit.training.evaluate import batched_forward, classification_metrics
 
     gpus = tf.config.list_physical_devices("GPU")
     previous_policy = keras.mixed_precision.global_policy().name

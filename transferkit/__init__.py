@@ -1,8 +1,16 @@
 """transferkit: from a folder of labelled images to a fine-tuned Keras model, an exported bundle and a served endpoint.
 
-The package itself holds the shared core (``transferkit.core``) and the command-line entry point
-(``transferkit.cli``). The stages live in the top-level packages ``training``, ``export``, ``service`` and
-``benchmarks``; imports flow one way: core <- training <- export <- service / benchmarks.
+The distribution installs one namespace: the shared core (``transferkit.core``), the command-line entry point
+(``transferkit.cli``) and the stages ``transferkit.training``, ``transferkit.export``, ``transferkit.service`` and
+``transferkit.benchmarks``. Imports flow one way: core <- training <- export <- service / benchmarks.
+
+In the repository the stages are folders beside this package (``training/``, ``export/``, ...): ``pip install``
+maps them into the namespace (pyproject's ``package-dir``). A built bento or a checkout that was never installed has
+no such mapping, so :mod:`transferkit._source_layout` provides the same one there.
 """
 
+from transferkit._source_layout import install_source_layout
+
 __version__ = "0.1.0"
+
+install_source_layout()

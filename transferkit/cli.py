@@ -21,10 +21,10 @@ def _quiet_tensorflow() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from benchmarks.cli import add_bench_parser, add_loadtest_parser
-    from export.cli import add_export_parser, add_predict_parser
-    from service.cli import add_serve_parser
-    from training.cli import add_data_parser, add_train_parser
+    from transferkit.benchmarks.cli import add_bench_parser, add_loadtest_parser
+    from transferkit.export.cli import add_export_parser, add_predict_parser
+    from transferkit.service.cli import add_serve_parser
+    from transferkit.training.cli import add_data_parser, add_train_parser
 
     parser = argparse.ArgumentParser(
         prog="transferkit",

@@ -36,7 +36,7 @@ def _step(number: int, total: int, title: str) -> None:
 
 
 def _train(config, label: str) -> tuple[object, float]:
-    from training.train import train
+    from transferkit.training.train import train
 
     start = time.perf_counter()
     result = train(config, log=lambda line: print(f"  {line}", flush=True))
@@ -64,8 +64,8 @@ def run_demo(out: Path, quick: bool = False, force: bool = False) -> int:
     total = 7
     out.mkdir(parents=True)
 
-    from training.config import AugmentConfig, TrainConfig
-    from training.digits import write_digits
+    from transferkit.training.config import AugmentConfig, TrainConfig
+    from transferkit.training.digits import write_digits
 
     _step(1, total, "data: scikit-learn's handwritten digits as class-folder PNG images")
     data_a, data_b = out / "data" / "digits_0-4", out / "data" / "digits_5-9"
@@ -111,7 +111,7 @@ def run_demo(out: Path, quick: bool = False, force: bool = False) -> int:
               f"backbone already knows pen strokes)")
 
     _step(4, total, "export model B: SavedModel, ONNX, ONNX-fp16, each checked against Keras")
-    from export.bundle import export_run
+    from transferkit.export.bundle import export_run
 
     exported = export_run(run_b.run_dir, out / "bundle", name="transferkit-demo", log=lambda line: print(f"  {line}"))
     print(f"  BentoML model: {exported.tag}")
@@ -161,7 +161,7 @@ def _test_files(run_dir: Path) -> list[tuple[Path, str]]:
 def _serve_and_query(out: Path, bundle_dir: Path, run_dir: Path) -> dict:
     import requests
 
-    from benchmarks.loadtest import ManagedServer
+    from transferkit.benchmarks.loadtest import ManagedServer
 
     server = ManagedServer(str(bundle_dir), out / "service.log")
     try:
@@ -194,9 +194,9 @@ def _serve_and_query(out: Path, bundle_dir: Path, run_dir: Path) -> dict:
 def _benchmark(run_dir: Path, bundle_dir: Path, bench_dir: Path, repeats: int) -> None:
     import shutil
 
-    from benchmarks.measure import environment
-    from benchmarks.report import markdown, write_results
-    from benchmarks.sweep import BenchSettings, run_bundles
+    from transferkit.benchmarks.measure import environment
+    from transferkit.benchmarks.report import markdown, write_results
+    from transferkit.benchmarks.sweep import BenchSettings, run_bundles
 
     test_dir = bench_dir / "test_images"
     for path, label in _test_files(run_dir):
