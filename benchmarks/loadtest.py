@@ -11,7 +11,6 @@ import csv
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.core.errors import TransferkitError, UsageError
+from transferkit.core.system import free_port
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -48,19 +48,13 @@ class LoadTestSummary:
     by_name: dict[str, dict] = field(default_factory=dict)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ManagedServer:
     """``bentoml serve`` for ``--model``, started and stopped by the load test."""
 
     def __init__(self, model: str, log_path: Path, backend: str = "onnx"):
         import requests
 
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if Path(model).is_dir():  # the server runs from the project root
             model = str(Path(model).resolve())

@@ -59,7 +59,7 @@ def gpu_model() -> str | None:
 
 
 def environment(settings: dict) -> dict:
-    from transferkit.export.predictors import available_cores
+    from transferkit.core.system import available_cores
 
     versions = {}
     for name in ("tensorflow", "keras", "onnxruntime-gpu", "onnx", "tf2onnx", "bentoml", "numpy", "locust",

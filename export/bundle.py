@@ -31,6 +31,7 @@ from transferkit.core.manifest import (
     Manifest,
     sha256_path,
 )
+from transferkit.core.system import library_versions
 from transferkit.export.validate import MIN_IMAGES
 
 DEFAULT_FORMATS = ("savedmodel", "onnx", "onnx-fp16")
@@ -132,21 +133,6 @@ def _format_entry(bundle_dir: Path, name: str, opset: int) -> FormatEntry:
                        opset=None if name == "savedmodel" else opset)
 
 
-def _library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import transferkit
-
-    versions = {"transferkit": transferkit.__version__}
-    for name in ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime-gpu", "bentoml",
-                 "numpy"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return versions
-
-
 def register_bundle(bundle_dir: Path, manifest: Manifest) -> str:
     """Copy the bundle into the BentoML model store (``$BENTOML_HOME``); returns the tag."""
     import shutil
@@ -242,7 +228,7 @@ def export_model(
             output={"name": convert.OUTPUT_NAME, "dtype": "float32", "shape": [None, len(class_names)],
                     "meaning": "softmax probabilities, in class_names order"},
             formats=entries, training=training or {}, validation=report,
-            validation_overridden=not report.passed, versions=_library_versions(),
+            validation_overridden=not report.passed, versions=library_versions(),
         )
         (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
         tag = None

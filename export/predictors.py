@@ -20,6 +20,7 @@ import numpy as np
 
 from transferkit.core.errors import BundleError, UsageError
 from transferkit.core.manifest import BACKENDS, MANIFEST_NAME, Manifest, read_manifest, verify_bundle
+from transferkit.core.system import available_cores
 
 Device = Literal["auto", "cpu", "gpu"]
 
@@ -29,14 +30,6 @@ class Predictor(Protocol):
     provider: str  # what actually runs it, e.g. "CUDAExecutionProvider", "CPUExecutionProvider", "TF:CPU"
 
     def __call__(self, images: np.ndarray) -> np.ndarray: ...
-
-
-def available_cores() -> int:
-    """Cores this process may use (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 @functools.cache

@@ -13,7 +13,7 @@ from pathlib import Path
 from transferkit.core.errors import UsageError
 from transferkit.core.images import DEFAULT_MAX_PIXELS
 from transferkit.core.manifest import BACKENDS
-from transferkit.export.predictors import available_cores
+from transferkit.core.system import available_cores
 
 
 def gpu_present() -> bool:

@@ -13,7 +13,6 @@ A file that fails to decode is skipped and listed (``strict=True`` makes it an e
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ import numpy as np
 
 from transferkit.core.errors import DatasetError, InvalidImageError, UsageError
 from transferkit.core.images import SUPPORTED_EXTENSIONS, decode_image
+from transferkit.core.system import available_cores
 
 SPLITS = ("train", "val", "test")
 _SPLIT_DIR_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -165,7 +165,7 @@ def _decode_all(
 
     results: list[np.ndarray | InvalidImageError] = []
     # Pillow releases the GIL while decoding, so threads use every core.
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=available_cores()) as pool:
         for done, result in enumerate(pool.map(decode, paths), start=1):
             results.append(result)
             if progress is not None:

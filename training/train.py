@@ -19,6 +19,7 @@ import numpy as np
 from transferkit.core.atomic import atomic_output_dir, check_output_dir
 from transferkit.core.backbones import Backbone, get_backbone
 from transferkit.core.errors import UsageError
+from transferkit.core.system import library_versions
 from transferkit.training.config import TrainConfig
 from transferkit.training.data import Dataset, SplitData, check_data_dir, load_dataset
 
@@ -247,7 +248,8 @@ def run_kfold(config: TrainConfig, backbone: Backbone, size: int, weights: str, 
     import keras
     from sklearn.model_selection import StratifiedKFold
 
-    from transferkit.training.evaluate import batched_forward, classification_metrics
+    from transferkit.training.evaluate import batched_forward
+    from transferkit.training.metrics import classification_metrics
 
     train, val = dataset.splits["train"], dataset.splits["val"]
     images = np.concatenate([train.images, val.images])
@@ -284,16 +286,7 @@ def _write_history(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for name in ("tensorflow", "keras", "numpy", "pillow", "scikit-learn"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return versions
+TRAINING_LIBRARIES = ("tensorflow", "keras", "numpy", "pillow", "scikit-learn")
 
 
 def train(config: TrainConfig, log: Log = print) -> TrainResult:
@@ -305,7 +298,8 @@ def train(config: TrainConfig, log: Log = print) -> TrainResult:
     import tensorflow as tf
 
     from transferkit.training import plots, report
-    from transferkit.training.evaluate import batched_forward, classification_metrics
+    from transferkit.training.evaluate import batched_forward
+    from transferkit.training.metrics import classification_metrics
 
     gpus = tf.config.list_physical_devices("GPU")
     previous_policy = keras.mixed_precision.global_policy().name
@@ -370,7 +364,7 @@ def train(config: TrainConfig, log: Log = print) -> TrainResult:
                 "input": {"name": "image", "shape": [None, size, size, 3], "dtype": "float32",
                           "range": "RGB 0-255"},
                 "num_classes": len(dataset.class_names), "gpus": len(gpus),
-                "mixed_precision": config.mixed_precision, "versions": _library_versions(),
+                "mixed_precision": config.mixed_precision, "versions": library_versions(TRAINING_LIBRARIES),
             }
             model.save(staging / "model.keras")
             (staging / "labels.json").write_text(json.dumps(dataset.class_names, indent=2) + "\n")

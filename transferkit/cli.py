@@ -22,7 +22,8 @@ def _quiet_tensorflow() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from transferkit.benchmarks.cli import add_bench_parser, add_loadtest_parser
-    from transferkit.export.cli import add_export_parser, add_predict_parser
+    from transferkit.export.cli import add_export_parser
+    from transferkit.export.predict_cli import add_predict_parser
     from transferkit.service.cli import add_serve_parser
     from transferkit.training.cli import add_data_parser, add_train_parser
 
