@@ -75,15 +75,12 @@ def write_results(out: Path, rows: list[Row], batch_sizes: list[int], env: dict)
 
 
 def _latency_plot(rows: list[Row], batch_sizes: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend switch, no figure registry to close
 
     models = list(dict.fromkeys(r.model for r in rows))
     backends = list(dict.fromkeys(r.backend for r in rows))
-    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(max(6, 1.6 * len(models)) * len(batch_sizes), 4.5),
-                             squeeze=False)
+    fig = Figure(figsize=(max(6, 1.6 * len(models)) * len(batch_sizes), 4.5))
+    axes = fig.subplots(1, len(batch_sizes), squeeze=False)
     width = 0.8 / max(1, len(backends))
     for ax, batch in zip(axes[0], batch_sizes):
         for i, backend in enumerate(backends):
@@ -99,16 +96,13 @@ def _latency_plot(rows: list[Row], batch_sizes: list[int], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _accuracy_plot(rows: list[Row], batch: int, path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for r in rows:
         if r.accuracy is None or batch not in r.latency:
             continue
@@ -121,4 +115,3 @@ def _accuracy_plot(rows: list[Row], batch: int, path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

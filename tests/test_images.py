@@ -163,3 +163,69 @@ def test_unsupported_real_format_is_refused():
 def test_error_classes_carry_http_status():
     assert InvalidImageError.http_status == 400
     assert ImageTooLargeError.http_status == 413
+
+
+# Golden pixels: what each awkward mode must decode to, value by value (a shape check would pass on a black image).
+
+def test_cmyk_jpeg_golden_pixels():
+    """Pure cyan, magenta, yellow and black CMYK blocks decode to their RGB complements."""
+    cmyk = Image.new("CMYK", (32, 32))
+    for index, ink in enumerate([(255, 0, 0, 0), (0, 255, 0, 0), (0, 0, 255, 0), (0, 0, 0, 255)]):
+        cmyk.paste(ink, ((index % 2) * 16, (index // 2) * 16, (index % 2) * 16 + 16, (index // 2) * 16 + 16))
+    pixels = decode_image(encode(cmyk, "JPEG", quality=100)).astype(int)
+    centres = [pixels[8, 8], pixels[8, 24], pixels[24, 8], pixels[24, 24]]
+    expected = [(0, 255, 255), (255, 0, 255), (255, 255, 0), (0, 0, 0)]
+    for got, want in zip(centres, expected):
+        assert np.abs(got - np.array(want)).max() <= 3, (got, want)
+
+
+def test_16bit_png_golden_pixels():
+    """Every 16-bit level v * 257 maps back to exactly v (rescaled, not clipped or truncated)."""
+    levels = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    image = Image.fromarray(levels * 257)
+    assert image.mode == "I;16"
+    pixels = decode_image(encode(image, "PNG"))
+    assert pixels.shape == (16, 16, 3)
+    assert np.array_equal(pixels[..., 0], levels.astype(np.uint8))
+    assert np.array_equal(pixels[..., 0], pixels[..., 2])  # gray stays gray
+
+
+def test_palette_with_transparency_golden_pixels():
+    """The transparent palette entry keeps its own colour (alpha dropped, not composited), the others theirs."""
+    palette = [10, 20, 30, 200, 100, 50] + [0] * (256 * 3 - 6)
+    image = Image.new("P", (4, 2))
+    image.putpalette(palette)
+    image.putdata([0, 0, 1, 1, 1, 1, 0, 0])
+    pixels = decode_image(encode(image, "PNG", transparency=0))
+    assert pixels[0, 0].tolist() == [10, 20, 30] and pixels[1, 3].tolist() == [10, 20, 30]
+    assert pixels[0, 2].tolist() == [200, 100, 50] and pixels[1, 0].tolist() == [200, 100, 50]
+
+
+@pytest.mark.parametrize(("orientation", "top_left", "bottom_right"), [
+    (1, (255, 0, 0), (0, 0, 255)),   # as stored
+    (3, (0, 0, 255), (255, 0, 0)),   # rotated 180
+    (6, (255, 255, 0), (0, 255, 0)),  # rotate 90 clockwise to display: the stored left column becomes the top row
+    (8, (0, 255, 0), (255, 255, 0)),  # rotate 90 counter-clockwise to display
+])
+def test_exif_orientation_golden_pixels(orientation, top_left, bottom_right):
+    """Four coloured quadrants of a PNG with an EXIF orientation: each lands where a viewer would show it."""
+    stored = Image.new("RGB", (8, 4))
+    # Stored quadrants: red top-left, green top-right, yellow bottom-left, blue bottom-right.
+    for colour, box in [((255, 0, 0), (0, 0, 4, 2)), ((0, 255, 0), (4, 0, 8, 2)),
+                        ((255, 255, 0), (0, 2, 4, 4)), ((0, 0, 255), (4, 2, 8, 4))]:
+        stored.paste(colour, box)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    pixels = decode_image(encode(stored, "PNG", exif=exif.tobytes()))
+    assert pixels.shape == ((4, 8, 3) if orientation in (1, 3) else (8, 4, 3))
+    assert pixels[0, 0].tolist() == list(top_left)
+    assert pixels[-1, -1].tolist() == list(bottom_right)
+
+
+def test_importing_the_decoder_installs_no_warnings_filter():
+    import subprocess
+    import sys
+
+    code = ("import warnings, numpy, PIL.Image; before = list(warnings.filters); import transferkit.core.images; "
+            "assert warnings.filters == before, 'warnings filters changed on import'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -29,12 +29,11 @@ SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
 SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp"}
 )
-# 50 megapixels: above any phone camera's default output, far below a decompression bomb. Pillow's own limit
-# (89.5 MP) only warns; the filter below turns that warning into an error for the whole process.
+# 50 megapixels: above any phone camera's default output, far below a decompression bomb. Every caller's cap is
+# checked from the header (open_image_header), so nothing relies on Pillow's own limit (89.5 MP warns, twice that
+# raises) and no process-wide warnings filter is installed: importing this module changes nothing global.
 DEFAULT_MAX_PIXELS = 50_000_000
 _FORMATS_TEXT = "JPEG, PNG, BMP, GIF or WebP"
-
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike
 
