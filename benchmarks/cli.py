@@ -67,12 +67,12 @@ def run_bench(args: argparse.Namespace) -> int:
         backbones = parse_backbones(args.backbones)
         print(f"benchmarking {len(backbones)} backbone(s) on {', '.join(settings.backends)}, batch sizes "
               f"{settings.batch_sizes}")
-        rows = run_sweep(backbones, settings, keep_bundles=args.keep_bundles, progress=_progress)
+        rows = run_sweep(backbones, settings, log=print, keep_bundles=args.keep_bundles, progress=_progress)
     else:
         if args.data is None:
             raise UsageError("bundle mode needs --data DIR (class folders of test images)")
         rows = run_bundles([b.strip() for b in args.bundles.split(",") if b.strip()], args.data, settings,
-                           progress=_progress)
+                           log=print, progress=_progress)
     env = environment({**vars(settings), "mode": "sweep" if args.backbones else "bundles"})
     paths = write_results(args.out, rows, settings.batch_sizes, env)
     print()

@@ -9,6 +9,7 @@ becomes a row with an ``error``; the sweep goes on.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,6 +26,8 @@ KERAS_BACKENDS = ("keras",)
 ALL_BACKENDS = ("keras", "savedmodel", "onnx", "onnx-fp16", "onnx-int8")
 SWEEP_CLASSES = 10
 Log = Callable[[str], None]
+# Library default: log records; the `transferkit bench` command decides what the user sees (it passes print).
+logger = logging.getLogger("transferkit.benchmarks")
 
 
 @dataclass
@@ -200,7 +203,7 @@ def _accuracy(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, flo
     return top1, float(np.mean([label in row for label, row in zip(labels, top5)]))
 
 
-def run_sweep(backbones: list[Backbone], settings: BenchSettings, log: Log = print,
+def run_sweep(backbones: list[Backbone], settings: BenchSettings, log: Log = logger.info,
               keep_bundles: Path | None = None, progress: Callable[[int, int, str], None] | None = None,
               ) -> list[Row]:
     settings.validate()
@@ -227,7 +230,7 @@ def _release_keras_memory() -> None:
     gc.collect()
 
 
-def run_bundles(sources: list[str], data: Path, settings: BenchSettings, log: Log = print,
+def run_bundles(sources: list[str], data: Path, settings: BenchSettings, log: Log = logger.info,
                 progress: Callable[[int, int, str], None] | None = None) -> list[Row]:
     """Time trained bundles and measure their accuracy on a class-folder test directory."""
     from transferkit.core.images import SUPPORTED_EXTENSIONS, decode_image
