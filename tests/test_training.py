@@ -1,8 +1,13 @@
-"""Real training runs on the embedded digits: artifacts, re-evaluation, transfer, caching, k-fold, determinism."""
+"""Real training runs on the embedded digits: artifacts, re-evaluation, transfer, caching, k-fold, determinism, and
+the process-wide switches a run must restore."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +18,7 @@ from PIL import Image
 from conftest import train_run
 from transferkit.core.errors import OutputExistsError, UsageError
 from transferkit.training.config import AugmentConfig
+from transferkit.training.rundir import read_config, read_labels, read_metrics, split_files
 
 ARTIFACTS = ["model.keras", "labels.json", "config.json", "split.json", "history.csv", "metrics.json",
              "learning_curves.png", "confusion_matrix.png", "misclassified.png", "report.md",
@@ -31,7 +37,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fine_tuned(runs, digits_small):
-    return run(runs, digits_small, "fine_tuned")
+    return run(runs, digits_small, "fine_tuned", strategy="fine-tune")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,7 @@ def test_run_directory_has_every_artifact(fine_tuned):
         with Image.open(fine_tuned.run_dir / name) as image:
             assert image.format == "PNG" and image.size[0] > 300
     assert json.loads((fine_tuned.run_dir / "labels.json").read_text()) == [str(d) for d in range(10)]
-    assert not list(fine_tuned.run_dir.parent.glob(".fine_tuned.partial-*"))
+    assert not list(fine_tuned.run_dir.parent.glob(".fine_tuned.partial*"))  # renamed into place, nothing left
 
 
 def test_two_phases_are_recorded(fine_tuned):
@@ -56,48 +62,55 @@ def test_two_phases_are_recorded(fine_tuned):
     assert phases.count("1") >= 1 and phases.count("2") == 1
     rates = {line.split(",")[1]: float(line.split(",")[2]) for line in history[1:]}
     assert rates["2"] == pytest.approx(rates["1"] / 10)
-    config = json.loads((fine_tuned.run_dir / "config.json").read_text())
-    assert config["backbone"] == "MobileNetV2" and config["preprocessing"] == "tf"
-    assert config["fine_tune_lr"] == pytest.approx(1e-4)
+    # cosine schedule with warm-up over each phase: the last phase-1 epoch ends at lr 0 (budget of 2 epochs)
+    end_rates = [float(line.split(",")[3]) for line in history[1:]]
+    assert end_rates[0] == pytest.approx(1e-3, rel=1e-3) and end_rates[1] == pytest.approx(0.0, abs=1e-9)
+    config = read_config(fine_tuned.run_dir)
+    assert config.backbone == "MobileNetV2" and config.preprocessing == "tf" and config.optimizer == "adamw"
+    assert config.fine_tune_lr == pytest.approx(1e-4) and config.schedule == "cosine"
 
 
 def test_metrics_and_report(fine_tuned):
-    metrics = json.loads((fine_tuned.run_dir / "metrics.json").read_text())
-    test = metrics["test"]
-    assert 0 <= test["accuracy"] <= 1 and "top5_accuracy" in test and np.isfinite(test["loss"])
-    assert set(test["per_class"]) == {str(d) for d in range(10)}
-    assert {"precision", "recall", "f1", "support"} <= set(test["per_class"]["0"])
-    assert metrics["diagnosis"]["verdict"] in ("underfitting", "overfitting", "good fit",
-                                               "unrepresentative validation split")
+    metrics = read_metrics(fine_tuned.run_dir)
+    test = metrics.test
+    assert test.top5_accuracy is not None and np.isfinite(test.loss) and metrics.failures == []
+    assert set(test.per_class) == {str(d) for d in range(10)}
+    assert sum(c.support for c in test.per_class.values()) == test.samples
+    # A frozen random base (this run: --weights none with an explicit fine-tune strategy) cannot fit the digits.
+    assert "underfitting" in [signal["verdict"] for signal in metrics.diagnosis["signals"]]
     report = (fine_tuned.run_dir / "report.md").read_text()
-    assert f"**Diagnosis: {metrics['diagnosis']['verdict']}.**" in report
-    assert "| test accuracy |" in report and "## Per-class test metrics" in report
+    assert f"**Diagnosis: {metrics.diagnosis['verdict']}.**" in report and "- **underfitting**" in report
+    assert f"| test accuracy | {test.accuracy:.4f} |" in report and "## Per-class test metrics" in report
 
 
-def test_saved_model_reproduces_test_accuracy_from_split_json(fine_tuned):
+def test_saved_model_reproduces_test_accuracy_from_split_json(scratch):
     """Reload model.keras, decode split.json's test files from disk, and recompute the accuracy."""
     from transferkit.core.images import decode_image
     from transferkit.training.evaluate import batched_forward
     from transferkit.training.model import load_run_model
 
-    split = json.loads((fine_tuned.run_dir / "split.json").read_text())
-    labels = json.loads((fine_tuned.run_dir / "labels.json").read_text())
-    root = Path(split["root"])
-    test_files = [(f, info["label"]) for f, info in split["files"].items() if info["split"] == "test"]
-    images = np.stack([decode_image(root / f, 32) for f, _ in test_files])
+    labels = read_labels(scratch.run_dir)
+    test_files = split_files(scratch.run_dir, "test")
+    images = np.stack([decode_image(path, 32) for path, _ in test_files])
     truth = np.array([labels.index(label) for _, label in test_files])
-    model = load_run_model(fine_tuned.run_dir)
+    model = load_run_model(scratch.run_dir)
     accuracy = float((batched_forward(model, images).argmax(1) == truth).mean())
-    metrics = json.loads((fine_tuned.run_dir / "metrics.json").read_text())
-    assert accuracy == pytest.approx(metrics["test"]["accuracy"], abs=1e-9)
-    assert len(test_files) == metrics["test"]["samples"]
+    metrics = read_metrics(scratch.run_dir)
+    assert accuracy == pytest.approx(metrics.test.accuracy, abs=1e-9)
+    assert len(test_files) == metrics.test.samples
 
 
 def test_training_from_scratch_learns(scratch):
-    """Three digit classes from random weights: far above chance (1/3) after a few epochs."""
+    """Three digit classes from random weights: far above chance (1/3) after a few epochs, and early stopping
+    did not pick an epoch before BatchNormalization's statistics caught up."""
     metrics = scratch.metrics
     assert metrics["test"]["accuracy"] > 0.8, metrics["test"]
     assert "top5_accuracy" not in metrics["test"]  # fewer than 5 classes
+    config = read_config(scratch.run_dir)
+    assert config.strategy == "scratch" and config.early_stopping_start == 2
+    rows = list(csv.DictReader((scratch.run_dir / "history.csv").open()))
+    best = min(rows[2:], key=lambda row: float(row["val_loss"]))  # the epoch early stopping restored
+    assert metrics["val"]["accuracy"] == pytest.approx(float(best["val_accuracy"]), abs=1e-6)
 
 
 def test_transfer_from_a_previous_run_copies_backbone_weights(scratch):
@@ -120,9 +133,12 @@ def test_cache_features_with_kfold(runs, digits_small):
     assert result.metrics["epochs"]["phase2"] == 0
     kfold = result.metrics["kfold"]
     assert kfold["k"] == 2 and len(kfold["folds"]) == 2
-    accuracies = [fold["accuracy"] for fold in kfold["folds"]]
-    assert kfold["summary"]["accuracy"]["mean"] == pytest.approx(np.mean(accuracies))
-    assert kfold["summary"]["accuracy"]["std"] == pytest.approx(np.std(accuracies))
+    train_val = result.metrics["train"]["samples"] + result.metrics["val"]["samples"]
+    # Every train+val image is held out exactly once; each fold early-stops on an inner split of its training part.
+    assert sum(fold["held_out"] for fold in kfold["folds"]) == train_val
+    for fold in kfold["folds"]:
+        assert fold["train"] + fold["early_stopping"] + fold["held_out"] == train_val
+        assert 0 < fold["early_stopping"] < fold["train"]
     assert "2-fold cross-validation" in (result.run_dir / "report.md").read_text()
 
 
@@ -142,7 +158,7 @@ def test_configuration_errors_are_caught_before_work(runs, digits_small, fine_tu
     with pytest.raises(UsageError, match="at least 32 px"):
         run(runs, digits_small, "x", image_size=16)
     with pytest.raises(UsageError, match="--unfreeze 'nope'"):
-        run(runs, digits_small, "x", unfreeze="nope")
+        run(runs, digits_small, "x", unfreeze="nope", strategy="fine-tune")
     assert not (runs / "x").exists()
 
 
@@ -154,3 +170,21 @@ def test_force_replaces_a_run(runs, digits_small):
     run(runs, digits_small, "replace_me", force=True, strategy="feature-extraction", augment=NO_AUGMENT,
         cache_features=True, epochs=1, fine_tune_epochs=0)
     assert not (target / "stale.txt").exists() and (target / "model.keras").stat().st_mtime >= start - 1
+
+
+def test_a_run_restores_the_process_wide_switches(scratch):
+    """Op determinism and the mixed-precision policy are scoped to the run (the fixture ran in this process)."""
+    import keras
+    from tensorflow.python.framework import config as tf_config
+
+    assert not tf_config.is_op_determinism_enabled()
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_importing_the_plots_keeps_the_matplotlib_backend():
+    code = ("import matplotlib; import transferkit.training.plots, transferkit.training.train; "
+            "print(matplotlib.get_backend())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "MPLBACKEND": "svg"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "svg"

@@ -6,7 +6,16 @@ import argparse
 from pathlib import Path
 
 from transferkit.core.console import print_summary
-from transferkit.training.config import FLIPS, OPTIMIZERS, STRATEGIES, AugmentConfig, HeadConfig, TrainConfig
+from transferkit.training.config import (
+    CLASS_WEIGHTS,
+    FLIPS,
+    OPTIMIZERS,
+    SCHEDULES,
+    STRATEGIES,
+    AugmentConfig,
+    HeadConfig,
+    TrainConfig,
+)
 
 TRAIN_EPILOG = """\
 examples:
@@ -16,8 +25,13 @@ examples:
   transferkit train --data ~/flowers --out runs/flowers --backbone EfficientNetB0   # ImageNet weights
   transferkit train --list-backbones
 
+  transferkit train --data ~/flowers --out runs/flowers --resume   # continue an interrupted run
+
 The run directory holds model.keras, labels.json, config.json, split.json, history.csv, metrics.json,
-learning_curves.png, confusion_matrix.png, misclassified.png and report.md (with a fit diagnosis).
+learning_curves.png, confusion_matrix.png, misclassified.png and report.md (with a fit diagnosis). It appears only
+when complete; while training, the run lives in .NAME.partial next to it, which Ctrl-C keeps for --resume.
+Decoded images are cached in $TRANSFERKIT_CACHE_DIR (default ~/.cache/transferkit) and reused while the files and
+the size are unchanged.
 """
 
 
@@ -31,7 +45,9 @@ def add_train_parser(subparsers) -> None:
     io = p.add_argument_group("data and output")
     io.add_argument("--data", type=Path, help="class-folder dataset, or a folder with train/ val/ test/ sub-folders")
     io.add_argument("--out", type=Path, help="run directory to create")
-    io.add_argument("--force", action="store_true", help="replace --out if it exists")
+    io.add_argument("--force", action="store_true", help="replace --out (and any interrupted run of it)")
+    io.add_argument("--resume", action="store_true",
+                    help="continue the interrupted run of --out (same settings) from its last finished epoch")
     io.add_argument("--val-fraction", type=float, default=0.15, help="validation share when not pre-split")
     io.add_argument("--test-fraction", type=float, default=0.15, help="test share when not pre-split")
     io.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
@@ -48,9 +64,10 @@ def add_train_parser(subparsers) -> None:
     m.add_argument("--hidden-dropout", type=float, help="dropout after the hidden layer")
     m.add_argument("--l2", type=float, default=0.0, help="L2 weight decay on the head's dense layers")
     t = p.add_argument_group("training")
-    t.add_argument("--strategy", choices=STRATEGIES, default="fine-tune",
+    t.add_argument("--strategy", choices=STRATEGIES,
                    help="feature-extraction: phase 1 only; fine-tune: both phases; scratch: random weights, "
-                        "everything trainable (the baseline transfer is compared against)")
+                        "everything trainable (the baseline transfer is compared against). Default: scratch with "
+                        "--weights none, fine-tune otherwise")
     t.add_argument("--epochs", type=int, default=10, help="phase-1 epochs (max; early stopping)")
     t.add_argument("--fine-tune-epochs", type=int, default=5, help="phase-2 epochs (0 skips fine-tuning)")
     t.add_argument("--unfreeze", default="50",
@@ -58,9 +75,19 @@ def add_train_parser(subparsers) -> None:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--learning-rate", "--lr", type=float, default=1e-3, help="phase-1 learning rate")
     t.add_argument("--fine-tune-lr", type=float, help="phase-2 learning rate (default: phase-1 rate / 10)")
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="default adamw")
+    t.add_argument("--weight-decay", type=float, default=1e-4, help="decoupled weight decay (adamw)")
     t.add_argument("--momentum", type=float, default=0.9, help="momentum for sgd")
+    t.add_argument("--schedule", choices=SCHEDULES, default="cosine",
+                   help="cosine: linear warm-up, then cosine decay to 0 over each phase's epochs; constant")
+    t.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up per phase (cosine schedule)")
+    t.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the loss (default 0.1)")
+    t.add_argument("--class-weight", choices=CLASS_WEIGHTS, default="none",
+                   help="balanced: weight the loss by n / (classes x count), for imbalanced folders")
     t.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs, on val loss)")
+    t.add_argument("--early-stopping-start", type=int,
+                   help="epochs before early stopping may stop or pick a best epoch (default: 0; a third of "
+                        "--epochs for scratch, whose BatchNormalization statistics lag at first)")
     t.add_argument("--seed", type=int, default=42, help="seed for the split, initialisation and shuffling")
     t.add_argument("--cache-features", action="store_true",
                    help="phase 1 on features computed once by the frozen base (needs --no-augment)")
@@ -77,17 +104,20 @@ def add_train_parser(subparsers) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    strategy = args.strategy or ("scratch" if args.weights == "none" else "fine-tune")
     return TrainConfig(
         data=str(args.data), out=str(args.out), backbone=args.backbone, image_size=args.image_size,
-        weights=args.weights, strategy=args.strategy, alpha=args.alpha, epochs=args.epochs,
-        fine_tune_epochs=0 if args.strategy != "fine-tune" else args.fine_tune_epochs,
+        weights=args.weights, strategy=strategy, alpha=args.alpha, epochs=args.epochs,
+        fine_tune_epochs=0 if strategy != "fine-tune" else args.fine_tune_epochs,
         batch_size=args.batch_size, learning_rate=args.learning_rate, fine_tune_lr=args.fine_tune_lr,
-        optimizer=args.optimizer, momentum=args.momentum, unfreeze=args.unfreeze, patience=args.patience,
+        optimizer=args.optimizer, weight_decay=args.weight_decay, momentum=args.momentum, schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, class_weight=args.class_weight,
+        early_stopping_start=args.early_stopping_start, unfreeze=args.unfreeze, patience=args.patience,
         head=HeadConfig(args.head, args.dropout, args.hidden_units, args.hidden_dropout, args.l2),
         augment=AugmentConfig(not args.no_augment, args.flip, args.rotation, args.shift, args.zoom, args.contrast),
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, strict=args.strict,
         cache_features=args.cache_features, kfold=args.kfold, mixed_precision=args.mixed_precision,
-        force=args.force,
+        force=args.force, resume=args.resume,
     )
 
 
@@ -119,8 +149,14 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError("train needs --data DIR and --out DIR (or --list-backbones)")
     from transferkit.training.train import train
 
-    result = train(config_from_args(args))
-    test = result.metrics["test"]
+    result = train(config_from_args(args), log=print)
+    metrics = result.metrics
+    failures = metrics.get("failures", [])
+    if "test" not in metrics:  # evaluation failed: the model is saved, the numbers are missing
+        print_summary([("run directory", str(result.run_dir)),
+                       *((f"failed: {f['step']}", f["error"]) for f in failures)])
+        return 0
+    test = metrics["test"]
     summary = [
         ("run directory", str(result.run_dir)),
         ("backbone", f"{result.config['backbone']} @ {result.config['image_size']} px, "
@@ -129,13 +165,14 @@ def run_train(args: argparse.Namespace) -> int:
         ("test accuracy", f"{test['accuracy']:.4f}" + (f"  (top-5 {test['top5_accuracy']:.4f})"
                                                          if "top5_accuracy" in test else "")),
         ("test loss", f"{test['loss']:.4f}"),
-        ("diagnosis", result.metrics["diagnosis"]["verdict"]),
+        ("diagnosis", (result.metrics.get("diagnosis") or {}).get("verdict", "-")),
         ("time", ", ".join(f"{k.replace('_seconds', '')} {v:.1f}s" for k, v in result.metrics["timings"].items())),
     ]
     if "kfold" in result.metrics:
         s = result.metrics["kfold"]["summary"]["accuracy"]
         summary.append((f"{result.metrics['kfold']['k']}-fold accuracy", f"{s['mean']:.4f} ± {s['std']:.4f}"))
     summary.append(("report", str(result.run_dir / "report.md")))
+    summary += [(f"failed: {f['step']}", f"{f['error']} (the run is complete without it)") for f in failures]
     print_summary(summary)
     return 0
 

@@ -20,7 +20,9 @@ class HeadConfig:
 
 Strategy = Literal["feature-extraction", "fine-tune", "scratch"]
 STRATEGIES: tuple[str, ...] = ("feature-extraction", "fine-tune", "scratch")
-OPTIMIZERS: tuple[str, ...] = ("adam", "sgd", "nadam", "rmsprop")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd", "nadam", "rmsprop")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+CLASS_WEIGHTS: tuple[str, ...] = ("none", "balanced")
 FLIPS: tuple[str, ...] = ("horizontal", "vertical", "horizontal_and_vertical", "none")
 
 
@@ -49,15 +51,24 @@ class TrainConfig:
     backbone: str = "MobileNetV2"
     image_size: int | None = None  # None: the backbone's default
     weights: str = "imagenet"  # imagenet | none | weights file | previous run directory
-    strategy: Strategy = "fine-tune"
+    # None: "scratch" for --weights none (a frozen random base extracts chance-level features), else "fine-tune"
+    strategy: Strategy | None = None
     alpha: float | None = None
     epochs: int = 10
     fine_tune_epochs: int = 5
     batch_size: int = 32
     learning_rate: float = 1e-3
     fine_tune_lr: float | None = None  # None: learning_rate / 10
-    optimizer: str = "adam"
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4  # decoupled (AdamW); ignored by the other optimizers
     momentum: float = 0.9
+    schedule: str = "cosine"  # per phase: linear warm-up, then cosine decay to 0 over the phase's epoch budget
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    class_weight: str = "none"  # balanced: weight each class by n / (classes * count) in the loss
+    # Epochs before early stopping may stop or pick a best epoch. None: 0 with a pretrained base; a third of the
+    # budget from scratch, where BatchNormalization's moving statistics lag behind the weights in the first epochs.
+    early_stopping_start: int | None = None
     unfreeze: str = "50"
     patience: int = 5
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -70,6 +81,21 @@ class TrainConfig:
     kfold: int = 0
     mixed_precision: bool = False
     force: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strategy is None:
+            self.strategy = "scratch" if self.weights == "none" else "fine-tune"
+        if isinstance(self.head, dict):
+            self.head = HeadConfig(**self.head)
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+
+    @property
+    def resolved_early_stopping_start(self) -> int:
+        if self.early_stopping_start is not None:
+            return self.early_stopping_start
+        return max(2, self.epochs // 3) if self.strategy == "scratch" and self.epochs > 2 else 0
 
     @property
     def resolved_fine_tune_lr(self) -> float:

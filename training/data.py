@@ -1,29 +1,34 @@
-"""Class-folder datasets: discovery, a stratified seeded split, and decoding every image once.
+"""Class-folder datasets: discovery, a stable seeded split, and decoding every image once into an on-disk cache.
 
 Layouts accepted under ``--data DIR``:
 
-- ``DIR/<class>/*.jpg``: one sub-folder per class; split train/val/test here (stratified, seeded).
+- ``DIR/<class>/*.jpg``: one sub-folder per class; split train/val/test here.
 - ``DIR/train/<class>/...`` with ``DIR/val/`` (or ``validation/``) and/or ``DIR/test/``: pre-split. A missing
-  val or test split is carved out of ``train/`` with the same stratified, seeded split.
+  val or test split is carved out of ``train/`` the same way.
 
-Images are decoded with :func:`transferkit.core.images.decode_image`, the function the service uses, exactly once
-per run; the uint8 arrays are kept in memory (a quarter of the float32 size) and reused by every epoch and fold.
-A file that fails to decode is skipped and listed (``strict=True`` makes it an error instead).
+The split of a file is a function of its path and the seed only (:func:`split_position`): adding or removing other
+images never moves it, so a later run never tests on what an earlier run trained on. Every class gets each split's
+fraction in expectation (the hash is uniform); tiny classes vary.
+
+Images are decoded with :func:`transferkit.core.images.decode_image`, the function the service uses, once per
+dataset and size into the cache of :mod:`transferkit.training.cache`, and read back from disk batch by batch: memory
+does not grow with the dataset. A file that fails to decode is skipped and listed (``strict=True`` makes it an
+error instead).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from transferkit.core.errors import DatasetError, InvalidImageError, UsageError
-from transferkit.core.images import SUPPORTED_EXTENSIONS, decode_image
-from transferkit.core.system import available_cores
+from transferkit.core.errors import DatasetError, UsageError
+from transferkit.core.images import SUPPORTED_EXTENSIONS
+from transferkit.training.cache import PixelRows, open_or_build
 
 SPLITS = ("train", "val", "test")
 _SPLIT_DIR_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -35,7 +40,7 @@ class SplitData:
 
     files: list[str]
     labels: np.ndarray
-    images: np.ndarray  # (N, H, W, 3) uint8
+    images: np.ndarray | PixelRows  # (N, H, W, 3) uint8: in memory, or rows of the on-disk cache
 
     def __len__(self) -> int:
         return len(self.labels)  # folds of k-fold cross-validation carry no file list
@@ -50,6 +55,7 @@ class Dataset:
     image_size: int
     skipped: list[dict[str, str]] = field(default_factory=list)
     ignored_files: int = 0
+    cache: dict = field(default_factory=dict)  # where the decoded images live, and how many were reused
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class per split."""
@@ -63,6 +69,7 @@ class Dataset:
         return {
             "root": str(self.root),
             "presplit": self.presplit,
+            "method": SPLIT_METHOD,
             "seed": seed,
             "fractions": fractions,
             "class_names": self.class_names,
@@ -129,48 +136,24 @@ def _collect(folder: Path, class_names: list[str] | None) -> tuple[dict[str, lis
     return files, ignored
 
 
-def _stratified_split(
-    items: list[str], labels: list[int], fraction: float, seed: int, what: str
-) -> tuple[list[int], list[int]]:
-    """Indices (kept, split off) with ``fraction`` of each class split off."""
-    from sklearn.model_selection import train_test_split
-
-    indices = list(range(len(items)))
-    if fraction <= 0:
-        return indices, []
-    try:
-        kept, taken = train_test_split(
-            indices, test_size=fraction, stratify=labels, random_state=seed, shuffle=True
-        )
-    except ValueError as exc:
-        counts = Counter(labels)
-        smallest = min(counts.values())
-        raise DatasetError(
-            f"cannot split off a stratified {what} set of {fraction:.0%}: {exc} "
-            f"(the smallest class has {smallest} images; add images or change the split fractions)"
-        ) from None
-    return sorted(kept), sorted(taken)
+SPLIT_METHOD = "sha256(seed:path) quantile"
 
 
-def _decode_all(
-    paths: list[Path], size: int, progress: Callable[[int, int], None] | None
-) -> list[np.ndarray | InvalidImageError]:
-    def decode(path: Path) -> np.ndarray | InvalidImageError:
-        try:
-            return decode_image(path, size)
-        except InvalidImageError as exc:
-            return exc
-        except OSError as exc:
-            return InvalidImageError(f"unreadable file ({exc.strerror or type(exc).__name__})")
+def split_position(path: str, seed: int) -> float:
+    """A number in [0, 1) that depends only on the file's dataset-relative path and the seed (uniform over paths)."""
+    digest = hashlib.sha256(f"{seed}:{path}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
-    results: list[np.ndarray | InvalidImageError] = []
-    # Pillow releases the GIL while decoding, so threads use every core.
-    with ThreadPoolExecutor(max_workers=available_cores()) as pool:
-        for done, result in enumerate(pool.map(decode, paths), start=1):
-            results.append(result)
-            if progress is not None:
-                progress(done, len(paths))
-    return results
+
+def assign_split(path: str, seed: int, fractions: dict[str, float]) -> str:
+    """``fractions`` in order (e.g. test, then val): the first whose cumulative share covers the file's position;
+    "train" for the rest."""
+    position, edge = split_position(path, seed), 0.0
+    for name, fraction in fractions.items():
+        edge += fraction
+        if position < edge:
+            return name
+    return "train"
 
 
 def check_data_dir(root: Path) -> Path:
@@ -191,8 +174,11 @@ def load_dataset(
     seed: int = 42,
     strict: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    cache_dir: Path | None = None,
 ) -> Dataset:
-    """Discover, decode and split a dataset. Raises DatasetError with one readable line for unusable data."""
+    """Discover, split and decode a dataset (through the on-disk cache under ``cache_dir``, default
+    :func:`~transferkit.training.cache.default_cache_root`). Raises DatasetError with one readable line for
+    unusable data."""
     root = check_data_dir(root)
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise UsageError(
@@ -224,70 +210,56 @@ def load_dataset(
         for name, paths in sorted(classes.items())
         for path in paths
     ]
-    decoded = _decode_all([path for _, path, _ in ordered], image_size, progress)
+    entry = open_or_build(root, [path for _, path, _ in ordered], image_size, cache_dir, progress)
 
     skipped: list[dict[str, str]] = []
-    good: dict[str, tuple[list[str], list[int], list[np.ndarray]]] = {}
-    for (split, path, label), result in zip(ordered, decoded):
-        relative = path.relative_to(root).as_posix()
-        if isinstance(result, InvalidImageError):
-            if strict:
-                raise DatasetError(f"{relative}: {result} (drop --strict to skip bad files)")
-            skipped.append({"file": relative, "reason": str(result)})
-            continue
-        files, labels, images = good.setdefault(split, ([], [], []))
-        files.append(relative)
-        labels.append(label)
-        images.append(result)
-
-    for split, (_, labels, _) in good.items():
-        missing = sorted(set(range(len(class_names))) - set(labels))
-        if split in ("all", "train") and missing:
-            names = ", ".join(class_names[m] for m in missing)
-            raise DatasetError(f"class {names} has no readable images left after skipping corrupt files")
-    if not good:
-        raise DatasetError(f"no readable images in {root}")
-
-    splits: dict[str, SplitData] = {}
-
-    def make(files: list[str], labels: list[int], images: list[np.ndarray], index: list[int]) -> SplitData:
-        return SplitData(
-            files=[files[i] for i in index],
-            labels=np.asarray([labels[i] for i in index], dtype=np.int64),
-            images=np.stack([images[i] for i in index]) if index else
-            np.zeros((0, image_size, image_size, 3), np.uint8),
-        )
-
-    pool_name = "all" if layout is None else "train"
-    files, labels, images = good[pool_name]
-    remaining = list(range(len(files)))
     # What to carve out of the pool: both splits for a flat layout, only the missing ones for a pre-split layout.
     carve = {name: frac for name, frac in (("test", test_fraction), ("val", val_fraction))
-             if layout is None or name not in good}
-    pool_fraction = 1.0
-    for name, frac in carve.items():
-        sub_files = [files[i] for i in remaining]
-        sub_labels = [labels[i] for i in remaining]
-        kept, taken = _stratified_split(sub_files, sub_labels, frac / pool_fraction, seed, name)
-        splits[name] = make(files, labels, images, [remaining[i] for i in taken])
-        remaining = [remaining[i] for i in kept]
-        pool_fraction -= frac
-    splits["train"] = make(files, labels, images, remaining)
-    for name in ("val", "test"):
-        if name not in splits and name in good:
-            f, lab, im = good[name]
-            splits[name] = make(f, lab, im, list(range(len(f))))
+             if layout is None or name not in per_split_files}
+    total_carved = sum(carve.values())
+    members: dict[str, tuple[list[str], list[int], list[int]]] = {name: ([], [], []) for name in SPLITS}
+    for row, (origin, _path, label) in enumerate(ordered):
+        relative = entry.files[row]
+        reason = entry.skipped.get(relative)
+        if reason is not None:
+            if strict:
+                raise DatasetError(f"{relative}: {reason} (drop --strict to skip bad files)")
+            skipped.append({"file": relative, "reason": reason})
+            continue
+        if origin in ("all", "train"):
+            # Carved fractions are shares of the whole pool, as with a flat layout.
+            name = assign_split(relative, seed, carve) if total_carved else "train"
+        else:
+            name = origin
+        files, labels, rows = members[name]
+        files.append(relative)
+        labels.append(label)
+        rows.append(row)
+
+    pool_labels = set(members["train"][1]) | set(members["val"][1] if "val" in carve else []) | set(
+        members["test"][1] if "test" in carve else [])
+    missing = sorted(set(range(len(class_names))) - pool_labels)
+    if missing:
+        names = ", ".join(class_names[m] for m in missing)
+        raise DatasetError(f"class {names} has no readable images left after skipping corrupt files")
     for name in SPLITS:
-        if name not in splits or len(splits[name]) == 0:
+        if not members[name][0]:
             raise DatasetError(
-                f"the {name} split is empty; add images or raise the {name} fraction"
+                f"the {name} split is empty ({sum(len(m[0]) for m in members.values())} readable images); "
+                f"add images or raise the {name} fraction"
             )
+    splits = {
+        name: SplitData(files=files, labels=np.asarray(labels, dtype=np.int64),
+                        images=PixelRows(entry.store, np.asarray(rows, dtype=np.int64)))
+        for name, (files, labels, rows) in members.items()
+    }
     return Dataset(
         root=root.absolute(),
         class_names=class_names,
-        splits={name: splits[name] for name in SPLITS},
+        splits=splits,
         presplit=layout is not None,
         image_size=image_size,
         skipped=skipped,
         ignored_files=ignored,
+        cache={"directory": str(entry.directory), "reused": entry.reused, "decoded": entry.decoded},
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -18,9 +20,18 @@ def make_forward(model: keras.Model, input_shape: tuple[int, ...]):
     return forward
 
 
+_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def batched_forward(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Run ``model`` over uint8 or float images in batches; returns a float32 numpy array."""
-    forward = make_forward(model, images.shape[1:])
+    """Run ``model`` over uint8 or float images (an array, or rows of the image cache) in batches; returns a
+    float32 numpy array. The traced function is kept per model and input shape, so repeated calls do not
+    retrace."""
+    shape = tuple(images.shape[1:])
+    per_model = _FORWARDS.setdefault(model, {})
+    if shape not in per_model:
+        per_model[shape] = make_forward(model, shape)
+    forward = per_model[shape]
     outputs = [
         forward(tf.convert_to_tensor(images[i : i + batch_size], tf.float32)).numpy()
         for i in range(0, len(images), batch_size)

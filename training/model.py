@@ -1,8 +1,8 @@
 """Build the transfer-learning classifier from a registry row, and unfreeze it for fine-tuning.
 
-Model = input "image" (RGB 0-255, float32) -> BackbonePreprocessing -> backbone (include_top=False, called with
-``training=False`` so BatchNormalization stays in inference mode, also while fine-tuning) -> head (a nested model
-named "head", so its weights can be trained alone on cached features).
+Model = input "image" (RGB 0-255, float32) -> "preprocessing" (standard Keras layers) -> backbone (include_top=False,
+called with ``training=False`` so BatchNormalization stays in inference mode, also while fine-tuning) -> head (a nested
+model named "head", so its weights can be trained alone on cached features).
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from transferkit.core.backbones import Backbone
 from transferkit.core.errors import RunDirectoryError, UsageError, WeightsUnavailableError
 from transferkit.training.config import HeadConfig
-from transferkit.training.layers import BackbonePreprocessing
+from transferkit.training.layers import BackbonePreprocessing, preprocessing_block  # noqa: F401 (registers)
 
 SCRATCH_BN_MOMENTUM = 0.9
 
@@ -90,9 +91,9 @@ def build_backbone(
 
 
 def find_backbone_layer(model: keras.Model) -> keras.Model:
-    """The nested backbone model inside a transferkit classifier."""
+    """The nested backbone model inside a transferkit classifier (not the head, not the preprocessing block)."""
     for layer in model.layers:
-        if isinstance(layer, keras.Model) and layer.name != "head":
+        if isinstance(layer, keras.Model) and layer.name not in ("head", "preprocessing"):
             return layer
     raise RunDirectoryError(f"model {model.name} has no nested backbone model")
 
@@ -102,7 +103,8 @@ def find_head_layer(model: keras.Model) -> keras.Model:
 
 
 def load_run_model(run_dir: Path) -> keras.Model:
-    """Load ``model.keras`` from a run directory (importing this module registers the custom layer)."""
+    """Load ``model.keras`` from a run directory (plain ``keras.models.load_model`` works too; importing this
+    module also registers the layer of runs saved by earlier versions)."""
     path = Path(run_dir) / "model.keras"
     if not path.is_file():
         raise RunDirectoryError(f"{run_dir} is not a transferkit run: {path.name} is missing")
@@ -114,7 +116,7 @@ def transfer_from_run(base: keras.Model, backbone: Backbone, run_dir: Path) -> N
     config_path = Path(run_dir) / "config.json"
     if not config_path.is_file():
         raise RunDirectoryError(f"--weights {run_dir}: not a transferkit run (config.json missing)")
-    source_backbone = json.loads(config_path.read_text()).get("backbone")
+    source_backbone = json.loads(config_path.read_text()).get("backbone")  # any schema version: one key
     if source_backbone != backbone.name:
         raise UsageError(
             f"--weights {run_dir}: that run used backbone {source_backbone}, this one {backbone.name}"
@@ -149,7 +151,7 @@ def build_classifier(
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = SCRATCH_BN_MOMENTUM
     inputs = keras.Input((image_size, image_size, 3), name="image", dtype="float32")
-    x = BackbonePreprocessing(backbone.preprocessing, name="preprocessing")(inputs)
+    x = preprocessing_block(backbone.preprocessing, name="preprocessing")(inputs)
     # training=False keeps BatchNormalization in inference mode when the base is later unfrozen (keras.io guide);
     # None (the Keras default) for training from scratch, where the statistics must be learned.
     features = base(x, training=None if trainable_base else False)
@@ -182,3 +184,50 @@ def unfreeze_top(base: keras.Model, spec: str) -> int:
         layer.trainable = index >= start and not isinstance(layer, keras.layers.BatchNormalization)
         trainable += int(layer.trainable and bool(layer.weights))
     return trainable
+
+
+_MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
+
+
+def _float32_dtypes(config):
+    """A serialized model config with every layer's dtype policy replaced by float32."""
+    if isinstance(config, dict):
+        out = {}
+        for key, value in config.items():
+            if key == "dtype" and isinstance(value, str) and value in _MIXED_POLICIES:
+                out[key] = "float32"
+            elif key == "dtype" and isinstance(value, dict) and value.get("class_name") == "DTypePolicy":
+                out[key] = {**value, "config": {**value.get("config", {}), "name": "float32"}}
+            else:
+                out[key] = _float32_dtypes(value)
+        return out
+    if isinstance(config, list):
+        return [_float32_dtypes(item) for item in config]
+    return config
+
+
+def float32_inference_model(model: keras.Model) -> keras.Model:
+    """``model`` rebuilt with every layer under the float32 policy and the same weights (a mixed_float16 model
+    keeps float32 variables, so they copy exactly). Returns ``model`` itself when it already computes in float32.
+
+    Exported graphs and ``model.keras`` then compute in float32 on any device, as the bundle manifest says."""
+    if all(layer.dtype_policy.compute_dtype == "float32" for layer in _all_layers(model)):
+        return model
+    config = _float32_dtypes(keras.saving.serialize_keras_object(model))
+    previous = keras.mixed_precision.global_policy().name
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        rebuilt = keras.saving.deserialize_keras_object(config)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    rebuilt.set_weights([np.asarray(w, dtype=np.float32) for w in model.get_weights()])
+    return rebuilt
+
+
+def _all_layers(model: keras.Model) -> list:
+    layers = []
+    for layer in model.layers:
+        layers.append(layer)
+        if isinstance(layer, keras.Model):
+            layers += _all_layers(layer)
+    return layers

@@ -1,23 +1,32 @@
-"""The run's PNG plots: learning curves, confusion matrix, misclassified test images."""
+"""The run's PNG plots: learning curves, confusion matrix, misclassified test images.
+
+Figures are :class:`matplotlib.figure.Figure` objects rendered straight to a file by the Agg canvas: no pyplot
+state and no backend switch, so importing or calling this module leaves a caller's matplotlib setup alone.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from transferkit.training.data import SplitData
 
-from transferkit.training.data import SplitData  # noqa: E402
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    figure = Figure(figsize=figsize)
+    FigureCanvasAgg(figure)  # attaches itself: savefig renders PNG without pyplot
+    return figure
 
 
 def learning_curves(history: list[dict], phase1_epochs: int, path: Path) -> None:
     """Train vs validation loss and accuracy per epoch, with the phase boundary marked."""
     epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = _figure((11, 4))
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, [r.get(metric) for r in history], "o-", label=f"train {metric}")
         ax.plot(epochs, [r.get(f"val_{metric}") for r in history], "s-", label=f"validation {metric}")
@@ -31,14 +40,14 @@ def learning_curves(history: list[dict], phase1_epochs: int, path: Path) -> None
     fig.suptitle("Learning curves (train metrics include dropout and augmentation)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def confusion_matrix(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path) -> None:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     size = max(5.0, 0.45 * len(class_names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = _figure((size, size))
+    ax = fig.subplots()
     ConfusionMatrixDisplay.from_predictions(
         labels, probabilities.argmax(axis=1), labels=list(range(len(class_names))), display_labels=class_names,
         ax=ax, colorbar=False, include_values=len(class_names) <= 30, xticks_rotation="vertical",
@@ -46,7 +55,6 @@ def confusion_matrix(probabilities: np.ndarray, labels: np.ndarray, class_names:
     ax.set_title("Confusion matrix (test split)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def misclassified(
@@ -58,14 +66,16 @@ def misclassified(
     wrong_count = len(wrong)
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:limit]
     if len(wrong) == 0:
-        fig, ax = plt.subplots(figsize=(5, 2))
+        fig = _figure((5, 2))
+        ax = fig.subplots()
         ax.axis("off")
         ax.text(0.5, 0.5, f"No misclassified test images ({len(split)} of {len(split)} correct)",
                 ha="center", va="center")
     else:
         cols = min(5, len(wrong))
         rows = math.ceil(len(wrong) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+        fig = _figure((2.6 * cols, 2.9 * rows))
+        axes = fig.subplots(rows, cols, squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for ax, index in zip(axes.flat, wrong):
@@ -76,4 +86,3 @@ def misclassified(
                      f"{len(split)} (true → predicted)")
     fig.tight_layout(rect=(0, 0, 1, 0.95))  # leave room for the title
     fig.savefig(path, dpi=100)
-    plt.close(fig)

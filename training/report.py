@@ -109,6 +109,8 @@ def render(config: dict, metrics: dict, dataset: Dataset, fit: Any) -> str:
     lines += [f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in diagnosis["numbers"].items()]
     for note in metrics.get("notes", []):
         lines += ["", f"Note: {note}."]
+    for failure in metrics.get("failures", []):
+        lines += ["", f"**Failed step: {failure['step']}** ({failure['error']}); the run is complete without it."]
     lines += ["", "## Per-class test metrics", "", "| class | precision | recall | F1 | support |",
               "|---|---|---|---|---|"]
     lines += [f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
@@ -130,15 +132,17 @@ def render(config: dict, metrics: dict, dataset: Dataset, fit: Any) -> str:
         lines += [f"| {r['fold']} | {r['accuracy']:.4f} | {r['loss']:.4f} | {r['macro_f1']:.4f} | {r['epochs']} |"
                   for r in metrics["kfold"]["folds"]]
     lines += ["", "## Configuration", "", "| setting | value |", "|---|---|"]
-    for key in ("backbone", "image_size", "weights", "strategy", "optimizer", "learning_rate", "fine_tune_lr",
-                "unfreeze", "batch_size", "epochs", "fine_tune_epochs", "patience", "head", "augment"):
+    for key in ("backbone", "image_size", "weights", "strategy", "optimizer", "weight_decay", "learning_rate",
+                "fine_tune_lr", "schedule", "warmup_epochs", "label_smoothing", "class_weight", "unfreeze",
+                "batch_size", "epochs", "fine_tune_epochs", "patience", "early_stopping_start", "head", "augment"):
         lines.append(f"| {key} | `{config.get(key)}` |")
     lines += ["", "## Timings", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k.replace('_seconds', '').replace('_', ' ')} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", "## Files", "",
-              "- `model.keras`: the inference-ready model (takes RGB 0-255; preprocessing inside). Load it with "
-              "`transferkit.training.model.load_run_model(run_dir)`.",
+              "- `model.keras`: the inference-ready float32 model (takes RGB 0-255; preprocessing inside, built "
+              "from standard Keras layers). Load it with `keras.models.load_model`.",
               "- `labels.json`, `config.json`, `split.json`, `history.csv`, `metrics.json`",
               "- `learning_curves.png`, `confusion_matrix.png`, `misclassified.png`",
-              "- `checkpoints/best.weights.h5`: the best weights by validation loss", ""]
+              "- `checkpoints/best.weights.h5`: the final weights (best epoch by validation loss); "
+              "`checkpoints/phase1.weights.h5`: the weights after phase 1", ""]
     return "\n".join(lines)

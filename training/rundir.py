@@ -1,18 +1,159 @@
-"""The run directory as data: one place that reads what ``transferkit train`` wrote.
+"""The run directory as data: one typed reader and writer for what ``transferkit train`` writes.
 
-Every consumer (export, demo, batch evaluation, tests) asks this module which files form a split instead of
-parsing ``split.json`` itself.
+``config.json``, ``metrics.json`` and ``split.json`` are pydantic models with a ``schema_version``; reading a run
+written by another version fails with one line that says so, instead of a ``KeyError`` somewhere downstream. Every
+consumer (export, demo, batch evaluation, tests) asks this module which files form a split instead of parsing
+``split.json`` itself. Pydantic only: no TensorFlow.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from transferkit.core.errors import RunDirectoryError
+from transferkit.training.config import AugmentConfig, HeadConfig
+
+# 1: runs before the schema existed (no schema_version key). 2: typed run directory, hash-based splits.
+RUN_SCHEMA_VERSION = 2
+CONFIG, METRICS, SPLIT, LABELS = "config.json", "metrics.json", "split.json", "labels.json"
+SplitName = Literal["train", "val", "test"]
 
 
-def _read_json(run_dir: Path, name: str) -> dict:
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    schema_version: int = RUN_SCHEMA_VERSION
+
+
+class InputSpec(BaseModel):
+    name: str = "image"
+    shape: list[int | None]
+    dtype: str = "float32"
+    range: str = "RGB 0-255"
+
+
+class RunConfig(_Record):
+    """``config.json``: the resolved configuration (every option, with defaults filled in) and the environment."""
+
+    data: str
+    out: str
+    backbone: str
+    image_size: int
+    weights: str
+    weights_resolved: str
+    strategy: Literal["feature-extraction", "fine-tune", "scratch"]
+    alpha: float | None = None
+    epochs: int
+    fine_tune_epochs: int
+    batch_size: int
+    learning_rate: float
+    fine_tune_lr: float | None = None
+    optimizer: str
+    weight_decay: float
+    momentum: float
+    schedule: str
+    warmup_epochs: float
+    label_smoothing: float
+    class_weight: str
+    early_stopping_start: int
+    unfreeze: str
+    patience: int
+    head: HeadConfig
+    augment: AugmentConfig
+    val_fraction: float
+    test_fraction: float
+    seed: int
+    strict: bool
+    cache_features: bool
+    kfold: int
+    mixed_precision: bool
+    force: bool = False
+    resume: bool = False
+    preprocessing: str
+    family: str
+    input: InputSpec
+    num_classes: int
+    gpus: int = 0
+    versions: dict[str, str] = {}
+
+
+class SplitMetrics(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    accuracy: float
+    loss: float
+    samples: int
+
+
+class ClassMetrics(BaseModel):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class TestMetrics(SplitMetrics):
+    per_class: dict[str, ClassMetrics]
+    macro_f1: float
+    top5_accuracy: float | None = None  # more than 5 classes only
+
+
+class Failure(BaseModel):
+    """An optional step that failed; the run is complete without its output."""
+
+    step: str
+    error: str
+
+
+class RunMetrics(_Record):
+    """``metrics.json``. ``test``/``val``/``train`` are absent only when evaluation itself failed (see
+    ``failures``)."""
+
+    test: TestMetrics | None = None
+    val: SplitMetrics | None = None
+    train: SplitMetrics | None = None
+    epochs: dict[str, int]
+    timings: dict[str, float]
+    diagnosis: dict[str, Any] | None = None
+    data: dict[str, Any]
+    notes: list[str] = []
+    kfold: dict[str, Any] | None = None
+    failures: list[Failure] = []
+
+
+class SplitEntry(BaseModel):
+    split: SplitName
+    label: str
+
+
+class SkippedFile(BaseModel):
+    file: str
+    reason: str
+
+
+class SplitRecord(_Record):
+    """``split.json``: every file's split and label, relative to ``root``."""
+
+    root: str
+    presplit: bool
+    method: str
+    seed: int
+    fractions: dict[str, float]
+    class_names: list[str]
+    files: dict[str, SplitEntry]
+    skipped: list[SkippedFile] = []
+
+
+Model = TypeVar("Model", bound=_Record)
+
+
+def _read_json(run_dir: Path, name: str) -> Any:
     path = Path(run_dir) / name
     try:
         return json.loads(path.read_text())
@@ -22,9 +163,70 @@ def _read_json(run_dir: Path, name: str) -> dict:
         raise RunDirectoryError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
+def _read(run_dir: Path, name: str, model: type[Model]) -> Model:
+    data = _read_json(run_dir, name)
+    path = Path(run_dir) / name
+    version = data.get("schema_version", 1) if isinstance(data, dict) else None
+    if version != RUN_SCHEMA_VERSION:
+        age = "an older" if isinstance(version, int) and version < RUN_SCHEMA_VERSION else "another"
+        raise RunDirectoryError(
+            f"{path} was written by {age} transferkit version (run schema {version}, this version reads "
+            f"{RUN_SCHEMA_VERSION}): train the run again with this version, or use the version that wrote it"
+        )
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RunDirectoryError(f"{path}: {where}: {first['msg']}") from None
+
+
+def read_config(run_dir: Path) -> RunConfig:
+    return _read(run_dir, CONFIG, RunConfig)
+
+
+def read_metrics(run_dir: Path) -> RunMetrics:
+    return _read(run_dir, METRICS, RunMetrics)
+
+
+def read_split(run_dir: Path) -> SplitRecord:
+    return _read(run_dir, SPLIT, SplitRecord)
+
+
+def read_labels(run_dir: Path) -> list[str]:
+    labels = _read_json(run_dir, LABELS)
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise RunDirectoryError(f"{Path(run_dir) / LABELS} must be a JSON list of class names")
+    return labels
+
+
+def write_json(path: Path, content: BaseModel | list | dict, exclude_none: bool = False) -> None:
+    """Write JSON atomically (temporary file + rename): an interrupted write never leaves half a file."""
+    if isinstance(content, BaseModel):
+        content = content.model_dump(mode="json", exclude_none=exclude_none)
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(content, indent=2) + "\n")
+    os.chmod(temporary, 0o644)  # mkstemp creates 0600
+    os.replace(temporary, path)
+
+
+def write_config(run_dir: Path, config: RunConfig) -> None:
+    write_json(Path(run_dir) / CONFIG, config)
+
+
+def write_metrics(run_dir: Path, metrics: RunMetrics) -> None:
+    write_json(Path(run_dir) / METRICS, metrics, exclude_none=True)
+
+
+def write_split(run_dir: Path, record: SplitRecord) -> None:
+    write_json(Path(run_dir) / SPLIT, record)
+
+
 def split_files(run_dir: Path, split: str = "test", data_root: Path | None = None) -> list[tuple[Path, str]]:
     """``(absolute path, class name)`` of every file the run assigned to ``split`` ("train", "val" or "test"),
     in the order ``split.json`` lists them. ``data_root`` replaces the recorded dataset root (a moved dataset)."""
-    record = _read_json(run_dir, "split.json")
-    root = Path(data_root) if data_root else Path(record["root"])
-    return [(root / path, item["label"]) for path, item in record["files"].items() if item["split"] == split]
+    record = read_split(run_dir)
+    root = Path(data_root) if data_root else Path(record.root)
+    return [(root / path, item.label) for path, item in record.files.items() if item.split == split]

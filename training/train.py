@@ -1,28 +1,37 @@
 """One training run: data -> phase 1 (frozen base) -> phase 2 (fine-tune) -> evaluation -> run directory.
 
-:func:`train` is the library entry point behind ``transferkit train``; everything it writes lands atomically in
-``config.out``. The recipe follows the keras.io transfer-learning guide.
+:func:`train` is the library entry point behind ``transferkit train``. The run is made in a kept work directory
+(:mod:`transferkit.training.workdir`) and renamed to ``config.out`` when complete. The model and checkpoints are
+saved before any optional step (k-fold, evaluation, plots, report); a failing optional step is recorded in
+``metrics.json`` and the run is still complete. An interrupted run keeps its state; ``resume=True`` continues it.
+The recipe follows the keras.io transfer-learning guide, with the optimizer and schedule of
+:mod:`transferkit.training.recipe`.
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import logging
+import os
 import sys
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from transferkit.core.atomic import atomic_output_dir, check_output_dir
 from transferkit.core.backbones import Backbone, get_backbone
-from transferkit.core.errors import UsageError
+from transferkit.core.errors import TransferkitError, UsageError
 from transferkit.core.system import library_versions
+from transferkit.training import rundir, workdir
 from transferkit.training.config import TrainConfig
 from transferkit.training.data import Dataset, SplitData, check_data_dir, load_dataset
+from transferkit.training.workdir import RunInterrupted
 
+logger = logging.getLogger(__name__)
 Log = Callable[[str], None]
 
 
@@ -46,6 +55,8 @@ class TrainResult:
 
 def validate_config(config: TrainConfig) -> tuple[Backbone, int, str, list[str]]:
     """Check everything checkable before any data is read. Returns (backbone, size, weights, warnings)."""
+    from transferkit.training.config import CLASS_WEIGHTS, OPTIMIZERS, SCHEDULES
+
     backbone = get_backbone(config.backbone)
     size = config.image_size or backbone.default_size
     check_data_dir(Path(config.data))
@@ -63,6 +74,14 @@ def validate_config(config: TrainConfig) -> tuple[Backbone, int, str, list[str]]
         raise UsageError(f"--fine-tune-epochs must be >= 0, got {config.fine_tune_epochs}")
     if config.learning_rate <= 0 or (config.fine_tune_lr is not None and config.fine_tune_lr <= 0):
         raise UsageError("learning rates must be positive")
+    if not 0 <= config.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
+    if config.warmup_epochs < 0 or config.weight_decay < 0:
+        raise UsageError("--warmup-epochs and --weight-decay must be >= 0")
+    for name, value, allowed in (("optimizer", config.optimizer, OPTIMIZERS), ("schedule", config.schedule, SCHEDULES),
+                                 ("class-weight", config.class_weight, CLASS_WEIGHTS)):
+        if value not in allowed:
+            raise UsageError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
     if config.cache_features and config.augment.active:
         raise UsageError("--cache-features needs phase 1 without augmentation: add --no-augment")
     if config.cache_features and config.strategy == "scratch":
@@ -74,7 +93,7 @@ def validate_config(config: TrainConfig) -> tuple[Backbone, int, str, list[str]]
         warnings.append("a frozen backbone with random weights (--weights none) extracts little; "
                         "--strategy scratch trains it instead")
     backbone.check_alpha(config.alpha, weights)
-    check_output_dir(Path(config.out), config.force)
+    workdir.prepare(Path(config.out), config.force, config.resume)
     return backbone, size, weights, warnings
 
 
@@ -82,63 +101,59 @@ def _verbosity() -> int:
     return 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, one line per epoch in logs
 
 
-def _optimizer(name: str, learning_rate: float, momentum: float):
+@contextmanager
+def run_scope(config: TrainConfig, gpus: list) -> Iterator[None]:
+    """Mixed precision and (on CPU) TensorFlow op determinism for the run only: both are process-wide switches,
+    restored on exit so a library caller's later work is unaffected."""
+    import keras
+    import tensorflow as tf
+    from tensorflow.python.framework import config as tf_config
+
+    previous_policy = keras.mixed_precision.global_policy().name
+    was_deterministic = tf_config.is_op_determinism_enabled()
+    try:
+        if config.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        if not gpus:
+            # Reproducible on CPU for a given --seed; GPU kernels may lack deterministic implementations.
+            tf.config.experimental.enable_op_determinism()
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+        if not was_deterministic:
+            tf_config.disable_op_determinism()
+
+
+def _epoch_logger(work: Path | None, phase: int, peak: float):
+    """A callback writing one history row per epoch (to the work directory, so a resumed run keeps its curve)."""
     import keras
 
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate, momentum=momentum)
-    if name == "nadam":
-        return keras.optimizers.Nadam(learning_rate)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate)
-    return keras.optimizers.Adam(learning_rate)
+    from transferkit.training.recipe import current_learning_rate
+
+    rows: list[dict] = []
+
+    class EpochLog(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            row = {"epoch": epoch + 1, "phase": phase, "learning_rate": peak,
+                   "epoch_end_lr": current_learning_rate(self.model)}
+            row.update({k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"})
+            rows.append(row)
+            if work is not None:
+                workdir.append_history(work, row)
+
+    return EpochLog(), rows
 
 
-def _augmentation(config: TrainConfig):
+def _split_head(head):
+    """(leading weightless pooling layers, the rest) of the head: --cache-features caches after pooling."""
     import keras
 
-    aug, seed = config.augment, config.seed
-    layers = []
-    if aug.flip != "none":
-        layers.append(keras.layers.RandomFlip(aug.flip, seed=seed))
-    if aug.rotation > 0:
-        layers.append(keras.layers.RandomRotation(aug.rotation, fill_mode="reflect", seed=seed))
-    if aug.shift > 0:
-        layers.append(keras.layers.RandomTranslation(aug.shift, aug.shift, fill_mode="reflect", seed=seed))
-    if aug.zoom > 0:
-        layers.append(keras.layers.RandomZoom(aug.zoom, fill_mode="reflect", seed=seed))
-    if aug.contrast > 0:
-        layers.append(keras.layers.RandomContrast(aug.contrast, value_range=(0, 255), seed=seed))
-    return keras.Sequential(layers, name="augmentation")
-
-
-def _tf_dataset(split: SplitData, batch_size: int, shuffle: bool, augment, seed: int):
-    import tensorflow as tf
-
-    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
-    if shuffle:
-        ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
-    if augment is not None:
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def _distribution_strategy():
-    """MirroredStrategy over every GPU when there are several; the default strategy otherwise."""
-    import tensorflow as tf
-
-    gpus = tf.config.list_logical_devices("GPU")
-    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
-
-
-def _history_rows(history, phase: int, first_epoch: int, learning_rate: float) -> list[dict]:
-    rows = []
-    for i in range(len(history.history.get("loss", []))):
-        row = {"epoch": first_epoch + i + 1, "phase": phase, "learning_rate": learning_rate}
-        row.update({k: float(v[i]) for k, v in history.history.items()})
-        rows.append(row)
-    return rows
+    pooling = (keras.layers.GlobalAveragePooling2D, keras.layers.AveragePooling2D, keras.layers.Flatten)
+    layers = [layer for layer in head.layers if not isinstance(layer, keras.layers.InputLayer)]
+    n = 0
+    while n < len(layers) and isinstance(layers[n], pooling):
+        n += 1
+    return layers[:n], layers[n:]
 
 
 def fit_model(
@@ -149,12 +164,14 @@ def fit_model(
     num_classes: int,
     train: SplitData,
     val: SplitData,
-    checkpoint: Path | None,
+    work: Path | None,
     log: Log,
 ) -> FitResult:
-    """Build and train one model (both phases) on ``train``, early-stopping on ``val``."""
+    """Build and train one model (both phases) on ``train``, early-stopping on ``val``. With ``work``, progress is
+    saved there after every epoch and a run interrupted earlier continues where it stopped."""
     import keras
 
+    from transferkit.training import recipe
     from transferkit.training.evaluate import batched_forward
     from transferkit.training.model import (
         build_classifier,
@@ -163,6 +180,7 @@ def fit_model(
         resolve_unfreeze,
         unfreeze_top,
     )
+    from transferkit.training.pipeline import augmentation, one_hot, streaming_dataset
 
     keras.utils.set_random_seed(config.seed)
     scratch = config.strategy == "scratch"
@@ -172,103 +190,168 @@ def fit_model(
     base, head = find_backbone_layer(model), find_head_layer(model)
     if config.runs_phase2:
         resolve_unfreeze(base, config.unfreeze)  # a bad layer name fails now, not after phase 1
-    augment = _augmentation(config) if config.augment.active else None
-    loss = keras.losses.SparseCategoricalCrossentropy()
+    augment = augmentation(config) if config.augment.active else None
     result = FitResult(model=model)
     verbose = _verbosity()
+    steps = recipe.steps_per_epoch(len(train), config.batch_size)
+    class_weight = recipe.class_weights(config, train.labels, num_classes)
+    done = workdir.read_history(work) if work is not None else []
+    phase1_file = work / "checkpoints" / "phase1.weights.h5" if work is not None else None
 
-    def callbacks(best_so_far: float | None) -> list:
-        cbs = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
-                                             restore_best_weights=True, verbose=1)]
-        if checkpoint is not None:
-            cbs.append(keras.callbacks.ModelCheckpoint(
-                str(checkpoint), monitor="val_loss", save_best_only=True, save_weights_only=True,
-                initial_value_threshold=best_so_far))
-        return cbs
+    def callbacks(phase: int, peak: float, start_from_epoch: int) -> tuple[list, list[dict]]:
+        epoch_log, rows = _epoch_logger(work, phase, peak)
+        cbs = []
+        if work is not None:
+            # First, so an epoch is logged only once its state is saved.
+            cbs.append(keras.callbacks.BackupAndRestore(str(work / workdir.BACKUP_DIR / f"phase{phase}")))
+        cbs += [epoch_log, keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=config.patience, restore_best_weights=True, verbose=1,
+            start_from_epoch=start_from_epoch)]
+        return cbs, rows
 
-    # Built only when a phase trains the full model: from_tensor_slices copies the image arrays.
+    # Built only when a phase trains the full model.
     needs_pipeline = not config.cache_features or config.runs_phase2
-    train_ds = _tf_dataset(train, config.batch_size, True, augment, config.seed) if needs_pipeline else None
-    val_ds = _tf_dataset(val, config.batch_size, False, None, config.seed) if needs_pipeline else None
+    train_ds = (streaming_dataset(train, config.batch_size, num_classes, True, config.seed, augment)
+                if needs_pipeline else None)
+    val_ds = streaming_dataset(val, config.batch_size, num_classes, False, config.seed) if needs_pipeline else None
 
     # Phase 1: frozen base, train the head (or, for scratch, everything).
+    lr1 = config.learning_rate
+    phase1_done = phase1_file is not None and phase1_file.is_file()
     title = "training from scratch" if scratch else "phase 1: frozen base, training the head"
-    log(f"{title} ({config.epochs} epochs max, lr {config.learning_rate:g})")
     start = time.perf_counter()
-    if config.cache_features:
-        extractor = keras.Sequential([model.get_layer("preprocessing"), base], name="feature_extractor")
-        train_features = batched_forward(extractor, train.images, config.batch_size)
-        val_features = batched_forward(extractor, val.images, config.batch_size)
-        result.timings["feature_extraction_seconds"] = time.perf_counter() - start
-        log(f"cached features {train_features.shape[1:]} for {len(train)} + {len(val)} images "
-            f"in {result.timings['feature_extraction_seconds']:.1f}s")
-        head.compile(optimizer=_optimizer(config.optimizer, config.learning_rate, config.momentum), loss=loss,
-                     metrics=["accuracy"])
-        history = head.fit(train_features, train.labels, batch_size=config.batch_size, epochs=config.epochs,
-                           validation_data=(val_features, val.labels), shuffle=True,
-                           callbacks=callbacks(None)[:1], verbose=verbose)
-        if checkpoint is not None:
-            model.save_weights(checkpoint)
+    if phase1_done:
+        model.load_weights(phase1_file)
+        result.history = [row for row in done if row["phase"] == 1]
+        log(f"{title}: done in the interrupted run ({len(result.history)} epochs), weights restored")
     else:
-        model.compile(optimizer=_optimizer(config.optimizer, config.learning_rate, config.momentum), loss=loss,
-                      metrics=["accuracy"])
-        history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, shuffle=False,
-                            callbacks=callbacks(None), verbose=verbose)
+        # Cached-feature training keeps no backup (it is quick to redo): it restarts, so drop its logged epochs.
+        resumed = [row for row in done if row["phase"] == 1] if not config.cache_features else []
+        log(f"{title} ({config.epochs} epochs max, lr {lr1:g}, {config.schedule} schedule, {config.optimizer})"
+            + (f", resuming after epoch {len(resumed)}" if resumed else ""))
+        schedule = recipe.learning_rate_schedule(config, lr1, config.epochs, steps)
+        if config.cache_features:
+            pool_layers, trainable_layers = _split_head(head)
+            extractor = keras.Sequential([model.get_layer("preprocessing"), base, *pool_layers],
+                                         name="feature_extractor")
+            train_features = batched_forward(extractor, train.images, config.batch_size)
+            val_features = batched_forward(extractor, val.images, config.batch_size)
+            result.timings["feature_extraction_seconds"] = time.perf_counter() - start
+            log(f"cached pooled features {train_features.shape[1:]} for {len(train)} + {len(val)} images "
+                f"in {result.timings['feature_extraction_seconds']:.1f}s")
+            features_in = keras.Input(train_features.shape[1:], name="pooled_features")
+            x = features_in
+            for layer in trainable_layers:
+                x = layer(x)
+            pooled_head = keras.Model(features_in, x, name="pooled_head")  # shares the head's weights
+            pooled_head.compile(optimizer=recipe.optimizer(config, schedule), loss=recipe.loss(config),
+                                metrics=["accuracy"])
+            cbs, rows = callbacks(1, lr1, config.resolved_early_stopping_start)
+            pooled_head.fit(train_features, one_hot(train.labels, num_classes), batch_size=config.batch_size,
+                            epochs=config.epochs, validation_data=(val_features, one_hot(val.labels, num_classes)),
+                            shuffle=True, class_weight=class_weight, callbacks=cbs[-2:], verbose=verbose)
+        else:
+            model.compile(optimizer=recipe.optimizer(config, schedule), loss=recipe.loss(config),
+                          metrics=["accuracy"])
+            cbs, rows = callbacks(1, lr1, config.resolved_early_stopping_start)
+            model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, shuffle=False,
+                      class_weight=class_weight, callbacks=cbs, verbose=verbose)
+        result.history = resumed + [row for row in rows if row["epoch"] > len(resumed)]
+        if phase1_file is not None:
+            phase1_file.parent.mkdir(parents=True, exist_ok=True)
+            model.save_weights(phase1_file)
     result.timings["phase1_seconds"] = time.perf_counter() - start
-    result.history += _history_rows(history, 1, 0, config.learning_rate)
     result.phase1_epochs = len(result.history)
     best_phase1 = min(row["val_loss"] for row in result.history)
 
     if config.runs_phase2:
         phase1_weights = model.get_weights()
         result.trainable_layers_phase2 = unfreeze_top(base, config.unfreeze)
-        lr = config.resolved_fine_tune_lr
+        lr2 = config.resolved_fine_tune_lr
+        resumed = [row for row in done if row["phase"] == 2]
         log(f"phase 2: fine-tuning the top {config.unfreeze} backbone layers "
             f"({result.trainable_layers_phase2} with weights, BatchNormalization frozen), "
-            f"{config.fine_tune_epochs} epochs max, lr {lr:g}")
+            f"{config.fine_tune_epochs} epochs max, lr {lr2:g}"
+            + (f", resuming after epoch {result.phase1_epochs + len(resumed)}" if resumed else ""))
+        schedule = recipe.learning_rate_schedule(config, lr2, config.fine_tune_epochs, steps)
         # Recompile after changing `trainable`, or the change is ignored.
-        model.compile(optimizer=_optimizer(config.optimizer, lr, config.momentum), loss=loss, metrics=["accuracy"])
+        model.compile(optimizer=recipe.optimizer(config, schedule), loss=recipe.loss(config), metrics=["accuracy"])
         start = time.perf_counter()
-        history = model.fit(train_ds, validation_data=val_ds, initial_epoch=result.phase1_epochs,
-                            epochs=result.phase1_epochs + config.fine_tune_epochs,
-                            callbacks=callbacks(best_phase1), shuffle=False, verbose=verbose)
+        cbs, rows = callbacks(2, lr2, 0)
+        model.fit(train_ds, validation_data=val_ds, initial_epoch=result.phase1_epochs,
+                  epochs=result.phase1_epochs + config.fine_tune_epochs, class_weight=class_weight,
+                  callbacks=cbs, shuffle=False, verbose=verbose)
         result.timings["phase2_seconds"] = time.perf_counter() - start
-        rows = _history_rows(history, 2, result.phase1_epochs, lr)
-        result.history += rows
-        result.phase2_epochs = len(rows)
-        if rows and min(row["val_loss"] for row in rows) > best_phase1:
+        seen = {row["epoch"] for row in rows}
+        phase2 = [row for row in resumed if row["epoch"] not in seen] + rows
+        result.history += phase2
+        result.phase2_epochs = len(phase2)
+        if phase2 and min(row["val_loss"] for row in phase2) > best_phase1:
             model.set_weights(phase1_weights)
             result.notes.append("fine-tuning did not improve the validation loss; the phase-1 weights were kept")
             log(result.notes[-1])
+    if work is not None:
+        model.save_weights(work / "checkpoints" / "best.weights.h5")
     return result
 
 
+def _distribution_strategy():
+    """MirroredStrategy over every GPU when there are several; the default strategy otherwise."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+
+
+def _subset(images, index: np.ndarray):
+    from transferkit.training.cache import PixelRows
+
+    if isinstance(images, PixelRows):
+        return PixelRows(images.store, images.rows[index])
+    return images[index]
+
+
+def _concat(a, b):
+    from transferkit.training.cache import PixelRows
+
+    if isinstance(a, PixelRows) and isinstance(b, PixelRows) and a.store is b.store:
+        return PixelRows(a.store, np.concatenate([a.rows, b.rows]))
+    return np.concatenate([np.asarray(a), np.asarray(b)])
+
+
 def run_kfold(config: TrainConfig, backbone: Backbone, size: int, weights: str, dataset: Dataset, log: Log) -> dict:
-    """K-fold cross-validation over train+val (the test split stays held out): mean and std per metric."""
+    """K-fold cross-validation over train+val (the test split stays held out): each fold early-stops on an inner
+    validation split carved from its training part and is scored on its held-out fold. Mean and std per metric."""
     import keras
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedKFold, train_test_split
 
     from transferkit.training.evaluate import batched_forward
     from transferkit.training.metrics import classification_metrics
 
     train, val = dataset.splits["train"], dataset.splits["val"]
-    images = np.concatenate([train.images, val.images])
+    images = _concat(train.images, val.images)
     labels = np.concatenate([train.labels, val.labels])
+    inner_fraction = config.val_fraction / (1 - config.test_fraction) if config.val_fraction else 0.15
     try:
-        folds = list(StratifiedKFold(config.kfold, shuffle=True, random_state=config.seed).split(images, labels))
+        folds = list(StratifiedKFold(config.kfold, shuffle=True, random_state=config.seed).split(labels, labels))
+        inner = [train_test_split(fit_idx, test_size=inner_fraction, stratify=labels[fit_idx],
+                                  random_state=config.seed) for fit_idx, _ in folds]
     except ValueError as exc:
         raise UsageError(f"--kfold {config.kfold}: {exc}") from None
     rows = []
-    for index, (fit_idx, held_idx) in enumerate(folds, start=1):
-        log(f"fold {index}/{config.kfold}: {len(fit_idx)} training, {len(held_idx)} held-out images")
+    for index, ((_, held_idx), (fit_idx, stop_idx)) in enumerate(zip(folds, inner), start=1):
+        log(f"fold {index}/{config.kfold}: {len(fit_idx)} training, {len(stop_idx)} early-stopping, "
+            f"{len(held_idx)} held-out images")
         keras.backend.clear_session()
-        fold_train = SplitData([], labels[fit_idx], images[fit_idx])
-        fold_val = SplitData([], labels[held_idx], images[held_idx])
-        fit = fit_model(config, backbone, size, weights, len(dataset.class_names), fold_train, fold_val, None, log)
-        metrics = classification_metrics(batched_forward(fit.model, fold_val.images), fold_val.labels,
+        fold_train = SplitData([], labels[fit_idx], _subset(images, fit_idx))
+        fold_stop = SplitData([], labels[stop_idx], _subset(images, stop_idx))
+        fold_held = SplitData([], labels[held_idx], _subset(images, held_idx))
+        fit = fit_model(config, backbone, size, weights, len(dataset.class_names), fold_train, fold_stop, None, log)
+        metrics = classification_metrics(batched_forward(fit.model, fold_held.images), fold_held.labels,
                                          dataset.class_names)
         rows.append({"fold": index, "accuracy": metrics["accuracy"], "loss": metrics["loss"],
-                     "macro_f1": metrics["macro_f1"], "epochs": len(fit.history)})
+                     "macro_f1": metrics["macro_f1"], "epochs": len(fit.history),
+                     "train": len(fit_idx), "early_stopping": len(stop_idx), "held_out": len(held_idx)})
     keras.backend.clear_session()
     summary = {
         name: {"mean": float(np.mean([r[name] for r in rows])), "std": float(np.std([r[name] for r in rows]))}
@@ -278,8 +361,8 @@ def run_kfold(config: TrainConfig, backbone: Backbone, size: int, weights: str, 
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
-    columns = ["epoch", "phase", "learning_rate"] + sorted({k for r in rows for k in r} - {"epoch", "phase",
-                                                                                          "learning_rate"})
+    fixed = ["epoch", "phase", "learning_rate", "epoch_end_lr"]
+    columns = fixed + sorted({k for r in rows for k in r} - set(fixed))
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -287,99 +370,204 @@ def _write_history(path: Path, rows: list[dict]) -> None:
 
 
 TRAINING_LIBRARIES = ("tensorflow", "keras", "numpy", "pillow", "scikit-learn")
+# Settings that must match for --resume to continue a kept run (the rest, e.g. --force, may differ).
+RESUME_INVARIANT = ("data", "backbone", "image_size", "weights_resolved", "strategy", "alpha", "epochs",
+                    "fine_tune_epochs", "batch_size", "learning_rate", "fine_tune_lr", "optimizer", "weight_decay",
+                    "schedule", "warmup_epochs", "label_smoothing", "class_weight", "unfreeze", "head", "augment",
+                    "val_fraction", "test_fraction", "seed", "cache_features", "mixed_precision")
 
 
-def train(config: TrainConfig, log: Log = print) -> TrainResult:
-    """Run one training job and write the run directory ``config.out`` atomically."""
+def _check_resumable(work: Path, resolved: rundir.RunConfig) -> None:
+    kept = rundir.read_config(work)
+    for key in RESUME_INVARIANT:
+        if getattr(kept, key) != getattr(resolved, key):
+            raise UsageError(f"--resume: the kept run in {work} has {key}={getattr(kept, key)!r}, this command "
+                             f"{getattr(resolved, key)!r}; use the same settings, or --force to start over")
+
+
+def _progress(log: Log):
+    import keras
+
+    if sys.stdout.isatty():
+        bar = keras.utils.Progbar(None, unit_name="image", verbose=1)
+
+        def on_decoded(done: int, total: int) -> None:
+            bar.target = total
+            bar.update(done)
+
+        return on_decoded
+    marks: set[int] = set()
+
+    def on_decoded_lines(done: int, total: int) -> None:
+        quarter = 4 * done // max(total, 1)
+        if quarter not in marks and (quarter > 0 or done == total):
+            marks.add(quarter)
+            log(f"  decoded {done}/{total} images")
+
+    return on_decoded_lines
+
+
+def train(config: TrainConfig, log: Log = logger.info) -> TrainResult:
+    """Run one training job and write the run directory ``config.out`` (atomically: all of it or none)."""
     backbone, size, weights, warnings = validate_config(config)
     for warning in warnings:
         log(f"warning: {warning}")
-    import keras
     import tensorflow as tf
 
-    from transferkit.training import plots, report
-    from transferkit.training.evaluate import batched_forward
-    from transferkit.training.metrics import classification_metrics
-
     gpus = tf.config.list_physical_devices("GPU")
-    previous_policy = keras.mixed_precision.global_policy().name
-    if config.mixed_precision:
-        if not gpus:
-            raise UsageError("--mixed-precision needs a GPU and none is visible; drop the flag on CPU")
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    if not gpus:
-        # Reproducible on CPU for a given --seed; GPU kernels may lack deterministic implementations.
-        tf.config.experimental.enable_op_determinism()
+    if config.mixed_precision and not gpus:
+        raise UsageError("--mixed-precision needs a GPU and none is visible; drop the flag on CPU")
+    out = Path(config.out).absolute()
+    work = workdir.work_dir_for(out)
     total_start = time.perf_counter()
 
     log(f"reading {config.data} at {size}x{size} px")
-    progress = keras.utils.Progbar(None, unit_name="image", verbose=1 if sys.stdout.isatty() else 0)
-
-    def on_decoded(done: int, total: int) -> None:
-        progress.target = total
-        progress.update(done)
-
     start = time.perf_counter()
     dataset = load_dataset(Path(config.data), size, config.val_fraction, config.test_fraction, config.seed,
-                           config.strict, on_decoded)
+                           config.strict, _progress(log))
     decode_seconds = time.perf_counter() - start
     counts = {name: len(split) for name, split in dataset.splits.items()}
-    log(f"decoded {sum(counts.values())} images of {len(dataset.class_names)} classes in {decode_seconds:.1f}s "
-        f"(train {counts['train']}, val {counts['val']}, test {counts['test']}); "
+    log(f"{sum(counts.values())} images of {len(dataset.class_names)} classes in {decode_seconds:.1f}s "
+        f"({dataset.cache['decoded']} decoded, {dataset.cache['reused']} from the cache "
+        f"{dataset.cache['directory']}; train {counts['train']}, val {counts['val']}, test {counts['test']}); "
         f"skipped {len(dataset.skipped)} unreadable")
     for item in dataset.skipped:
         log(f"  skipped {item['file']}: {item['reason']}")
 
+    resolved = rundir.RunConfig(
+        **{**config.to_dict(), "image_size": size, "backbone": backbone.name, "weights_resolved": weights,
+           "fine_tune_lr": config.resolved_fine_tune_lr if config.runs_phase2 else None,
+           "early_stopping_start": config.resolved_early_stopping_start, "preprocessing": backbone.preprocessing,
+           "family": backbone.family, "input": {"shape": [None, size, size, 3]},
+           "num_classes": len(dataset.class_names), "gpus": len(gpus),
+           "versions": library_versions(TRAINING_LIBRARIES)})
+    if config.resume:
+        _check_resumable(work, resolved)
+        log(f"resuming the interrupted run kept in {work}")
+    else:
+        (work / "checkpoints").mkdir(parents=True)
+        rundir.write_config(work, resolved)
+        rundir.write_split(work, rundir.SplitRecord(**dataset.split_record(
+            config.seed, {"val": config.val_fraction, "test": config.test_fraction})))
+        rundir.write_json(work / rundir.LABELS, dataset.class_names)
+
+    with run_scope(config, gpus):
+        model, fit = _train_and_save(config, backbone, size, weights, dataset, work, log)
+        metrics = _report(config, backbone, size, weights, dataset, work, model, fit, resolved,
+                          {"decode_seconds": decode_seconds, **fit.timings}, total_start, log)
+    run_dir = workdir.finalize(work, out, config.force)
+    return TrainResult(run_dir=run_dir, metrics=metrics, config=resolved.model_dump(mode="json"))
+
+
+def _interrupted(work: Path, what: str, exit_code: int) -> RunInterrupted:
+    epochs = len(workdir.read_history(work))
+    error = RunInterrupted(
+        f"{what} after {epochs} finished epoch(s); the run so far is kept in {work}: rerun the same command "
+        f"with --resume to continue, or with --force to start over")
+    error.exit_code = exit_code
+    return error
+
+
+def _train_and_save(config, backbone, size, weights, dataset, work: Path, log: Log):
+    """Train (or reload what a resumed run already trained) and save model.keras, history and checkpoints."""
+    from transferkit.training.model import float32_inference_model, load_run_model
+
+    model_path = work / "model.keras"
+    history_rows = workdir.read_history(work)
+    if config.resume and model_path.is_file():
+        log("the interrupted run had finished training; reloading its model")
+        model = load_run_model(work)
+        fit = FitResult(model=model, history=history_rows,
+                        phase1_epochs=sum(1 for r in history_rows if r["phase"] == 1),
+                        phase2_epochs=sum(1 for r in history_rows if r["phase"] == 2))
+        return model, fit
     try:
-        kfold = run_kfold(config, backbone, size, weights, dataset, log) if config.kfold else None
-        with atomic_output_dir(Path(config.out), config.force) as staging:
-            (staging / "checkpoints").mkdir()
-            fit = fit_model(config, backbone, size, weights, len(dataset.class_names), dataset.splits["train"],
-                            dataset.splits["val"], staging / "checkpoints" / "best.weights.h5", log)
-            model = fit.model
-            log("evaluating on the test split")
-            probabilities = {name: batched_forward(model, split.images) for name, split in dataset.splits.items()}
-            evaluations = {name: classification_metrics(probabilities[name], split.labels, dataset.class_names)
-                           for name, split in dataset.splits.items()}
-            timings = {"decode_seconds": decode_seconds, **fit.timings,
-                       "total_seconds": time.perf_counter() - total_start}
-            diagnosis = report.diagnose(fit.history, evaluations, dataset, fit.phase1_epochs)
-            metrics = {
-                "test": evaluations["test"],
-                "val": {k: evaluations["val"][k] for k in ("accuracy", "loss", "samples")},
-                "train": {k: evaluations["train"][k] for k in ("accuracy", "loss", "samples")},
-                "epochs": {"phase1": fit.phase1_epochs, "phase2": fit.phase2_epochs},
-                "timings": timings,
-                "diagnosis": diagnosis,
-                "data": {"counts": dataset.counts(), "skipped": dataset.skipped,
-                         "ignored_non_image_files": dataset.ignored_files},
-                "notes": fit.notes,
-            }
-            if kfold:
-                metrics["kfold"] = kfold
-            resolved = {
-                **config.to_dict(), "backbone": backbone.name, "image_size": size, "weights_resolved": weights,
-                "fine_tune_lr": config.resolved_fine_tune_lr if config.runs_phase2 else None,
-                "preprocessing": backbone.preprocessing, "family": backbone.family,
-                "input": {"name": "image", "shape": [None, size, size, 3], "dtype": "float32",
-                          "range": "RGB 0-255"},
-                "num_classes": len(dataset.class_names), "gpus": len(gpus),
-                "mixed_precision": config.mixed_precision, "versions": library_versions(TRAINING_LIBRARIES),
-            }
-            model.save(staging / "model.keras")
-            (staging / "labels.json").write_text(json.dumps(dataset.class_names, indent=2) + "\n")
-            (staging / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
-            split_record = dataset.split_record(config.seed, {"val": config.val_fraction,
-                                                              "test": config.test_fraction})
-            (staging / "split.json").write_text(json.dumps(split_record, indent=2) + "\n")
-            _write_history(staging / "history.csv", fit.history)
-            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            plots.learning_curves(fit.history, fit.phase1_epochs, staging / "learning_curves.png")
-            plots.confusion_matrix(probabilities["test"], dataset.splits["test"].labels, dataset.class_names,
-                                   staging / "confusion_matrix.png")
-            plots.misclassified(probabilities["test"], dataset.splits["test"], dataset.class_names,
-                                staging / "misclassified.png")
-            (staging / "report.md").write_text(report.render(resolved, metrics, dataset, fit))
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
-    return TrainResult(run_dir=Path(config.out).absolute(), metrics=metrics, config=resolved)
+        fit = fit_model(config, backbone, size, weights, len(dataset.class_names), dataset.splits["train"],
+                        dataset.splits["val"], work, log)
+        # float32 graph for inference and export, also after mixed_float16 training (weights are float32 anyway).
+        model = float32_inference_model(fit.model)
+        temporary = work / ".model.keras.tmp.keras"
+        model.save(temporary)
+        os.replace(temporary, model_path)
+        _write_history(work / "history.csv", fit.history)
+    except KeyboardInterrupt:
+        if workdir.discard_if_untrained(work):
+            raise _interrupted(work, "interrupted", 130) from None
+        raise
+    except SystemExit as exc:  # SIGTERM, turned into SystemExit by the CLI
+        if workdir.discard_if_untrained(work):
+            raise _interrupted(work, "terminated", exc.code if isinstance(exc.code, int) else 143) from None
+        raise
+    except BaseException as exc:
+        if workdir.discard_if_untrained(work):
+            detail = str(exc) if isinstance(exc, TransferkitError) else f"{type(exc).__name__}: {exc}"
+            raise _interrupted(work, f"training failed ({detail})", 1) from exc
+        raise
+    log(f"saved {model_path.name} and checkpoints")
+    return model, fit
+
+
+def _report(config, backbone, size, weights, dataset, work, model, fit, resolved, timings, total_start, log):
+    """The optional steps: k-fold, evaluation, metrics, plots, report. A failure is recorded, not fatal."""
+    from transferkit.training import plots, report
+    from transferkit.training.evaluate import batched_forward
+    from transferkit.training.metrics import classification_metrics
+
+    failures: list[dict[str, str]] = []
+
+    def optional(step: str, function, *args):
+        try:
+            return function(*args)
+        except (KeyboardInterrupt, SystemExit):
+            raise _interrupted(work, f"interrupted during {step}", 130) from None
+        except Exception as exc:
+            failures.append({"step": step, "error": f"{type(exc).__name__}: {exc}"})
+            log(f"warning: {step} failed ({type(exc).__name__}: {exc}); the run is complete without it")
+            logger.debug("%s failed:\n%s", step, traceback.format_exc())
+            return None
+
+    kfold = optional("k-fold cross-validation", run_kfold, config, backbone, size, weights, dataset, log) \
+        if config.kfold else None
+
+    def evaluate():
+        log("evaluating on the test split")
+        probabilities = {name: batched_forward(model, split.images) for name, split in dataset.splits.items()}
+        evaluations = {name: classification_metrics(probabilities[name], split.labels, dataset.class_names)
+                       for name, split in dataset.splits.items()}
+        return probabilities, evaluations
+
+    evaluated = optional("evaluation", evaluate)
+    probabilities, evaluations = evaluated if evaluated else (None, None)
+    diagnosis = optional("diagnosis", report.diagnose, fit.history, evaluations, dataset, fit.phase1_epochs) \
+        if evaluations else None
+    metrics = {
+        "epochs": {"phase1": fit.phase1_epochs, "phase2": fit.phase2_epochs},
+        "timings": {**timings, "total_seconds": time.perf_counter() - total_start},
+        "diagnosis": diagnosis,
+        "data": {"counts": dataset.counts(), "skipped": dataset.skipped,
+                 "ignored_non_image_files": dataset.ignored_files, "cache": dataset.cache},
+        "notes": fit.notes,
+        "kfold": kfold,
+    }
+    if evaluations:
+        metrics["test"] = evaluations["test"]
+        metrics.update({name: {k: evaluations[name][k] for k in ("accuracy", "loss", "samples")}
+                        for name in ("val", "train")})
+    if probabilities is not None:
+        test = dataset.splits["test"]
+        optional("learning curves plot", plots.learning_curves, fit.history, fit.phase1_epochs,
+                 work / "learning_curves.png")
+        optional("confusion matrix plot", plots.confusion_matrix, probabilities["test"], test.labels,
+                 dataset.class_names, work / "confusion_matrix.png")
+        optional("misclassified plot", plots.misclassified, probabilities["test"], test, dataset.class_names,
+                 work / "misclassified.png")
+    if evaluations and diagnosis:
+        present = {k: v for k, v in metrics.items() if v is not None}
+        text = optional("report", report.render, resolved.model_dump(mode="json"), {**present, "failures": failures},
+                        dataset, fit)
+        if text is not None:
+            (work / "report.md").write_text(text)
+    metrics["failures"] = failures
+    record = rundir.RunMetrics(**metrics)
+    rundir.write_metrics(work, record)
+    return record.model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,70 @@
+"""The training recipe: optimizer, learning-rate schedule, loss, class weights and early stopping.
+
+Defaults follow current fine-tuning practice: AdamW (decoupled weight decay), a linear warm-up into a cosine decay
+to zero over each phase's epoch budget (warm-up protects pretrained features from the first, large, noisy updates
+of a randomly initialised head), label smoothing 0.1, and optional balanced class weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from transferkit.training.config import TrainConfig
+
+
+def learning_rate_schedule(config: TrainConfig, peak: float, epochs: int, steps_per_epoch: int):
+    """``peak`` constant, or linear warm-up from 0 over ``config.warmup_epochs`` then cosine decay to 0 at the end
+    of the phase's budget (at most half the budget is warm-up)."""
+    import keras
+
+    if config.schedule == "constant":
+        return peak
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total // 2)
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(peak, total)
+    return keras.optimizers.schedules.CosineDecay(0.0, total - warmup, warmup_target=peak, warmup_steps=warmup)
+
+
+def optimizer(config: TrainConfig, learning_rate):
+    import keras
+
+    name = config.optimizer
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay)
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate, momentum=config.momentum)
+    if name == "nadam":
+        return keras.optimizers.Nadam(learning_rate)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(learning_rate)
+    return keras.optimizers.Adam(learning_rate)
+
+
+def loss(config: TrainConfig):
+    import keras
+
+    return keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+
+
+def class_weights(config: TrainConfig, labels: np.ndarray, num_classes: int) -> dict[int, float] | None:
+    """``balanced``: n / (classes x count) per class (scikit-learn's definition); None otherwise."""
+    if config.class_weight != "balanced":
+        return None
+    counts = np.bincount(labels, minlength=num_classes)
+    present = counts > 0
+    weights = np.zeros(num_classes)
+    weights[present] = len(labels) / (present.sum() * counts[present])
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def steps_per_epoch(samples: int, batch_size: int) -> int:
+    return max(1, math.ceil(samples / batch_size))
+
+
+def current_learning_rate(model) -> float:
+    import keras
+
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
