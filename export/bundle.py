@@ -8,7 +8,7 @@ renamed into place. A failed gate, a conversion error, Ctrl-C or SIGTERM leaves 
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -29,10 +29,13 @@ from transferkit.core.manifest import (
     MANIFEST_NAME,
     FormatEntry,
     Manifest,
+    ResizeRule,
     sha256_path,
 )
 from transferkit.core.system import library_versions
 from transferkit.export.validate import MIN_IMAGES
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_FORMATS = ("savedmodel", "onnx", "onnx-fp16")
 MAX_VALIDATION_IMAGES = 512
@@ -43,6 +46,7 @@ PREPROCESSING_TEXT = {
     "torch": "x / 255, minus mean (0.485, 0.456, 0.406), divided by std (0.229, 0.224, 0.225)",
     "builtin": "none outside the backbone: it rescales 0-255 input itself",
 }
+# Optional progress callback (the CLI prints); without one, progress goes to this module's logger.
 Log = Callable[[str], None]
 
 
@@ -77,59 +81,85 @@ def store_name(text: str) -> str:
     return name
 
 
-def _read_json(run_dir: Path, name: str) -> dict | list:
-    path = run_dir / name
-    if not path.is_file():
-        raise RunDirectoryError(f"{run_dir} is not a transferkit run: {name} is missing")
-    return json.loads(path.read_text())
-
-
-def _decode_files(root: Path, files: list[str], size: int) -> np.ndarray:
-    missing = [f for f in files if not (root / f).is_file()]
+def _decode_files(files: list[Path], size: int) -> np.ndarray:
+    missing = [f for f in files if not f.is_file()]
     if missing:
         raise RunDirectoryError(
-            f"the run's images are not at {root} any more ({missing[0]} is missing); "
+            f"the run's images are not at {missing[0].parent.parent} any more ({missing[0]} is missing); "
             f"pass --data DIR pointing at the dataset the run was trained on"
         )
+    if not files:
+        return np.zeros((0, size, size, 3), np.uint8)
     try:
-        return np.stack([decode_image(root / f, size) for f in files])
+        return np.stack([decode_image(f, size) for f in files])
     except InvalidImageError as exc:
         raise RunDirectoryError(f"a validation image of the run cannot be decoded: {exc}") from None
 
 
+def stratified(items: list[tuple[Path, str]], count: int, seed: int | None = None) -> list[tuple[Path, str]]:
+    """Up to ``count`` items taken round-robin across classes (every class equally, as far as it has items).
+
+    ``seed`` shuffles within each class first (calibration); without it each class keeps the run's order.
+    """
+    by_class: dict[str, list[tuple[Path, str]]] = {}
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    if seed is not None:
+        rng = np.random.default_rng(seed)
+        by_class = {label: [group[i] for i in rng.permutation(len(group))] for label, group in by_class.items()}
+    chosen: list[tuple[Path, str]] = []
+    depth = 0
+    while len(chosen) < count and any(depth < len(group) for group in by_class.values()):
+        for label in sorted(by_class):
+            if depth < len(by_class[label]) and len(chosen) < count:
+                chosen.append(by_class[label][depth])
+        depth += 1
+    return chosen
+
+
 def run_images(run_dir: Path, size: int, class_names: list[str], data_root: Path | None = None,
                ) -> tuple[ValidationImages, np.ndarray]:
-    """Validation images (test split; topped up from val, then train, to at least 64) and calibration images."""
-    record = _read_json(run_dir, "split.json")
-    root = Path(data_root) if data_root else Path(record["root"])
-    by_split: dict[str, list[tuple[str, int]]] = {"test": [], "val": [], "train": []}
-    for path, item in record["files"].items():
-        by_split.setdefault(item["split"], []).append((path, class_names.index(item["label"])))
-    chosen: list[tuple[str, int]] = []
+    """Validation images and calibration images of a run.
+
+    Validation: the test split, topped up from val, then train, to at least 64 images; at most 512, taken evenly
+    across classes (with 100 classes, every class is checked, not the first third of a sorted list).
+    Calibration (int8): up to 200 training images, evenly across classes, seeded.
+    """
+    from transferkit.training.rundir import split_files
+
+    splits = {name: split_files(run_dir, name, data_root) for name in ("test", "val", "train")}
+    chosen: list[tuple[Path, str]] = []
     used = []
-    for split in ("test", "val", "train"):
+    for name in ("test", "val", "train"):
         if len(chosen) >= MIN_IMAGES and used:
             break
-        if by_split[split]:
-            chosen += by_split[split][: MAX_VALIDATION_IMAGES - len(chosen)]
-            used.append(split)
+        if splits[name]:
+            chosen += stratified(splits[name], MAX_VALIDATION_IMAGES - len(chosen))
+            used.append(name)
     if not chosen:
         raise RunDirectoryError(f"{run_dir}/split.json lists no images to validate the export on")
-    images = _decode_files(root, [f for f, _ in chosen], size)
-    rng = np.random.default_rng(0)
-    train = by_split["train"]
-    picks = sorted(rng.choice(len(train), size=min(CALIBRATION_IMAGES, len(train)), replace=False)) if train else []
-    calibration = _decode_files(root, [train[i][0] for i in picks], size) if picks else np.zeros((0, size, size, 3))
-    labels = np.array([label for _, label in chosen])
+    unknown = sorted({label for _, label in chosen} - set(class_names))
+    if unknown:
+        raise RunDirectoryError(f"{run_dir}: split.json has labels that labels.json lacks: {', '.join(unknown)}")
+    images = _decode_files([path for path, _ in chosen], size)
+    labels = np.array([class_names.index(label) for _, label in chosen])
+    calibration = _decode_files([path for path, _ in stratified(splits["train"], CALIBRATION_IMAGES, seed=0)], size)
     return ValidationImages(images, labels, "+".join(used)), calibration
 
 
+def resize_rule() -> ResizeRule:
+    """What :func:`transferkit.core.images.decode_image` does, with the Pillow version that does it."""
+    from importlib.metadata import version
+
+    return ResizeRule(library_version=version("pillow"))
+
+
 def _format_entry(bundle_dir: Path, name: str, opset: int) -> FormatEntry:
-    from transferkit.export.convert import INPUT_NAME, OUTPUT_NAME
+    from transferkit.export.convert import INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
 
     digest, size, count = sha256_path(bundle_dir / FORMAT_FILES[name])
     return FormatEntry(file=FORMAT_FILES[name], sha256=digest, bytes=size, files=count, input_name=INPUT_NAME,
-                       output_name=OUTPUT_NAME, precision=FORMAT_PRECISION[name],
+                       input_dtype=INPUT_DTYPE, output_name=OUTPUT_NAME, precision=FORMAT_PRECISION[name],
                        opset=None if name == "savedmodel" else opset)
 
 
@@ -168,15 +198,20 @@ def export_model(
     register: bool = True,
     allow_mismatch: bool = False,
     force: bool = False,
-    log: Log = print,
+    log: Log | None = None,
 ) -> ExportResult:
-    """Write, validate, describe and register a bundle for a transferkit classifier (see the module docstring)."""
+    """Write, validate, describe and register a bundle for a transferkit classifier (see the module docstring).
+
+    ``validation.images`` and ``calibration`` are uint8 pixels from the decoder. Progress goes to ``log`` if given,
+    else to this module's logger; the validation table is logged too (a failing gate raises after logging it).
+    """
     import tensorflow as tf
 
     from transferkit.export import convert
     from transferkit.export.validate import validate_bundle
     from transferkit.training.evaluate import batched_forward
 
+    log = log or logger.info
     row = get_backbone(backbone)
     formats = list(formats)
     if "onnx-int8" in formats and (calibration is None or len(calibration) == 0):
@@ -191,7 +226,7 @@ def export_model(
         steps.append(("onnx", lambda: convert.write_onnx(model, image_size, onnx_path, opset)))
         steps.append(("onnx-fp16", lambda: convert.write_onnx_fp16(onnx_path, staging / FORMAT_FILES["onnx-fp16"])))
         steps.append(("onnx-int8", lambda: convert.write_onnx_int8(
-            onnx_path, staging / FORMAT_FILES["onnx-int8"], calibration.astype(np.float32))))
+            onnx_path, staging / FORMAT_FILES["onnx-int8"], calibration)))
         for fmt, step in steps:
             if fmt in formats or (fmt == "onnx" and onnx_needed):
                 log(f"writing {fmt} ({FORMAT_FILES[fmt]})")
@@ -203,13 +238,13 @@ def export_model(
         start = time.perf_counter()
         with tf.device("/CPU:0"):  # the reference; on a GPU, TF32 would blur the comparison
             reference = batched_forward(model, validation.images.astype(np.float32))
-        report = validate_bundle(staging, entries, reference, validation.images.astype(np.float32),
-                                 validation.labels, validation.source, backbone, image_size, log)
+        report = validate_bundle(staging, entries, reference, validation.images.astype(np.uint8),
+                                 validation.labels, validation.source, backbone)
         seconds["validation"] = round(time.perf_counter() - start, 2)
         if "onnx" not in formats:  # written only as the source of fp16/int8
             onnx_path.unlink(missing_ok=True)
-        log("")
-        log(report.table())
+        log("validation report (near-ties: Keras top-1 margin <= 2 * the error bound; see the gate column)\n"
+            + report.table())
         if not report.passed and not allow_mismatch:
             failed = [f"{f.format}: {'; '.join(f.failures)}" for f in report.formats if not f.passed]
             raise ExportValidationError(
@@ -223,8 +258,10 @@ def export_model(
             name=name, version=version, created=created, backbone=row.name, family=row.family,
             image_size=image_size, class_names=list(class_names),
             preprocessing={"mode": row.preprocessing, "in_graph": PREPROCESSING_TEXT[row.preprocessing]},
-            input={"name": convert.INPUT_NAME, "dtype": "float32", "shape": [None, image_size, image_size, 3],
-                   "range": "RGB 0-255", "resize": "squash, bilinear (transferkit.core.images.decode_image)"},
+            resize=resize_rule(),
+            input={"name": convert.INPUT_NAME, "dtype": convert.INPUT_DTYPE,
+                   "shape": [None, image_size, image_size, 3], "range": "RGB 0-255",
+                   "decoder": "transferkit.core.images.decode_image (see resize)"},
             output={"name": convert.OUTPUT_NAME, "dtype": "float32", "shape": [None, len(class_names)],
                     "meaning": "softmax probabilities, in class_names order"},
             formats=entries, training=training or {}, validation=report,
@@ -248,17 +285,20 @@ def export_run(
     allow_mismatch: bool = False,
     force: bool = False,
     data_root: Path | None = None,
-    log: Log = print,
+    log: Log | None = None,
 ) -> ExportResult:
     """Export the model of a training run directory; validation images come from the run's ``split.json``."""
+    from transferkit.training.rundir import read_config, read_labels, read_metrics
+
+    log = log or logger.info
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirectoryError(f"run directory {run_dir} does not exist")
-    config = _read_json(run_dir, "config.json")
-    class_names = _read_json(run_dir, "labels.json")
-    metrics = _read_json(run_dir, "metrics.json")
+    config = read_config(run_dir)
+    class_names = read_labels(run_dir)
+    metrics = read_metrics(run_dir)
     check_output_dir(out, force)  # before the slow part
-    size = int(config["image_size"])
+    size = config.image_size
     log(f"reading validation images of {run_dir.name}")
     validation, calibration = run_images(run_dir, size, class_names, data_root)
 
@@ -266,17 +306,18 @@ def export_run(
 
     log(f"loading {run_dir / 'model.keras'}")
     model = load_run_model(run_dir)
+    test = metrics.test.model_dump(include={"accuracy", "top5_accuracy", "loss", "samples"}, exclude_none=True) \
+        if metrics.test else {}
     training = {
         "run_dir": str(run_dir.absolute()),
-        "strategy": config.get("strategy"),
-        "weights": config.get("weights_resolved"),
-        "test": {k: metrics.get("test", {}).get(k) for k in ("accuracy", "top5_accuracy", "loss", "samples")
-                 if k in metrics.get("test", {})},
-        "val": metrics.get("val", {}),
-        "diagnosis": metrics.get("diagnosis", {}).get("verdict"),
+        "strategy": config.strategy,
+        "weights": config.weights_resolved,
+        "test": test,
+        "val": metrics.val.model_dump() if metrics.val else {},
+        "diagnosis": (metrics.diagnosis or {}).get("verdict"),
     }
     return export_model(
-        model, out=Path(out), backbone=config["backbone"], image_size=size, class_names=class_names,
+        model, out=Path(out), backbone=config.backbone, image_size=size, class_names=class_names,
         validation=validation, calibration=calibration, formats=formats, opset=opset,
         name=name or run_dir.name, training=training, register=register, allow_mismatch=allow_mismatch,
         force=force, log=log,

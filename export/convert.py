@@ -1,9 +1,11 @@
 """Turn a Keras classifier into SavedModel, ONNX fp32, ONNX fp16 and ONNX int8 files.
 
-All formats are traced from one function, ``serve(image) -> {"probabilities": model(image, training=False)}``, with a
-named input spec: unnamed Keras inputs get process-dependent names (``keras_tensor_123``) that would leak into the
-files, and tf2onnx renames outputs only when the function returns a dict. The model already contains the backbone's
-preprocessing layer, so every format takes RGB pixels 0-255.
+All formats are traced from one function, ``serve(image) -> {"probabilities": model(float32(image), training=False)}``,
+with a named input spec: unnamed Keras inputs get process-dependent names (``keras_tensor_123``) that would leak into
+the files, and tf2onnx renames outputs only when the function returns a dict. The model already contains the
+backbone's preprocessing layer, so every format takes RGB pixels 0-255; they arrive as uint8 (what the decoder
+produces: a quarter of float32's bytes across a process or PCIe boundary) and the cast to float32 is the graph's
+first node.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transferkit.core.errors import TransferkitError
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+INPUT_DTYPE = "uint8"  # every format of a schema-2 bundle (manifest FormatEntry.input_dtype)
 DEFAULT_OPSET = 17
 
 
@@ -32,12 +35,12 @@ class ConversionError(TransferkitError):
 
 
 def input_spec(image_size: int) -> tf.TensorSpec:
-    return tf.TensorSpec((None, image_size, image_size, 3), tf.float32, name=INPUT_NAME)
+    return tf.TensorSpec((None, image_size, image_size, 3), tf.dtypes.as_dtype(INPUT_DTYPE), name=INPUT_NAME)
 
 
 def serving_function(model: keras.Model) -> Callable:
     def serve(image):
-        return {OUTPUT_NAME: model(image, training=False)}
+        return {OUTPUT_NAME: model(tf.cast(image, tf.float32), training=False)}
 
     return serve
 
@@ -164,16 +167,19 @@ def _fold_captured_constants(path: Path, concrete) -> None:
 
 
 def write_onnx_fp16(source: Path, path: Path) -> None:
-    """float16 weights and compute, float32 input and output (callers unchanged)."""
+    """float16 weights and compute; the same uint8 input and float32 output as the fp32 file (callers unchanged)."""
     import onnx
     from onnxconverter_common import float16
 
     model = onnx.load(str(source))
+    # The converter would retarget the input's uint8 -> float32 Cast to float16 while the graph still declares its
+    # output float32 (onnxruntime refuses to load that); kept in float32, it gets a float16 Cast after it instead.
+    input_casts = [node.name for node in model.graph.node if node.op_type == "Cast" and INPUT_NAME in node.input]
     try:
         with warnings.catch_warnings():
             # One warning per weight below fp16's smallest normal number; the validation report shows the effect.
             warnings.simplefilter("ignore", UserWarning)
-            converted = float16.convert_float_to_float16(model, keep_io_types=True)
+            converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=input_casts)
     except Exception as exc:
         raise ConversionError(f"float16 conversion failed: {type(exc).__name__}: {exc}") from None
     onnx.save(converted, str(path))
@@ -185,7 +191,7 @@ def _calibration_reader(images: np.ndarray, batch_size: int = 16):
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._batches = iter([images[i : i + batch_size].astype(np.float32)
+            self._batches = iter([images[i : i + batch_size].astype(INPUT_DTYPE)
                                   for i in range(0, len(images), batch_size)])
 
         def get_next(self):

@@ -14,6 +14,7 @@ from conftest import last_error_line, run_cli
 def test_help_explains_every_command():
     result = run_cli("--help")
     assert result.returncode == 0 and "train" in result.stdout and "data" in result.stdout
+    assert "--verbose" in result.stdout and "--log-file" in result.stdout
     train_help = run_cli("train", "--help").stdout
     for flag in ("--data", "--backbone", "--weights", "--fine-tune-epochs", "--unfreeze", "--cache-features",
                  "--kfold", "--strategy", "--list-backbones", "examples:"):
@@ -68,9 +69,29 @@ def test_sigterm_during_training_leaves_nothing(tmp_path, digits_small):
     for line in proc.stdout:
         if line.startswith("Epoch 2/") or time.time() > deadline:
             break
-    assert list(tmp_path.glob(".interrupted.partial-*")), "training should be writing into a staging directory"
+    assert list(tmp_path.glob(".interrupted.partial*")), "training should be writing into a staging directory"
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert not out.exists()
-    assert not list(tmp_path.glob(".interrupted.partial-*"))
+    assert not out.exists()  # a trained work directory may stay beside it, for --resume
+
+
+def test_verbose_shows_what_the_log_file_keeps(tmp_path, digits_small):
+    """TensorFlow's C++ log lines (printed at import, e.g. CUDA probing on a CPU machine) stay off the terminal by
+    default; --log-file keeps them and --verbose shows the same lines. Which lines TensorFlow prints depends on the
+    machine, so the test compares the three outputs of one command that imports TensorFlow and fails fast."""
+    import re
+
+    from transferkit.core.logs import is_native_log_line
+
+    def native(text: str) -> list[str]:  # without the timestamp and thread id
+        return sorted(re.sub(r"^(\w)\d{4} [\d:.]+ +\d+ ", r"\1 ", line) for line in text.splitlines()
+                      if is_native_log_line(line))
+
+    args = ["train", "--data", str(digits_small), "--out", str(tmp_path / "o"), "--image-size", "96", "--epochs", "1"]
+    quiet = run_cli("--log-file", str(tmp_path / "quiet.log"), *args)
+    loud = run_cli("--verbose", *args)
+    assert quiet.returncode == loud.returncode == 3, quiet.stderr  # no ImageNet weights offline
+    assert native(quiet.stdout + quiet.stderr) == []
+    assert native((tmp_path / "quiet.log").read_text()) == native(loud.stderr)
+    assert "ImageNet weights for MobileNetV2" in last_error_line(quiet)

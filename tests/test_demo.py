@@ -5,25 +5,41 @@ from __future__ import annotations
 import json
 
 from conftest import last_error_line, run_cli
+from transferkit.core.logs import is_native_log_line
 
 
-def test_quick_demo_tells_the_whole_story(tmp_path):
+def test_quick_demo_shows_transfer_working(tmp_path):
     out = tmp_path / "demo"
     result = run_cli("demo", "--quick", "--out", str(out), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for step in range(1, 8):
-        assert f"=== [{step}/7]" in result.stdout
+    for step in range(1, 9):
+        assert f"=== [{step}/8]" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
-    # Task B has 40 labels per digit: the transferred backbone must beat the same network from scratch.
-    assert summary["transfer_accuracy"] > summary["scratch_accuracy"] + 0.1, summary
-    assert summary["http"]["sent"] == 10 and summary["http"]["corrupt_status"] == 400
-    assert summary["http"]["correct"] >= 5
+    # Task B: digits 5-9 from 20 training labels per digit, judged on several hundred test images. The margins are
+    # wide on purpose (typical: transfer ~0.97, scratch far below): another CPU's rounding cannot cross them.
+    assert summary["test_images"] >= 500
+    assert summary["transfer_accuracy"] >= 0.90, summary
+    assert summary["transfer_accuracy"] >= summary["scratch_accuracy"] + 0.15, summary
+    # Over HTTP: the served answers are the bundle's own answers (parity, exact), and most are right. The count of
+    # right answers on 10 images is not gated tightly: at ~96 % accuracy, 9/10 would fail on some CPUs by chance.
+    http = summary["http"]
+    assert http["sent"] == 10 and http["correct"] >= 7, summary
+    from transferkit import load_bundle
+
+    offline = load_bundle(out / "bundle").predict([answer["file"] for answer in http["answers"]])
+    assert [a["label"] for a in offline] == [a["predicted"] for a in http["answers"]]
+    assert http["correct"] == sum(a["predicted"] == a["true"] for a in http["answers"])
+    assert summary["http"]["corrupt_status"] == 400
     assert summary["tag"].startswith("transferkit-demo:")
     for path in ("bundle/manifest.json", "bundle/model.onnx", "bundle/model.fp16.onnx", "bundle/saved_model",
-                 "bench/results.md", "bench/latency.png", "bench/accuracy_vs_latency.png",
-                 "runs/B_transfer/report.md", "transfer_vs_scratch.md"):
+                 "bench/results.md", "runs/B_transfer/report.md", "transfer_vs_scratch.md", "demo.log"):
         assert (out / path).exists(), path
+    assert (out / "transfer_vs_scratch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(out / "transfer_vs_scratch.png") in result.stdout  # the summary links the figure
     assert "| onnx-fp16 |" in result.stdout and "HTTP 400" in result.stdout
+    # Clean output: TensorFlow's C++ log lines and retracing warnings stay in demo.log.
+    console = (result.stdout + result.stderr).splitlines()
+    assert not [line for line in console if is_native_log_line(line) or "retracing" in line]
 
     again = run_cli("demo", "--quick", "--out", str(out))
     assert again.returncode == 2 and "--force" in last_error_line(again)

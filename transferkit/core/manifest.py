@@ -1,9 +1,13 @@
 """The bundle contract: ``manifest.json``, written by export and read by the service, ``predict`` and benchmarks.
 
 A bundle is a directory holding one model in several formats plus this manifest. Every format takes one named input
-(float32 RGB pixels 0-255, shape [N, H, W, 3], dynamic N) and returns one named output (class probabilities [N, C]);
-the backbone's preprocessing is inside the graph, so no reader needs to know the backbone. The manifest records each
-file's sha256 so a loader can refuse a tampered or truncated model before using it.
+(RGB pixels 0-255, shape [N, H, W, 3], dynamic N, of the format's ``input_dtype``) and returns one named output (class
+probabilities [N, C]); the cast to float32 and the backbone's preprocessing are inside the graph, so no reader needs
+to know the backbone. The manifest records each file's sha256 so a loader can refuse a tampered or truncated model
+before using it, and the resize rule as data so a consumer outside transferkit can reproduce the pixels.
+
+Schema history: 1 - float32 input for every format, no resize rule; 2 - uint8 input (``FormatEntry.input_dtype``),
+``resize``. Both are read; ``FormatEntry.input_dtype`` defaults to float32, which is what a schema-1 file means.
 
 Pydantic only: no TensorFlow, no onnxruntime (the service reads manifests without either).
 """
@@ -11,6 +15,7 @@ Pydantic only: no TensorFlow, no onnxruntime (the service reads manifests withou
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transferkit.core.errors import BundleError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMAS: tuple[int, ...] = (1, 2)
 MANIFEST_NAME = "manifest.json"
 
 Backend = Literal["savedmodel", "onnx", "onnx-fp16", "onnx-int8"]
@@ -44,22 +50,60 @@ class FormatEntry(BaseModel):
     files: int = 1
     input_name: str
     output_name: str
-    input_dtype: str = "float32"
-    output_dtype: str = "float32"
+    input_dtype: Literal["uint8", "float32"] = "float32"  # schema 1 wrote no dtype and meant float32
+    output_dtype: Literal["float32"] = "float32"
     precision: Literal["fp32", "fp16", "int8"]
     opset: int | None = None
 
 
+class JpegDownscale(BaseModel):
+    """JPEG DCT pre-scaling (``Image.draft``) before the resize: the decoder itself reduces the image by a factor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    factors: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    # Pillow's JpegImageFile.draft: side = the larger target side; the decoded image is ceil(width / f) x
+    # ceil(height / f), then resized with ``filter``.
+    rule: str = "largest f in factors with f <= min(width // side, height // side)"
+
+
+class ResizeRule(BaseModel):
+    """How :func:`transferkit.core.images.decode_image` turns image bytes into the model's input pixels, as data a
+    consumer outside transferkit (tf.image, cv2, a mobile app) can reproduce."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    library: str = "pillow"
+    library_version: str
+    filter: Literal["bilinear"] = "bilinear"  # Image.Resampling.BILINEAR: support widened by the reduction factor
+    mode: Literal["squash"] = "squash"  # to the square size, aspect ratio not kept, no crop
+    jpeg_dct_downscale: JpegDownscale = Field(default_factory=JpegDownscale)
+    exif_transpose: bool = True
+    alpha: Literal["dropped"] = "dropped"  # convert("RGB"), not composited on a background
+    frames: Literal["first"] = "first"
+    high_bit_depth: str = "16-bit gray divided by 257, rounded; other modes through Pillow's convert('RGB')"
+    output: str = "uint8 RGB [H, W, 3]"
+
+
 class FormatValidation(BaseModel):
-    """How one format answered compared with the Keras model on the same images."""
+    """How one format answered compared with the Keras model on the same images.
+
+    ``max_abs_diff`` is the measured error bound b. An image is a near-tie when the Keras top-1 margin (best minus
+    second-best probability) is at most 2*b: there any difference within the bound may flip the top-1 (the model's
+    indecision, not the conversion's). ``decisive_images`` counts the others; agreement and the accuracy change are
+    judged there.
+    """
 
     format: str
     images: int
     max_abs_diff: float
     mean_abs_diff: float
-    top1_agreement: float
+    top1_agreement: float  # over every image, near-ties included (shown, not gated)
     accuracy: float | None
     keras_accuracy: float | None
+    decisive_images: int | None = None
+    decisive_agreement: float | None = None
+    accuracy_change: float | None = None  # converted minus Keras, flips at near-ties not counted
     batch_consistency_max_diff: float  # batch of 1 vs batch of N, same images
     checker: str  # "onnx.checker ok", "n/a", or the checker's message
     gate: str  # the rule applied, in words
@@ -77,16 +121,18 @@ class ValidationReport(BaseModel):
     def table(self) -> str:
         """The report as a Markdown table (printed by the CLI and stored in the manifest)."""
         lines = [
-            "| format | images | max abs diff | mean abs diff | top-1 agreement | accuracy (keras) | batch 1 vs N | "
-            "checker | gate | result |",
+            "| format | images | max abs diff | mean abs diff | top-1 agreement (decisive) | accuracy (keras) | "
+            "batch 1 vs N | checker | gate | result |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for f in self.formats:
             accuracy = "-" if f.accuracy is None else f"{f.accuracy:.4f} ({f.keras_accuracy:.4f})"
+            decisive = "" if f.decisive_agreement is None else (
+                f" ({f.decisive_agreement:.2%} of {f.decisive_images})")
             lines.append(
                 f"| {f.format} | {f.images} | {f.max_abs_diff:.2e} | {f.mean_abs_diff:.2e} | "
-                f"{f.top1_agreement:.2%} | {accuracy} | {f.batch_consistency_max_diff:.2e} | {f.checker} | "
-                f"{f.gate} | {'pass' if f.passed else 'FAIL: ' + '; '.join(f.failures)} |"
+                f"{f.top1_agreement:.2%}{decisive} | {accuracy} | {f.batch_consistency_max_diff:.2e} | "
+                f"{f.checker} | {f.gate} | {'pass' if f.passed else 'FAIL: ' + '; '.join(f.failures)} |"
             )
         return "\n".join(lines)
 
@@ -103,6 +149,7 @@ class Manifest(BaseModel):
     image_size: int
     class_names: list[str]
     preprocessing: dict[str, str]  # mode and a description of what the graph does to the pixels
+    resize: ResizeRule | None = None  # schema 2; a schema-1 bundle described it only in words
     input: dict[str, Any]
     output: dict[str, Any]
     formats: dict[str, FormatEntry]
@@ -143,13 +190,18 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{bundle_dir} is not a transferkit bundle: {MANIFEST_NAME} is missing")
     try:
-        manifest = Manifest.model_validate_json(path.read_text())
-    except (ValidationError, ValueError) as exc:
+        raw = json.loads(path.read_text())
+    except ValueError as exc:
+        raise BundleError(f"{path} is not a valid bundle manifest: {str(exc).splitlines()[0]}") from None
+    schema = raw.get("schema_version") if isinstance(raw, dict) else None
+    if isinstance(schema, int) and schema not in SUPPORTED_SCHEMAS:
+        raise BundleError(f"{path}: manifest schema version {schema} was written by a newer transferkit; this one "
+                          f"reads schema {', '.join(map(str, SUPPORTED_SCHEMAS))} (upgrade transferkit)")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
         first = str(exc).splitlines()
         raise BundleError(f"{path} is not a valid bundle manifest: {' '.join(first[:3])}") from None
-    if manifest.schema_version != SCHEMA_VERSION:
-        raise BundleError(f"{path}: schema version {manifest.schema_version}, this transferkit reads {SCHEMA_VERSION}")
-    return manifest
 
 
 def verify_bundle(bundle_dir: Path, manifest: Manifest, formats: list[str] | None = None) -> None:
