@@ -85,18 +85,25 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def add_loadtest_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "loadtest", help="locust load test against the running service",
+        "loadtest", help="locust load test against the service (and the plain baseline server)",
         description="Run benchmarks/locustfile.py headless against --url (a running service) or --model (the "
                     "service is started and stopped for you), write locust's CSV and HTML to --out, and print "
                     "requests/s, images/s, p50/p95/p99, failure ratio, the batch sizes the service formed, and "
-                    "served ÷ raw images/s. Exits 1 when --max-failure-ratio or --max-p95-ms is exceeded.",
+                    "served ÷ in-process pipeline (decode + onnxruntime on the same images and cores, no HTTP). "
+                    "--compare-baseline also runs the same load against benchmarks/baseline_server.py (FastAPI + "
+                    "onnxruntime, uvicorn --workers <cores>, no batching), back to back, and writes comparison.md. "
+                    "Exits 1 when --max-failure-ratio or --max-p95-ms is exceeded by the service.",
     )
     p.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:3000")
     p.add_argument("--model", help="BentoML model tag or bundle directory to serve for the test")
-    p.add_argument("--backend", default="onnx", help="backend to serve and to time raw (default onnx)")
+    p.add_argument("--backend", default="onnx", help="backend to serve and to run in-process (default onnx)")
+    p.add_argument("--compare-baseline", action="store_true",
+                   help="also load-test the plain FastAPI + onnxruntime server (needs --model)")
     p.add_argument("--users", type=int, default=16, help="concurrent users (default 16)")
     p.add_argument("--spawn-rate", type=float, default=16, help="users started per second (default 16)")
-    p.add_argument("--duration", default="30s", help="e.g. 30s or 2m (default 30s)")
+    p.add_argument("--duration", default="30s", help="per server, e.g. 30s or 2m (default 30s)")
+    p.add_argument("--pipeline-seconds", type=float, default=15.0,
+                   help="how long to time the in-process pipeline (default 15)")
     p.add_argument("--max-failure-ratio", type=float, default=0.01, help="exit 1 above this (default 0.01)")
     p.add_argument("--max-p95-ms", type=float, help="exit 1 when p95 latency exceeds this")
     p.add_argument("--out", type=Path, required=True, help="directory for locust's CSV/HTML and summary.json")
@@ -104,23 +111,36 @@ def add_loadtest_parser(subparsers) -> None:
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
-    from transferkit.benchmarks.loadtest import loadtest, parse_duration
+    from transferkit.benchmarks.loadtest import comparison_table, loadtest, parse_duration
 
-    summary = loadtest(args.url, args.model, args.users, args.spawn_rate, parse_duration(args.duration), args.out,
-                       args.backend)
+    summaries = loadtest(args.url, args.model, args.users, args.spawn_rate, parse_duration(args.duration),
+                         args.out, args.backend, compare_baseline=args.compare_baseline,
+                         pipeline_seconds=args.pipeline_seconds)
+    summary = summaries[0]  # the service
     rows = [
+        ("layout", summary.layout or "-"),
         ("requests", f"{summary.requests} ({summary.failures} failed, {summary.overloaded} overloaded 429/503)"),
         ("requests/s", f"{summary.requests_per_s:.1f}"),
         ("images/s served", f"{summary.images_per_s:.1f}"),
         ("latency p50/p95/p99", f"{summary.p50_ms:.0f} / {summary.p95_ms:.0f} / {summary.p99_ms:.0f} ms"),
         ("failure ratio", f"{summary.failure_ratio:.4f}"),
-        ("batch size (mean)", "-" if summary.batch_size_mean is None
+        ("batch size (mean)", "- (no batching in this layout)" if not summary.batch_calls
          else f"{summary.batch_size_mean:.2f} over {summary.batch_calls} model calls"),
     ]
-    if summary.raw_images_per_s:
-        rows.append((f"raw {args.backend} b{summary.raw_batch_size}", f"{summary.raw_images_per_s:.1f} images/s"))
-        rows.append(("served ÷ raw", f"{summary.served_over_raw:.2f}"))
-    rows.append(("files", f"{args.out.absolute()} (locust_stats.csv, locust.html, summary.json)"))
+    if summary.pipeline_images_per_s:
+        rows.append(("in-process pipeline", f"{summary.pipeline_images_per_s:.1f} images/s"))
+        rows.append(("served ÷ pipeline", f"{summary.served_over_pipeline:.2f}"))
+    if args.compare_baseline:
+        baseline = summaries[1]
+        rows.append(("baseline images/s", f"{baseline.images_per_s:.1f} (transferkit ÷ baseline "
+                                          f"{summary.images_per_s / baseline.images_per_s:.2f})"))
+        rows.append(("baseline p50/p95/p99", f"{baseline.p50_ms:.0f} / {baseline.p95_ms:.0f} / "
+                                             f"{baseline.p99_ms:.0f} ms"))
+    files = "comparison.md, summary.json, transferkit/ and baseline/" if args.compare_baseline else \
+        "locust_stats.csv, locust.html, summary.json"
+    rows.append(("files", f"{args.out.absolute()} ({files})"))
+    if args.compare_baseline:
+        print(comparison_table(summaries))
     print_summary(rows)
     problems = []
     if summary.failure_ratio > args.max_failure_ratio:

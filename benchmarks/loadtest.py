@@ -1,33 +1,41 @@
-"""Run locust headless against the service and summarise it, with the raw backend measured beside it.
+"""Run locust headless against the service (and, with ``compare_baseline``, against the plain FastAPI server) and
+measure the in-process pipeline beside it.
 
-Served ÷ raw: after the load test, the bundle's predictor is timed in this process at the mean batch size the service
-formed (read from BentoML's ``bentoml_service_adaptive_batch_size`` histogram on /metrics), so the ratio compares the
-HTTP service with the bare model on the same machine in the same run.
+- The in-process pipeline is what the same cores do with no HTTP at all: one process per core, each decoding the
+  load test's images with the same decoder and running them through its own one-thread onnxruntime session, one
+  image at a time. Served ÷ pipeline says how much of that the server keeps.
+- The baseline (benchmarks/baseline_server.py) is the simplest thing a user could write instead: FastAPI +
+  onnxruntime under ``uvicorn --workers <cores>``, one intra-op thread, no batching.
+- Batch sizes come from BentoML's ``bentoml_service_adaptive_batch_size`` histogram, parsed with prometheus_client's
+  parser; the counters are cumulative, so the figures are the difference between before and after the load.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
-
 from transferkit.core.errors import TransferkitError, UsageError
-from transferkit.core.system import free_port
+from transferkit.core.system import available_cores, free_port
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BATCH_METRIC = "bentoml_service_adaptive_batch_size"
 
 
 @dataclass
 class LoadTestSummary:
+    server: str  # "transferkit", "baseline", or "external" for --url
     url: str
     users: int
     duration_s: int
@@ -40,72 +48,99 @@ class LoadTestSummary:
     p95_ms: float
     p99_ms: float
     failure_ratio: float
-    batch_size_mean: float | None
-    batch_calls: int | None
-    raw_images_per_s: float | None = None
-    raw_batch_size: int | None = None
-    served_over_raw: float | None = None
+    layout: str | None = None
+    batch_size_mean: float | None = None
+    batch_calls: int | None = None
+    pipeline_images_per_s: float | None = None
+    served_over_pipeline: float | None = None
     by_name: dict[str, dict] = field(default_factory=dict)
 
 
-class ManagedServer:
-    """``bentoml serve`` for ``--model``, started and stopped by the load test."""
+# ------------------------------------------------------------------------------------------------------- servers
 
-    def __init__(self, model: str, log_path: Path, backend: str = "onnx"):
+
+class ManagedServer:
+    """``bentoml serve`` of ``model`` through the one launcher (service/launcher.py), ready when constructed."""
+
+    def __init__(self, model: str, log_path: Path, backend: str = "onnx", **settings: object):
+        from transferkit.service.launcher import BentoServer
+
+        self._server = BentoServer(model, log_path=log_path, backend=backend, **settings)
+        self._server.start()
+        self._server.wait_ready(timeout=180)  # stops the server before raising
+        self.url = self._server.url
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+class BaselineServer:
+    """benchmarks/baseline_server.py under ``uvicorn --workers N``, ready when constructed."""
+
+    def __init__(self, model: str, log_path: Path, backend: str = "onnx", workers: int | None = None):
         import requests
+
+        from transferkit.export.predictors import resolve_bundle_path
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        if Path(model).is_dir():  # the server runs from the project root
-            model = str(Path(model).resolve())
-        env = {**os.environ, "TRANSFERKIT_MODEL": model, "TRANSFERKIT_BACKEND": backend,
-               "BENTOML_DO_NOT_TRACK": "true"}
+        env = {**os.environ, "TRANSFERKIT_BASELINE_BUNDLE": str(resolve_bundle_path(model)),
+               "TRANSFERKIT_BASELINE_BACKEND": backend}
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "transferkit.service.service:ImageClassifier", "--working-dir",
-             str(PROJECT_ROOT), "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + 180
+            [sys.executable, "-m", "uvicorn", "transferkit.benchmarks.baseline_server:app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", str(workers or available_cores())],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=PROJECT_ROOT)
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise TransferkitError(f"the service exited while starting; see {log_path}")
+                self.stop()
+                raise TransferkitError(f"the baseline server exited while starting; see {log_path}")
             try:
                 if requests.get(self.url + "/readyz", timeout=3).status_code == 200:
                     return
             except requests.RequestException:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.3)
         self.stop()
-        raise TransferkitError(f"the service did not become ready in 180 s; see {log_path}")
+        raise TransferkitError(f"the baseline server was not ready in 120 s; see {log_path}")
 
     def stop(self) -> None:
+        # uvicorn's supervisor and its workers share the session started here: stop them all together.
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
         self._log.close()
 
 
-def batch_histogram(url: str) -> tuple[float | None, int | None]:
-    """Mean batch size and number of model calls from the service's /metrics."""
-    import requests
+# ------------------------------------------------------------------------------------------------------- metrics
 
-    text = requests.get(url + "/metrics", timeout=10).text
+
+def batch_counters(url: str) -> tuple[float, float]:
+    """(sum, count) of the adaptive-batch-size histogram on ``url``/metrics, over every worker and API."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
     total = count = 0.0
-    for line in text.splitlines():
-        if line.startswith("bentoml_service_adaptive_batch_size_sum"):
-            total += float(line.split()[-1])
-        elif line.startswith("bentoml_service_adaptive_batch_size_count"):
-            count += float(line.split()[-1])
-    return (total / count, int(count)) if count else (None, None)
+    for family in text_string_to_metric_families(requests.get(url + "/metrics", timeout=10).text):
+        if family.name != BATCH_METRIC:
+            continue
+        for sample in family.samples:
+            if sample.name == BATCH_METRIC + "_sum":
+                total += sample.value
+            elif sample.name == BATCH_METRIC + "_count":
+                count += sample.value
+    return total, count
 
 
 def _read_stats(prefix: Path) -> dict[str, dict]:
     path = Path(f"{prefix}_stats.csv")
     if not path.is_file():
-        raise TransferkitError(f"locust wrote no statistics ({path.name} missing); see its output above")
+        raise TransferkitError(f"locust wrote no statistics ({path.name} missing); see locust_output.txt")
     with path.open() as handle:
         return {row["Name"]: row for row in csv.DictReader(handle)}
 
@@ -115,27 +150,12 @@ def run_locust(url: str, users: int, spawn_rate: float, duration: int, out: Path
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
                "-u", str(users), "-r", str(spawn_rate), "-t", f"{duration}s", "--csv", str(prefix),
                "--html", str(out / "locust.html"), "--only-summary", "--exit-code-on-error", "0"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=duration + 120)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=duration + 120)
+    (out / "locust_output.txt").write_text(result.stdout + result.stderr)
+    return result
 
 
-def raw_images_per_s(model: str, backend: str, batch: int, seconds: float = 5.0) -> float:
-    """The bare predictor's images/s at ``batch``, this process, after warm-up."""
-    from transferkit.export.predictors import load_bundle
-
-    bundle = load_bundle(model)
-    predictor = bundle.predictor(backend)
-    size = bundle.manifest.image_size
-    x = np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
-    for _ in range(3):
-        predictor(x)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        predictor(x)
-        done += batch
-    return done / (time.perf_counter() - start)
-
-
-def summarise(url: str, users: int, duration: int, out: Path) -> LoadTestSummary:
+def summarise(server: str, url: str, users: int, duration: int, out: Path) -> LoadTestSummary:
     stats = _read_stats(out / "locust")
     aggregated = stats.get("Aggregated")
     if not aggregated or int(aggregated["Request Count"]) == 0:
@@ -149,61 +169,158 @@ def summarise(url: str, users: int, duration: int, out: Path) -> LoadTestSummary
     for key, column in (("p50", "50%"), ("p95", "95%"), ("p99", "99%")):
         values = [(float(v[column]), int(v["Request Count"])) for v in predict_rows.values() if v[column] != "N/A"]
         percentile[key] = max((value for value, n in values if n), default=float("nan"))
-    mean_batch, calls = batch_histogram(url)
     return LoadTestSummary(
-        url=url, users=users, duration_s=duration, requests=requests_total, failures=failures,
+        server=server, url=url, users=users, duration_s=duration, requests=requests_total, failures=failures,
         overloaded=overloaded, requests_per_s=float(aggregated["Requests/s"]), images_per_s=served,
         p50_ms=percentile["p50"], p95_ms=percentile["p95"], p99_ms=percentile["p99"],
-        failure_ratio=failures / requests_total, batch_size_mean=mean_batch, batch_calls=calls,
+        failure_ratio=failures / requests_total,
         by_name={k: {"requests": int(v["Request Count"]), "failures": int(v["Failure Count"]),
                      "median_ms": v["50%"], "p95_ms": v["95%"], "requests_per_s": float(v["Requests/s"])}
                  for k, v in stats.items() if k != "Aggregated"},
     )
 
 
-def loadtest(url: str | None, model: str | None, users: int, spawn_rate: float, duration: int, out: Path,
-             backend: str = "onnx", log=print) -> LoadTestSummary:
-    if (url is None) == (model is None):
-        raise UsageError("give exactly one of --url URL (a running service) or --model MODEL (started for you)")
-    if users < 1 or duration < 1 or spawn_rate <= 0:
-        raise UsageError("--users and --duration must be >= 1 and --spawn-rate > 0")
-    out.mkdir(parents=True, exist_ok=True)
-    server = None
-    if model is not None:
-        log(f"starting the service for {model} ({backend})")
-        server = ManagedServer(model, out / "service.log", backend)
-        url = server.url
-    try:
-        log(f"running locust: {users} users, spawn rate {spawn_rate}/s, {duration}s against {url}")
-        result = run_locust(url, users, spawn_rate, duration, out)
-        (out / "locust_output.txt").write_text(result.stdout + result.stderr)
-        summary = summarise(url, users, duration, out)
-        if model is None:
-            model = _local_bundle(url)
-        if model is not None and summary.batch_size_mean:
-            batch = max(1, round(summary.batch_size_mean))
-            log(f"timing the raw {backend} predictor at batch {batch} for comparison")
-            summary.raw_batch_size = batch
-            summary.raw_images_per_s = raw_images_per_s(model, backend, batch)
-            summary.served_over_raw = summary.images_per_s / summary.raw_images_per_s
-    finally:
-        if server is not None:
-            server.stop()
-    import json
+def measure(server: str, url: str, users: int, spawn_rate: float, duration: int, out: Path) -> LoadTestSummary:
+    """One locust run against ``url``, with the batch histogram's difference over the run."""
+    import requests
 
-    (out / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    before = batch_counters(url) if server != "baseline" else (0.0, 0.0)
+    run_locust(url, users, spawn_rate, duration, out)
+    summary = summarise(server, url, users, duration, out)
+    if server != "baseline":
+        after = batch_counters(url)
+        calls = after[1] - before[1]
+        summary.batch_calls = int(calls)
+        summary.batch_size_mean = (after[0] - before[0]) / calls if calls else None
+        try:
+            summary.layout = requests.get(url + "/metadata", timeout=10).json()["layout"]["name"]
+        except Exception:  # an older service, or not ours
+            summary.layout = None
     return summary
 
 
+# ------------------------------------------------------------------------------------------ in-process pipeline
+
+
+def _pipeline_worker(bundle: str, backend: str, images: list[bytes], weights: list[float], barrier,
+                     seconds: float) -> int:
+    """In a process of its own: warm up, wait for the others, then decode + predict one image at a time."""
+    import random
+
+    from transferkit.core.images import decode_image
+    from transferkit.export.predictors import load_bundle
+
+    loaded = load_bundle(bundle)
+    predictor = loaded.predictor(backend, device="cpu", threads=1, spin=False)
+    size = loaded.manifest.image_size
+    rng = random.Random(os.getpid())
+    for data in images:  # warm-up: every image once
+        predictor(decode_image(data, size)[None])
+    barrier.wait()  # every process measures over the same window
+    done, end = 0, time.time() + seconds
+    while time.time() < end:
+        data = rng.choices(images, weights)[0]
+        predictor(decode_image(data, size)[None])
+        done += 1
+    return done
+
+
+def pipeline_images_per_s(model: str, backend: str = "onnx", seconds: float = 15.0,
+                          processes: int | None = None) -> float:
+    """Images/s of decode + onnxruntime on the load test's images, one process per core, no HTTP."""
+    from transferkit.benchmarks.workload import load_images, mix_weights
+    from transferkit.export.predictors import resolve_bundle_path
+
+    groups = load_images()
+    kinds = list(groups)
+    kind_weights = mix_weights(kinds)
+    images, weights = [], []
+    for kind, weight in zip(kinds, kind_weights):
+        for _, data, _ in groups[kind]:
+            images.append(data)
+            weights.append(weight / len(groups[kind]))
+    processes = processes or available_cores()
+    bundle = str(resolve_bundle_path(model))
+    context = get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(processes, mp_context=context) as pool:
+        barrier = manager.Barrier(processes)
+        futures = [pool.submit(_pipeline_worker, bundle, backend, images, weights, barrier, seconds)
+                   for _ in range(processes)]
+        done = sum(f.result() for f in futures)
+    return done / seconds
+
+
+# ------------------------------------------------------------------------------------------------------ commands
+
+
+def loadtest(url: str | None, model: str | None, users: int, spawn_rate: float, duration: int, out: Path,
+             backend: str = "onnx", compare_baseline: bool = False, pipeline_seconds: float = 15.0,
+             log=print) -> list[LoadTestSummary]:
+    """Load-test the service (started for ``model``, or running at ``url``); with ``compare_baseline`` also the
+    plain FastAPI server, back to back. Each summary carries served ÷ in-process pipeline when the bundle is known."""
+    if (url is None) == (model is None):
+        raise UsageError("give exactly one of --url URL (a running service) or --model MODEL (started for you)")
+    if compare_baseline and model is None:
+        raise UsageError("--compare-baseline needs --model MODEL (both servers are started for the same bundle)")
+    if users < 1 or duration < 1 or spawn_rate <= 0:
+        raise UsageError("--users and --duration must be >= 1 and --spawn-rate > 0")
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    if url is not None:
+        log(f"running locust: {users} users, spawn rate {spawn_rate}/s, {duration}s against {url}")
+        summaries.append(measure("external", url, users, spawn_rate, duration, out))
+    else:
+        runs = [("transferkit", ManagedServer)] + ([("baseline", BaselineServer)] if compare_baseline else [])
+        for name, server_class in runs:
+            folder = out / name if compare_baseline else out
+            folder.mkdir(parents=True, exist_ok=True)
+            log(f"starting {name} for {model} ({backend})")
+            server = server_class(model, folder / "service.log", backend)
+            try:
+                log(f"running locust against {name}: {users} users, spawn rate {spawn_rate}/s, {duration}s")
+                summaries.append(measure(name, server.url, users, spawn_rate, duration, folder))
+            finally:
+                server.stop()
+    bundle = model if model is not None else _local_bundle(summaries[0].url)
+    if bundle is not None:
+        log(f"measuring the in-process pipeline (decode + {backend}, {available_cores()} processes, no HTTP, "
+            f"{pipeline_seconds:.0f}s)")
+        pipeline = pipeline_images_per_s(bundle, backend, pipeline_seconds)
+        for summary in summaries:
+            summary.pipeline_images_per_s = pipeline
+            summary.served_over_pipeline = summary.images_per_s / pipeline
+    (out / "summary.json").write_text(json.dumps([asdict(s) for s in summaries] if compare_baseline
+                                                 else asdict(summaries[0]), indent=2) + "\n")
+    if compare_baseline:
+        (out / "comparison.md").write_text(comparison_table(summaries) + "\n")
+    return summaries
+
+
+def comparison_table(summaries: list[LoadTestSummary]) -> str:
+    lines = ["| server | requests | failures | images/s | p50 / p95 / p99 ms | served ÷ pipeline |",
+             "|---|---|---|---|---|---|"]
+    for s in summaries:
+        ratio = "-" if s.served_over_pipeline is None else f"{s.served_over_pipeline:.2f}"
+        name = s.server + (f" ({s.layout})" if s.layout else "")
+        lines.append(f"| {name} | {s.requests} | {s.failures} | {s.images_per_s:.1f} | "
+                     f"{s.p50_ms:.0f} / {s.p95_ms:.0f} / {s.p99_ms:.0f} | {ratio} |")
+    if summaries and summaries[0].pipeline_images_per_s:
+        lines.append(f"\nin-process pipeline: {summaries[0].pipeline_images_per_s:.1f} images/s")
+    return "\n".join(lines)
+
+
 def _local_bundle(url: str) -> str | None:
-    """The bundle a running local service serves, if its directory is readable here."""
+    """The bundle a running local service serves, when it is in this machine's BentoML store."""
     import requests
 
     try:
-        path = requests.get(url + "/metadata", timeout=10).json()["runtime"].get("bundle")
+        meta = requests.get(url + "/metadata", timeout=10).json()
+        from transferkit.export.predictors import resolve_bundle_path
+
+        return str(resolve_bundle_path(f"{meta['name']}:{meta['version']}"))
     except Exception:
         return None
-    return path if path and Path(path).is_dir() else None
 
 
 def parse_duration(text: str) -> int:

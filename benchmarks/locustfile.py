@@ -2,58 +2,27 @@
 
     locust -f benchmarks/locustfile.py --host http://127.0.0.1:3000
 
-Images: small (256x192 PNG), ~1 MP and ~6 MP JPEG photos-like pictures generated at start-up (or the files in
-$TRANSFERKIT_LOADTEST_IMAGES). Weights are set by $TRANSFERKIT_LOADTEST_MIX ("small,1mp,6mp", default "6,3,1").
+Images: benchmarks/workload.py (small PNGs, ~1 MP and ~6 MP JPEGs, or $TRANSFERKIT_LOADTEST_IMAGES), weighted by
+$TRANSFERKIT_LOADTEST_MIX ("small,1mp,6mp", default "6,3,1").
 Overload answers (429/503) are reported under their own name, not as failures; a low-weight task sends bad input
 that must be answered 4xx.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import os
 import random
-from pathlib import Path
 
-import numpy as np
 from locust import HttpUser, between, task
-from PIL import Image
+
+from transferkit.benchmarks.workload import load_images, mix_weights
 
 OVERLOAD = (429, 503)
 
 
-def _picture(width: int, height: int, seed: int) -> Image.Image:
-    """Smooth gradients plus noise: compresses like a photo (a flat image would make JPEG decoding too cheap)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([127 + 120 * np.sin(x / (37 + 11 * c) + y / (53 + 7 * c) + seed) for c in range(3)], -1)
-    noise = rng.normal(0, 12, (height, width, 3))
-    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
-
-
-def _encode(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
-
-
-def load_images() -> dict[str, list[tuple[str, bytes, str]]]:
-    folder = os.environ.get("TRANSFERKIT_LOADTEST_IMAGES")
-    if folder:
-        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        return {"files": [(p.name, p.read_bytes(), "image/jpeg") for p in files]}
-    return {
-        "small": [(f"small{i}.png", _encode(_picture(256, 192, i), "PNG"), "image/png") for i in range(4)],
-        "1mp": [(f"1mp{i}.jpg", _encode(_picture(1280, 800, i), "JPEG"), "image/jpeg") for i in range(3)],
-        "6mp": [(f"6mp{i}.jpg", _encode(_picture(3000, 2000, i), "JPEG"), "image/jpeg") for i in range(2)],
-    }
-
-
 IMAGES = load_images()
-_weights = [float(w) for w in os.environ.get("TRANSFERKIT_LOADTEST_MIX", "6,3,1").split(",")]
 KINDS = list(IMAGES)
-WEIGHTS = _weights[: len(KINDS)] if len(KINDS) == 3 else [1.0] * len(KINDS)
+WEIGHTS = mix_weights(KINDS)
 
 
 def check_answer(answer: list, classes: list[str], count: int) -> str | None:

@@ -3,7 +3,9 @@
 ``load_bundle`` accepts a bundle directory or a BentoML model tag, checks every file against the manifest's sha256
 before anything is loaded, and hands out predictors: ``onnx`` / ``onnx-fp16`` / ``onnx-int8`` through onnxruntime
 (CUDA when it really loads, else CPU; the provider in use is reported) and ``savedmodel`` through TensorFlow, which
-is imported only for that backend. A predictor maps float32 RGB pixels [N, H, W, 3] (0-255) to probabilities [N, C].
+is imported only for that backend. A predictor maps RGB pixels [N, H, W, 3] (0-255, uint8 or float) to
+probabilities [N, C], feeding each format the dtype its manifest entry records: uint8 for schema-2 bundles (the graph
+casts on the device, so a quarter of the bytes cross a process or PCIe boundary), float32 for schema-1 bundles.
 """
 
 from __future__ import annotations
@@ -57,18 +59,21 @@ def cuda_libraries_missing() -> str:
     return ""
 
 
-def _as_batch(images: np.ndarray, size: int) -> np.ndarray:
+def _as_batch(images: np.ndarray, size: int, dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
+    """``images`` as a contiguous [N, size, size, 3] array of the dtype the graph takes."""
     batch = np.asarray(images)
     if batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
         raise UsageError(f"expected images of shape [N, {size}, {size}, 3], got {list(batch.shape)}")
-    return np.ascontiguousarray(batch, dtype=np.float32)
+    if dtype == np.uint8 and batch.dtype != np.uint8:
+        batch = np.clip(np.rint(batch), 0, 255)  # float pixels 0-255 (older callers): round, never wrap around
+    return np.ascontiguousarray(batch, dtype=dtype)
 
 
 class OnnxPredictor:
     """An onnxruntime session. ``device="auto"`` tries CUDA and falls back to CPU; ``"gpu"`` insists on CUDA."""
 
     def __init__(self, path: Path, backend: str, size: int, device: Device = "auto", threads: int | None = None,
-                 spin: bool = True):
+                 spin: bool = True, input_dtype: str = "float32", device_id: int = 0):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -85,7 +90,8 @@ class OnnxPredictor:
         # CUDA libraries load, then check which provider the session really got.
         self.cuda_note = cuda_libraries_missing() if device != "cpu" else "not requested"
         if not self.cuda_note:
-            providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
+            providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC",
+                                                           "device_id": device_id}))
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
@@ -98,18 +104,20 @@ class OnnxPredictor:
         self.backend = backend
         self.size = size
         self.threads = options.intra_op_num_threads
+        self.input_dtype = np.dtype(input_dtype)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        batch = _as_batch(images, self.size)
+        batch = _as_batch(images, self.size, self.input_dtype)
         return self.session.run([self.output_name], {self.input_name: batch})[0].astype(np.float32, copy=False)
 
 
 class SavedModelPredictor:
     """The SavedModel's ``serving_default`` signature through TensorFlow (imported only here)."""
 
-    def __init__(self, path: Path, size: int, input_name: str, output_name: str, device: Device = "auto"):
+    def __init__(self, path: Path, size: int, input_name: str, output_name: str, device: Device = "auto",
+                 input_dtype: str = "float32"):
         import tensorflow as tf
 
         gpus = tf.config.list_physical_devices("GPU")
@@ -125,9 +133,10 @@ class SavedModelPredictor:
         self.size = size
         self.input_name = input_name
         self.output_name = output_name
+        self.input_dtype = np.dtype(input_dtype)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        batch = _as_batch(images, self.size)
+        batch = _as_batch(images, self.size, self.input_dtype)
         with self._tf.device(self._device):
             outputs = self._signature(**{self.input_name: self._tf.constant(batch)})
         return outputs[self.output_name].numpy().astype(np.float32, copy=False)
@@ -142,7 +151,8 @@ class Bundle:
     source: str  # what the user named: a directory or a BentoML tag
 
     def predictor(self, backend: str = "onnx", device: Device = "auto", threads: int | None = None,
-                  spin: bool = True) -> Predictor:
+                  spin: bool = True, device_id: int = 0) -> Predictor:
+        """A predictor for ``backend``; ``device_id`` picks the GPU (a batched service runs one per GPU)."""
         if backend not in BACKENDS:
             raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         entry = self.manifest.formats.get(backend)
@@ -151,8 +161,10 @@ class Bundle:
                              f"{', '.join(self.manifest.formats)} (re-export with --formats ...,{backend})")
         path = self.path / entry.file
         if backend == "savedmodel":
-            return SavedModelPredictor(path, self.manifest.image_size, entry.input_name, entry.output_name, device)
-        return OnnxPredictor(path, backend, self.manifest.image_size, device, threads, spin)
+            return SavedModelPredictor(path, self.manifest.image_size, entry.input_name, entry.output_name, device,
+                                       entry.input_dtype)
+        return OnnxPredictor(path, backend, self.manifest.image_size, device, threads, spin, entry.input_dtype,
+                             device_id)
 
 
 def resolve_bundle_path(source: str | Path) -> Path:

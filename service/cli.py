@@ -1,70 +1,109 @@
-"""``transferkit serve``: a convenience wrapper around ``bentoml serve transferkit.service.service:ImageClassifier``."""
+"""``transferkit serve``: ``bentoml serve transferkit.service.service:ImageClassifier`` in the foreground, with the
+settings as options, a readiness message, and an orderly stop on SIGTERM / Ctrl-C (service/launcher.py)."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+import typing
 from pathlib import Path
 
-from transferkit.core.manifest import BACKENDS
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Settings offered as options; every other one is still read from its TRANSFERKIT_* variable.
+SERVE_OPTIONS = ("backend", "device", "layout", "workers", "threads", "top_k", "max_batch_size", "max_latency_ms",
+                 "max_images", "timeout_s", "max_concurrency", "drain_timeout_s")
 
 
 def add_serve_parser(subparsers) -> None:
+    from transferkit.service.settings import ServiceSettings
+
     p = subparsers.add_parser(
-        "serve", help="serve a bundle over HTTP with BentoML (adaptive batching)",
-        description="Start `bentoml serve` for MODEL (a BentoML model tag such as digits:latest, or a bundle "
-                    "directory). POST /predict takes multipart 'images' file fields and answers a JSON list of "
-                    "{label, score, top_k}; GET /metadata, /livez, /readyz and /metrics describe the server. "
-                    "Every option maps to a TRANSFERKIT_* environment variable read by service/service.py.",
+        "serve", help="serve a bundle over HTTP with BentoML",
+        description="Run `bentoml serve` for MODEL (a BentoML model tag such as digits:latest, or a bundle "
+                    "directory) until SIGTERM or Ctrl-C, then drain: requests already received complete, new ones "
+                    "get 503 `shutting_down`, and the server exits within the drain timeout. POST /predict takes "
+                    "multipart 'images' file fields; /v2 speaks the Open Inference Protocol; GET /metadata, /livez, "
+                    "/readyz and /metrics describe the server. Each option sets the TRANSFERKIT_* variable named in "
+                    "its help; unset options keep the environment's value or the service default (README, "
+                    "'Settings').",
     )
     p.add_argument("model", metavar="MODEL", help="BentoML model tag or bundle directory")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=3000, help="port (default 3000)")
-    p.add_argument("--backend", default="onnx", choices=BACKENDS, help="bundle format to run (default onnx)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
-                   help="auto: CUDA when it really loads, else CPU")
-    p.add_argument("--max-batch-size", type=int, default=32, help="images per model call (default 32)")
-    p.add_argument("--max-latency-ms", type=int, default=10_000,
-                   help="adaptive batching latency budget; requests that cannot meet it get 503 (default 10000)")
-    p.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
-    p.add_argument("--top-k", type=int, default=5, help="labels listed per image (default 5)")
+    for name in SERVE_OPTIONS:
+        field = ServiceSettings.model_fields[name]
+        default = "unset" if field.default is None else field.default
+        kwargs: dict = {"default": None, "help": f"{field.description} (default {default}; "
+                                                 f"TRANSFERKIT_{name.upper()})"}
+        choices = _literal_choices(field.annotation)
+        if choices:
+            kwargs["choices"] = choices
+        else:
+            kwargs["type"] = int
+            kwargs["metavar"] = "N"
+        p.add_argument("--" + name.replace("_", "-"), **kwargs)
     p.set_defaults(handler=run_serve)
 
 
-def serve_environment(args: argparse.Namespace, model: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "TRANSFERKIT_MODEL": model,
-        "TRANSFERKIT_BACKEND": args.backend,
-        "TRANSFERKIT_DEVICE": args.device,
-        "TRANSFERKIT_MAX_BATCH_SIZE": str(args.max_batch_size),
-        "TRANSFERKIT_MAX_LATENCY_MS": str(args.max_latency_ms),
-        "TRANSFERKIT_MAX_IMAGES": str(args.max_images),
-        "TRANSFERKIT_TOP_K": str(args.top_k),
-        "BENTOML_DO_NOT_TRACK": "true",
-    }
+def _literal_choices(annotation) -> tuple[str, ...] | None:
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    return None
+
+
+def chosen_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given on the command line, validated by the service's own settings model."""
+    from pydantic import ValidationError
+
+    from transferkit.core.errors import UsageError
+    from transferkit.service.settings import ServiceSettings
+
+    given = {name: getattr(args, name) for name in SERVE_OPTIONS if getattr(args, name) is not None}
+    try:
+        ServiceSettings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        raise UsageError(problems) from None
+    return given
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """One readable line instead of BentoML's traceback when the port is taken."""
+    import socket
+
+    from transferkit.core.errors import UsageError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror} (choose another --port)") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from transferkit.core.errors import UsageError
     from transferkit.export.predictors import load_bundle
+    from transferkit.service.launcher import BentoServer, serve_in_foreground
+    from transferkit.service.settings import ServiceSettings
 
-    if args.max_batch_size < 2:
-        raise UsageError("--max-batch-size must be at least 2 (BentoML's batcher needs room to batch)")
+    settings = chosen_settings(args)
+    effective = ServiceSettings(**settings)  # environment + options: what the server will run with
     model = args.model
     if Path(model).is_dir():
         model = str(Path(model).resolve())
     # Fail here with one line rather than in a server log: the bundle must exist, verify and have the format.
     bundle = load_bundle(model, formats=None)
-    if args.backend not in bundle.manifest.formats:
-        raise UsageError(f"{args.model} has no {args.backend} format (it has {', '.join(bundle.manifest.formats)})")
-    print(f"serving {bundle.manifest.name} {bundle.manifest.version} ({bundle.manifest.backbone}, "
-          f"{len(bundle.manifest.class_names)} classes) with {args.backend} on http://{args.host}:{args.port}")
-    print(f"  try: curl -F images=@photo.jpg http://{args.host}:{args.port}/predict", flush=True)
-    command = [sys.executable, "-m", "bentoml", "serve", "transferkit.service.service:ImageClassifier",
-               "--working-dir", str(PROJECT_ROOT), "--host", args.host, "--port", str(args.port)]
-    os.execve(sys.executable, command, serve_environment(args, model))
-    return 0  # not reached
+    if effective.backend not in bundle.manifest.formats:
+        raise UsageError(f"{args.model} has no {effective.backend} format "
+                         f"(it has {', '.join(bundle.manifest.formats)})")
+    _check_port_free(args.host, args.port)
+    server = BentoServer(model, host=args.host, port=args.port, **settings)
+    print(f"starting {bundle.manifest.name} {bundle.manifest.version} ({bundle.manifest.backbone}, "
+          f"{len(bundle.manifest.class_names)} classes) with {effective.backend} on {server.url}", flush=True)
+
+    def ready(server: BentoServer) -> None:
+        print(f"ready: {server.url}  (try: curl -F images=@photo.jpg {server.url}/predict; Ctrl-C or SIGTERM "
+              f"drains for up to {effective.drain_timeout_s} s and stops)", flush=True)
+
+    code = serve_in_foreground(server, on_ready=ready)
+    print(f"stopped (bentoml serve exit code {code})", flush=True)
+    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it

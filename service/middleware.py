@@ -1,8 +1,14 @@
-"""A request-body cap as ASGI middleware: 413 before the body is read, with or without Content-Length.
+"""ASGI middleware of the entry service: admission (drain, concurrency) and a request-body cap.
 
-BentoML's server has no body limit. A declared Content-Length over the cap is refused before one byte of the body is
-read; a chunked body is counted as it arrives and refused as soon as it passes the cap (the rest is never buffered).
-Bodies under the cap are buffered here and replayed to the application unchanged.
+:class:`Admission` runs first. Probes and /metrics always pass. While the process drains after SIGTERM every other
+request is answered 503 ``shutting_down`` with ``Retry-After`` (never a 500, never a dropped connection); past the
+worker's share of ``max_concurrency`` it is 429 ``overloaded``; otherwise the request is counted as in flight
+(:func:`track_request`) so that the drain waits for it. This replaces BentoML's own limiter, which would also
+refuse the Open Inference Protocol's health probes under load.
+
+:class:`BodySizeLimit`: BentoML's server has no body limit. A declared Content-Length over the cap is refused before
+one byte of the body is read; a chunked body is counted as it arrives and refused as soon as it passes the cap (the
+rest is never buffered). Bodies under the cap are buffered here and replayed to the application unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +28,44 @@ async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, by
         (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
         *(headers or [])]})
     await send({"type": "http.response.body", "body": payload})
+
+
+PROBES = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
+
+class Admission:
+    """Drain-aware admission: 503 while draining, 429 past ``max_in_flight``, else tracked as in flight."""
+
+    def __init__(self, app: ASGIApp, max_in_flight: int, is_draining: Callable[[], bool], track_request,
+                 on_reject: Callable[[str], None] | None = None):
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.is_draining = is_draining
+        self.track_request = track_request
+        self.on_reject = on_reject or (lambda reason: None)
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in PROBES:
+            await self.app(scope, receive, send)
+            return
+        if self.is_draining():
+            self.on_reject("shutting_down")
+            await send_json(send, 503, {"error": "the server is shutting down; retry on another instance",
+                                        "reason": "shutting_down"}, [(b"retry-after", b"1")])
+            return
+        if self.in_flight >= self.max_in_flight:
+            self.on_reject("overloaded")
+            await send_json(send, 429, {"error": f"too many requests in flight (at most {self.max_in_flight} per "
+                                                 f"worker); retry with backoff", "reason": "overloaded"},
+                            [(b"retry-after", b"1")])
+            return
+        self.in_flight += 1
+        try:
+            with self.track_request():
+                await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 class BodySizeLimit:

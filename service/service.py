@@ -1,35 +1,46 @@
 """The BentoML service: ``bentoml serve`` (bentofile.yaml names ``transferkit.service.service:ImageClassifier``).
 
-Two services, BentoML's model-composition pattern for adaptive batching:
+One bento, two layouts, chosen when the module is imported (``TRANSFERKIT_LAYOUT``, default by device; see
+service/settings.py and /metadata's ``layout``):
 
-- ``ImageClassifier`` (the HTTP entry point) parses each request, decodes and validates every image with the same
-  guarded function training used, and only then sends the request's pixels to the model. A bad image fails its own
-  request with a 4xx; it never reaches a batch. It serves ``POST /predict`` and ``GET /metadata``.
-- ``ClassifierModel`` holds the bundle (verified against its sha256 manifest, loaded, warmed at every batch size it
-  will see) and exposes one batchable API; BentoML's adaptive batcher merges concurrent requests into one model call.
+- ``inprocess`` (CPU): ``ImageClassifier`` alone, with one worker process per core. Each worker verifies, loads and
+  warms its own onnxruntime session (cores ÷ workers threads) and decodes and classifies a request on its own compute
+  thread: no second process, no pickled pixels, no batching queue.
+- ``batched`` (GPU): ``ImageClassifier`` (entry workers scaled to the cores) parses, validates and decodes every
+  image, then sends the request's uint8 pixels to ``ClassifierModel``, one process per GPU, whose BentoML adaptive
+  batcher merges concurrent requests into one device call. A bad image fails its own request; it never reaches a batch.
 
-TensorFlow is imported only by the ``savedmodel`` backend, inside the model process. Settings: service/settings.py.
+Both serve ``POST /predict``, ``GET /metadata`` and the Open Inference Protocol under ``/v2`` (service/http.py,
+service/oip.py). On SIGTERM a worker drains (service/lifecycle.py): ``/readyz`` turns 503, new requests are answered
+503 ``shutting_down``, requests already received complete, and the model processes stop after the entry.
+TensorFlow is imported only by the ``savedmodel`` backend, inside the process that runs the model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import bentoml
 import numpy as np
 
 from transferkit.core.errors import TransferkitError
+from transferkit.service import lifecycle
+from transferkit.service.decoding import DecodeGate, decode_all, estimate_all
 from transferkit.service.http import build_app, metrics
-from transferkit.service.middleware import BodySizeLimit
+from transferkit.service.middleware import Admission, BodySizeLimit
+from transferkit.service.runtime import ModelRuntime, ModelUnavailable, mask_paths, resolve_bundle, warmup_sizes
 from transferkit.service.settings import ServiceSettings
 
 logger = logging.getLogger("transferkit.service")
 SETTINGS = ServiceSettings.from_env()
+PLAN = SETTINGS.plan()
 STORE_LABEL = "transferkit-bundle"
+WARMING_WAIT_S = min(5.0, SETTINGS.timeout_s / 2)  # a warming worker holds a request this long, then 503
+DECODE_WAIT_S = SETTINGS.timeout_s / 2  # waiting for a decode slot past this: 503 busy, before the 504 timeout
+
+lifecycle.install_worker_lifecycle(SETTINGS.drain_timeout_s)
 
 
 def _store_model(settings: ServiceSettings) -> bentoml.models.BentoModel | None:
@@ -51,123 +62,192 @@ MODEL = _store_model(SETTINGS)
 
 
 def _bundle_path() -> Path:
-    if MODEL is not None:
-        try:
-            return Path(MODEL.stored.path)
-        except Exception as exc:  # bentoml's NotFound and friends
-            raise TransferkitError(f"BentoML model {SETTINGS.model or MODEL} is not in the model store "
-                                   f"({type(exc).__name__}); see `bentoml models list`") from None
-    if SETTINGS.model:
-        return Path(SETTINGS.model)
-    raise TransferkitError("no model configured: set TRANSFERKIT_MODEL to a BentoML model tag or a bundle directory")
+    return resolve_bundle(MODEL, SETTINGS.model)
 
 
-def warmup_sizes(max_batch_size: int) -> list[int]:
-    """Every batch size the batcher can form would be a new input shape for CUDA; on CPU powers of two suffice."""
-    sizes = {1, max_batch_size}
-    size = 2
-    while size < max_batch_size:
-        sizes.add(size)
-        size *= 2
-    return sorted(sizes)
+def _worker_index() -> int:
+    from bentoml._internal.context import server_context
+
+    return max(0, (server_context.worker_index or 1) - 1)
 
 
-@bentoml.service(
-    name="transferkit-model",
-    resources=SETTINGS.resources(),
-    workers=SETTINGS.model_workers,  # one model copy per process (settings.py says why several on CPU)
-    traffic={"timeout": SETTINGS.timeout_s},
-    # The entry service logs every client request; a second line per internal hop is noise and CPU.
-    logging={"access": {"enabled": False}},
-)
-class ClassifierModel:
-    bundle = MODEL
+class _Entry:
+    """What both layouts' entry services share: the manifest, readiness, the decode gate."""
 
-    def __init__(self) -> None:
-        self.ready = False
-        self.settled = threading.Event()  # set once loading has succeeded or failed
-        self.error: str | None = None
-        self.description: dict[str, Any] = {"state": "loading"}
-        # Load in the background: /livez answers at once, /readyz turns 200 only once the model is warm.
-        threading.Thread(target=self._load, name="load-bundle", daemon=True).start()
-
-    def _load(self) -> None:
-        from transferkit.export.predictors import load_bundle
-
-        start = time.perf_counter()
-        try:
-            bundle = load_bundle(_bundle_path())  # refuses a tampered or truncated file
-            predictor = bundle.predictor(SETTINGS.backend, SETTINGS.device, SETTINGS.threads, spin=False)
-            size = bundle.manifest.image_size
-            for batch in warmup_sizes(SETTINGS.max_batch_size):
-                probabilities = predictor(np.zeros((batch, size, size, 3), np.float32))
-                if not np.isfinite(probabilities).all():
-                    raise TransferkitError(f"the {SETTINGS.backend} model returns non-finite probabilities")
-        except Exception as exc:  # any failure must keep the service unready, with the reason in the log
-            self.error = str(exc) if isinstance(exc, TransferkitError) else f"{type(exc).__name__}: {exc}"
-            self.description = {"state": "failed", "error": self.error}
-            logger.error("transferkit: refusing to serve: %s", self.error)
-            self.settled.set()
-            return
-        self.predictor = predictor
-        self.description = {
-            "state": "ready", "bundle": str(bundle.path), "backend": SETTINGS.backend,
-            "provider": predictor.provider, "model_workers": SETTINGS.model_workers,
-            "threads_per_worker": getattr(predictor, "threads", None),
-            "cuda": getattr(predictor, "cuda_note", "n/a") or "loaded",
-            "warmup_batch_sizes": warmup_sizes(SETTINGS.max_batch_size),
-            "load_seconds": round(time.perf_counter() - start, 2),
-        }
-        self.ready = True
-        self.settled.set()
-        logger.info("transferkit: serving %s %s with %s on %s (%.1fs to verify, load and warm)",
-                    bundle.manifest.name, bundle.manifest.version, SETTINGS.backend, predictor.provider,
-                    time.perf_counter() - start)
-
-    def __is_ready__(self) -> bool:
-        return self.ready
-
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
-                 max_latency_ms=SETTINGS.max_latency_ms)
-    def classify(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 RGB [N, H, W, 3] -> float32 probabilities [N, C]; never raises for one bad row."""
-        # With several model processes one may still be warming when another already answers /readyz: wait for
-        # it rather than bounce the batch (a failed load answers at once).
-        if not self.ready and not self.settled.wait(SETTINGS.timeout_s):
-            raise bentoml.exceptions.ServiceUnavailable("model not ready: still loading")
-        if not self.ready:
-            raise bentoml.exceptions.ServiceUnavailable(f"model not ready: {self.error}")
-        return self.predictor(pixels.astype(np.float32))
-
-    @bentoml.api
-    def describe(self) -> dict:
-        return self.description
-
-
-@bentoml.asgi_app(build_app(lambda: bentoml.get_current_service(), SETTINGS), path="/")
-@bentoml.service(
-    name="transferkit",
-    workers=1,
-    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
-)
-class ImageClassifier:
-    model = bentoml.depends(ClassifierModel)
-    bundle = MODEL
-
-    def __init__(self) -> None:
+    def _init_entry(self) -> None:
         from transferkit.core.manifest import read_manifest
 
         self.manifest = None
-        self.settings = SETTINGS
+        self.load_error: str | None = None
+        self.gate = DecodeGate(SETTINGS.decode_concurrency, SETTINGS.decode_memory_bytes)
         try:
             self.manifest = read_manifest(_bundle_path())
         except TransferkitError as exc:
+            self.load_error = mask_paths(str(exc))
             logger.error("transferkit: refusing to serve: %s", exc)
 
-    def __is_ready__(self) -> bool:
-        return self.manifest is not None  # BentoML also asks ClassifierModel (its dependency) before answering 200
+    def _entry_ready(self) -> bool:
+        return self.manifest is not None and not lifecycle.is_draining()
 
 
+if PLAN.layout == "batched":
+
+    @bentoml.service(
+        name="transferkit-model",
+        resources=SETTINGS.model_resources(PLAN),
+        workers=PLAN.model_workers,  # one per GPU: each holds its own copy of the model and its own batcher
+        traffic={"timeout": SETTINGS.timeout_s},
+        # The entry service logs every client request; a second line per internal hop is noise and CPU.
+        logging={"access": {"enabled": False}},
+    )
+    class ClassifierModel:
+        bundle = MODEL
+
+        def __init__(self) -> None:
+            gpus = max(1, PLAN.gpus)
+            self.runtime = ModelRuntime(_bundle_path, SETTINGS.backend, SETTINGS.device, PLAN.threads,
+                                        warmup_sizes(SETTINGS.max_batch_size), device_id=_worker_index() % gpus)
+
+        def __is_ready__(self) -> bool:
+            return self.runtime.ready
+
+        @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
+                     max_latency_ms=SETTINGS.max_latency_ms)
+        def classify(self, pixels: np.ndarray) -> np.ndarray:
+            """uint8 RGB [N, H, W, 3] -> float32 probabilities [N, C]; never raises for one bad row."""
+            # With several model processes one may still be warming while another already answers /readyz.
+            self.runtime.settled.wait(WARMING_WAIT_S)
+            if not self.runtime.ready:  # BentoML masks a 5xx's message: the entry asks describe() for the reason
+                raise bentoml.exceptions.ServiceUnavailable(f"model {self.runtime.state}")
+            return self.runtime.predict(pixels)
+
+        @bentoml.api
+        def describe(self) -> dict:
+            return self.runtime.describe()
+
+    @bentoml.service(
+        name="transferkit",
+        workers=PLAN.entry_workers,
+        traffic={"timeout": SETTINGS.timeout_s},  # max_concurrency: service/middleware.py's Admission
+    )
+    class ImageClassifier(_Entry):
+        model = bentoml.depends(ClassifierModel)
+        bundle = MODEL
+
+        def __init__(self) -> None:
+            self._init_entry()
+
+        def __is_ready__(self) -> bool:
+            return self._entry_ready()  # BentoML also asks ClassifierModel (its dependency) before answering 200
+
+        def is_ready(self) -> bool:
+            return self._entry_ready()
+
+        async def infer_encoded(self, images: list[tuple[str, bytes]]) -> np.ndarray:
+            side = self.manifest.image_size
+            async with self.gate.admit(estimate_all(images, side, SETTINGS.max_pixels), DECODE_WAIT_S):
+                # Decoding is CPU work: off the event loop, so that probes and other requests stay responsive.
+                pixels = await asyncio.to_thread(decode_all, images, side, SETTINGS.max_pixels)
+            return await self.infer_pixels(pixels)
+
+        async def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
+            from bentoml.exceptions import BentoMLException
+
+            try:
+                return np.asarray(await _classify(self.model, pixels))
+            except BentoMLException as exc:
+                status = int(getattr(getattr(exc, "error_code", None), "value", 500))
+                if status not in (429, 503, 504):
+                    raise
+            info = await self.describe()  # why the model refused: loading, failed or busy
+            state = info.get("state")
+            if state == "failed":
+                raise ModelUnavailable("model_unavailable", f"the model failed to load: {info.get('error')}", None)
+            if state == "loading":
+                raise ModelUnavailable("warming_up", "the model is still loading and warming up; retry shortly", 2)
+            raise ModelUnavailable("overloaded", "the model is busy and cannot answer within its latency budget; "
+                                                 "retry with backoff", 1)
+
+        async def describe(self) -> dict:
+            try:
+                return await self.model.to_async.describe()
+            except Exception as exc:  # the model process is still starting
+                return {"state": "loading", "error": type(exc).__name__}
+
+else:
+
+    @bentoml.service(
+        name="transferkit",
+        resources=SETTINGS.model_resources(PLAN),
+        workers=PLAN.entry_workers,  # each worker holds its own session: no inter-process hop
+        traffic={"timeout": SETTINGS.timeout_s},  # max_concurrency: service/middleware.py's Admission
+    )
+    class ImageClassifier(_Entry):
+        bundle = MODEL
+
+        def __init__(self) -> None:
+            self._init_entry()
+            # CPU: batch shapes cost nothing new to onnxruntime; a GPU session (forced layout) meets each shape once.
+            sizes = warmup_sizes(SETTINGS.max_images) if PLAN.gpus else [1]
+            self.runtime = ModelRuntime(_bundle_path, SETTINGS.backend, SETTINGS.device, PLAN.threads, sizes,
+                                        compute_threads=PLAN.threads, device_id=_worker_index() % max(1, PLAN.gpus))
+
+        def __is_ready__(self) -> bool:
+            return self._entry_ready() and self.runtime.ready
+
+        def is_ready(self) -> bool:
+            return self.__is_ready__()
+
+        def _decode_and_predict(self, images: list[tuple[str, bytes]]) -> np.ndarray:
+            return self.runtime.predict(decode_all(images, self.manifest.image_size, SETTINGS.max_pixels))
+
+        async def infer_encoded(self, images: list[tuple[str, bytes]]) -> np.ndarray:
+            cost = estimate_all(images, self.manifest.image_size, SETTINGS.max_pixels)
+            await self.runtime.wait_ready(WARMING_WAIT_S)
+            async with self.gate.admit(cost, DECODE_WAIT_S):
+                # Decode and inference as one job on this worker's compute thread(s): a request never waits
+                # behind another request's decode between its own decode and its inference.
+                return await self.runtime.run(self._decode_and_predict, images)
+
+        async def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
+            await self.runtime.wait_ready(WARMING_WAIT_S)
+            return await self.runtime.run(self.runtime.predict, pixels)
+
+        async def describe(self) -> dict:
+            return {**self.runtime.describe(), "worker": _worker_index() + 1}
+
+
+def _dropped_connection(exc: Exception) -> bool:
+    import aiohttp
+
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError)):
+        return True
+    return isinstance(exc, RuntimeError) and ("Connection closed" in str(exc) or "Session is closed" in str(exc))
+
+
+async def _classify(model, pixels: np.ndarray, attempts: int = 3):
+    """Call the model process, retrying when the pooled keep-alive connection was closed under us.
+
+    BentoML's inter-service client keeps connections longer than uvicorn's 5 s keep-alive, so a reused connection
+    can be closed by the server mid-request (bentoml/BentoML#4971). Inference is idempotent and the failure is the
+    connection's, not the request's, so a retry is safe.
+    """
+    for attempt in range(attempts):
+        try:
+            return await model.to_async.classify(pixels)
+        except Exception as exc:
+            if attempt == attempts - 1 or not _dropped_connection(exc):
+                raise
+            logger.warning("transferkit: connection to the model process dropped (%s); retrying", type(exc).__name__)
+    raise AssertionError("unreachable")
+
+
+ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service(), SETTINGS, PLAN),
+                                   path="/")(ImageClassifier)
+ImageClassifier.add_asgi_middleware(
+    Admission, max_in_flight=-(-SETTINGS.max_concurrency // PLAN.entry_workers),
+    is_draining=lifecycle.is_draining, track_request=lifecycle.track_request, on_reject=metrics.rejected,
+)
 ImageClassifier.add_asgi_middleware(
     BodySizeLimit, max_bytes=SETTINGS.max_body_bytes, on_reject=lambda: metrics.rejected("body_too_large"),
 )

@@ -1,91 +1,145 @@
-"""Service settings, read once from ``TRANSFERKIT_*`` environment variables.
+"""Service settings: one pydantic-settings model, read once from ``TRANSFERKIT_*`` environment variables.
 
-BentoML reads the batching and traffic settings when the service class is decorated, i.e. at import time, so they
-cannot come from a request or a config object built later. Bad values fail at start-up with the variable's name.
+This model is the only source of the defaults: ``transferkit serve`` and the README's table (``settings_table()``,
+checked by a test) are derived from it. BentoML reads workers, batching and traffic settings when the service class is
+decorated, i.e. at import time, so they come from the environment of ``bentoml serve``, not from a request.
+
+Which processes run (the *layout*) follows the hardware; :meth:`ServiceSettings.plan` works it out:
+
+- ``inprocess`` (CPU): N HTTP workers, each decoding and running its own onnxruntime session of cores/N threads.
+  No second process, no pickled pixels, no batching queue: on a CPU onnxruntime's images/s is flat in batch size.
+- ``batched`` (GPU): entry workers scaled to the cores decode and send uint8 pixels to one model process per GPU,
+  whose BentoML adaptive batcher merges concurrent requests into one device call.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from transferkit.core.errors import UsageError
 from transferkit.core.images import DEFAULT_MAX_PIXELS
-from transferkit.core.manifest import BACKENDS
 from transferkit.core.system import available_cores
 
-
-def gpu_present() -> bool:
-    """An NVIDIA GPU is visible (checked without importing a framework: this runs at import time)."""
-    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
+Layout = Literal["inprocess", "batched"]
+MAX_CPU_WORKERS = 16  # each CPU worker holds a copy of the model: beyond this, more threads per worker instead
 
 
-def _int(name: str, default: int, minimum: int = 1) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise UsageError(f"{name}={raw!r}: expected an integer") from None
-    if value < minimum:
-        raise UsageError(f"{name}={value}: must be at least {minimum}")
-    return value
+def gpu_count() -> int:
+    """NVIDIA GPUs visible to this process, counted without importing a framework (this runs at import time)."""
+    root = Path("/proc/driver/nvidia/gpus")
+    gpus = sum(1 for _ in root.iterdir()) if root.is_dir() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and gpus:
+        gpus = min(gpus, len([v for v in visible.split(",") if v.strip() and v.strip() != "-1"]))
+    return gpus
 
 
 @dataclass(frozen=True)
-class ServiceSettings:
-    model: str | None  # BentoML model tag or bundle directory; None: the only transferkit model in the store
-    backend: str
-    device: str  # auto | cpu | gpu
-    model_workers: int  # model processes, each with its own copy of the model and its own batcher
-    threads: int  # onnxruntime intra-op threads per model process
-    top_k: int
-    max_batch_size: int  # images per model call, across requests
-    max_latency_ms: int  # BentoML's adaptive batcher answers 503 when a request cannot meet it
-    max_images: int  # per request
-    max_body_bytes: int  # per request, enforced before the body is read
-    max_pixels: int  # per image, from its header
-    timeout_s: int  # per request -> 504
-    max_concurrency: int  # requests in flight -> 429 beyond it
+class Plan:
+    """The processes and threads a layout resolves to on this machine (reported by /metadata)."""
+
+    layout: Layout
+    cores: int
+    gpus: int
+    entry_workers: int  # HTTP worker processes
+    model_workers: int  # batched: model processes (one per GPU); inprocess: one session per HTTP worker
+    threads: int  # onnxruntime intra-op threads per session
+    reason: str
+
+
+class ServiceSettings(BaseSettings):
+    """Every ``TRANSFERKIT_*`` variable of the service. Descriptions feed the README table."""
+
+    model_config = SettingsConfigDict(env_prefix="TRANSFERKIT_", extra="ignore", frozen=True)
+
+    model: str | None = Field(None, description="BentoML model tag or bundle directory; unset: the only "
+                                                "transferkit model in the store")
+    backend: Literal["onnx", "onnx-fp16", "onnx-int8", "savedmodel"] = Field("onnx", description="bundle format")
+    device: Literal["auto", "cpu", "gpu"] = Field("auto", description="`auto`: CUDA when a GPU is present")
+    layout: Literal["auto", "inprocess", "batched"] = Field(
+        "auto", description="`auto`: `batched` with a GPU, `inprocess` on CPU")
+    workers: int | None = Field(None, ge=1, description="HTTP worker processes; unset: one per core "
+                                                        f"(at most {MAX_CPU_WORKERS})")
+    model_workers: int | None = Field(None, ge=1, description="`batched`: model processes; unset: one per GPU "
+                                                              "(1 on CPU)")
+    threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads per session; unset: "
+                                                        "cores ÷ processes running a session")
+    top_k: int = Field(5, ge=1, description="labels listed per image")
+    max_batch_size: int = Field(32, ge=2, description="`batched`: images per model call (BentoML needs > 1)")
+    max_latency_ms: int = Field(10_000, ge=1, description="`batched`: the batcher answers 503 past this budget")
+    max_images: int = Field(16, ge=1, description="images per request")
+    max_body_mb: int = Field(32, ge=1, description="request body cap, enforced before the body is read")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="pixels per image, from its header")
+    decode_concurrency: int = Field(2, ge=1, description="requests decoding at once per worker")
+    decode_memory_mb: int = Field(1024, ge=64, description="decode memory per worker: an image is decoded only "
+                                                           "when its estimated peak fits (larger: 413)")
+    timeout_s: int = Field(30, ge=1, description="per request: 504 past it")
+    max_concurrency: int = Field(64, ge=1, description="requests in flight (whole service): 429 past it")
+    drain_timeout_s: int = Field(30, ge=1, description="on SIGTERM: time allowed to finish requests in flight")
 
     @classmethod
     def from_env(cls) -> ServiceSettings:
-        backend = os.environ.get("TRANSFERKIT_BACKEND", "onnx").strip().lower()
-        if backend not in BACKENDS:
-            raise UsageError(f"TRANSFERKIT_BACKEND={backend!r}: choose one of {', '.join(BACKENDS)}")
-        device = os.environ.get("TRANSFERKIT_DEVICE", "auto").strip().lower()
-        if device not in ("auto", "cpu", "gpu"):
-            raise UsageError(f"TRANSFERKIT_DEVICE={device!r}: choose auto, cpu or gpu")
-        # On CPU, several single-threaded model processes beat one process with many intra-op threads once
-        # anything else wants the cores (decoding, HTTP): a preempted intra-op thread stalls every operator of
-        # its batch, a preempted process only itself (measured: BENCHMARKS.md). Capped at 4 copies of the model.
-        # On a GPU, and for TensorFlow's SavedModel with its own thread pools, one process owns the device.
-        on_device = backend == "savedmodel" or (device != "cpu" and gpu_present())
-        cores = available_cores()
-        model_workers = _int("TRANSFERKIT_MODEL_WORKERS", 1 if on_device else min(cores, 4))
-        threads = _int("TRANSFERKIT_THREADS", max(1, cores // model_workers))
-        max_batch_size = _int("TRANSFERKIT_MAX_BATCH_SIZE", 32, minimum=2)  # BentoML requires > 1
-        return cls(
-            model=os.environ.get("TRANSFERKIT_MODEL") or None,
-            backend=backend,
-            device=device,
-            model_workers=model_workers,
-            threads=threads,
-            top_k=_int("TRANSFERKIT_TOP_K", 5),
-            max_batch_size=max_batch_size,
-            max_latency_ms=_int("TRANSFERKIT_MAX_LATENCY_MS", 10_000),
-            max_images=_int("TRANSFERKIT_MAX_IMAGES", 16),
-            max_body_bytes=_int("TRANSFERKIT_MAX_BODY_MB", 32) * 1024 * 1024,
-            max_pixels=_int("TRANSFERKIT_MAX_PIXELS", DEFAULT_MAX_PIXELS),
-            timeout_s=_int("TRANSFERKIT_TIMEOUT_S", 30),
-            max_concurrency=_int("TRANSFERKIT_MAX_CONCURRENCY", 64),
-        )
+        """Read the environment; a bad value is a :class:`UsageError` naming the variable."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            problems = "; ".join(f"TRANSFERKIT_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+                                 for e in exc.errors())
+            raise UsageError(f"invalid service settings: {problems}") from None
 
-    def resources(self) -> dict:
-        """BentoML resources: ask for a GPU only when one is present (on CPU BentoML would warn and carry on)."""
-        return {"gpu": 1} if self.device != "cpu" and gpu_present() else {}
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_body_mb * 1024 * 1024
+
+    @property
+    def decode_memory_bytes(self) -> int:
+        return self.decode_memory_mb * 1024 * 1024
+
+    def plan(self, cores: int | None = None, gpus: int | None = None) -> Plan:
+        """Resolve the layout and the process and thread counts for ``cores`` and ``gpus`` (default: this host)."""
+        cores = available_cores() if cores is None else cores
+        gpus = 0 if self.device == "cpu" else (gpu_count() if gpus is None else gpus)
+        if self.layout != "auto":
+            layout, reason = self.layout, "TRANSFERKIT_LAYOUT"
+        elif gpus and self.backend != "savedmodel":
+            layout, reason = "batched", f"{gpus} GPU(s): batching fills the device"
+        else:
+            layout, reason = "inprocess", "CPU: batching adds queueing but no throughput"
+        if self.backend == "savedmodel" and self.layout == "auto":
+            reason = "savedmodel: TensorFlow's own thread pools, one process"
+        if layout == "inprocess":
+            if self.backend == "savedmodel":
+                workers = self.workers or 1  # TensorFlow sizes its own pools to the whole machine
+            else:
+                workers = self.workers or min(cores, MAX_CPU_WORKERS)
+            threads = self.threads or max(1, cores // workers)
+            return Plan("inprocess", cores, gpus, workers, workers, threads, reason)
+        model_workers = self.model_workers or max(1, gpus)
+        workers = self.workers or min(cores, MAX_CPU_WORKERS)
+        # On a GPU the session's CPU threads only feed the device; on CPU (tests) the model shares the cores.
+        threads = self.threads or (1 if gpus else max(1, cores // model_workers))
+        return Plan("batched", cores, gpus, workers, model_workers, threads, reason)
+
+    def model_resources(self, plan: Plan) -> dict:
+        """BentoML resources of the process that runs the model: every GPU when there are GPUs (BentoML exposes them
+        to each worker through CUDA_VISIBLE_DEVICES; a worker picks its own by index)."""
+        return {"gpu": plan.gpus} if plan.gpus else {}
 
     def public(self) -> dict:
-        return asdict(self)
+        """What /metadata may show: the settings without the model's location (a path on the server)."""
+        return self.model_dump(exclude={"model"})
+
+
+def settings_table() -> str:
+    """The README's Markdown table of every variable, its default and its meaning, from the model itself."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in ServiceSettings.model_fields.items():
+        default = "unset" if field.default is None else f"`{field.default}`"
+        lines.append(f"| `TRANSFERKIT_{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(lines)

@@ -74,18 +74,22 @@ def test_bench_errors_are_one_line(tmp_path):
         assert expected in last_error_line(result), (args, result.stderr)
 
 
-def test_loadtest_against_the_service_reports_batches_and_served_over_raw(bundle, tmp_path):
+def test_loadtest_compares_the_service_with_the_baseline_and_the_in_process_pipeline(bundle, tmp_path):
     out = tmp_path / "load"
-    result = run_cli("loadtest", "--model", str(bundle), "--users", "6", "--spawn-rate", "6", "--duration", "8s",
-                     "--max-p95-ms", "0.001", "--out", str(out), timeout=300)
+    result = run_cli("loadtest", "--model", str(bundle), "--compare-baseline", "--users", "6", "--spawn-rate", "6",
+                     "--duration", "6s", "--pipeline-seconds", "2", "--max-p95-ms", "0.001", "--out", str(out),
+                     timeout=400)
     assert result.returncode == 1, result.stderr[-3000:]  # the impossible p95 threshold
     assert "thresholds exceeded: p95" in last_error_line(result)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["requests"] > 20 and summary["failures"] == 0 and summary["failure_ratio"] == 0
-    assert summary["images_per_s"] > 0 and summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
-    assert summary["batch_calls"] > 0 and summary["batch_size_mean"] >= 1
-    assert summary["raw_images_per_s"] > 0 and summary["served_over_raw"] > 0
-    assert summary["by_name"]["bad input (expects 4xx)"]["failures"] == 0
-    for name in ("locust_stats.csv", "locust.html", "service.log"):
+    service, baseline = json.loads((out / "summary.json").read_text())
+    assert (service["server"], baseline["server"]) == ("transferkit", "baseline")
+    for summary in (service, baseline):
+        assert summary["requests"] > 10 and summary["failures"] == 0 and summary["failure_ratio"] == 0
+        assert summary["images_per_s"] > 0 and summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
+        assert summary["by_name"]["bad input (expects 4xx)"]["failures"] == 0
+        assert summary["pipeline_images_per_s"] > 0
+        assert summary["served_over_pipeline"] == summary["images_per_s"] / summary["pipeline_images_per_s"]
+    assert service["layout"] == "inprocess" and service["batch_calls"] == 0  # CPU: no batching queue
+    for name in ("comparison.md", "transferkit/locust_stats.csv", "transferkit/service.log", "baseline/locust.html"):
         assert (out / name).is_file(), name
-    assert "served ÷ raw" in result.stdout
+    assert "served ÷ pipeline" in result.stdout and "baseline images/s" in result.stdout

@@ -22,16 +22,19 @@ class _StageFinder(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname, path=None, target=None):  # noqa: D102 - importlib protocol
         prefix, _, stage = fullname.partition(".")
-        if prefix != "transferkit" or stage not in STAGES:
-            return None
         init = self.root / stage / "__init__.py"
+        if prefix != "transferkit" or stage not in STAGES or not init.is_file():
+            return None
         return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[str(init.parent)])
 
 
 def install_source_layout() -> None:
-    """Register the finder when the stage folders sit beside the package and no installer mapped them."""
+    """Register the finder when stage folders sit beside the package and no installer mapped them.
+
+    A bento copies only the stages the service needs (export/, service/), so each stage is mapped if its folder is
+    there; a stage that is absent stays unimportable, as it would be in an install without it."""
     root = Path(__file__).resolve().parent.parent
-    if not all((root / stage / "__init__.py").is_file() for stage in ("training", "export", "service")):
+    if not any((root / stage / "__init__.py").is_file() for stage in STAGES):
         return
     if any(isinstance(finder, _StageFinder) for finder in sys.meta_path):
         return

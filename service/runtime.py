@@ -1,0 +1,142 @@
+"""One loaded model in one process: verified, loaded and warmed in the background, then called from a thread pool.
+
+Both layouts use it: every HTTP worker of the ``inprocess`` layout holds one, the model service of the ``batched``
+layout holds one per process. Its state decides the honest answer while it is not serving: ``loading`` (a retryable
+503 ``warming_up``) or ``failed`` (503 ``model_unavailable`` with the reason, never "overloaded").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferkit.core.errors import TransferkitError
+
+logger = logging.getLogger("transferkit.service")
+
+
+def mask_paths(message: str) -> str:
+    """A message fit for a client: absolute filesystem paths of the server replaced by ``<path>``."""
+    return re.sub(r"(?<![\w.])/[^\s:'\"]+", "<path>", message)
+
+
+class ModelUnavailable(Exception):
+    """The model cannot answer: still warming (retryable) or failed to load (not retryable)."""
+
+    def __init__(self, reason: str, message: str, retry_after: int | None):
+        super().__init__(message)
+        self.reason, self.message, self.retry_after = reason, message, retry_after
+
+
+def warmup_sizes(max_batch_size: int) -> list[int]:
+    """Every batch size the batcher can form would be a new input shape for CUDA; on CPU powers of two suffice."""
+    sizes = {1, max_batch_size}
+    size = 2
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+class ModelRuntime:
+    """Loads ``bundle_path()`` with ``backend`` in a background thread; ``await run(fn, ...)`` uses its threads."""
+
+    def __init__(self, bundle_path, backend: str, device: str, threads: int, batch_sizes: list[int],
+                 compute_threads: int = 1, device_id: int = 0):
+        self.backend, self.device, self.threads, self.device_id = backend, device, threads, device_id
+        self.batch_sizes = batch_sizes
+        self.state = "loading"
+        self.error: str | None = None
+        self.predictor: Any = None
+        self.manifest: Any = None
+        self.load_seconds: float | None = None
+        self.settled = threading.Event()  # set once loading has succeeded or failed
+        # The threads that run decoding and inference: one per session thread keeps a worker from running more
+        # work at once than its share of the cores (a queue on the event loop is cheaper than preempted threads).
+        self.executor = ThreadPoolExecutor(compute_threads, thread_name_prefix="compute")
+        threading.Thread(target=self._load, args=(bundle_path,), name="load-bundle", daemon=True).start()
+
+    def _load(self, bundle_path) -> None:
+        from transferkit.export.predictors import load_bundle
+
+        start = time.perf_counter()
+        try:
+            bundle = load_bundle(bundle_path())  # refuses a tampered or truncated file
+            predictor = bundle.predictor(self.backend, self.device, self.threads, spin=False,
+                                         device_id=self.device_id)
+            size = bundle.manifest.image_size
+            for batch in self.batch_sizes:
+                probabilities = predictor(np.zeros((batch, size, size, 3), np.uint8))
+                if not np.isfinite(probabilities).all():
+                    raise TransferkitError(f"the {self.backend} model returns non-finite probabilities")
+        except Exception as exc:  # any failure must keep the service unready, with the reason in the log
+            self.error = str(exc) if isinstance(exc, TransferkitError) else f"{type(exc).__name__}: {exc}"
+            self.state = "failed"
+            logger.error("transferkit: refusing to serve: %s", self.error)
+            self.settled.set()
+            return
+        self.predictor, self.manifest = predictor, bundle.manifest
+        self.load_seconds = round(time.perf_counter() - start, 2)
+        self.state = "ready"
+        self.settled.set()
+        logger.info("transferkit: serving %s %s with %s on %s (%.1fs to verify, load and warm)",
+                    bundle.manifest.name, bundle.manifest.version, self.backend, predictor.provider,
+                    self.load_seconds)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def check(self) -> None:
+        """Raise :class:`ModelUnavailable` unless the model can answer now."""
+        if self.state == "failed":
+            raise ModelUnavailable("model_unavailable", f"the model failed to load: {mask_paths(self.error or '')}",
+                                   None)
+        if self.state != "ready":
+            raise ModelUnavailable("warming_up", "the model is still loading and warming up; retry shortly", 2)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait (off the event loop) until loading settles, then :meth:`check`."""
+        if not self.settled.is_set():
+            await asyncio.get_running_loop().run_in_executor(None, self.settled.wait, timeout)
+        self.check()
+
+    async def run(self, fn, *args):
+        """``fn(*args)`` on this runtime's compute threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] -> float32 [N, C] (the graph or the predictor casts)."""
+        self.check()
+        return self.predictor(pixels)
+
+    def describe(self) -> dict:
+        """The runtime part of /metadata (no filesystem paths)."""
+        if self.state != "ready":
+            return {"state": self.state, **({"error": mask_paths(self.error)} if self.error else {})}
+        return {"state": "ready", "backend": self.backend, "provider": self.predictor.provider,
+                "threads_per_session": getattr(self.predictor, "threads", None),
+                "input_dtype": str(getattr(self.predictor, "input_dtype", "float32")),
+                "cuda": getattr(self.predictor, "cuda_note", "n/a") or "loaded",
+                "warmup_batch_sizes": self.batch_sizes, "load_seconds": self.load_seconds}
+
+
+def resolve_bundle(model_ref, configured: str | None) -> Path:
+    """The bundle directory: the store model's path, or the configured directory."""
+    if model_ref is not None:
+        try:
+            return Path(model_ref.stored.path)
+        except Exception as exc:  # bentoml's NotFound and friends
+            raise TransferkitError(f"BentoML model {configured or model_ref} is not in the model store "
+                                   f"({type(exc).__name__}); see `bentoml models list`") from None
+    if configured:
+        return Path(configured)
+    raise TransferkitError("no model configured: set TRANSFERKIT_MODEL to a BentoML model tag or a bundle directory")

@@ -1,0 +1,215 @@
+"""Layouts by device: the settings model that chooses them, and the GPU layout (``batched``: entry workers feeding a
+batched model service) run for real on CPU, so that it keeps working where no GPU is present."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from faulty_bundle import write_faulty_bundle
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from serving import ROOT, Server
+
+from transferkit.core.errors import UsageError
+from transferkit.core.images import decode_image
+from transferkit.service.settings import ServiceSettings, settings_table
+from transferkit.training.rundir import split_files
+
+# --- the settings model ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cores,gpus,overrides,expected", [
+    (2, 0, {}, ("inprocess", 2, 2, 1)),  # CPU: one session per core, no model process
+    (64, 0, {}, ("inprocess", 16, 16, 4)),  # capped copies of the model, the cores shared among them
+    (3, 0, {"workers": 1}, ("inprocess", 1, 1, 3)),
+    (32, 2, {}, ("batched", 16, 2, 1)),  # GPUs: entry scaled to the cores, one model process per GPU
+    (8, 1, {"device": "cpu"}, ("inprocess", 8, 8, 1)),  # --device cpu ignores the GPU
+    (8, 1, {"layout": "inprocess"}, ("inprocess", 8, 8, 1)),
+    (2, 0, {"layout": "batched"}, ("batched", 2, 1, 2)),  # forced on CPU: what the tests below run
+    (8, 1, {"backend": "savedmodel"}, ("inprocess", 1, 1, 8)),  # TensorFlow sizes its own pools
+])
+def test_plan_follows_the_hardware(cores, gpus, overrides, expected):
+    plan = ServiceSettings(**overrides).plan(cores=cores, gpus=gpus)
+    assert (plan.layout, plan.entry_workers, plan.model_workers, plan.threads) == expected
+    assert plan.reason
+
+
+def test_settings_come_from_the_environment_and_name_the_bad_variable(monkeypatch):
+    monkeypatch.setenv("TRANSFERKIT_MAX_IMAGES", "7")
+    monkeypatch.setenv("TRANSFERKIT_LAYOUT", "batched")
+    settings = ServiceSettings.from_env()
+    assert settings.max_images == 7 and settings.layout == "batched"
+    monkeypatch.setenv("TRANSFERKIT_MAX_BATCH_SIZE", "1")
+    with pytest.raises(UsageError, match="TRANSFERKIT_MAX_BATCH_SIZE"):
+        ServiceSettings.from_env()
+    monkeypatch.setenv("TRANSFERKIT_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("TRANSFERKIT_LAYOUT", "fastest")
+    with pytest.raises(UsageError, match="TRANSFERKIT_LAYOUT"):
+        ServiceSettings.from_env()
+
+
+def test_readme_settings_table_is_the_settings_model():
+    """One source of defaults: the README's table is exactly what the model renders."""
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `TRANSFERKIT_")]
+    assert "\n".join(rows) == "\n".join(line for line in settings_table().splitlines()
+                                        if line.startswith("| `TRANSFERKIT_"))
+    assert len(rows) == len(ServiceSettings.model_fields)
+
+
+def test_public_settings_hide_the_model_location():
+    public = ServiceSettings(model="/srv/secret/bundle").public()
+    assert "model" not in public and "/srv/secret" not in repr(public)
+
+
+# --- the batched layout on CPU ------------------------------------------------------------------------------------
+
+
+def batch_counters(server) -> tuple[float, float]:
+    total = count = 0.0
+    for family in text_string_to_metric_families(server.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "bentoml_service_adaptive_batch_size_sum":
+                total += sample.value
+            elif sample.name == "bentoml_service_adaptive_batch_size_count":
+                count += sample.value
+    return total, count
+
+
+@pytest.fixture(scope="module")
+def batched(bundle, tmp_path_factory):
+    srv = Server(bundle, tmp_path_factory.mktemp("logs") / "batched.log", layout="batched", max_batch_size=16,
+                 max_latency_ms=10_000)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_batched_layout_runs_a_model_service_and_batches_concurrent_requests(batched, bundle, trained_run):
+    from transferkit.export.predictors import load_bundle
+
+    meta = batched.get("/metadata").json()
+    assert meta["layout"]["name"] == "batched" and meta["batching"]["max_batch_size"] == 16
+    assert len(batched.workers("transferkit-model")) == meta["layout"]["model_workers"] == 1
+    assert len(batched.workers("transferkit")) == meta["layout"]["entry_workers"]
+    predictor = load_bundle(bundle).predictor("onnx")
+    assert meta["runtime"]["provider"] == predictor.provider
+    files = [path for path, _ in split_files(trained_run.run_dir, "test")[:48]]
+    before = batch_counters(batched)
+    with ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(lambda p: batched.post("/predict", files=[("images", (p.name, p.read_bytes(),
+                                                                                          "image/png"))]), files))
+    after = batch_counters(batched)
+    for path, response in zip(files, responses):
+        assert response.status_code == 200, response.text
+        expected = predictor(decode_image(path.read_bytes(), 32)[None])[0]
+        assert response.json()[0]["score"] == pytest.approx(float(expected.max()), abs=1e-5)
+    calls = after[1] - before[1]
+    assert calls > 0 and (after[0] - before[0]) == len(files)  # every image went through the batcher once
+    assert (after[0] - before[0]) / calls > 1.0  # some model calls carried images from several requests
+
+
+def test_batched_layout_speaks_the_open_inference_protocol(batched, trained_run):
+    client = triton.InferenceServerClient(batched.url.removeprefix("http://"))
+    path = split_files(trained_run.run_dir, "test")[0][0]
+    pixels = decode_image(path.read_bytes(), 32)[None]
+    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    probabilities = client.infer("digits-test", [tensor]).as_numpy("probabilities")
+    answer = batched.post("/predict", files=[("images", ("a.png", path.read_bytes(), "image/png"))]).json()[0]
+    assert answer["score"] == pytest.approx(float(probabilities.max()), abs=1e-6)
+
+
+def test_batched_layout_with_a_failed_model_says_model_unavailable(bundle, tmp_path):
+    copy = tmp_path / "tampered"
+    shutil.copytree(bundle, copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "model.onnx").write_bytes(bytes(data))
+    srv = Server(copy, tmp_path / "tampered.log", layout="batched", timeout_s=10)
+    try:
+        srv.wait_listening()
+        deadline = time.monotonic() + 30
+        while "refusing to serve" not in srv.log() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert srv.get("/readyz").status_code == 503 and srv.get("/livez").status_code == 200
+        png = _png(30)
+        response = srv.post("/predict", files=[("images", ("x.png", png, "image/png"))])
+        assert response.status_code == 503 and response.json()["reason"] == "model_unavailable", response.text
+        assert "checksum" in response.json()["error"]
+    finally:
+        srv.stop()
+
+
+def _png(value: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (value, value, value)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_batched_layout_drains_the_entry_before_the_model_stops(tmp_path: Path):
+    """SIGTERM with slow requests in flight: the model service outlives them (BentoML would stop it at once)."""
+    bundle_dir = write_faulty_bundle(tmp_path / "bundle")
+    srv = Server(bundle_dir, tmp_path / "drain.log", layout="batched", timeout_s=30, max_batch_size=2)
+    try:
+        srv.wait_ready()
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(srv.post, "/predict", files=[("images", ("w.png", _png(250), "image/png"))])
+                       for _ in range(4)]
+            time.sleep(0.5)  # the first batch is in the model, the rest wait in the entry and the batcher
+            srv.terminate()
+            statuses = [f.result().status_code for f in futures]
+        assert statuses == [200, 200, 200, 200], statuses
+        assert srv.wait(90) == 0
+        assert not re.search(r"model call failed|UnixClientConnectorError", srv.log())
+    finally:
+        srv.stop()
+
+
+# --- honest failure codes, without a server ------------------------------------------------------------------------
+
+
+def test_a_warming_worker_answers_a_retryable_503_and_a_failed_one_model_unavailable(bundle):
+    import asyncio
+    import threading
+
+    from transferkit.core.errors import BundleError
+    from transferkit.service.http import error_for
+    from transferkit.service.runtime import ModelRuntime, ModelUnavailable
+
+    release = threading.Event()
+
+    def slow_bundle():  # loading is stuck (a large bundle being verified, a slow disk)
+        release.wait(30)
+        return bundle
+
+    warming = ModelRuntime(slow_bundle, "onnx", "cpu", 1, [1])
+    with pytest.raises(ModelUnavailable) as info:
+        asyncio.run(warming.wait_ready(0.1))
+    assert info.value.reason == "warming_up" and info.value.retry_after
+    response = error_for(info.value)
+    assert response.status_code == 503 and response.headers["Retry-After"] == str(info.value.retry_after)
+    release.set()
+    asyncio.run(warming.wait_ready(60))  # loads, warms, then serves
+    assert warming.ready and warming.predict(np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 3)
+
+    def missing():
+        raise BundleError("/srv/models/x is not a transferkit bundle: manifest.json is missing")
+
+    failed = ModelRuntime(missing, "onnx", "cpu", 1, [1])
+    with pytest.raises(ModelUnavailable) as info:
+        asyncio.run(failed.wait_ready(10))
+    assert info.value.reason == "model_unavailable" and info.value.retry_after is None
+    assert "manifest.json is missing" in info.value.message and "/srv/models" not in info.value.message
+    assert error_for(info.value).status_code == 503 and "Retry-After" not in error_for(info.value).headers
