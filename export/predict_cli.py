@@ -1,24 +1,73 @@
-"""``transferkit predict``: a thin command over :mod:`transferkit.export.predictors`."""
+"""``transferkit predict``: classify files, folders, globs or path lists with a bundle, locally or on Ray Data.
+
+A thin command over :mod:`transferkit.export.api` (the Python facade): inputs from :mod:`~transferkit.export.inputs`,
+engines from :mod:`~transferkit.export.batch` and :mod:`~transferkit.export.ray_engine`, result files from
+:mod:`~transferkit.export.outputs`, metrics from :mod:`~transferkit.export.evaluation`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 from transferkit.core.manifest import BACKENDS
 
+STDOUT_LIMIT = 1000  # images; beyond that a JSON list on stdout is the wrong tool (and would sit in memory)
+LISTED = 10  # skipped / unreadable files named in the summary
+
+
+def _paragraphs(text: str, width: int = 100) -> str:
+    """Wrap each paragraph on its own (argparse's default formatter would merge them into one)."""
+    return "\n\n".join(textwrap.fill(paragraph, width) for paragraph in text.split("\n\n"))
+
 
 def add_predict_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "predict", help="classify image files with a bundle and print JSON",
-        description="Classify IMAGE files with a bundle (directory or BentoML model tag). Images are decoded with "
-                    "the same guarded function as training. Prints a JSON list, one object per image: file, "
-                    "label, score and top_k; an unreadable image gets an 'error' field and the exit status is 2.",
+        "predict", help="classify images, folders or path lists with a bundle (CSV/JSONL/Parquet or JSON out)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_paragraphs(
+                    "Classify images with a bundle (a bundle directory or a BentoML model tag; every file's "
+                    "checksum is verified first).\n\n"
+                    "INPUT is any mix of image files, directories (searched recursively; files whose content is "
+                    "not an image are skipped and listed), globs ('photos/**/*.jpg', quoted) and text or CSV "
+                    "lists of paths (.txt/.lst one per line, .csv with a 'path' column; relative to the list).\n\n"
+                    "Images are decoded in parallel by the guarded decoder shared with training and serving and "
+                    "classified in batches of --batch-size, in bounded memory whatever the number of files, with a "
+                    "progress bar on stderr and a summary at the end.\n\n"
+                    "With --out FILE.csv|.jsonl|.parquet: one row per image (path, label, score, top_k, error), "
+                    "written as batches finish; unreadable files get a row with an error (exit status 0: the "
+                    "errors are in the file and the summary). --resume skips the paths already in FILE. Without "
+                    "--out: a JSON list on stdout (up to 1000 images); exit status 2 if any image is unreadable.\n\n"
+                    "--evaluate takes each image's parent folder name as its true label and writes accuracy, "
+                    "top-5, per-class precision/recall/F1 and a confusion matrix (the training report's code).\n\n"
+                    "--engine ray runs the same pipeline on Ray Data (decode tasks, then an actor pool in which "
+                    "each actor loads the bundle once; one actor per CPU, or per GPU when the cluster has GPUs): "
+                    "a local Ray, or the cluster at --address (inputs and bundle on storage every node sees)."),
     )
     p.add_argument("bundle", metavar="BUNDLE", help="bundle directory or BentoML model tag")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, directory, glob or .txt/.csv list")
+    p.add_argument("--out", type=Path, metavar="FILE", help="write rows to FILE (.csv, .jsonl or .parquet)")
+    p.add_argument("--resume", action="store_true", help="continue --out FILE: skip the paths already in it")
+    p.add_argument("--force", action="store_true", help="replace an existing --out FILE / --report-dir")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local: decode+classify threads (default: the cores this process may use); "
+                        "ray: actors (default: one per CPU, or per GPU)")
+    p.add_argument("--engine", default="local", choices=("local", "ray"), help="local (default) or ray")
+    p.add_argument("--address", metavar="ADDR",
+                   help="--engine ray: join the Ray cluster at ADDR (e.g. ray://head:10001 or head:6379) "
+                        "instead of starting a local Ray")
+    p.add_argument("--evaluate", action="store_true",
+                   help="parent folder names are the true labels: write metrics and a confusion matrix")
+    p.add_argument("--report-dir", type=Path, metavar="DIR",
+                   help="where --evaluate writes metrics.json/.md and confusion_matrix.png (default: "
+                        "FILE-evaluation/ beside --out, else ./evaluation)")
     p.add_argument("--backend", default="onnx", choices=BACKENDS, help="format to run (default onnx)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
                    help="auto: CUDA if it loads, else CPU (default auto)")
@@ -26,39 +75,171 @@ def add_predict_parser(subparsers) -> None:
     p.set_defaults(handler=run_predict)
 
 
-def run_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from transferkit.core.errors import InvalidImageError, UsageError
-    from transferkit.core.images import decode_image
-    from transferkit.export.predictors import load_bundle, top_k
+def _check_arguments(args: argparse.Namespace) -> Path | None:
+    """Every refusal that needs no work; returns the --evaluate report directory."""
+    from transferkit.core.atomic import check_output_dir
+    from transferkit.core.errors import OutputExistsError, UsageError
+    from transferkit.export.outputs import output_format
 
     if args.top_k < 1:
         raise UsageError("--top-k must be at least 1")
-    bundle = load_bundle(args.bundle)
-    predictor = bundle.predictor(args.backend, args.device)
-    size = bundle.manifest.image_size
-    results: list[dict] = []
-    pixels, positions = [], []
-    for path in args.images:
-        try:
-            if not path.is_file():
-                raise InvalidImageError("no such file")
-            pixels.append(decode_image(path, size))
-            positions.append(len(results))
-            results.append({"file": str(path)})
-        except InvalidImageError as exc:
-            results.append({"file": str(path), "error": str(exc)})
-    if pixels:
-        probabilities = predictor(np.stack(pixels).astype(np.float32))
-        for index, answer in zip(positions, top_k(probabilities, bundle.manifest.class_names, args.top_k)):
-            results[index].update(answer)
-    json.dump(results, sys.stdout, indent=2)
-    print()
-    failed = [r for r in results if "error" in r]
-    print(f"{len(results) - len(failed)} classified with {bundle.manifest.name} ({args.backend} on "
-          f"{predictor.provider}), {len(failed)} unreadable", file=sys.stderr)
-    if failed:
-        print(f"transferkit predict: error: {failed[0]['file']}: {failed[0]['error']}", file=sys.stderr)
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.address and args.engine != "ray":
+        raise UsageError("--address joins a Ray cluster: add --engine ray")
+    if args.resume and not args.out:
+        raise UsageError("--resume continues an output file: give it with --out")
+    if args.resume and args.evaluate:
+        raise UsageError("--evaluate needs every image's probabilities: run it without --resume")
+    if args.out:
+        output_format(args.out)
+        if args.out.is_dir():
+            raise UsageError(f"--out {args.out} is a directory; give a file name ending in .csv/.jsonl/.parquet")
+        if args.out.exists() and not (args.resume or args.force):
+            raise OutputExistsError(f"{args.out} exists: --resume continues it, --force replaces it")
+    report_dir = None
+    if args.evaluate:
+        report_dir = args.report_dir or (args.out.with_name(args.out.stem + "-evaluation") if args.out
+                                         else Path("evaluation"))
+        check_output_dir(report_dir, args.force)
+    if args.engine == "ray":
+        from transferkit.export.ray_engine import import_ray
+
+        import_ray()  # a missing extra is a one-line error before the bundle is loaded
+    return report_dir
+
+
+def _listed(paths: list[str], total: int) -> str:
+    more = f" ... and {total - len(paths)} more" if total > len(paths) else ""
+    return ", ".join(paths) + more
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from transferkit.core.console import print_summary
+    from transferkit.core.errors import UsageError
+    from transferkit.export.api import load_bundle
+    from transferkit.export.batch import outcome_rows
+    from transferkit.export.evaluation import Evaluation, true_label
+    from transferkit.export.inputs import expand_inputs
+    from transferkit.export.outputs import COLUMNS, done_paths, open_writer
+    from transferkit.export.progress import Progress
+
+    report_dir = _check_arguments(args)
+    classifier = load_bundle(args.bundle, args.backend, args.device)
+    manifest = classifier.manifest
+    items = list(expand_inputs(args.inputs))  # paths only (~100 bytes each): the total for the progress bar
+    already = 0
+    if args.resume:
+        done = done_paths(args.out)
+        remaining = [item for item in items if os.path.abspath(item.path) not in done]
+        already, items = len(items) - len(remaining), remaining
+    if not items and not already:
+        raise UsageError(f"no files to classify in {' '.join(args.inputs)}")
+    if not args.out and len(items) > STDOUT_LIMIT:
+        raise UsageError(f"{len(items)} images: write them to a file with --out FILE.csv|.jsonl|.parquet "
+                         f"(JSON on stdout is for up to {STDOUT_LIMIT})")
+
+    started_ray = False
+    if args.engine == "ray" and items:  # nothing left after --resume: no Ray to start
+        from transferkit.export.ray_engine import start_ray
+
+        started_ray = start_ray(args.address, args.workers)
+    columns = COLUMNS + (("true_label",) if args.evaluate else ())
+    evaluation = Evaluation(manifest.class_names) if args.evaluate else None
+    writer = open_writer(args.out, append=args.resume, columns=columns) if args.out else None
+    printed: list[dict] = []
+    skipped: list[str] = []
+    failed: list[tuple[str, str]] = []
+    progress = Progress(len(items), enabled=bool(args.out) or len(items) > args.batch_size)
+    interrupted = False
+    try:
+        for outcomes in classifier.outcomes(items, args.engine, args.batch_size, args.workers):
+            rows = outcome_rows(outcomes, manifest.class_names, args.top_k)
+            if evaluation:
+                evaluation.add(outcomes)
+                for row in rows:
+                    row["true_label"] = true_label(row["path"])
+            errors = [(row["path"], row["error"]) for row in rows if row["error"]]
+            skips = [outcome.path for outcome in outcomes if outcome.skipped]
+            failed += errors[:LISTED - len(failed)] if len(failed) < LISTED else []
+            skipped += skips[:LISTED - len(skipped)] if len(skipped) < LISTED else []
+            if writer:
+                writer.write(rows)
+            else:
+                printed += [{"file": r["path"], **({"error": r["error"]} if r["error"] else
+                                                    {k: r[k] for k in ("label", "score", "top_k")})} for r in rows]
+            progress.update(len(outcomes), len(errors), len(skips))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if writer:
+            writer.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    progress.close()
+    if interrupted:
+        where = f"; {args.out} holds the rows so far: --resume continues" if args.out else ""
+        print(f"transferkit predict: interrupted after {progress.done} images{where}", file=sys.stderr)
+        return 130
+
+    metrics = None
+    if evaluation:
+        context = {"bundle": f"{manifest.name} {manifest.version}", "backend": args.backend,
+                   "inputs": " ".join(args.inputs), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        metrics = evaluation.write(report_dir, args.force, context)
+
+    if not args.out:
+        json.dump(printed, sys.stdout, indent=2)
+        print()
+    classified = progress.done - progress.errors - progress.skipped
+    engine = (f"ray ({args.address or 'local Ray'})" if args.engine == "ray"
+              else f"local, {args.workers or _cores()} threads")
+    rows = [
+        ("bundle", f"{manifest.name} ({args.backend} on {_provider(classifier, args.engine)})"),
+        ("engine", engine),
+        ("classified", f"{classified} images in {progress.elapsed:.1f} s ({progress.rate:.1f} images/s, "
+                       f"batches of {args.batch_size})"),
+        ("unreadable", f"{progress.errors}" + (f": {_listed([f'{p} ({e})' for p, e in failed], progress.errors)}"
+                                               if failed else "")),
+        ("non-images skipped", f"{progress.skipped}" + (f": {_listed(skipped, progress.skipped)}"
+                                                        if skipped else "")),
+    ]
+    if args.resume:
+        rows.append(("resumed", f"{already} images already in {args.out} were skipped"))
+    if args.out:
+        rows.append(("output", f"{args.out} ({progress.done - progress.skipped} rows written)"))
+    if metrics:
+        top5 = metrics.get("top5_accuracy")
+        rows += [("accuracy", f"{metrics['accuracy']:.4f} on {metrics['samples']} labelled images"),
+                 ("top-5 accuracy", f"{top5:.4f}" if top5 is not None else "n/a (5 classes or fewer)"),
+                 ("macro F1", f"{metrics['macro_f1']:.4f}")]
+        recorded = (manifest.training or {}).get("test", {}).get("accuracy")
+        if recorded is not None:
+            rows.append(("run's test accuracy", f"{recorded:.4f} (recorded at training)"))
+        if evaluation.unknown:
+            rows.append(("left out", f"{sum(evaluation.unknown.values())} images whose folder is not a class"))
+        rows.append(("report", f"{report_dir}/ (metrics.json, metrics.md, confusion_matrix.png)"))
+    # stdout carries the JSON when there is no --out: the summary goes to stderr then.
+    with contextlib.redirect_stdout(sys.stdout if args.out else sys.stderr):
+        print_summary(rows, title="transferkit predict")
+    if not args.out and progress.errors:
+        path, error = failed[0]
+        print(f"transferkit predict: error: {path}: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _cores() -> int:
+    from transferkit.core.system import available_cores
+
+    return available_cores()
+
+
+def _provider(classifier, engine: str) -> str:
+    if engine == "ray":
+        return "Ray actors"
+    return classifier.predictor(threads=1).provider

@@ -14,3 +14,13 @@ from transferkit._source_layout import install_source_layout
 __version__ = "0.1.0"
 
 install_source_layout()
+
+
+def __getattr__(name: str):
+    # `from transferkit import load_bundle` (the batch-prediction facade) without importing numpy, onnxruntime or
+    # TensorFlow at `import transferkit`: the facade module loads on first use.
+    if name == "load_bundle":
+        from transferkit.export.api import load_bundle
+
+        return load_bundle
+    raise AttributeError(f"module 'transferkit' has no attribute {name!r}")

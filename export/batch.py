@@ -1,0 +1,108 @@
+"""The streaming local engine of ``transferkit predict``: read, decode and classify in batches, in bounded memory.
+
+A pool of ``workers`` threads each takes a batch of ``batch_size`` paths, reads and decodes them with the guarded
+decoder (Pillow releases the GIL while it decodes and resizes) and runs the model on the batch; onnxruntime also
+releases the GIL, so the threads really run in parallel. On a CPU each run uses one onnxruntime thread: ``workers``
+batches side by side keep every core busy without the decode threads and onnxruntime's own pool fighting for them.
+At most ``2 x workers`` batches are in flight, and results come back in input order, so memory stays the same for
+ten files or ten million.
+
+Both engines (this one and :mod:`transferkit.export.ray_engine`) turn a batch of :class:`Item` into a list of
+:class:`Outcome` with :func:`classify_items`, so they decode and classify identically.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.core.errors import InvalidImageError
+from transferkit.core.images import decode_image
+from transferkit.export.inputs import Item, looks_like_image
+from transferkit.export.predictors import Predictor, top_k
+
+
+@dataclass
+class Outcome:
+    """What happened to one input: class probabilities, or an error, or skipped (a non-image found in a folder)."""
+
+    path: str
+    probabilities: np.ndarray | None = None
+    error: str | None = None
+    skipped: bool = False
+
+
+def read_and_decode(item: Item, size: int) -> tuple[np.ndarray | None, str | None, bool]:
+    """``(pixels, error, skipped)`` for one input: uint8 pixels [size, size, 3], or why not."""
+    try:
+        data = Path(item.path).read_bytes()
+    except FileNotFoundError:
+        return None, "no such file", False
+    except IsADirectoryError:
+        return None, "is a directory, not an image", False
+    except OSError as exc:
+        return None, f"cannot read: {exc.strerror or exc}", False
+    if not item.named and not looks_like_image(data[:16]):
+        return None, None, True
+    try:
+        return decode_image(data, size), None, False
+    except InvalidImageError as exc:
+        return None, str(exc), False
+
+
+def classify_items(predictor: Predictor, items: list[Item], size: int) -> list[Outcome]:
+    """Read, decode and classify one batch; unreadable inputs become outcomes with an error."""
+    decoded = [read_and_decode(item, size) for item in items]
+    outcomes = [Outcome(item.path, error=error, skipped=skipped)
+                for item, (_, error, skipped) in zip(items, decoded)]
+    ready = [index for index, (pixels, _, _) in enumerate(decoded) if pixels is not None]
+    if ready:
+        # uint8 pixels: the predictor casts to whatever its graph takes (the manifest's input dtype).
+        probabilities = predictor(np.stack([decoded[index][0] for index in ready]))
+        for index, row in zip(ready, probabilities):
+            outcomes[index].probabilities = row
+    return outcomes
+
+
+def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def local_outcomes(items: Iterable[Item], predictor: Predictor, size: int, batch_size: int,
+                   workers: int) -> Iterator[list[Outcome]]:
+    """Classify ``items`` on ``workers`` threads, yielding each batch's outcomes in input order."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="transferkit-predict")
+    pending: deque[Future] = deque()
+    try:
+        for chunk in batched(items, batch_size):
+            pending.append(pool.submit(classify_items, predictor, chunk, size))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # Ctrl-C or a consumer that stops early: drop queued batches, let running ones finish
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def outcome_rows(outcomes: list[Outcome], class_names: list[str], k: int) -> list[dict]:
+    """Output rows (path, label, score, top_k, error) for the classified and unreadable outcomes; skipped
+    non-images have no row."""
+    kept = [outcome for outcome in outcomes if not outcome.skipped]
+    classified = [outcome for outcome in kept if outcome.probabilities is not None]
+    answers = iter(top_k(np.stack([o.probabilities for o in classified]), class_names, k) if classified else [])
+    rows = []
+    for outcome in kept:
+        if outcome.probabilities is not None:
+            rows.append({"path": outcome.path, **next(answers), "error": None})
+        else:
+            rows.append({"path": outcome.path, "label": None, "score": None, "top_k": None,
+                         "error": outcome.error})
+    return rows

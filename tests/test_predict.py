@@ -1,0 +1,237 @@
+"""`transferkit predict` over folders, globs and lists; CSV/JSONL/Parquet outputs; --resume; --evaluate; the facade.
+
+Real files (the digits PNGs, a corrupt PNG, a text file), the real bundle of the trained run, real onnxruntime and the
+real CLI in a subprocess.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import last_error_line, run_cli
+from transferkit.core.errors import InvalidImageError, UsageError
+
+
+def make_inputs(digits: Path, root: Path, per_class: int = 4) -> tuple[Path, list[Path]]:
+    """``root/<class>/...`` with ``per_class`` real images per class (one class nested a level deeper), a corrupt PNG,
+    a text file and a hidden folder; returns the folder and its real images."""
+    images = []
+    for index, folder in enumerate(sorted(p for p in digits.iterdir() if p.is_dir())):
+        target = root / folder.name / ("nested" if index == 0 else "")
+        target.mkdir(parents=True, exist_ok=True)
+        for source in sorted(folder.iterdir())[:per_class]:
+            images.append(Path(shutil.copy(source, target / source.name)))
+    (root / "notes.txt").write_text("not an image\n")
+    (root / "corrupt.png").write_bytes(images[0].read_bytes()[:80])
+    (root / ".cache").mkdir()
+    (root / ".cache" / "thumb.png").write_bytes(images[0].read_bytes())
+    return root, images
+
+
+def read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".csv":
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        for row in rows:
+            row["score"] = float(row["score"]) if row["score"] else None
+            row["top_k"] = json.loads(row["top_k"]) if row["top_k"] else None
+            row["label"], row["error"] = row["label"] or None, row["error"] or None
+        return rows
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def test_inputs_expand_files_folders_globs_and_lists(tmp_path, digits_three):
+    from transferkit.export.inputs import expand_inputs, looks_like_image
+
+    folder, images = make_inputs(digits_three, tmp_path / "in")
+    items = list(expand_inputs([folder]))
+    found = {Path(item.path).name for item in items}
+    assert {p.name for p in images} <= found and {"notes.txt", "corrupt.png"} <= found
+    assert "thumb.png" not in found  # hidden folders are not searched
+    assert not any(item.named for item in items)  # found in a folder: sniffed, may be skipped
+
+    (tmp_path / "list.txt").write_text(f"# two files\n{images[0]}\n\n{images[1].relative_to(tmp_path)}\n")
+    (tmp_path / "list.csv").write_text(f"label,path\nx,{images[2]}\ny,{images[0]}\n")
+    pattern = str(images[3].parent / "*.png")
+    items = list(expand_inputs([tmp_path / "list.txt", tmp_path / "list.csv", images[0], pattern]))
+    paths = [Path(item.path).resolve() for item in items]
+    assert paths[:3] == [images[0].resolve(), images[1].resolve(), images[2].resolve()]  # each file once
+    assert len(paths) == len(set(paths))
+    assert all(item.named for item in items[:3]) and not items[-1].named
+    globbed = {p.name for p in images[3].parent.glob("*.png")}
+    assert {p.name for p in paths[3:]} == globbed - {p.name for p in images[:3]}
+
+    with pytest.raises(UsageError, match="no such file"):
+        list(expand_inputs([tmp_path / "missing.png"]))
+    with pytest.raises(UsageError, match="no file matches"):
+        list(expand_inputs([str(tmp_path / "*.webp")]))
+    assert looks_like_image(images[0].read_bytes()[:16]) and not looks_like_image(b"not an image at all")
+
+
+def test_folder_to_csv_jsonl_and_parquet(bundle, digits_three, tmp_path):
+    from transferkit import load_bundle
+
+    folder, images = make_inputs(digits_three, tmp_path / "in")
+    outputs = {}
+    for suffix in (".csv", ".jsonl", ".parquet"):
+        out = tmp_path / f"rows{suffix}"
+        result = run_cli("predict", str(bundle), str(folder), "--out", str(out), "--batch-size", "5", "--top-k", "2")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "non-images skipped  1: " in result.stdout and "notes.txt" in result.stdout
+        assert "unreadable          1: " in result.stdout and "images/s" in result.stdout
+        outputs[suffix] = read_rows(out)
+
+    rows = outputs[".csv"]
+    assert len(rows) == len(images) + 1  # every image and the corrupt file; notes.txt is skipped, not a row
+    for other in (outputs[".jsonl"], outputs[".parquet"]):
+        assert [r["path"] for r in other] == [r["path"] for r in rows]
+        assert [r["label"] for r in other] == [r["label"] for r in rows]
+        assert [r["error"] for r in other] == [r["error"] for r in rows]
+        assert np.allclose([r["score"] or 0 for r in other], [r["score"] or 0 for r in rows], atol=1e-12)
+    errors = [r for r in rows if r["error"]]
+    assert [Path(r["path"]).name for r in errors] == ["corrupt.png"] and "PNG" in errors[0]["error"]
+    assert errors[0]["label"] is None and errors[0]["top_k"] is None
+
+    # The CLI and the facade give the same answers; the trained model gets most digits right.
+    classifier = load_bundle(bundle)
+    expected = classifier.predict(images, top_k=2)
+    by_path = {Path(r["path"]).resolve(): r for r in rows}
+    for image, answer in zip(images, expected):
+        row = by_path[image.resolve()]
+        assert row["label"] == answer["label"] and len(row["top_k"]) == 2
+        assert abs(row["score"] - answer["score"]) < 1e-6
+    correct = [by_path[image.resolve()]["label"] == image.parent.name or
+               by_path[image.resolve()]["label"] == image.parent.parent.name for image in images]
+    assert np.mean(correct) >= 0.75
+
+
+def test_resume_continues_an_interrupted_output(bundle, digits_three, tmp_path):
+    folder, images = make_inputs(digits_three, tmp_path / "in", per_class=3)
+    expected = len(images) + 1
+    for suffix in (".jsonl", ".parquet", ".csv"):
+        out = tmp_path / f"rows{suffix}"
+        first = run_cli("predict", str(bundle), *[str(p) for p in images[:4]], "--out", str(out))
+        assert first.returncode == 0, first.stderr[-2000:]
+        if suffix != ".parquet":  # a process killed mid-line leaves a cut last line
+            out.write_bytes(out.read_bytes()[:-15])
+        again = run_cli("predict", str(bundle), str(folder), "--out", str(out))
+        assert again.returncode == 2 and "--resume continues it" in last_error_line(again)
+        result = run_cli("predict", str(bundle), str(folder), "--out", str(out), "--resume")
+        assert result.returncode == 0, result.stderr[-2000:]
+        resumed = 4 if suffix == ".parquet" else 3
+        assert f"{resumed} images already in" in result.stdout
+        rows = read_rows(out)
+        paths = [str(Path(r["path"]).resolve()) for r in rows]
+        assert len(rows) == expected and len(set(paths)) == expected, suffix
+        assert all(r["label"] for r in rows if not r["error"])
+
+
+def test_evaluate_reproduces_the_runs_test_accuracy(bundle, trained_run, tmp_path):
+    from transferkit.training.rundir import split_files
+
+    files = split_files(trained_run.run_dir, "test")
+    assert all(path.parent.name == label for path, label in files)
+    listing = tmp_path / "test-split.txt"
+    listing.write_text("".join(f"{path}\n" for path, _ in files))
+    out = tmp_path / "scored.csv"
+    result = run_cli("predict", str(bundle), str(listing), "--out", str(out), "--evaluate")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = tmp_path / "scored-evaluation"
+    metrics = json.loads((report / "metrics.json").read_text())
+    recorded = trained_run.metrics["test"]
+    assert metrics["samples"] == recorded["samples"] == len(files)
+    assert metrics["accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-9)
+    assert metrics["macro_f1"] == pytest.approx(recorded["macro_f1"], abs=1e-9)
+    assert set(metrics["per_class"]) == {"0", "1", "7"}
+    assert {"precision", "recall", "f1", "support"} <= set(metrics["per_class"]["7"])
+    assert (report / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 7 |" in (report / "metrics.md").read_text()
+    assert re.search(rf"\n  accuracy +{recorded['accuracy']:.4f} on {len(files)} labelled images", result.stdout)
+    assert "run's test accuracy" in result.stdout
+    rows = read_rows(out)
+    assert [r["true_label"] for r in rows] == [label for _, label in files]
+
+
+def test_facade_takes_paths_arrays_and_pil_images(bundle, digits_three):
+    # `import transferkit` stays light: the facade loads numpy/onnxruntime on first use only.
+    probe = ("import sys, transferkit; assert 'onnxruntime' not in sys.modules and 'tensorflow' not in sys.modules;"
+             " from transferkit import load_bundle; print(load_bundle.__module__)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "transferkit.export.api", result.stderr
+
+    from PIL import Image
+
+    from transferkit import load_bundle
+    from transferkit.core.images import decode_image
+
+    classifier = load_bundle("digits-test")  # a BentoML tag works where a directory does
+    assert classifier.class_names == ["0", "1", "7"] and classifier.image_size == 32
+    path = sorted((digits_three / "7").iterdir())[0]
+    from_path = classifier.predict(path, top_k=3)
+    assert set(from_path) == {"label", "score", "top_k"} and len(from_path["top_k"]) == 3
+    answers = classifier.predict([str(path), Image.open(path), decode_image(path, 32), path.read_bytes()])
+    for answer in answers:
+        assert answer["label"] == from_path["label"]
+        assert abs(answer["score"] - from_path["score"]) < 1e-6
+    larger = np.asarray(Image.open(path).convert("RGB").resize((64, 48)))  # resized like a decoded file
+    assert classifier.predict(larger)["label"] in classifier.class_names
+    batch = np.stack([decode_image(p, 32) for p in sorted((digits_three / "1").iterdir())[:4]])
+    assert [a["label"] for a in classifier.predict(batch)] == [a["label"] for a in classifier.predict(list(batch))]
+    with pytest.raises(InvalidImageError, match="missing.png: no such file"):
+        classifier.predict(path.parent / "missing.png")
+    with pytest.raises(UsageError, match="cannot classify a dict"):
+        classifier.predict({"not": "an image"})
+
+
+def test_bad_arguments_are_one_line_before_work(bundle, tmp_path):
+    image = tmp_path / "x.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    cases = [
+        (["--resume"], "--resume continues an output file"),
+        (["--address", "127.0.0.1:6379"], "add --engine ray"),
+        (["--out", str(tmp_path / "rows.xlsx")], "use .csv, .jsonl or .parquet"),
+        (["--out", str(tmp_path / "r.csv"), "--resume", "--evaluate"], "without --resume"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+    ]
+    for extra, expected in cases:
+        result = run_cli("predict", str(bundle), str(image), *extra)
+        assert result.returncode == 2, (extra, result.stderr)
+        assert expected in last_error_line(result), (extra, result.stderr)
+        assert "Traceback" not in result.stderr
+    result = run_cli("predict", str(bundle), str(tmp_path / "*.jpg"))
+    assert result.returncode == 2 and "no file matches" in last_error_line(result)
+
+
+def test_local_engine_keeps_a_bounded_window(bundle, digits_three):
+    """Memory does not grow with the number of files: the engine pulls paths only a few batches ahead."""
+    from transferkit.export.api import load_bundle
+    from transferkit.export.batch import local_outcomes
+    from transferkit.export.inputs import Item
+
+    files = sorted((digits_three / "1").iterdir())
+    pulled = []
+
+    def endless():  # a million-file archive, as far as the engine can tell
+        for index in range(1_000_000):
+            pulled.append(index)
+            yield Item(str(files[index % len(files)]), True)
+
+    classifier = load_bundle(bundle)
+    stream = local_outcomes(endless(), classifier.predictor(threads=1), 32, batch_size=4, workers=2)
+    batches = [next(stream) for _ in range(3)]
+    stream.close()
+    assert [len(b) for b in batches] == [4, 4, 4] and all(o.probabilities is not None for o in batches[0])
+    assert len(pulled) <= (2 * 2 + 3) * 4 + 1  # the window (2 x workers batches) plus those handed out
