@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
+from hostile_images import png_bomb
 from PIL import Image
 
 from transferkit.core.errors import ImageTooLargeError, InvalidImageError
@@ -132,19 +131,9 @@ def test_broken_png_chunk_is_refused():
         decode_image(bytes(data), 32)
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A few-byte PNG that declares a huge canvas: a decompression bomb's header."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + \
-        chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize("side", [8000, 30000])
 def test_decompression_bomb_refused_from_header(side):
-    data = png_header_only(side, side)
+    data = png_bomb(side, side)
     assert len(data) < 200
     with pytest.raises(ImageTooLargeError, match="too large"):
         decode_image(data, 32)
