@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
-from transferkit.core.atomic import check_output_dir
+from transferkit.core.atomic import check_output_dir, publish_dir
 from transferkit.core.errors import OutputExistsError, TransferkitError, UsageError
 
 HISTORY_LOG = "history.jsonl"
@@ -92,11 +91,4 @@ def finalize(work: Path, out: Path, force: bool) -> Path:
     shutil.rmtree(work / BACKUP_DIR, ignore_errors=True)
     (work / HISTORY_LOG).unlink(missing_ok=True)  # history.csv holds the same rows
     work.chmod(0o755)
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(work, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(work, out)
-    return out
+    return publish_dir(work, out)

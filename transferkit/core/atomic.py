@@ -27,6 +27,19 @@ def check_output_dir(out: Path, force: bool) -> Path:
     return out
 
 
+def publish_dir(staging: Path, out: Path) -> Path:
+    """Rename the finished ``staging`` directory to ``out``, replacing an existing ``out`` with two renames (the old
+    one is moved aside first), so ``out`` is at every moment either the old or the new directory, never a mix."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, trash)
+        os.replace(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+    return out
+
+
 @contextmanager
 def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block succeeds."""
@@ -37,13 +50,7 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
         yield staging
         staging.chmod(0o755)  # mkdtemp creates 0700
         check_output_dir(out, force)  # someone may have created it meanwhile
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-            os.replace(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        publish_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
