@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -38,3 +41,23 @@ class Server(BentoServer):
             except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting up
                 time.sleep(0.3)
         raise TimeoutError(f"server not listening after {timeout}s:\n{self.log()[-4000:]}")
+
+
+@contextmanager
+def ready_server(model: str | Path, log_path: Path, **settings: object) -> Iterator[Server]:
+    """A started ``Server`` that is ready to answer, stopped when the block ends (module fixtures yield from it)."""
+    srv = Server(model, log_path, **settings)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def tampered_copy(bundle: Path, dest: Path, position: float = 0.5) -> Path:
+    """A copy of ``bundle`` whose model.onnx has one bit flipped at ``position`` (a fraction of its length)."""
+    shutil.copytree(bundle, dest)
+    data = bytearray((dest / "model.onnx").read_bytes())
+    data[int(len(data) * position)] ^= 0x01
+    (dest / "model.onnx").write_bytes(bytes(data))
+    return dest

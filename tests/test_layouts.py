@@ -4,7 +4,6 @@ batched model service) run for real on CPU, so that it keeps working where no GP
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +14,7 @@ import tritonclient.http as triton
 from faulty_bundle import write_faulty_bundle
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from serving import ROOT, Server
+from serving import ROOT, Server, ready_server, tampered_copy
 
 from transferkit.core.errors import UsageError
 from transferkit.core.images import decode_image
@@ -85,13 +84,9 @@ def batch_counters(server) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def batched(bundle, tmp_path_factory):
-    srv = Server(bundle, tmp_path_factory.mktemp("logs") / "batched.log", layout="batched", max_batch_size=16,
-                 max_latency_ms=10_000)
-    try:
-        srv.wait_ready()
+    with ready_server(bundle, tmp_path_factory.mktemp("logs") / "batched.log", layout="batched", max_batch_size=16,
+                      max_latency_ms=10_000) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_batched_layout_runs_a_model_service_and_batches_concurrent_requests(batched, bundle, trained_run):
@@ -130,11 +125,7 @@ def test_batched_layout_speaks_the_open_inference_protocol(batched, trained_run)
 
 
 def test_batched_layout_with_a_failed_model_says_model_unavailable(bundle, tmp_path):
-    copy = tmp_path / "tampered"
-    shutil.copytree(bundle, copy)
-    data = bytearray((copy / "model.onnx").read_bytes())
-    data[len(data) // 2] ^= 0x01
-    (copy / "model.onnx").write_bytes(bytes(data))
+    copy = tampered_copy(bundle, tmp_path / "tampered", position=0.5)
     srv = Server(copy, tmp_path / "tampered.log", layout="batched", timeout_s=10)
     try:
         srv.wait_listening()

@@ -14,7 +14,7 @@ import requests
 import tritonclient.http as triton
 from hostile_images import png_bomb
 from PIL import Image
-from serving import Server
+from serving import ready_server
 from tritonclient.utils import InferenceServerException
 
 from transferkit.core.images import decode_image
@@ -26,12 +26,9 @@ CLASSES = ["0", "1", "7"]
 
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
-    srv = Server(bundle, tmp_path_factory.mktemp("logs") / "oip.log", max_images=MAX_IMAGES, max_body_mb=2)
-    try:
-        srv.wait_ready()
+    with ready_server(bundle, tmp_path_factory.mktemp("logs") / "oip.log", max_images=MAX_IMAGES,
+                      max_body_mb=2) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

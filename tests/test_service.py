@@ -18,7 +18,7 @@ from faulty_bundle import write_faulty_bundle
 from hostile_images import png_bomb
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from serving import Server
+from serving import Server, ready_server, tampered_copy
 
 from transferkit.core.images import decode_image
 from transferkit.training.rundir import split_files
@@ -33,12 +33,9 @@ TOP_K = 2  # fewer than the 3 classes, so that the answer's length shows the set
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "serve.log"
-    srv = Server(bundle, log, layout="inprocess", max_body_mb=MAX_BODY_MB, max_images=MAX_IMAGES, top_k=TOP_K)
-    try:
-        srv.wait_ready()
+    with ready_server(bundle, log, layout="inprocess", max_body_mb=MAX_BODY_MB, max_images=MAX_IMAGES,
+                      top_k=TOP_K) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -403,13 +400,7 @@ def test_13_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(tmp_path
 
 
 def test_14_tampered_bundle_never_becomes_ready_and_says_model_unavailable(bundle, tmp_path):
-    import shutil
-
-    copy = tmp_path / "tampered"
-    shutil.copytree(bundle, copy)
-    data = bytearray((copy / "model.onnx").read_bytes())
-    data[len(data) // 3] ^= 0x01
-    (copy / "model.onnx").write_bytes(bytes(data))
+    copy = tampered_copy(bundle, tmp_path / "tampered", position=1 / 3)
     srv = Server(copy, tmp_path / "tampered.log")
     try:
         srv.wait_listening()
