@@ -261,14 +261,20 @@ def _run(out: Path, plan: DemoPlan) -> int:
     return 0
 
 
-def _held_out(run_dir: Path, per_class: int = 2) -> list[tuple[Path, str]]:
-    """The first ``per_class`` test images of each class, in split order (not chosen by how they are answered)."""
+def _held_out(run_dir: Path, per_class: int = 2, seed: int = 0) -> list[tuple[Path, str]]:
+    """``per_class`` test images of each class drawn at random (seeded, so not chosen by how they are answered).
+    Not the first ones: in the dataset's order those neighbour the validation images, which are harder than the
+    test split as a whole (measured: validation accuracy 0.78 where test accuracy is 0.96)."""
+    import random
+
     from transferkit.training.rundir import split_files
 
     by_label: dict[str, list[tuple[Path, str]]] = {}
     for path, label in split_files(run_dir, "test"):
         by_label.setdefault(label, []).append((path, label))
-    return [items[i] for i in range(per_class) for items in by_label.values() if len(items) > i]
+    rng = random.Random(seed)
+    drawn = {label: rng.sample(items, min(per_class, len(items))) for label, items in sorted(by_label.items())}
+    return [items[i] for i in range(per_class) for items in drawn.values() if len(items) > i]
 
 
 def _serve_and_query(out: Path, bundle_dir: Path, run_dir: Path) -> dict:
