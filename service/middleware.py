@@ -34,15 +34,21 @@ PROBES = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/liv
 
 
 class Admission:
-    """Drain-aware admission: 503 while draining, 429 past ``max_in_flight``, else tracked as in flight."""
+    """Drain-aware admission: 503 while draining, 429 past ``max_in_flight``, else tracked as in flight.
+
+    With ``loads`` (several HTTP workers sharing one socket: :mod:`transferkit.service.balance`), a response from a
+    worker that will still have more requests in flight than the least busy other worker carries
+    ``Connection: close``, so its client reconnects and may land on a less busy worker."""
 
     def __init__(self, app: ASGIApp, max_in_flight: int, is_draining: Callable[[], bool], track_request,
-                 on_reject: Callable[[str], None] | None = None):
+                 on_reject: Callable[[str], None] | None = None, loads: Callable[[], Any] | None = None):
         self.app = app
         self.max_in_flight = max_in_flight
         self.is_draining = is_draining
         self.track_request = track_request
         self.on_reject = on_reject or (lambda reason: None)
+        self._make_loads = loads  # built on the first request: the worker's index is known by then
+        self._loads: Any = None
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive, send) -> None:
@@ -60,12 +66,29 @@ class Admission:
                                                  f"worker); retry with backoff", "reason": "overloaded"},
                             [(b"retry-after", b"1")])
             return
-        self.in_flight += 1
+        if self._make_loads is not None and self._loads is None:
+            self._loads = self._make_loads()
+        self._count(+1)
         try:
             with self.track_request():
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, send if self._loads is None else self._balancing(send))
         finally:
-            self.in_flight -= 1
+            self._count(-1)
+
+    def _count(self, change: int) -> None:
+        self.in_flight += change
+        if self._loads is not None:
+            self._loads.set(self.in_flight)
+
+    def _balancing(self, send):
+        async def send_balanced(message: Message) -> None:
+            # After this response this worker holds in_flight - 1 requests; hand the client back if that is more
+            # than another worker holds (only the busier side closes, so connections drift towards balance).
+            if message["type"] == "http.response.start" and self.in_flight - 1 > self._loads.least_other():
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        return send_balanced
 
 
 class BodySizeLimit:

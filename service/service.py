@@ -27,6 +27,7 @@ import numpy as np
 
 from transferkit.core.errors import TransferkitError
 from transferkit.service import lifecycle
+from transferkit.service.balance import WorkerLoads
 from transferkit.service.decoding import DecodeGate, decode_all, estimate_all
 from transferkit.service.http import build_app, metrics
 from transferkit.service.middleware import Admission, BodySizeLimit
@@ -247,6 +248,9 @@ ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service
 ImageClassifier.add_asgi_middleware(
     Admission, max_in_flight=-(-SETTINGS.max_concurrency // PLAN.entry_workers),
     is_draining=lifecycle.is_draining, track_request=lifecycle.track_request, on_reject=metrics.rejected,
+    # Several workers computing behind one socket: the busier hands keep-alive clients back (service/balance.py).
+    loads=(lambda: WorkerLoads(PLAN.entry_workers, _worker_index()))
+    if PLAN.layout == "inprocess" and PLAN.entry_workers > 1 else None,
 )
 ImageClassifier.add_asgi_middleware(
     BodySizeLimit, max_bytes=SETTINGS.max_body_bytes, on_reject=lambda: metrics.rejected("body_too_large"),
