@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 SLOT = struct.Struct("i")
+PREFIX = "transferkit-inflight-"
 
 
 def _directory() -> Path:
@@ -33,7 +34,8 @@ class WorkerLoads:
 
     def __init__(self, workers: int, index: int, key: str | None = None):
         self.workers, self.index = workers, index
-        self.path = _directory() / f"transferkit-inflight-{key or os.getppid()}"
+        _remove_stale(_directory())
+        self.path = _directory() / f"{PREFIX}{key or os.getppid()}"
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size < SLOT.size * workers:
@@ -57,3 +59,20 @@ class WorkerLoads:
             self.path.unlink()
         except OSError:
             pass
+
+
+def _remove_stale(directory: Path) -> None:
+    """Remove the files of servers whose arbiter is gone: workers stopped by a signal skip their atexit cleanup."""
+    for path in directory.glob(f"{PREFIX}*"):
+        pid = path.name[len(PREFIX):]
+        if not pid.isdigit():
+            continue  # a test's key, not a process id
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        except OSError:
+            pass  # alive, owned by someone else

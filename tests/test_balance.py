@@ -68,3 +68,22 @@ def test_a_single_worker_never_closes():
 
     admission = Admission(app, max_in_flight=4, is_draining=lambda: False, track_request=contextlib.nullcontext)
     assert (b"connection", b"close") not in asyncio.run(_request(admission))
+
+
+def test_files_of_servers_that_are_gone_are_removed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from transferkit.service import balance
+
+    monkeypatch.setattr(balance, "_directory", lambda: tmp_path)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{balance.PREFIX}{gone.stdout.strip()}"  # a process that has exited
+    alive = tmp_path / f"{balance.PREFIX}{os.getpid()}"  # this one
+    stale.write_bytes(b"\0" * 8)
+    alive.write_bytes(b"\0" * 8)
+    loads = WorkerLoads(2, 0, key="fresh")
+    try:
+        assert not stale.exists() and alive.exists() and loads.path.exists()
+    finally:
+        loads._remove()
