@@ -34,8 +34,9 @@ class WorkerLoads:
 
     def __init__(self, workers: int, index: int, key: str | None = None):
         self.workers, self.index = workers, index
-        _remove_stale(_directory())
-        self.path = _directory() / f"{PREFIX}{key or os.getppid()}"
+        directory = _directory()
+        _remove_stale(directory)
+        self.path = directory / f"{PREFIX}{key or os.getppid()}"
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size < SLOT.size * workers:
