@@ -8,6 +8,8 @@ The classic transfer-learning experiment (model A -> model B), measured honestly
   other image of those digits, several hundred, so the accuracy is measured, not guessed from 30 images;
 - model B starts from A's backbone (frozen base, then fine-tuning); the baseline is the same network trained from
   scratch on the same labels with the same recipe and the same epoch budget. Both learning curves go on one chart.
+  The baseline needs nothing from model A, so it trains in a second process meanwhile (:class:`BackgroundRun`):
+  the demo measured 3.7 min instead of 4.0-4.7 with the three runs in turn, with identical accuracies.
 
 Then the transferred model is exported (every format checked against Keras), served with BentoML, asked about
 held-out images over HTTP (and a corrupt file, to show the 400), its backends are benchmarked, and the summary says
@@ -75,6 +77,77 @@ def _train(config, label: str):
     logger.info("  %s: test accuracy %.4f (%d images), %.0fs, diagnosis: %s", label, test["accuracy"],
                 test["samples"], seconds, (result.metrics.get("diagnosis") or {}).get("verdict"))
     return result, seconds
+
+
+def _train_in_child(config, log_path: str) -> None:
+    """The body of the baseline's process: one training run, all its output (TensorFlow's C++ lines included) in
+    ``log_path``. Exit status 1 with the error as the log's last line when it fails."""
+    import os
+    import sys
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)  # before TensorFlow is imported: its C++ log lines go to the file too
+    os.dup2(fd, 2)
+    from transferkit.core.errors import TransferkitError
+    from transferkit.training.train import train
+
+    def log(line: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
+    try:
+        train(config, log=log)
+    except TransferkitError as exc:
+        log(f"error: {exc}")
+        sys.exit(1)
+
+
+class BackgroundRun:
+    """A training run in a second process. TensorFlow traces each fit in one Python thread (about 30 s per fit for
+    the demo's network on two cores), so two independent runs side by side finish well before the two in turn."""
+
+    def __init__(self, config, label: str, log_path: Path):
+        import multiprocessing
+
+        self.config, self.label, self.log_path = config, label, log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+        # spawn, not fork: this process has TensorFlow's threads running.
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_train_in_child, args=(config, str(log_path)), name=label, daemon=True)
+        self.process.start()
+
+    def result(self):
+        """Wait for the run; (TrainResult, seconds) as :func:`_train` returns them."""
+        from transferkit.core.errors import TransferkitError
+        from transferkit.training import rundir
+        from transferkit.training.train import TrainResult
+
+        self.process.join()
+        seconds = time.perf_counter() - self.started
+        logger.debug("%s (second process), its log %s:\n%s", self.label, self.log_path,
+                     self.log_path.read_text(errors="replace"))
+        if self.process.exitcode != 0:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+            last = next((line for line in reversed(lines) if "error:" in line), f"exit status {self.process.exitcode}")
+            raise TransferkitError(f"{self.label} failed ({last.split('error:', 1)[-1].strip()}); its log: "
+                                   f"{self.log_path}")
+        run_dir = Path(self.config.out).absolute()
+        metrics = json.loads((run_dir / rundir.METRICS).read_text())
+        result = TrainResult(run_dir=run_dir, metrics=metrics, config=json.loads((run_dir / rundir.CONFIG).read_text()))
+        test = metrics["test"]
+        seconds = (metrics.get("timings") or {}).get("total_seconds", seconds)  # its own time, as _train's
+        logger.info("  %s: test accuracy %.4f (%d images), %.0fs in a second process, diagnosis: %s (log: %s)",
+                    self.label, test["accuracy"], test["samples"], seconds,
+                    (metrics.get("diagnosis") or {}).get("verdict"), self.log_path)
+        return result, seconds
+
+    def stop(self) -> None:
+        """Stop the run if it is still going (the demo failed or was interrupted)."""
+        if self.process.is_alive():
+            self.process.terminate()  # SIGTERM: training keeps its state and exits
+            self.process.join(30)
+            if self.process.is_alive():
+                self.process.kill()
 
 
 def _epochs_trained(result) -> int:
@@ -176,20 +249,26 @@ def _run(out: Path, plan: DemoPlan) -> int:
                   learning_rate=plan.learning_rate, augment=augment, patience=max(plan.epochs_a, plan.budget_b))
     net = f"{plan.backbone}" + (f" (alpha {plan.alpha})" if plan.alpha else "")
 
-    _step(2, f"model A: {net} from scratch on task A ({plan.epochs_a} epochs)")
-    run_a, _ = _train(TrainConfig(data=str(data_a), out=str(out / "runs" / "A_scratch"), weights="none",
-                                  strategy="scratch", epochs=plan.epochs_a, **common), "model A")
+    # The baseline needs nothing from model A: it trains in a second process while model A and model B train here.
+    scratch_config = TrainConfig(data=str(data_b), out=str(out / "runs" / "B_scratch"), weights="none",
+                                 strategy="scratch", epochs=plan.budget_b, **common)
+    _step(2, f"model A: {net} from scratch on task A ({plan.epochs_a} epochs); meanwhile, in a second process, the "
+             f"baseline for task B: the same network from scratch ({plan.budget_b} epochs)")
+    baseline = BackgroundRun(scratch_config, "model B (scratch)", out / "runs" / "B_scratch.log")
+    try:
+        run_a, _ = _train(TrainConfig(data=str(data_a), out=str(out / "runs" / "A_scratch"), weights="none",
+                                      strategy="scratch", epochs=plan.epochs_a, **common), "model A")
 
-    _step(3, f"model B: transfer A's backbone to task B ({plan.epochs_b_phase1} epochs frozen + "
-             f"{plan.epochs_b_phase2} fine-tuning) vs the same network from scratch ({plan.budget_b} epochs)")
-    run_b, seconds_b = _train(TrainConfig(
-        data=str(data_b), out=str(out / "runs" / "B_transfer"), weights=str(run_a.run_dir), strategy="fine-tune",
-        epochs=plan.epochs_b_phase1, fine_tune_epochs=plan.epochs_b_phase2, unfreeze="all",
-        fine_tune_lr=plan.fine_tune_lr, **common),
-        "model B (transfer)")
-    run_s, seconds_s = _train(TrainConfig(
-        data=str(data_b), out=str(out / "runs" / "B_scratch"), weights="none", strategy="scratch",
-        epochs=plan.budget_b, **common), "model B (scratch)")
+        _step(3, f"model B: transfer A's backbone to task B ({plan.epochs_b_phase1} epochs frozen + "
+                 f"{plan.epochs_b_phase2} fine-tuning), then compare with the baseline")
+        run_b, seconds_b = _train(TrainConfig(
+            data=str(data_b), out=str(out / "runs" / "B_transfer"), weights=str(run_a.run_dir),
+            strategy="fine-tune", epochs=plan.epochs_b_phase1, fine_tune_epochs=plan.epochs_b_phase2,
+            unfreeze="all", fine_tune_lr=plan.fine_tune_lr, **common),
+            "model B (transfer)")
+        run_s, seconds_s = baseline.result()
+    finally:
+        baseline.stop()
     transfer_acc, scratch_acc = run_b.metrics["test"]["accuracy"], run_s.metrics["test"]["accuracy"]
     chance = 1 / len(TASK_B)
     comparison = [

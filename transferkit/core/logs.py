@@ -138,7 +138,7 @@ def configure_logging(verbose: bool = False, log_file: Path | None = None) -> No
         attach_log_file(Path(log_file))
 
 
-CHATTY_LIBRARIES = ("PIL", "h5py")
+CHATTY_LIBRARIES = ("PIL", "h5py", "matplotlib")
 
 
 def attach_log_file(path: Path) -> None:
@@ -153,7 +153,8 @@ def attach_log_file(path: Path) -> None:
         # Keep the console's threshold: it filters by itself (INFO), so lowering the root only feeds the file.
         root.setLevel(logging.DEBUG)
     for name in CHATTY_LIBRARIES:
-        # Pillow logs two DEBUG lines per PNG chunk read: thousands of lines per dataset, nothing to act on.
+        # Pillow logs two DEBUG lines per PNG chunk read, matplotlib ~60 font-scoring lines per text size: thousands
+        # of lines per run, nothing to act on.
         if logging.getLogger(name).level == logging.NOTSET:
             logging.getLogger(name).setLevel(logging.INFO)
     _file_handlers.append(handler)
