@@ -15,37 +15,6 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-# Scheduling. pyproject runs `--dist loadgroup --no-loadscope-reorder`: xdist hands out work units in collection
-# order, one at a time to whichever worker is free, so the order below is "longest first" (a long test that starts
-# last keeps one worker busy alone at the end). A file is one unit (its tests share module and session fixtures,
-# built once per worker), except the per-backbone files: their tests are independent and go out one by one, the
-# heaviest families first. Measured on two cores (seconds per unit): demo ~230, resume ~190, service ~200,
-# shutdown ~180, training ~140; families 10-140 each.
-LONGEST_FILES_FIRST = ("test_demo.py", "test_training_resume.py", "test_service.py", "test_shutdown.py",
-                       "test_training.py", "test_export.py")
-ONE_UNIT_PER_TEST = ("test_export_families.py", "test_backbones.py")
-HEAVIEST_FAMILIES = ("inception_resnet_v2", "nasnet", "convnext", "resnet_v2", "inception_v3", "xception")
-
-
-def _schedule_rank(item: pytest.Item) -> tuple:
-    name = item.path.name
-    if name in LONGEST_FILES_FIRST:
-        return (0, LONGEST_FILES_FIRST.index(name), 0)
-    if name in ONE_UNIT_PER_TEST:
-        family = item.callspec.id if hasattr(item, "callspec") else ""
-        heavy = HEAVIEST_FAMILIES.index(family) if family in HEAVIEST_FAMILIES else len(HEAVIEST_FAMILIES)
-        return (1, ONE_UNIT_PER_TEST.index(name), heavy)
-    return (2, 0, 0)  # the quick files last, to even out the end
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=_schedule_rank)  # stable: the order within a unit is kept
-    for item in items:
-        if item.path.name not in ONE_UNIT_PER_TEST:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-
-
 @pytest.fixture(autouse=True, scope="session")
 def isolated_homes(tmp_path_factory):
     """No test reads or writes the user's ~/.keras or BentoML store (and no ImageNet weights are cached)."""

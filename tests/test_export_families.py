@@ -17,6 +17,19 @@ def _family_members() -> list:
     return list(chosen.values())
 
 
+@pytest.fixture(autouse=True)
+def _free_memory():
+    """Each export holds the model, its traced graphs and three ONNX files in memory: release them before the next
+    family (the tests go to whichever worker is free, beside other files' fixtures)."""
+    yield
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+
+
 @pytest.mark.parametrize("row", _family_members(), ids=lambda row: row.family)
 def test_every_family_exports_within_the_gates(row, digits_small, tmp_path):
     """fp32 within 1e-4 and fp16 within its error bound (random weights: flat softmaxes, the strictest case for
