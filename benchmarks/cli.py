@@ -127,6 +127,9 @@ def run_loadtest(args: argparse.Namespace) -> int:
         ("batch size (mean)", "- (no batching in this layout)" if not summary.batch_calls
          else f"{summary.batch_size_mean:.2f} over {summary.batch_calls} model calls"),
     ]
+    if summary.connections_handed_back is not None:
+        rows.append(("connections handed back", f"{summary.connections_handed_back} (a busier worker closed a "
+                                                "keep-alive connection to rebalance)"))
     if summary.pipeline_images_per_s:
         rows.append(("in-process pipeline", f"{summary.pipeline_images_per_s:.1f} images/s"))
         rows.append(("served ÷ pipeline", f"{summary.served_over_pipeline:.2f}"))

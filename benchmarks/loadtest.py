@@ -31,6 +31,7 @@ from transferkit.core.system import available_cores, free_port
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BATCH_METRIC = "bentoml_service_adaptive_batch_size"
+HANDED_BACK_METRIC = "transferkit_connections_handed_back"
 
 
 @dataclass
@@ -53,6 +54,7 @@ class LoadTestSummary:
     batch_calls: int | None = None
     pipeline_images_per_s: float | None = None
     served_over_pipeline: float | None = None
+    connections_handed_back: int | None = None  # keep-alive connections a busier worker closed (service/balance.py)
     by_name: dict[str, dict] = field(default_factory=dict)
 
 
@@ -137,6 +139,16 @@ def batch_counters(url: str) -> tuple[float, float]:
     return total, count
 
 
+def counter_total(url: str, name: str) -> float:
+    """The value of the Prometheus counter ``name`` on ``url``/metrics, summed over every worker and label."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(requests.get(url + "/metrics", timeout=10).text)
+    return sum(sample.value for family in families if family.name == name for sample in family.samples
+               if sample.name in (name, name + "_total"))
+
+
 def _read_stats(prefix: Path) -> dict[str, dict]:
     path = Path(f"{prefix}_stats.csv")
     if not path.is_file():
@@ -186,6 +198,7 @@ def measure(server: str, url: str, users: int, spawn_rate: float, duration: int,
 
     out.mkdir(parents=True, exist_ok=True)
     before = batch_counters(url) if server != "baseline" else (0.0, 0.0)
+    handed_back = counter_total(url, HANDED_BACK_METRIC) if server != "baseline" else 0.0
     run_locust(url, users, spawn_rate, duration, out)
     summary = summarise(server, url, users, duration, out)
     if server != "baseline":
@@ -193,6 +206,7 @@ def measure(server: str, url: str, users: int, spawn_rate: float, duration: int,
         calls = after[1] - before[1]
         summary.batch_calls = int(calls)
         summary.batch_size_mean = (after[0] - before[0]) / calls if calls else None
+        summary.connections_handed_back = int(counter_total(url, HANDED_BACK_METRIC) - handed_back)
         try:
             summary.layout = requests.get(url + "/metadata", timeout=10).json()["layout"]["name"]
         except Exception:  # an older service, or not ours

@@ -63,6 +63,9 @@ class _Metrics:
                                         documentation="Images classified and answered"),
                 bentoml.metrics.Counter(name="transferkit_nonfinite_outputs",
                                         documentation="Images whose model output was not finite"),
+                bentoml.metrics.Counter(name="transferkit_connections_handed_back",
+                                        documentation="Keep-alive connections closed by a worker busier than "
+                                                      "another (service/balance.py)"),
             )
         return self._counters
 
@@ -74,6 +77,9 @@ class _Metrics:
 
     def nonfinite(self, count: int) -> None:
         self._get()[2].inc(count)
+
+    def handed_back(self) -> None:
+        self._get()[3].inc()
 
 
 metrics = _Metrics()

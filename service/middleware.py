@@ -41,8 +41,10 @@ class Admission:
     ``Connection: close``, so its client reconnects and may land on a less busy worker."""
 
     def __init__(self, app: ASGIApp, max_in_flight: int, is_draining: Callable[[], bool], track_request,
-                 on_reject: Callable[[str], None] | None = None, loads: Callable[[], Any] | None = None):
+                 on_reject: Callable[[str], None] | None = None, loads: Callable[[], Any] | None = None,
+                 on_hand_back: Callable[[], None] | None = None):
         self.app = app
+        self.on_hand_back = on_hand_back or (lambda: None)
         self.max_in_flight = max_in_flight
         self.is_draining = is_draining
         self.track_request = track_request
@@ -86,6 +88,7 @@ class Admission:
             # than another worker holds (only the busier side closes, so connections drift towards balance).
             if message["type"] == "http.response.start" and self.in_flight - 1 > self._loads.least_other():
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+                self.on_hand_back()
             await send(message)
 
         return send_balanced

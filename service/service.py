@@ -248,6 +248,7 @@ ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service
 ImageClassifier.add_asgi_middleware(
     Admission, max_in_flight=-(-SETTINGS.max_concurrency // PLAN.entry_workers),
     is_draining=lifecycle.is_draining, track_request=lifecycle.track_request, on_reject=metrics.rejected,
+    on_hand_back=metrics.handed_back,
     # Several workers computing behind one socket: the busier hands keep-alive clients back (service/balance.py).
     loads=(lambda: WorkerLoads(PLAN.entry_workers, _worker_index()))
     if PLAN.layout == "inprocess" and PLAN.entry_workers > 1 else None,

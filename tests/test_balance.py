@@ -10,14 +10,14 @@ from transferkit.service.balance import WorkerLoads
 from transferkit.service.middleware import Admission
 
 
-def _worker(loads: WorkerLoads, release: asyncio.Event) -> Admission:
+def _worker(loads: WorkerLoads, release: asyncio.Event, handed_back: list | None = None) -> Admission:
     async def app(scope, receive, send):
         await release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
 
     return Admission(app, max_in_flight=64, is_draining=lambda: False, track_request=contextlib.nullcontext,
-                     loads=lambda: loads)
+                     loads=lambda: loads, on_hand_back=None if handed_back is None else lambda: handed_back.append(1))
 
 
 async def _request(worker: Admission) -> list[tuple[bytes, bytes]]:
@@ -40,7 +40,7 @@ def test_only_the_busier_worker_closes_connections(tmp_path):
     try:
         async def scenario():
             release_busy, release_idle = asyncio.Event(), asyncio.Event()
-            busy, idle = _worker(loads[0], release_busy), _worker(loads[1], release_idle)
+            busy, idle = _worker(loads[0], release_busy, handed_back), _worker(loads[1], release_idle)
             busy_requests = [asyncio.create_task(_request(busy)) for _ in range(4)]
             idle_request = asyncio.create_task(_request(idle))
             await asyncio.sleep(0.05)
@@ -52,10 +52,12 @@ def test_only_the_busier_worker_closes_connections(tmp_path):
             answers = await asyncio.gather(*busy_requests)
             return [(b"connection", b"close") in headers for headers in answers]
 
+        handed_back: list = []
         closed = asyncio.run(scenario())
         # The busy worker had 4 in flight and the other 0: it hands clients back until it holds no more than the
         # other would (the responses go out in order: 3, 2, 1 left after each; then 0, which keeps its client).
         assert closed == [True, True, True, False]
+        assert len(handed_back) == 3  # each one counted (transferkit_connections_handed_back on /metrics)
     finally:
         for slot in loads:
             slot._remove()
