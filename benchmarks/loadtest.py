@@ -122,31 +122,16 @@ class BaselineServer:
 # ------------------------------------------------------------------------------------------------------- metrics
 
 
-def batch_counters(url: str) -> tuple[float, float]:
-    """(sum, count) of the adaptive-batch-size histogram on ``url``/metrics, over every worker and API."""
+def metric_totals(url: str) -> dict[str, float]:
+    """Every sample on ``url``/metrics summed by sample name over workers and labels (one request)."""
     import requests
     from prometheus_client.parser import text_string_to_metric_families
 
-    total = count = 0.0
+    totals: dict[str, float] = {}
     for family in text_string_to_metric_families(requests.get(url + "/metrics", timeout=10).text):
-        if family.name != BATCH_METRIC:
-            continue
         for sample in family.samples:
-            if sample.name == BATCH_METRIC + "_sum":
-                total += sample.value
-            elif sample.name == BATCH_METRIC + "_count":
-                count += sample.value
-    return total, count
-
-
-def counter_total(url: str, name: str) -> float:
-    """The value of the Prometheus counter ``name`` on ``url``/metrics, summed over every worker and label."""
-    import requests
-    from prometheus_client.parser import text_string_to_metric_families
-
-    families = text_string_to_metric_families(requests.get(url + "/metrics", timeout=10).text)
-    return sum(sample.value for family in families if family.name == name for sample in family.samples
-               if sample.name in (name, name + "_total"))
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
 
 
 def _read_stats(prefix: Path) -> dict[str, dict]:
@@ -197,16 +182,19 @@ def measure(server: str, url: str, users: int, spawn_rate: float, duration: int,
     import requests
 
     out.mkdir(parents=True, exist_ok=True)
-    before = batch_counters(url) if server != "baseline" else (0.0, 0.0)
-    handed_back = counter_total(url, HANDED_BACK_METRIC) if server != "baseline" else 0.0
+    before = metric_totals(url) if server != "baseline" else {}
     run_locust(url, users, spawn_rate, duration, out)
     summary = summarise(server, url, users, duration, out)
     if server != "baseline":
-        after = batch_counters(url)
-        calls = after[1] - before[1]
+        after = metric_totals(url)
+
+        def change(name: str) -> float:
+            return after.get(name, 0.0) - before.get(name, 0.0)
+
+        calls = change(BATCH_METRIC + "_count")
         summary.batch_calls = int(calls)
-        summary.batch_size_mean = (after[0] - before[0]) / calls if calls else None
-        summary.connections_handed_back = int(counter_total(url, HANDED_BACK_METRIC) - handed_back)
+        summary.batch_size_mean = change(BATCH_METRIC + "_sum") / calls if calls else None
+        summary.connections_handed_back = int(change(HANDED_BACK_METRIC + "_total"))
         try:
             summary.layout = requests.get(url + "/metadata", timeout=10).json()["layout"]["name"]
         except Exception:  # an older service, or not ours

@@ -123,19 +123,20 @@ class BackgroundRun:
         from transferkit.training.train import TrainResult
 
         self.process.join()
-        seconds = time.perf_counter() - self.started
-        logger.debug("%s (second process), its log %s:\n%s", self.label, self.log_path,
-                     self.log_path.read_text(errors="replace"))
+        wall = time.perf_counter() - self.started
+        text = self.log_path.read_text(errors="replace")
+        logger.debug("%s (second process), its log %s:\n%s", self.label, self.log_path, text)
         if self.process.exitcode != 0:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+            lines = text.strip().splitlines()
             last = next((line for line in reversed(lines) if "error:" in line), f"exit status {self.process.exitcode}")
             raise TransferkitError(f"{self.label} failed ({last.split('error:', 1)[-1].strip()}); its log: "
                                    f"{self.log_path}")
         run_dir = Path(self.config.out).absolute()
-        metrics = json.loads((run_dir / rundir.METRICS).read_text())
-        result = TrainResult(run_dir=run_dir, metrics=metrics, config=json.loads((run_dir / rundir.CONFIG).read_text()))
+        metrics = json.loads((run_dir / rundir.METRICS).read_text())  # the dict train() returns, as written
+        result = TrainResult(run_dir=run_dir, metrics=metrics,
+                             config=rundir.read_config(run_dir).model_dump(mode="json"))
         test = metrics["test"]
-        seconds = (metrics.get("timings") or {}).get("total_seconds", seconds)  # its own time, as _train's
+        seconds = (metrics.get("timings") or {}).get("total_seconds", wall)  # its own time, as _train's
         logger.info("  %s: test accuracy %.4f (%d images), %.0fs in a second process, diagnosis: %s (log: %s)",
                     self.label, test["accuracy"], test["samples"], seconds,
                     (metrics.get("diagnosis") or {}).get("verdict"), self.log_path)
