@@ -15,15 +15,16 @@ def test_quick_demo_shows_transfer_working(tmp_path):
     for step in range(1, 9):
         assert f"=== [{step}/8]" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
-    # Task B: digits 5-9 from 20 training labels per digit, judged on several hundred test images. The margins are
-    # wide on purpose (typical: transfer ~0.97, scratch far below): another CPU's rounding cannot cross them.
+    # Task B: digits 5-9 from 40 training labels per digit, judged on several hundred test images. The bounds come
+    # from the demo run with three other seeds and with a one-ulp change to the optimizer (proxies for another CPU's
+    # rounding, BENCHMARKS.md): transfer 0.864-0.961, transfer minus scratch 0.11-0.30, 7-10 of 10 right over HTTP.
+    # This machine gives 0.961, 0.299 and 10/10; the bounds below leave each measured low a margin.
     assert summary["test_images"] >= 500
-    assert summary["transfer_accuracy"] >= 0.90, summary
-    assert summary["transfer_accuracy"] >= summary["scratch_accuracy"] + 0.15, summary
-    # Over HTTP: the served answers are the bundle's own answers (parity, exact), and most are right. The count of
-    # right answers on 10 images is not gated tightly: at ~96 % accuracy, 9/10 would fail on some CPUs by chance.
+    assert summary["transfer_accuracy"] >= 0.80, summary
+    assert summary["transfer_accuracy"] >= summary["scratch_accuracy"] + 0.05, summary
+    # Over HTTP: the served answers are the bundle's own answers (parity, exact), and most are right.
     http = summary["http"]
-    assert http["sent"] == 10 and http["correct"] >= 7, summary
+    assert http["sent"] == 10 and http["correct"] >= 6, summary
     from transferkit import load_bundle
 
     offline = load_bundle(out / "bundle").predict([answer["file"] for answer in http["answers"]])

@@ -103,6 +103,44 @@ def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
     assert learning_rate_schedule(constant, 1e-3, 4, 10) == 1e-3
 
 
+def test_the_learning_rate_is_traced_once_per_step_with_bitwise_the_same_updates():
+    import keras
+
+    from transferkit.training.recipe import optimizer
+
+    calls = []
+
+    class CountedSchedule(keras.optimizers.schedules.CosineDecay):
+        def __call__(self, step):
+            calls.append(step)
+            return super().__call__(step)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 3)).astype("float32")
+    y = np.eye(4, dtype="float32")[np.arange(32) % 4]
+    config = TrainConfig(data="d", out="o", optimizer="adamw", weight_decay=1e-2)
+
+    def train(once_per_step: bool) -> tuple[list[np.ndarray], int, str]:
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(8, 3), keras.layers.BatchNormalization(),
+                                  keras.layers.ReLU(), keras.layers.GlobalAveragePooling2D(),
+                                  keras.layers.Dense(4, activation="softmax")])
+        schedule = CountedSchedule(0.0, 12, warmup_target=1e-2, warmup_steps=4)
+        opt = optimizer(config, schedule) if once_per_step else keras.optimizers.AdamW(schedule, weight_decay=1e-2)
+        model.compile(optimizer=opt, loss="categorical_crossentropy")
+        opt.build(model.trainable_variables)  # as the recipe does, so the step is traced once
+        calls.clear()
+        model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)  # traced once, then 7 more steps
+        return model.get_weights(), len(calls), keras.saving.serialize_keras_object(opt)["class_name"]
+
+    keras_weights, keras_calls, _ = train(once_per_step=False)
+    weights, traced_calls, class_name = train(once_per_step=True)
+    variables = 6  # conv kernel + bias, BatchNormalization gamma + beta, dense kernel + bias: each decayed
+    assert (keras_calls, traced_calls) == (variables + 1, 1)
+    assert all(np.array_equal(a, b) for a, b in zip(keras_weights, weights))
+    assert class_name == "AdamW"  # model.keras still names Keras's own optimizer
+
+
 def test_balanced_class_weights():
     from transferkit.training.recipe import class_weights
 
