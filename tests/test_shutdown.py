@@ -219,18 +219,23 @@ def test_sigkill_of_the_arbiter_leaves_no_worker_serving_the_port(bundle, tmp_pa
 
 def test_ctrl_c_while_waiting_for_readiness_leaves_no_server(tmp_path, bundle):
     """A KeyboardInterrupt in ``wait_ready`` stops the half-started server: nothing keeps the port."""
-    import _thread
-
     server = BentoServer(bundle, log_path=tmp_path / "interrupted.log")
     server.start()
     while not server.workers() and server.running():  # the arbiter has spawned its workers
         time.sleep(0.1)
     spawned = server.workers()
-    timer = threading.Timer(0.2, _thread.interrupt_main)  # what Ctrl-C does to the waiting process
-    timer.start()
+    find_workers = server.workers
+
+    def ctrl_c_while_polling():
+        # Ctrl-C (a KeyboardInterrupt in the main thread) arrives inside wait_ready's loop, whatever the timing: a
+        # timer could fire after a quick server had already answered ready (it did once in CI, under load).
+        server.workers = find_workers  # once: stop() looks for the workers too
+        find_workers()
+        raise KeyboardInterrupt
+
+    server.workers = ctrl_c_while_polling
     with pytest.raises(KeyboardInterrupt):
         server.wait_ready(timeout=120)
-    timer.join()
     assert not server.running()
     assert not alive(spawned)
     assert not port_answers(server.port)

@@ -37,13 +37,17 @@ def _interrupt_after(args: list[str], work: Path, epochs: int, signum: int) -> s
     process = subprocess.Popen([sys.executable, "-m", "transferkit", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 300
+    sent = "never"
     while time.monotonic() < deadline and process.poll() is None:
         if log.exists() and len(log.read_text().splitlines()) >= before + epochs:
             process.send_signal(signum)
+            sent = f"after {len(log.read_text().splitlines())} logged epochs"
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     stdout, stderr = process.communicate(timeout=300)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    # Says when the signal went out, should a run finish without it (once in CI, under load: exit 0).
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout,
+                                       f"{stderr}\n[test: signal {signum} sent {sent}]\n{stdout[-1500:]}")
 
 
 def test_interrupted_runs_keep_their_state_and_resume(tmp_path, two_digits):
