@@ -39,15 +39,16 @@ def _interrupt_after(args: list[str], work: Path, epochs: int, signum: int) -> s
     deadline = time.monotonic() + 300
     sent = "never"
     while time.monotonic() < deadline and process.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) >= before + epochs:
+        logged = len(log.read_text().splitlines()) if log.exists() else 0
+        if logged >= before + epochs:
             process.send_signal(signum)
-            sent = f"after {len(log.read_text().splitlines())} logged epochs"
+            sent = f"with {logged} epochs logged"
             break
         time.sleep(0.05)
     stdout, stderr = process.communicate(timeout=300)
-    # Says when the signal went out, should a run finish without it (once in CI, under load: exit 0).
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout,
-                                       f"{stderr}\n[test: signal {signum} sent {sent}]\n{stdout[-1500:]}")
+    # Shown with a failure (captured output), should a run finish without the signal (once in CI, under load: exit 0).
+    print(f"signal {signum} sent {sent}; exit {process.returncode}; the run's output ends:\n{stdout[-1500:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def test_interrupted_runs_keep_their_state_and_resume(tmp_path, two_digits):
