@@ -150,6 +150,29 @@ def test_same_seed_same_result(runs, digits_small):
     assert history_a == (second.run_dir / "history.csv").read_text()
 
 
+def test_restore_best_picks_the_lowest_validation_loss_and_no_restore_best_keeps_the_last_epoch(runs, digits_small):
+    # The same seeded run twice (head only, on cached features: seconds), differing only in restore_best. A high
+    # constant learning rate makes the validation loss jump around: here the lowest is epoch 1's and the two runs
+    # end one validation image apart. Where another CPU's best epoch is the last, both checks still hold.
+    settings = dict(strategy="feature-extraction", augment=NO_AUGMENT, cache_features=True, epochs=5,
+                    fine_tune_epochs=0, learning_rate=0.3, schedule="constant", patience=10, early_stopping_start=0)
+    best = run(runs, digits_small, "restore_best", **settings)
+    last = run(runs, digits_small, "keep_last", restore_best=False, **settings)
+    with open(best.run_dir / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    assert (last.run_dir / "history.csv").read_text() == (best.run_dir / "history.csv").read_text()
+    lowest = min(history, key=lambda row: float(row["val_loss"]))
+
+    def val_correct(result, row=None) -> int:
+        accuracy = float(row["val_accuracy"]) if row else result.metrics["val"]["accuracy"]
+        return round(accuracy * result.metrics["val"]["samples"])
+
+    assert val_correct(best) == val_correct(best, lowest)
+    assert val_correct(last) == val_correct(last, history[-1])
+    assert read_config(last.run_dir).restore_best is False and read_config(best.run_dir).restore_best is True
+    assert "| restore_best | `False` |" in (last.run_dir / "report.md").read_text()
+
+
 def test_configuration_errors_are_caught_before_work(runs, digits_small, fine_tuned):
     with pytest.raises(OutputExistsError, match="--force"):
         run(runs, digits_small, "fine_tuned")

@@ -86,7 +86,9 @@ def test_weights_none_without_a_strategy_trains_from_scratch():
     config = config_from_args(args)
     assert config.strategy == "scratch" and config.fine_tune_epochs == 0
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o"])
-    assert config_from_args(args).strategy == "fine-tune"
+    assert config_from_args(args).strategy == "fine-tune" and config_from_args(args).restore_best is True
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--no-restore-best"])
+    assert config_from_args(args).restore_best is False
 
 
 def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():

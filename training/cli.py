@@ -85,6 +85,10 @@ def add_train_parser(subparsers) -> None:
     t.add_argument("--class-weight", choices=CLASS_WEIGHTS, default="none",
                    help="balanced: weight the loss by n / (classes x count), for imbalanced folders")
     t.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs, on val loss)")
+    t.add_argument("--restore-best", action=argparse.BooleanOptionalAction, default=True,
+                   help="end each phase with the weights of its best epoch by validation loss (default); "
+                        "--no-restore-best keeps the last epoch's, e.g. when a few dozen validation images are too "
+                        "few to pick an epoch by and the cosine schedule ends at 0")
     t.add_argument("--early-stopping-start", type=int,
                    help="epochs before early stopping may stop or pick a best epoch (default: 0; a third of "
                         "--epochs for scratch, whose BatchNormalization statistics lag at first)")
@@ -113,6 +117,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         optimizer=args.optimizer, weight_decay=args.weight_decay, momentum=args.momentum, schedule=args.schedule,
         warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, class_weight=args.class_weight,
         early_stopping_start=args.early_stopping_start, unfreeze=args.unfreeze, patience=args.patience,
+        restore_best=args.restore_best,
         head=HeadConfig(args.head, args.dropout, args.hidden_units, args.hidden_dropout, args.l2),
         augment=AugmentConfig(not args.no_augment, args.flip, args.rotation, args.shift, args.zoom, args.contrast),
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, strict=args.strict,

@@ -71,6 +71,9 @@ class TrainConfig:
     early_stopping_start: int | None = None
     unfreeze: str = "50"
     patience: int = 5
+    # True: each phase ends with the weights of its lowest validation loss (Keras's restore_best_weights). False keeps
+    # the last epoch's: for a validation set too small to pick an epoch by, with a schedule that decays to 0.
+    restore_best: bool = True
     head: HeadConfig = field(default_factory=HeadConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     val_fraction: float = 0.15

@@ -56,7 +56,7 @@ def diagnose(history: list[dict], evaluations: dict[str, dict], dataset: Dataset
                         + (f" and the validation loss rose from {min_val_loss:.3f} to {final_val_loss:.3f}"
                            if rising else "")
                         + ". Add augmentation or dropout, unfreeze fewer layers, lower the fine-tuning learning "
-                          "rate, or add data (early stopping already restored the best epoch)."))
+                          "rate, or add data."))
     if not signals:
         signals.append(("good fit",
                         f"training {train_acc:.1%}, validation {val_acc:.1%}, test {test_acc:.1%}: the model fits "
@@ -134,7 +134,8 @@ def render(config: dict, metrics: dict, dataset: Dataset, fit: Any) -> str:
     lines += ["", "## Configuration", "", "| setting | value |", "|---|---|"]
     for key in ("backbone", "image_size", "weights", "strategy", "optimizer", "weight_decay", "learning_rate",
                 "fine_tune_lr", "schedule", "warmup_epochs", "label_smoothing", "class_weight", "unfreeze",
-                "batch_size", "epochs", "fine_tune_epochs", "patience", "early_stopping_start", "head", "augment"):
+                "batch_size", "epochs", "fine_tune_epochs", "patience", "early_stopping_start", "restore_best", "head",
+                "augment"):
         lines.append(f"| {key} | `{config.get(key)}` |")
     lines += ["", "## Timings", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k.replace('_seconds', '').replace('_', ' ')} | {v:.1f} |" for k, v in timings.items()]
@@ -143,6 +144,8 @@ def render(config: dict, metrics: dict, dataset: Dataset, fit: Any) -> str:
               "from standard Keras layers). Load it with `keras.models.load_model`.",
               "- `labels.json`, `config.json`, `split.json`, `history.csv`, `metrics.json`",
               "- `learning_curves.png`, `confusion_matrix.png`, `misclassified.png`",
-              "- `checkpoints/best.weights.h5`: the final weights (best epoch by validation loss); "
+              "- `checkpoints/best.weights.h5`: the final weights ("
+              + ("best epoch by validation loss" if config.get("restore_best", True) else "each phase's last epoch")
+              + "); "
               "`checkpoints/phase1.weights.h5`: the weights after phase 1", ""]
     return "\n".join(lines)

@@ -64,6 +64,7 @@ class RunConfig(_Record):
     early_stopping_start: int
     unfreeze: str
     patience: int
+    restore_best: bool = True
     head: HeadConfig
     augment: AugmentConfig
     val_fraction: float

@@ -205,7 +205,7 @@ def fit_model(
             # First, so an epoch is logged only once its state is saved.
             cbs.append(keras.callbacks.BackupAndRestore(str(work / workdir.BACKUP_DIR / f"phase{phase}")))
         cbs += [epoch_log, keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=config.patience, restore_best_weights=True, verbose=1,
+            monitor="val_loss", patience=config.patience, restore_best_weights=config.restore_best, verbose=1,
             start_from_epoch=start_from_epoch)]
         return cbs, rows
 
