@@ -16,15 +16,20 @@ def test_quick_demo_shows_transfer_working(tmp_path):
         assert f"=== [{step}/8]" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     # Task B: digits 5-9 from 40 training labels per digit, judged on several hundred test images. The bounds come
-    # from the demo run with three other seeds and with a one-ulp change to the optimizer (proxies for another CPU's
-    # rounding, BENCHMARKS.md): transfer 0.864-0.961, transfer minus scratch 0.11-0.30, 7-10 of 10 right over HTTP.
-    # This machine gives 0.961, 0.299 and 10/10; the bounds below leave each measured low a margin.
+    # from the demo's training with three other seeds (a stand-in for another CPU's rounding, BENCHMARKS.md):
+    # transfer 0.938-0.972, transfer minus scratch 0.057-0.231. This machine gives 0.960 and +0.057; the bounds
+    # leave the measured lows a margin of about 5 points (30 test images).
     assert summary["test_images"] >= 500
-    assert summary["transfer_accuracy"] >= 0.80, summary
-    assert summary["transfer_accuracy"] >= summary["scratch_accuracy"] + 0.05, summary
+    assert summary["transfer_accuracy"] >= 0.88, summary
+    assert summary["transfer_accuracy"] >= summary["scratch_accuracy"], summary
     # Over HTTP: the served answers are the bundle's own answers (parity, exact), and most are right.
     http = summary["http"]
-    assert http["sent"] == 10 and http["correct"] >= 6, summary
+    # The whole test split over HTTP gives the training run's test accuracy (ONNX behind HTTP, Keras in the run: a
+    # near-tie or two may differ). Of the ten shown: at 0.94 accuracy, 7 or more right has a probability of 99.8%,
+    # 9 or more only 88%.
+    assert http["test_sent"] == summary["test_images"]
+    assert abs(http["test_correct"] / http["test_sent"] - summary["transfer_accuracy"]) <= 0.01, summary
+    assert http["sent"] == 10 and http["correct"] >= 7, summary
     from transferkit import load_bundle
 
     offline = load_bundle(out / "bundle").predict([answer["file"] for answer in http["answers"]])
