@@ -360,13 +360,21 @@ def _run(out: Path, plan: DemoPlan) -> int:
     return 0
 
 
-def _held_out(run_dir: Path, per_class: int = 2, seed: int = 0) -> list[tuple[Path, str]]:
+def _held_out(test: list[tuple[Path, str]], per_class: int = 2, seed: int = 0) -> list[tuple[Path, str]]:
     """``per_class`` test images of each class drawn at random (seeded, so not chosen by how they are answered)."""
     from transferkit.export.bundle import stratified
-    from transferkit.training.rundir import split_files
 
-    test = split_files(run_dir, "test")
     return stratified(test, per_class * len({label for _, label in test}), seed=seed)
+
+
+def _classify(url: str, images: list[tuple[Path, str]]) -> list[dict]:
+    """POST ``images`` (PNG files) to ``url``/predict in one request; the service's answers, in order."""
+    import requests
+
+    response = requests.post(url + "/predict", timeout=60, files=[
+        ("images", (path.name, path.read_bytes(), "image/png")) for path, _ in images])
+    response.raise_for_status()
+    return response.json()
 
 
 def _serve_and_query(out: Path, bundle_dir: Path, run_dir: Path) -> dict:
@@ -375,16 +383,15 @@ def _serve_and_query(out: Path, bundle_dir: Path, run_dir: Path) -> dict:
     from transferkit.service.launcher import BentoServer
     from transferkit.training.rundir import split_files
 
+    test = split_files(run_dir, "test")
     with BentoServer(bundle_dir, log_path=out / "service.log") as server:
         logger.info("  service ready at %s (log: %s)", server.url, out / "service.log")
-        files = _held_out(run_dir)
+        files = _held_out(test)
         correct = 0
         answers = []
         logger.info("  %-22s %4s  %9s  %6s", "file", "true", "predicted", "score")
         for path, label in files:
-            with path.open("rb") as handle:
-                answer = requests.post(server.url + "/predict", files=[("images", (path.name, handle, "image/png"))],
-                                       timeout=60).json()[0]
+            answer = _classify(server.url, [(path, label)])[0]
             correct += answer["label"] == label
             answers.append({"file": str(path), "true": label, "predicted": answer["label"], "score": answer["score"]})
             mark = "" if answer["label"] == label else "   <- wrong"
@@ -393,29 +400,20 @@ def _serve_and_query(out: Path, bundle_dir: Path, run_dir: Path) -> dict:
         logger.info("  %d/%d held-out images classified correctly over HTTP", correct, len(files))
         # Ten images are a small sample (a 96%-accurate model gets 8 or fewer right 6% of the time): the whole test
         # split goes over HTTP too, as many images per request as the service accepts (16 unless configured).
-        test = split_files(run_dir, "test")
         per_request = requests.get(server.url + "/metadata", timeout=60).json()["limits"]["max_images_per_request"]
         test_correct = 0
         for start in range(0, len(test), per_request):
             chunk = test[start:start + per_request]
-            handles = [path.open("rb") for path, _ in chunk]
-            try:
-                response = requests.post(server.url + "/predict", timeout=60, files=[
-                    ("images", (path.name, handle, "image/png")) for (path, _), handle in zip(chunk, handles)])
-            finally:
-                for handle in handles:
-                    handle.close()
-            response.raise_for_status()
-            test_correct += sum(a["label"] == label for a, (_, label) in zip(response.json(), chunk))
+            test_correct += sum(a["label"] == label for a, (_, label) in zip(_classify(server.url, chunk), chunk))
         logger.info("  the whole test split over HTTP: %d of %d right (%.1f%%)", test_correct, len(test),
                     100 * test_correct / len(test))
         corrupt = files[0][0].read_bytes()[:40]
-        response = requests.post(server.url + "/predict", files=[("images", ("corrupt.png", corrupt, "image/png"))],
+        rejected = requests.post(server.url + "/predict", files=[("images", ("corrupt.png", corrupt, "image/png"))],
                                  timeout=60)
-        logger.info("  corrupt.png (40 bytes of a PNG) -> HTTP %d: %s", response.status_code,
-                    response.json().get("error"))
+        logger.info("  corrupt.png (40 bytes of a PNG) -> HTTP %d: %s", rejected.status_code,
+                    rejected.json().get("error"))
     logger.info("  service stopped")
-    return {"sent": len(files), "correct": int(correct), "corrupt_status": response.status_code, "answers": answers,
+    return {"sent": len(files), "correct": int(correct), "corrupt_status": rejected.status_code, "answers": answers,
             "test_sent": len(test), "test_correct": int(test_correct)}
 
 
