@@ -32,6 +32,7 @@ from transferkit.core.manifest import (
     ResizeRule,
     sha256_path,
 )
+from transferkit.core.stopping import raise_if_stop_requested
 from transferkit.core.system import library_versions
 from transferkit.export.validate import MIN_IMAGES
 
@@ -182,6 +183,15 @@ def register_bundle(bundle_dir: Path, manifest: Manifest) -> str:
     return str(ref.tag)
 
 
+def _delete_store_entry(tag: str) -> None:
+    import bentoml
+
+    try:
+        bentoml.models.delete(tag)
+    except Exception:  # best effort on the way out of a failure; the original error is what the user needs
+        logger.warning("could not remove %s from the BentoML model store", tag)
+
+
 def export_model(
     model,
     *,
@@ -219,59 +229,66 @@ def export_model(
     name = store_name(name or f"{backbone}-{out.name}")
     check_output_dir(out, force)
     seconds: dict[str, float] = {}
-    with atomic_output_dir(out, force) as staging:
-        onnx_path = staging / FORMAT_FILES["onnx"]
-        onnx_needed = any(f.startswith("onnx") for f in formats)
-        steps = [("savedmodel", lambda: convert.write_saved_model(model, image_size, staging / "saved_model"))]
-        steps.append(("onnx", lambda: convert.write_onnx(model, image_size, onnx_path, opset)))
-        steps.append(("onnx-fp16", lambda: convert.write_onnx_fp16(onnx_path, staging / FORMAT_FILES["onnx-fp16"])))
-        steps.append(("onnx-int8", lambda: convert.write_onnx_int8(
-            onnx_path, staging / FORMAT_FILES["onnx-int8"], calibration)))
-        for fmt, step in steps:
-            if fmt in formats or (fmt == "onnx" and onnx_needed):
-                log(f"writing {fmt} ({FORMAT_FILES[fmt]})")
-                start = time.perf_counter()
-                step()
-                seconds[fmt] = round(time.perf_counter() - start, 2)
-        entries = {fmt: _format_entry(staging, fmt, opset) for fmt in BACKENDS if fmt in formats}
+    tag = None
+    try:
+        with atomic_output_dir(out, force) as staging:
+            onnx_path = staging / FORMAT_FILES["onnx"]
+            onnx_needed = any(f.startswith("onnx") for f in formats)
+            steps = [("savedmodel", lambda: convert.write_saved_model(model, image_size, staging / "saved_model"))]
+            steps.append(("onnx", lambda: convert.write_onnx(model, image_size, onnx_path, opset)))
+            steps.append(("onnx-fp16", lambda: convert.write_onnx_fp16(onnx_path, staging / FORMAT_FILES["onnx-fp16"])))
+            steps.append(("onnx-int8", lambda: convert.write_onnx_int8(
+                onnx_path, staging / FORMAT_FILES["onnx-int8"], calibration)))
+            for fmt, step in steps:
+                if fmt in formats or (fmt == "onnx" and onnx_needed):
+                    log(f"writing {fmt} ({FORMAT_FILES[fmt]})")
+                    start = time.perf_counter()
+                    step()
+                    raise_if_stop_requested()  # tf2onnx's garbage collection can swallow a SIGTERM (core/stopping.py)
+                    seconds[fmt] = round(time.perf_counter() - start, 2)
+            entries = {fmt: _format_entry(staging, fmt, opset) for fmt in BACKENDS if fmt in formats}
 
-        start = time.perf_counter()
-        with tf.device("/CPU:0"):  # the reference; on a GPU, TF32 would blur the comparison
-            reference = batched_forward(model, validation.images.astype(np.float32))
-        report = validate_bundle(staging, entries, reference, validation.images.astype(np.uint8),
-                                 validation.labels, validation.source, backbone)
-        seconds["validation"] = round(time.perf_counter() - start, 2)
-        if "onnx" not in formats:  # written only as the source of fp16/int8
-            onnx_path.unlink(missing_ok=True)
-        log("validation report (near-ties: Keras top-1 margin <= 2 * the error bound; see the gate column)\n"
-            + report.table())
-        if not report.passed and not allow_mismatch:
-            failed = [f"{f.format}: {'; '.join(f.failures)}" for f in report.formats if not f.passed]
-            raise ExportValidationError(
-                "the exported model does not answer like the Keras model (" + " | ".join(failed)
-                + "); nothing was written. --allow-mismatch publishes it anyway, recording the failure"
+            start = time.perf_counter()
+            with tf.device("/CPU:0"):  # the reference; on a GPU, TF32 would blur the comparison
+                reference = batched_forward(model, validation.images.astype(np.float32))
+            report = validate_bundle(staging, entries, reference, validation.images.astype(np.uint8),
+                                     validation.labels, validation.source, backbone)
+            seconds["validation"] = round(time.perf_counter() - start, 2)
+            if "onnx" not in formats:  # written only as the source of fp16/int8
+                onnx_path.unlink(missing_ok=True)
+            log("validation report (near-ties: Keras top-1 margin <= 2 * the error bound; see the gate column)\n"
+                + report.table())
+            if not report.passed and not allow_mismatch:
+                failed = [f"{f.format}: {'; '.join(f.failures)}" for f in report.formats if not f.passed]
+                raise ExportValidationError(
+                    "the exported model does not answer like the Keras model (" + " | ".join(failed)
+                    + "); nothing was written. --allow-mismatch publishes it anyway, recording the failure"
+                )
+            created = datetime.now(timezone.utc)
+            combined = "".join(entries[f].sha256 for f in sorted(entries))
+            version = f"{created:%Y%m%d-%H%M%S}-{hashlib.sha256(combined.encode()).hexdigest()[:8]}"
+            manifest = Manifest(
+                name=name, version=version, created=created, backbone=row.name, family=row.family,
+                image_size=image_size, class_names=list(class_names),
+                preprocessing={"mode": row.preprocessing, "in_graph": PREPROCESSING_TEXT[row.preprocessing]},
+                resize=resize_rule(),
+                input={"name": convert.INPUT_NAME, "dtype": convert.INPUT_DTYPE,
+                       "shape": [None, image_size, image_size, 3], "range": "RGB 0-255",
+                       "decoder": "transferkit.core.images.decode_image (see resize)"},
+                output={"name": convert.OUTPUT_NAME, "dtype": "float32", "shape": [None, len(class_names)],
+                        "meaning": "softmax probabilities, in class_names order"},
+                formats=entries, training=training or {}, validation=report,
+                validation_overridden=not report.passed, versions=library_versions(),
             )
-        created = datetime.now(timezone.utc)
-        combined = "".join(entries[f].sha256 for f in sorted(entries))
-        version = f"{created:%Y%m%d-%H%M%S}-{hashlib.sha256(combined.encode()).hexdigest()[:8]}"
-        manifest = Manifest(
-            name=name, version=version, created=created, backbone=row.name, family=row.family,
-            image_size=image_size, class_names=list(class_names),
-            preprocessing={"mode": row.preprocessing, "in_graph": PREPROCESSING_TEXT[row.preprocessing]},
-            resize=resize_rule(),
-            input={"name": convert.INPUT_NAME, "dtype": convert.INPUT_DTYPE,
-                   "shape": [None, image_size, image_size, 3], "range": "RGB 0-255",
-                   "decoder": "transferkit.core.images.decode_image (see resize)"},
-            output={"name": convert.OUTPUT_NAME, "dtype": "float32", "shape": [None, len(class_names)],
-                    "meaning": "softmax probabilities, in class_names order"},
-            formats=entries, training=training or {}, validation=report,
-            validation_overridden=not report.passed, versions=library_versions(),
-        )
-        (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
-        tag = None
-        if register:
-            log("registering in the BentoML model store")
-            tag = register_bundle(staging, manifest)
+            (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+            raise_if_stop_requested()
+            if register:
+                log("registering in the BentoML model store")
+                tag = register_bundle(staging, manifest)
+    except BaseException:
+        if tag:  # registered, then stopped before the bundle was published: the entry goes too
+            _delete_store_entry(tag)
+        raise
     return ExportResult(bundle_dir=Path(out).absolute(), manifest=manifest, tag=tag, seconds=seconds)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from transferkit.core.backbones import Backbone, get_backbone
 from transferkit.core.errors import TransferkitError, UsageError
+from transferkit.core.stopping import raise_if_stop_requested, stop_exit_code
 from transferkit.core.system import library_versions
 from transferkit.training import rundir, workdir
 from transferkit.training.config import TrainConfig
@@ -133,6 +134,9 @@ def _epoch_logger(work: Path | None, phase: int, peak: float):
     rows: list[dict] = []
 
     class EpochLog(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise_if_stop_requested()  # a signal whose exception TensorFlow swallowed still stops training
+
         def on_epoch_end(self, epoch, logs=None):
             row = {"epoch": epoch + 1, "phase": phase, "learning_rate": peak,
                    "epoch_end_lr": current_learning_rate(self.model)}
@@ -453,6 +457,8 @@ def train(config: TrainConfig, log: Log = logger.info) -> TrainResult:
         model, fit = _train_and_save(config, backbone, size, weights, dataset, work, log)
         metrics = _report(config, backbone, size, weights, dataset, work, model, fit, resolved,
                           {"decode_seconds": decode_seconds, **fit.timings}, total_start, log)
+    if stop_exit_code() is not None:  # a signal arrived and a library swallowed its exception: keep, don't publish
+        raise _interrupted(work, "stopped", stop_exit_code())
     run_dir = workdir.finalize(work, out, config.force)
     return TrainResult(run_dir=run_dir, metrics=metrics, config=resolved.model_dump(mode="json"))
 
@@ -498,6 +504,8 @@ def _train_and_save(config, backbone, size, weights, dataset, work: Path, log: L
         raise
     except BaseException as exc:
         if workdir.discard_if_untrained(work):
+            if stop_exit_code() is not None:  # a signal that came out as another exception
+                raise _interrupted(work, "stopped", stop_exit_code()) from None
             detail = str(exc) if isinstance(exc, TransferkitError) else f"{type(exc).__name__}: {exc}"
             raise _interrupted(work, f"training failed ({detail})", 1) from exc
         raise

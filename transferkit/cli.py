@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -71,22 +70,40 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transferkit.core import stopping
     from transferkit.core.errors import TransferkitError
     from transferkit.core.logs import configure_logging
 
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    # SIGTERM -> SystemExit, so `with` blocks (atomic output directories) clean up like on Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM -> SystemExit, so `with` blocks (atomic output directories) clean up like on Ctrl-C; both are also
+    # recorded, because a library can swallow the exception or turn it into another one (core/stopping.py).
+    stopping.install()
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.log_file)  # before any TensorFlow import
+
+    def stopped() -> int:
+        print(f"transferkit {args.command}: stopped by {stopping.stop_signal_name()}; nothing was written",
+              file=sys.stderr)
+        return stopping.stop_exit_code()
+
     try:
         return int(args.handler(args) or 0)
     except TransferkitError as exc:
+        if stopping.stop_exit_code() not in (None, exc.exit_code):  # the signal came out as this error
+            return stopped()
         print(f"transferkit {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"transferkit {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except SystemExit as exc:
+        if stopping.stop_exit_code() is not None and exc.code == stopping.stop_exit_code():
+            return stopped()
+        raise
+    except Exception:
+        if stopping.stop_exit_code() is not None:
+            return stopped()
+        raise
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Write an output directory all at once, or not at all.
 
 Work happens in a hidden sibling directory that is renamed into place only when everything succeeded; any error,
-Ctrl-C or SIGTERM (turned into SystemExit by the CLI) removes it. A reader never sees a half-written run or bundle.
+Ctrl-C or SIGTERM (turned into SystemExit by the CLI, and recorded: core/stopping.py) removes it. A reader never
+sees a half-written run or bundle.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from transferkit.core.errors import OutputExistsError
+from transferkit.core.stopping import raise_if_stop_requested
 
 
 def check_output_dir(out: Path, force: bool) -> Path:
@@ -48,6 +50,7 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield staging
+        raise_if_stop_requested()  # a signal whose exception a library swallowed must not publish the output
         staging.chmod(0o755)  # mkdtemp creates 0700
         check_output_dir(out, force)  # someone may have created it meanwhile
         publish_dir(staging, out)
