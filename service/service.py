@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 import bentoml
@@ -42,6 +43,28 @@ WARMING_WAIT_S = min(5.0, SETTINGS.timeout_s / 2)  # a warming worker holds a re
 DECODE_WAIT_S = SETTINGS.timeout_s / 2  # waiting for a decode slot past this: 503 busy, before the 504 timeout
 
 lifecycle.install_worker_lifecycle(SETTINGS.drain_timeout_s)
+
+
+def _no_tracing_unless_exported() -> dict:
+    """The services' ``tracing`` config: no tracing work when BentoML has no tracing exporter configured.
+
+    Then BentoML records nothing (its sample rate defaults to 0), yet OpenTelemetry's ASGI middleware still creates
+    and enters a span per request and per body chunk received or sent: ~1 ms of CPU per request measured here (a
+    113 KB upload, a 32 px model: 5.9 against 6.8 ms per request with the SDK off; paired runs), about 5 % of a
+    MobileNetV2 request. So the middleware passes every URL straight through (``excluded_urls``; a service's config
+    is merged over BentoML's when its app is built), and the SDK is off for the spans of calls to the model service.
+    What is lost: the trace and span ids in BentoML's log lines. Configure an exporter (``tracing.exporter_type``),
+    or set ``OTEL_SDK_DISABLED=false``, and tracing works as BentoML ships it.
+    """
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    if BentoMLContainer.tracing.exporter_type.get() is not None or os.environ.get("OTEL_SDK_DISABLED") == "false":
+        return {}
+    os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+    return {"tracing": {"excluded_urls": [".*"]}}
+
+
+TRACING = _no_tracing_unless_exported()
 
 
 def _store_model(settings: ServiceSettings) -> bentoml.models.BentoModel | None:
@@ -98,6 +121,7 @@ if PLAN.layout == "batched":
         resources=SETTINGS.model_resources(PLAN),
         workers=PLAN.model_workers,  # one per GPU: each holds its own copy of the model and its own batcher
         traffic={"timeout": SETTINGS.timeout_s},
+        **TRACING,
         # The entry service logs every client request; a second line per internal hop is noise and CPU.
         logging={"access": {"enabled": False}},
     )
@@ -130,6 +154,7 @@ if PLAN.layout == "batched":
         name="transferkit",
         workers=PLAN.entry_workers,
         traffic={"timeout": SETTINGS.timeout_s},  # max_concurrency: service/middleware.py's Admission
+        **TRACING,
     )
     class ImageClassifier(_Entry):
         model = bentoml.depends(ClassifierModel)
@@ -182,6 +207,7 @@ else:
         resources=SETTINGS.model_resources(PLAN),
         workers=PLAN.entry_workers,  # each worker holds its own session: no inter-process hop
         traffic={"timeout": SETTINGS.timeout_s},  # max_concurrency: service/middleware.py's Admission
+        **TRACING,
     )
     class ImageClassifier(_Entry):
         bundle = MODEL
