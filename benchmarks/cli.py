@@ -91,7 +91,9 @@ def add_loadtest_parser(subparsers) -> None:
                     "requests/s, images/s, p50/p95/p99, failure ratio, the batch sizes the service formed, and "
                     "served ÷ in-process pipeline (decode + onnxruntime on the same images and cores, no HTTP). "
                     "--compare-baseline also runs the same load against benchmarks/baseline_server.py (FastAPI + "
-                    "onnxruntime, uvicorn --workers <cores>, no batching), back to back, and writes comparison.md. "
+                    "onnxruntime, uvicorn --workers <cores>, no batching), back to back, and writes comparison.md; "
+                    "--rounds N repeats the pair N times, alternating which server goes first, and reports the "
+                    "ratio per round and its median (one pair on a noisy machine can be off by several percent). "
                     "Exits 1 when --max-failure-ratio or --max-p95-ms is exceeded by the service.",
     )
     p.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:3000")
@@ -99,6 +101,8 @@ def add_loadtest_parser(subparsers) -> None:
     p.add_argument("--backend", default="onnx", help="backend to serve and to run in-process (default onnx)")
     p.add_argument("--compare-baseline", action="store_true",
                    help="also load-test the plain FastAPI + onnxruntime server (needs --model)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --compare-baseline: pairs of runs, alternating which server goes first (default 1)")
     p.add_argument("--users", type=int, default=16, help="concurrent users (default 16)")
     p.add_argument("--spawn-rate", type=float, default=16, help="users started per second (default 16)")
     p.add_argument("--duration", default="30s", help="per server, e.g. 30s or 2m (default 30s)")
@@ -111,12 +115,14 @@ def add_loadtest_parser(subparsers) -> None:
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
-    from transferkit.benchmarks.loadtest import comparison_table, loadtest, parse_duration
+    import statistics
+
+    from transferkit.benchmarks.loadtest import comparison_table, loadtest, paired_ratios, parse_duration
 
     summaries = loadtest(args.url, args.model, args.users, args.spawn_rate, parse_duration(args.duration),
                          args.out, args.backend, compare_baseline=args.compare_baseline,
-                         pipeline_seconds=args.pipeline_seconds)
-    summary = summaries[0]  # the service
+                         pipeline_seconds=args.pipeline_seconds, rounds=args.rounds)
+    summary = summaries[0]  # the service (round 1)
     rows = [
         ("layout", summary.layout or "-"),
         ("requests", f"{summary.requests} ({summary.failures} failed, {summary.overloaded} overloaded 429/503)"),
@@ -139,6 +145,11 @@ def run_loadtest(args: argparse.Namespace) -> int:
                                           f"{summary.images_per_s / baseline.images_per_s:.2f})"))
         rows.append(("baseline p50/p95/p99", f"{baseline.p50_ms:.0f} / {baseline.p95_ms:.0f} / "
                                              f"{baseline.p99_ms:.0f} ms"))
+        if args.rounds > 1:
+            ratios = paired_ratios(summaries)
+            rows.append((f"over {args.rounds} rounds", f"transferkit ÷ baseline images/s median "
+                         f"{statistics.median(r for r, _ in ratios):.2f} (min {min(r for r, _ in ratios):.2f}); "
+                         f"p95 difference median {statistics.median(d for _, d in ratios):+.0f} ms"))
     files = "comparison.md, summary.json, transferkit/ and baseline/" if args.compare_baseline else \
         "locust_stats.csv, locust.html, summary.json"
     rows.append(("files", f"{args.out.absolute()} ({files})"))
@@ -146,10 +157,12 @@ def run_loadtest(args: argparse.Namespace) -> int:
         print(comparison_table(summaries))
     print_summary(rows)
     problems = []
-    if summary.failure_ratio > args.max_failure_ratio:
-        problems.append(f"failure ratio {summary.failure_ratio:.4f} > {args.max_failure_ratio}")
-    if args.max_p95_ms is not None and summary.p95_ms > args.max_p95_ms:
-        problems.append(f"p95 {summary.p95_ms:.0f} ms > {args.max_p95_ms:.0f} ms")
+    served = [s for s in summaries if s.server != "baseline"]  # the thresholds judge the service, every round
+    worst_failures, worst_p95 = max(s.failure_ratio for s in served), max(s.p95_ms for s in served)
+    if worst_failures > args.max_failure_ratio:
+        problems.append(f"failure ratio {worst_failures:.4f} > {args.max_failure_ratio}")
+    if args.max_p95_ms is not None and worst_p95 > args.max_p95_ms:
+        problems.append(f"p95 {worst_p95:.0f} ms > {args.max_p95_ms:.0f} ms")
     if problems:
         print(f"transferkit loadtest: error: thresholds exceeded: {'; '.join(problems)}", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -55,6 +56,7 @@ class LoadTestSummary:
     pipeline_images_per_s: float | None = None
     served_over_pipeline: float | None = None
     connections_handed_back: int | None = None  # keep-alive connections a busier worker closed (service/balance.py)
+    round: int = 1  # --rounds: which pair of runs this one belongs to
     by_name: dict[str, dict] = field(default_factory=dict)
 
 
@@ -256,34 +258,53 @@ def pipeline_images_per_s(model: str, backend: str = "onnx", seconds: float = 15
 # ------------------------------------------------------------------------------------------------------ commands
 
 
+def run_order(rounds: int) -> list[tuple[int, str]]:
+    """(round, server) in the order they run: the pair alternates which goes first (transferkit first in round 1),
+    so a machine that slows down or speeds up during the test favours neither server."""
+    order = []
+    for number in range(1, rounds + 1):
+        pair = ["transferkit", "baseline"] if number % 2 else ["baseline", "transferkit"]
+        order += [(number, name) for name in pair]
+    return order
+
+
 def loadtest(url: str | None, model: str | None, users: int, spawn_rate: float, duration: int, out: Path,
              backend: str = "onnx", compare_baseline: bool = False, pipeline_seconds: float = 15.0,
-             log=print) -> list[LoadTestSummary]:
+             rounds: int = 1, log=print) -> list[LoadTestSummary]:
     """Load-test the service (started for ``model``, or running at ``url``); with ``compare_baseline`` also the
-    plain FastAPI server, back to back. Each summary carries served ÷ in-process pipeline when the bundle is known."""
+    plain FastAPI server, back to back, ``rounds`` times (see :func:`run_order`). Summaries come in round order,
+    transferkit before the baseline within a round, each with served ÷ in-process pipeline when the bundle is
+    known."""
     if (url is None) == (model is None):
         raise UsageError("give exactly one of --url URL (a running service) or --model MODEL (started for you)")
     if compare_baseline and model is None:
         raise UsageError("--compare-baseline needs --model MODEL (both servers are started for the same bundle)")
     if users < 1 or duration < 1 or spawn_rate <= 0:
         raise UsageError("--users and --duration must be >= 1 and --spawn-rate > 0")
+    if rounds < 1 or (rounds > 1 and not compare_baseline):
+        raise UsageError("--rounds must be >= 1, and more than 1 only with --compare-baseline")
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
     if url is not None:
         log(f"running locust: {users} users, spawn rate {spawn_rate}/s, {duration}s against {url}")
         summaries.append(measure("external", url, users, spawn_rate, duration, out))
     else:
-        runs = [("transferkit", ManagedServer)] + ([("baseline", BaselineServer)] if compare_baseline else [])
-        for name, server_class in runs:
-            folder = out / name if compare_baseline else out
+        servers = {"transferkit": ManagedServer, "baseline": BaselineServer}
+        order = run_order(rounds) if compare_baseline else [(1, "transferkit")]
+        for number, name in order:
+            folder = (out / name if rounds == 1 else out / name / f"round-{number}") if compare_baseline else out
             folder.mkdir(parents=True, exist_ok=True)
-            log(f"starting {name} for {model} ({backend})")
-            server = server_class(model, folder / "service.log", backend)
+            label = name if rounds == 1 else f"{name} (round {number} of {rounds})"
+            log(f"starting {label} for {model} ({backend})")
+            server = servers[name](model, folder / "service.log", backend)
             try:
-                log(f"running locust against {name}: {users} users, spawn rate {spawn_rate}/s, {duration}s")
-                summaries.append(measure(name, server.url, users, spawn_rate, duration, folder))
+                log(f"running locust against {label}: {users} users, spawn rate {spawn_rate}/s, {duration}s")
+                summary = measure(name, server.url, users, spawn_rate, duration, folder)
             finally:
                 server.stop()
+            summary.round = number
+            summaries.append(summary)
+        summaries.sort(key=lambda s: (s.round, s.server != "transferkit"))
     bundle = model if model is not None else _local_bundle(summaries[0].url)
     if bundle is not None:
         log(f"measuring the in-process pipeline (decode + {backend}, {available_cores()} processes, no HTTP, "
@@ -299,16 +320,32 @@ def loadtest(url: str | None, model: str | None, users: int, spawn_rate: float, 
     return summaries
 
 
+def paired_ratios(summaries: list[LoadTestSummary]) -> list[tuple[float, float]]:
+    """Per round: (transferkit images/s ÷ baseline images/s, transferkit p95 − baseline p95 in ms)."""
+    pairs: dict[int, dict[str, LoadTestSummary]] = {}
+    for s in summaries:
+        pairs.setdefault(s.round, {})[s.server] = s
+    return [(p["transferkit"].images_per_s / p["baseline"].images_per_s, p["transferkit"].p95_ms - p["baseline"].p95_ms)
+            for _, p in sorted(pairs.items()) if {"transferkit", "baseline"} <= p.keys()]
+
+
 def comparison_table(summaries: list[LoadTestSummary]) -> str:
-    lines = ["| server | requests | failures | images/s | p50 / p95 / p99 ms | served ÷ pipeline |",
-             "|---|---|---|---|---|---|"]
+    rounds = max((s.round for s in summaries), default=1)
+    lines = [("| round " if rounds > 1 else "") + "| server | requests | failures | images/s | p50 / p95 / p99 ms | "
+             "served ÷ pipeline |", ("|---" if rounds > 1 else "") + "|---|---|---|---|---|---|"]
     for s in summaries:
         ratio = "-" if s.served_over_pipeline is None else f"{s.served_over_pipeline:.2f}"
         name = s.server + (f" ({s.layout})" if s.layout else "")
-        lines.append(f"| {name} | {s.requests} | {s.failures} | {s.images_per_s:.1f} | "
-                     f"{s.p50_ms:.0f} / {s.p95_ms:.0f} / {s.p99_ms:.0f} | {ratio} |")
+        lines.append((f"| {s.round} " if rounds > 1 else "") + f"| {name} | {s.requests} | {s.failures} | "
+                     f"{s.images_per_s:.1f} | {s.p50_ms:.0f} / {s.p95_ms:.0f} / {s.p99_ms:.0f} | {ratio} |")
     if summaries and summaries[0].pipeline_images_per_s:
         lines.append(f"\nin-process pipeline: {summaries[0].pipeline_images_per_s:.1f} images/s")
+    ratios = paired_ratios(summaries)
+    if len(ratios) > 1:
+        lines.append(f"transferkit ÷ baseline images/s, per round: {', '.join(f'{r:.2f}' for r, _ in ratios)} "
+                     f"(median {statistics.median(r for r, _ in ratios):.2f}); p95 transferkit − baseline: "
+                     f"{', '.join(f'{d:+.0f}' for _, d in ratios)} ms (median "
+                     f"{statistics.median(d for _, d in ratios):+.0f})")
     return "\n".join(lines)
 
 

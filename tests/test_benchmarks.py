@@ -68,6 +68,7 @@ def test_bench_errors_are_one_line(tmp_path):
         (["bench", "--backbones", "MobileNetV2", "--backends", "tflite", "--out", str(tmp_path)], "tflite"),
         (["bench", "--bundles", str(tmp_path), "--out", str(tmp_path)], "--data"),
         (["loadtest", "--out", str(tmp_path)], "exactly one of --url"),
+        (["loadtest", "--url", "http://127.0.0.1:9", "--rounds", "2", "--out", str(tmp_path)], "--rounds"),
     ]:
         result = run_cli(*args)
         assert result.returncode == 2, (args, result.stderr)
@@ -75,21 +76,33 @@ def test_bench_errors_are_one_line(tmp_path):
 
 
 def test_loadtest_compares_the_service_with_the_baseline_and_the_in_process_pipeline(bundle, tmp_path):
+    """Two rounds: the baseline goes first in the second, and each run keeps its own files."""
     out = tmp_path / "load"
-    result = run_cli("loadtest", "--model", str(bundle), "--compare-baseline", "--users", "6", "--spawn-rate", "6",
-                     "--duration", "6s", "--pipeline-seconds", "2", "--max-p95-ms", "0.001", "--out", str(out),
-                     timeout=400)
+    result = run_cli("loadtest", "--model", str(bundle), "--compare-baseline", "--rounds", "2", "--users", "6",
+                     "--spawn-rate", "6", "--duration", "4s", "--pipeline-seconds", "2", "--max-p95-ms", "0.001",
+                     "--out", str(out), timeout=500)
     assert result.returncode == 1, result.stderr[-3000:]  # the impossible p95 threshold
     assert "thresholds exceeded: p95" in last_error_line(result)
-    service, baseline = json.loads((out / "summary.json").read_text())
-    assert (service["server"], baseline["server"]) == ("transferkit", "baseline")
-    for summary in (service, baseline):
+    summaries = json.loads((out / "summary.json").read_text())
+    assert [(s["round"], s["server"]) for s in summaries] == [
+        (1, "transferkit"), (1, "baseline"), (2, "transferkit"), (2, "baseline")]
+    starts = [line for line in result.stdout.splitlines() if line.startswith("starting ")]
+    assert [line.split(" for ")[0] for line in starts] == [
+        "starting transferkit (round 1 of 2)", "starting baseline (round 1 of 2)",
+        "starting baseline (round 2 of 2)", "starting transferkit (round 2 of 2)"]
+    for summary in summaries:
         assert summary["requests"] > 10 and summary["failures"] == 0 and summary["failure_ratio"] == 0
         assert summary["images_per_s"] > 0 and summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
         assert summary["by_name"]["bad input (expects 4xx)"]["failures"] == 0
         assert summary["pipeline_images_per_s"] > 0
         assert summary["served_over_pipeline"] == summary["images_per_s"] / summary["pipeline_images_per_s"]
+    service = summaries[0]
     assert service["layout"] == "inprocess" and service["batch_calls"] == 0  # CPU: no batching queue
-    for name in ("comparison.md", "transferkit/locust_stats.csv", "transferkit/service.log", "baseline/locust.html"):
+    for name in ("comparison.md", "transferkit/round-1/locust_stats.csv", "transferkit/round-2/service.log",
+                 "baseline/round-2/locust.html"):
         assert (out / name).is_file(), name
+    ratios = [s["images_per_s"] / b["images_per_s"] for s, b in (summaries[0:2], summaries[2:4])]
+    comparison = (out / "comparison.md").read_text()
+    assert f"per round: {ratios[0]:.2f}, {ratios[1]:.2f}" in comparison
     assert "served ÷ pipeline" in result.stdout and "baseline images/s" in result.stdout
+    assert "over 2 rounds" in result.stdout
