@@ -204,3 +204,30 @@ def test_a_warming_worker_answers_a_retryable_503_and_a_failed_one_model_unavail
     assert info.value.reason == "model_unavailable" and info.value.retry_after is None
     assert "manifest.json is missing" in info.value.message and "/srv/models" not in info.value.message
     assert error_for(info.value).status_code == 503 and "Retry-After" not in error_for(info.value).headers
+
+
+TRACING_PROBE = """
+import os
+import transferkit.service.service as service
+from bentoml._internal.configuration.containers import BentoMLContainer
+service.ImageClassifier.to_asgi()  # merges the services' config over BentoML's, as a worker does before serving
+excluded = BentoMLContainer.tracing_excluded_urls.get().url_disabled("http://127.0.0.1:3000/predict")
+print(excluded, os.environ.get("OTEL_SDK_DISABLED"))
+"""
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({}, "True true"),  # no exporter: OpenTelemetry's middleware passes /predict straight through, SDK off
+    ({"BENTOML_CONFIG_OPTIONS": "tracing.exporter_type=in_memory"}, "False None"),  # an exporter: as BentoML ships
+    ({"OTEL_SDK_DISABLED": "false"}, "False false"),  # asked for explicitly
+])
+def test_tracing_costs_nothing_unless_an_exporter_is_configured(tmp_path, env, expected):
+    import os
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if k not in ("BENTOML_CONFIG_OPTIONS", "OTEL_SDK_DISABLED")}
+    result = subprocess.run([sys.executable, "-c", TRACING_PROBE], capture_output=True, text=True, timeout=120,
+                            env={**environment, "TRANSFERKIT_MODEL": str(tmp_path), **env})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == expected
