@@ -3,7 +3,10 @@ batched model service) run for real on CPU, so that it keeps working where no GP
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -222,10 +225,6 @@ print(excluded, os.environ.get("OTEL_SDK_DISABLED"))
     ({"OTEL_SDK_DISABLED": "false"}, "False false"),  # asked for explicitly
 ])
 def test_tracing_costs_nothing_unless_an_exporter_is_configured(tmp_path, env, expected):
-    import os
-    import subprocess
-    import sys
-
     environment = {k: v for k, v in os.environ.items() if k not in ("BENTOML_CONFIG_OPTIONS", "OTEL_SDK_DISABLED")}
     result = subprocess.run([sys.executable, "-c", TRACING_PROBE], capture_output=True, text=True, timeout=120,
                             env={**environment, "TRANSFERKIT_MODEL": str(tmp_path), **env})

@@ -57,34 +57,24 @@ def test_a_swallowed_signal_does_not_publish_the_output_directory(tmp_path, sig,
     assert "Exception ignored" not in result.stderr  # the swallowed stop's traceback is not shown to the user
 
 
-def test_a_signal_that_comes_out_as_another_error_is_reported_as_a_stop(tmp_path):
-    """The CI case: an export's SIGTERM came out as a ConversionError (exit 4). The CLI says it was stopped."""
-    result = run_python("""
+@pytest.mark.parametrize(("swallowed", "code", "line"), [
+    # The CI case: an export's SIGTERM came out as a ConversionError (exit 4). The CLI says it was stopped.
+    (True, 143, "transferkit export: stopped by SIGTERM; nothing was written"),
+    # Without a signal the same error keeps its own exit code and message.
+    (False, 4, "transferkit export: error: tf2onnx could not convert the model"),
+])
+def test_a_signal_that_comes_out_as_another_error_is_reported_as_a_stop(swallowed, code, line):
+    result = run_python(f"""
         import transferkit.export.cli as export_cli
         from transferkit.cli import main
         from transferkit.export.convert import ConversionError
 
         def run_export(args):
-            swallow_a_signal()
-            raise ConversionError("tf2onnx could not convert the model: SystemExit: 143")
-        export_cli.run_export = run_export
-        sys.exit(main(["export", "some-run", "--out", "some-bundle"]))
-    """, "SIGTERM")
-    assert result.returncode == 143, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("transferkit ")]
-    assert lines == ["transferkit export: stopped by SIGTERM; nothing was written"]
-
-
-def test_without_a_signal_errors_keep_their_own_exit_code(tmp_path):
-    result = run_python("""
-        import transferkit.export.cli as export_cli
-        from transferkit.cli import main
-        from transferkit.export.convert import ConversionError
-
-        def run_export(args):
+            if {swallowed}:
+                swallow_a_signal()
             raise ConversionError("tf2onnx could not convert the model")
         export_cli.run_export = run_export
         sys.exit(main(["export", "some-run", "--out", "some-bundle"]))
     """, "SIGTERM")
-    assert result.returncode == 4
-    assert "transferkit export: error: tf2onnx could not convert the model" in result.stderr
+    assert result.returncode == code, result.stderr
+    assert [text for text in result.stderr.splitlines() if text.startswith("transferkit ")] == [line]
