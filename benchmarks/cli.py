@@ -91,8 +91,9 @@ def add_loadtest_parser(subparsers) -> None:
                     "requests/s, images/s, p50/p95/p99, failure ratio, the batch sizes the service formed, and "
                     "served ÷ in-process pipeline (decode + onnxruntime on the same images and cores, no HTTP). "
                     "--compare-baseline also runs the same load against benchmarks/baseline_server.py (FastAPI + "
-                    "onnxruntime, uvicorn --workers <cores>, no batching), back to back, and writes comparison.md; "
-                    "--rounds N repeats the pair N times, alternating which server goes first, and reports the "
+                    "onnxruntime, uvicorn --workers <cores>, no batching), back to back (both servers stay up, one "
+                    "idle while the other is measured), and writes comparison.md; --rounds N repeats the pair N "
+                    "times, alternating which server goes first, and reports the "
                     "ratio per round and its median (one pair on a noisy machine can be off by several percent). "
                     "Exits 1 when --max-failure-ratio or --max-p95-ms is exceeded by the service.",
     )

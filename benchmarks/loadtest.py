@@ -272,9 +272,9 @@ def loadtest(url: str | None, model: str | None, users: int, spawn_rate: float, 
              backend: str = "onnx", compare_baseline: bool = False, pipeline_seconds: float = 15.0,
              rounds: int = 1, log=print) -> list[LoadTestSummary]:
     """Load-test the service (started for ``model``, or running at ``url``); with ``compare_baseline`` also the
-    plain FastAPI server, back to back, ``rounds`` times (see :func:`run_order`). Summaries come in round order,
-    transferkit before the baseline within a round, each with served ÷ in-process pipeline when the bundle is
-    known."""
+    plain FastAPI server, back to back (both started once), ``rounds`` times (see :func:`run_order`). Summaries come
+    in round order, transferkit before the baseline within a round, each with served ÷ in-process pipeline when the
+    bundle is known."""
     if (url is None) == (model is None):
         raise UsageError("give exactly one of --url URL (a running service) or --model MODEL (started for you)")
     if compare_baseline and model is None:
@@ -289,21 +289,26 @@ def loadtest(url: str | None, model: str | None, users: int, spawn_rate: float, 
         log(f"running locust: {users} users, spawn rate {spawn_rate}/s, {duration}s against {url}")
         summaries.append(measure("external", url, users, spawn_rate, duration, out))
     else:
-        servers = {"transferkit": ManagedServer, "baseline": BaselineServer}
-        order = run_order(rounds) if compare_baseline else [(1, "transferkit")]
-        for number, name in order:
-            folder = (out / name if rounds == 1 else out / name / f"round-{number}") if compare_baseline else out
-            folder.mkdir(parents=True, exist_ok=True)
-            label = name if rounds == 1 else f"{name} (round {number} of {rounds})"
-            log(f"starting {label} for {model} ({backend})")
-            server = servers[name](model, folder / "service.log", backend)
-            try:
+        kinds = {"transferkit": ManagedServer, "baseline": BaselineServer}
+        names = list(kinds) if compare_baseline else ["transferkit"]
+        servers: dict = {}
+        try:
+            # Both servers stay up for every round, the idle one costing nothing: the runs of a pair are seconds
+            # apart instead of a server restart apart, so a machine whose speed drifts favours neither.
+            for name in names:
+                (out / name if compare_baseline else out).mkdir(parents=True, exist_ok=True)
+                log(f"starting {name} for {model} ({backend})")
+                servers[name] = kinds[name](model, (out / name if compare_baseline else out) / "service.log", backend)
+            for number, name in run_order(rounds) if compare_baseline else [(1, "transferkit")]:
+                folder = (out / name if rounds == 1 else out / name / f"round-{number}") if compare_baseline else out
+                label = name if rounds == 1 else f"{name} (round {number} of {rounds})"
                 log(f"running locust against {label}: {users} users, spawn rate {spawn_rate}/s, {duration}s")
-                summary = measure(name, server.url, users, spawn_rate, duration, folder)
-            finally:
+                summary = measure(name, servers[name].url, users, spawn_rate, duration, folder)
+                summary.round = number
+                summaries.append(summary)
+        finally:
+            for server in servers.values():
                 server.stop()
-            summary.round = number
-            summaries.append(summary)
         summaries.sort(key=lambda s: (s.round, s.server != "transferkit"))
     bundle = model if model is not None else _local_bundle(summaries[0].url)
     if bundle is not None:
