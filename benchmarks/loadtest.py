@@ -296,9 +296,10 @@ def loadtest(url: str | None, model: str | None, users: int, spawn_rate: float, 
             # Both servers stay up for every round, the idle one costing nothing: the runs of a pair are seconds
             # apart instead of a server restart apart, so a machine whose speed drifts favours neither.
             for name in names:
-                (out / name if compare_baseline else out).mkdir(parents=True, exist_ok=True)
+                home = out / name if compare_baseline else out
+                home.mkdir(parents=True, exist_ok=True)
                 log(f"starting {name} for {model} ({backend})")
-                servers[name] = kinds[name](model, (out / name if compare_baseline else out) / "service.log", backend)
+                servers[name] = kinds[name](model, home / "service.log", backend)
             for number, name in run_order(rounds) if compare_baseline else [(1, "transferkit")]:
                 folder = (out / name if rounds == 1 else out / name / f"round-{number}") if compare_baseline else out
                 label = name if rounds == 1 else f"{name} (round {number} of {rounds})"
