@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from datetime import datetime
 
 import pytest
 
@@ -103,6 +104,10 @@ def test_loadtest_compares_the_service_with_the_baseline_and_the_in_process_pipe
     for name in ("comparison.md", "transferkit/round-1/locust_stats.csv", "transferkit/service.log",
                  "baseline/service.log", "baseline/round-2/locust.html"):
         assert (out / name).is_file(), name
+    for output in out.glob("*/round-*/locust_output.txt"):  # the whole --duration, not less by the import's time
+        stamps = [datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f") for line in output.read_text().splitlines()
+                  if "Run time limit set" in line or "--run-time limit reached" in line]
+        assert len(stamps) == 2 and (stamps[1] - stamps[0]).total_seconds() >= 3.5, output
     ratios = [s["images_per_s"] / b["images_per_s"] for s, b in (summaries[0:2], summaries[2:4])]
     comparison = (out / "comparison.md").read_text()
     assert f"per round: {ratios[0]:.2f}, {ratios[1]:.2f}" in comparison
