@@ -104,7 +104,9 @@ def test_loadtest_compares_the_service_with_the_baseline_and_the_in_process_pipe
     for name in ("comparison.md", "transferkit/round-1/locust_stats.csv", "transferkit/service.log",
                  "baseline/service.log", "baseline/round-2/locust.html"):
         assert (out / name).is_file(), name
-    for output in out.glob("*/round-*/locust_output.txt"):  # the whole --duration, not less by the import's time
+    outputs = sorted(out.glob("*/round-*/locust_output.txt"))
+    assert len(outputs) == 4
+    for output in outputs:  # each run lasted its whole --duration, not less by the locustfile's import time
         stamps = [datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f") for line in output.read_text().splitlines()
                   if "Run time limit set" in line or "--run-time limit reached" in line]
         assert len(stamps) == 2 and (stamps[1] - stamps[0]).total_seconds() >= 3.5, output
