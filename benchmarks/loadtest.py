@@ -291,17 +291,17 @@ def loadtest(url: str | None, model: str | None, users: int, spawn_rate: float, 
     else:
         kinds = {"transferkit": ManagedServer, "baseline": BaselineServer}
         names = list(kinds) if compare_baseline else ["transferkit"]
+        homes = {name: out / name if compare_baseline else out for name in names}
         servers: dict = {}
         try:
             # Both servers stay up for every round, the idle one costing nothing: the runs of a pair are seconds
             # apart instead of a server restart apart, so a machine whose speed drifts favours neither.
             for name in names:
-                home = out / name if compare_baseline else out
-                home.mkdir(parents=True, exist_ok=True)
+                homes[name].mkdir(parents=True, exist_ok=True)
                 log(f"starting {name} for {model} ({backend})")
-                servers[name] = kinds[name](model, home / "service.log", backend)
+                servers[name] = kinds[name](model, homes[name] / "service.log", backend)
             for number, name in run_order(rounds) if compare_baseline else [(1, "transferkit")]:
-                folder = (out / name if rounds == 1 else out / name / f"round-{number}") if compare_baseline else out
+                folder = homes[name] / f"round-{number}" if rounds > 1 else homes[name]
                 label = name if rounds == 1 else f"{name} (round {number} of {rounds})"
                 log(f"running locust against {label}: {users} users, spawn rate {spawn_rate}/s, {duration}s")
                 summary = measure(name, servers[name].url, users, spawn_rate, duration, folder)
