@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from transferkit.core.console import print_summary
+from transferkit.core.manifest import RUNTIME_BACKENDS
 
 
 def _ints(text: str) -> list[int]:
@@ -33,8 +34,10 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--image-size", type=int, help="input size (default: each backbone's default size)")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 32], help="comma-separated (default 1,32)")
     p.add_argument("--backends", default="keras,savedmodel,onnx,onnx-fp16",
-                   help="comma-separated, of keras, savedmodel, onnx, onnx-fp16, onnx-int8 "
-                        "(default keras,savedmodel,onnx,onnx-fp16)")
+                   help=f"comma-separated, of keras, {', '.join(RUNTIME_BACKENDS)} "
+                        "(default keras,savedmodel,onnx,onnx-fp16); "
+                        "the openvino ones run the bundle's ONNX files with OpenVINO (transferkit[openvino]): "
+                        "f32, bf16 on a CPU with AMX or AVX-512 BF16, int8 from onnx-int8")
     p.add_argument("--device", default="auto", choices=("cpu", "gpu", "auto"), help="default auto")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per cell (default 3)")
     p.add_argument("--repeats", type=int, default=10, help="timed steps per cell (default 10)")
@@ -99,7 +102,8 @@ def add_loadtest_parser(subparsers) -> None:
     )
     p.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:3000")
     p.add_argument("--model", help="BentoML model tag or bundle directory to serve for the test")
-    p.add_argument("--backend", default="onnx", help="backend to serve and to run in-process (default onnx)")
+    p.add_argument("--backend", default="auto", help="backend to serve and to run in-process (default auto: the "
+                                                      "service's choice; the plain server always runs onnxruntime)")
     p.add_argument("--compare-baseline", action="store_true",
                    help="also load-test the plain FastAPI + onnxruntime server (needs --model)")
     p.add_argument("--rounds", type=int, default=1,

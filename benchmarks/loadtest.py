@@ -51,6 +51,7 @@ class LoadTestSummary:
     p99_ms: float
     failure_ratio: float
     layout: str | None = None
+    backend: str | None = None  # what the service ran (its /metadata): `auto` resolved
     batch_size_mean: float | None = None
     batch_calls: int | None = None
     pipeline_images_per_s: float | None = None
@@ -66,7 +67,7 @@ class LoadTestSummary:
 class ManagedServer:
     """``bentoml serve`` of ``model`` through the one launcher (service/launcher.py), ready when constructed."""
 
-    def __init__(self, model: str, log_path: Path, backend: str = "onnx", **settings: object):
+    def __init__(self, model: str, log_path: Path, backend: str = "auto", **settings: object):
         from transferkit.service.launcher import BentoServer
 
         self._server = BentoServer(model, log_path=log_path, backend=backend, **settings)
@@ -84,6 +85,11 @@ class BaselineServer:
     def __init__(self, model: str, log_path: Path, backend: str = "onnx", workers: int | None = None):
         import requests
 
+        from transferkit.core.manifest import RUNTIME_BACKENDS
+
+        # The plain server runs onnxruntime: the file of an onnxruntime backend, else the fp32 ONNX.
+        spec = RUNTIME_BACKENDS.get(backend)
+        backend = backend if spec is not None and spec.engine == "onnxruntime" else "onnx"
         from transferkit.export.predictors import resolve_bundle_path
 
         self.port = free_port()
@@ -198,7 +204,12 @@ def measure(server: str, url: str, users: int, spawn_rate: float, duration: int,
         summary.batch_size_mean = change(BATCH_METRIC + "_sum") / calls if calls else None
         summary.connections_handed_back = int(change(HANDED_BACK_METRIC + "_total"))
         try:
-            summary.layout = requests.get(url + "/metadata", timeout=10).json()["layout"]["name"]
+            meta = requests.get(url + "/metadata", timeout=10).json()
+            summary.layout = meta["layout"]["name"]
+            summary.backend = meta["backend"]
+            runtime = meta["runtime"].get("microbatch")
+            if runtime and runtime["model_calls"]:  # the microbatch layout's own count (it has no BentoML batcher)
+                summary.batch_calls, summary.batch_size_mean = runtime["model_calls"], runtime["mean_batch"]
         except Exception:  # an older service, or not ours
             summary.layout = None
     return summary
@@ -269,7 +280,7 @@ def run_order(rounds: int) -> list[tuple[int, str]]:
 
 
 def loadtest(url: str | None, model: str | None, users: int, spawn_rate: float, duration: int, out: Path,
-             backend: str = "onnx", compare_baseline: bool = False, pipeline_seconds: float = 15.0,
+             backend: str = "auto", compare_baseline: bool = False, pipeline_seconds: float = 15.0,
              rounds: int = 1, log=print) -> list[LoadTestSummary]:
     """Load-test the service (started for ``model``, or running at ``url``); with ``compare_baseline`` also the
     plain FastAPI server, back to back (both started once), ``rounds`` times (see :func:`run_order`). Summaries come
@@ -312,7 +323,8 @@ def loadtest(url: str | None, model: str | None, users: int, spawn_rate: float, 
                 server.stop()
         summaries.sort(key=lambda s: (s.round, s.server != "transferkit"))
     bundle = model if model is not None else _local_bundle(summaries[0].url)
-    if bundle is not None:
+    backend = next((s.backend for s in summaries if s.server != "baseline" and s.backend), backend)
+    if bundle is not None and backend != "auto":
         log(f"measuring the in-process pipeline (decode + {backend}, {available_cores()} processes, no HTTP, "
             f"{pipeline_seconds:.0f}s)")
         pipeline = pipeline_images_per_s(bundle, backend, pipeline_seconds)
@@ -341,7 +353,7 @@ def comparison_table(summaries: list[LoadTestSummary]) -> str:
              "served ÷ pipeline |", ("|---" if rounds > 1 else "") + "|---|---|---|---|---|---|"]
     for s in summaries:
         ratio = "-" if s.served_over_pipeline is None else f"{s.served_over_pipeline:.2f}"
-        name = s.server + (f" ({s.layout})" if s.layout else "")
+        name = s.server + (f" ({', '.join(filter(None, (s.backend, s.layout)))})" if s.layout else "")
         lines.append((f"| {s.round} " if rounds > 1 else "") + f"| {name} | {s.requests} | {s.failures} | "
                      f"{s.images_per_s:.1f} | {s.p50_ms:.0f} / {s.p95_ms:.0f} / {s.p99_ms:.0f} | {ratio} |")
     if summaries and summaries[0].pipeline_images_per_s:

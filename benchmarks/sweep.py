@@ -21,9 +21,9 @@ import numpy as np
 from transferkit.benchmarks.measure import time_steps
 from transferkit.core.backbones import Backbone, published_table
 from transferkit.core.errors import TransferkitError, UsageError
+from transferkit.core.manifest import RUNTIME_BACKENDS
 
-KERAS_BACKENDS = ("keras",)
-ALL_BACKENDS = ("keras", "savedmodel", "onnx", "onnx-fp16", "onnx-int8")
+ALL_BACKENDS = ("keras", *RUNTIME_BACKENDS)
 SWEEP_CLASSES = 10
 Log = Callable[[str], None]
 # Library default: log records; the `transferkit bench` command decides what the user sees (it passes print).
@@ -155,9 +155,10 @@ def sweep_backbone(backbone: Backbone, settings: BenchSettings, work_dir: Path, 
         except Exception as exc:
             row.error = _error_text(exc)
         rows.append(row)
-    formats = [b for b in settings.backends if b != "keras"]
-    if not formats:
+    backends = [b for b in settings.backends if b != "keras"]
+    if not backends:
         return rows
+    formats = list(dict.fromkeys(RUNTIME_BACKENDS[b].format for b in backends))  # the files those backends run
     bundle_dir = keep_bundle or work_dir / backbone.name
     try:
         rng = np.random.default_rng(0)
@@ -171,8 +172,8 @@ def sweep_backbone(backbone: Backbone, settings: BenchSettings, work_dir: Path, 
         bundle = load_bundle(bundle_dir)
     except Exception as exc:
         return rows + [Row(backend=b, error=_error_text(exc), parameters=params, depth=depth, **base_row)
-                       for b in formats]
-    for backend in formats:
+                       for b in backends]
+    for backend in backends:
         rows.append(time_bundle_backend(bundle, backend, settings, params, depth, base_row))
     return rows
 
@@ -181,7 +182,7 @@ def time_bundle_backend(bundle, backend: str, settings: BenchSettings, params: i
                         base_row: dict, images: np.ndarray | None = None, labels: np.ndarray | None = None) -> Row:
     row = Row(backend=backend, parameters=params, depth=depth, **base_row)
     try:
-        entry = bundle.manifest.formats[backend]
+        entry = bundle.manifest.formats[RUNTIME_BACKENDS[backend].format]
         row.size_mb = entry.bytes / 1e6
         predictor = bundle.predictor(backend, settings.device, settings.threads)
         row.provider = predictor.provider
@@ -279,7 +280,7 @@ def run_bundles(sources: list[str], data: Path, settings: BenchSettings, log: Lo
         for backend in settings.backends:
             if backend == "keras":
                 continue
-            if backend not in manifest.formats:
+            if RUNTIME_BACKENDS[backend].format not in manifest.formats:
                 rows.append(Row(backend=backend, error=f"not in this bundle (it has {', '.join(manifest.formats)})",
                                 **base_row))
                 continue

@@ -23,6 +23,7 @@ import numpy as np
 
 from transferkit.core.errors import InvalidImageError, UsageError
 from transferkit.core.images import decode_image
+from transferkit.core.manifest import RUNTIME_BACKENDS
 from transferkit.core.system import available_cores
 from transferkit.export.batch import Outcome, local_outcomes, outcome_rows
 from transferkit.export.inputs import Item, expand_inputs
@@ -77,15 +78,21 @@ def to_pixels(source: Any, size: int) -> np.ndarray:
 
 
 class BundleClassifier:
-    """A verified bundle with a predictor on ``backend``/``device``, created when first needed."""
+    """A verified bundle with a predictor on ``backend``/``device``, created when first needed. ``backend="auto"``
+    resolves to the fastest backend the bundle was validated for here (:mod:`transferkit.export.backends`)."""
 
-    def __init__(self, bundle: Bundle, backend: str = "onnx", device: Device = "auto"):
+    def __init__(self, bundle: Bundle, backend: str = "auto", device: Device = "auto"):
+        from transferkit.export.backends import AUTO, choose_backend
+
         self.bundle = bundle
-        self.backend = backend
         self.device = device
         self._predictors: dict[int | None, Predictor] = {}
-        if backend not in bundle.manifest.formats:
-            bundle.predictor(backend, device)  # raises the loader's one-line error naming the formats it has
+        spec = RUNTIME_BACKENDS.get(backend)
+        if backend != AUTO and (spec is None or spec.format not in bundle.manifest.formats):
+            bundle.predictor(backend, device)  # raises the loader's one-line error naming what it has
+        # Measured at one thread: the local engine runs one-thread sessions side by side, each on whole batches.
+        self.choice = choose_backend(bundle, device, threads=1, backend=backend)
+        self.backend = self.choice.backend
 
     @property
     def manifest(self):
@@ -162,6 +169,6 @@ class BundleClassifier:
                 ray.shutdown()
 
 
-def load_bundle(source: str | Path, backend: str = "onnx", device: Device = "auto") -> BundleClassifier:
+def load_bundle(source: str | Path, backend: str = "auto", device: Device = "auto") -> BundleClassifier:
     """Load and verify a bundle directory or BentoML model tag for classification (see the module docstring)."""
     return BundleClassifier(load_verified_bundle(source), backend, device)

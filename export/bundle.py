@@ -218,7 +218,7 @@ def export_model(
     import tensorflow as tf
 
     from transferkit.export import convert
-    from transferkit.export.validate import validate_bundle
+    from transferkit.export.validate import engine_backends, validate_bundle
     from transferkit.training.evaluate import batched_forward
 
     log = log or logger.info
@@ -252,14 +252,18 @@ def export_model(
             with tf.device("/CPU:0"):  # the reference; on a GPU, TF32 would blur the comparison
                 reference = batched_forward(model, validation.images.astype(np.float32))
             report = validate_bundle(staging, entries, reference, validation.images.astype(np.uint8),
-                                     validation.labels, validation.source, backbone)
+                                     validation.labels, validation.source, backbone, engine_backends(entries))
             seconds["validation"] = round(time.perf_counter() - start, 2)
             if "onnx" not in formats:  # written only as the source of fp16/int8
                 onnx_path.unlink(missing_ok=True)
             log("validation report (near-ties: Keras top-1 margin <= 2 * the error bound; see the gate column)\n"
                 + report.table())
+            for checked in report.formats:
+                if not checked.passed and checked.format not in entries:
+                    log(f"warning: {checked.format} failed its gate; that backend will refuse to load this bundle")
             if not report.passed and not allow_mismatch:
-                failed = [f"{f.format}: {'; '.join(f.failures)}" for f in report.formats if not f.passed]
+                failed = [f"{f.format}: {'; '.join(f.failures)}" for f in report.formats
+                          if not f.passed and f.format in entries]
                 raise ExportValidationError(
                     "the exported model does not answer like the Keras model (" + " | ".join(failed)
                     + "); nothing was written. --allow-mismatch publishes it anyway, recording the failure"

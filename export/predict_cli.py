@@ -16,7 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from transferkit.core.manifest import BACKENDS
+from transferkit.core.manifest import RUNTIME_BACKENDS
 
 STDOUT_LIMIT = 1000  # images; beyond that a JSON list on stdout is the wrong tool (and would sit in memory)
 LISTED = 10  # skipped / unreadable files named in the summary
@@ -68,7 +68,9 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("--report-dir", type=Path, metavar="DIR",
                    help="where --evaluate writes metrics.json/.md and confusion_matrix.png (default: "
                         "FILE-evaluation/ beside --out, else ./evaluation)")
-    p.add_argument("--backend", default="onnx", choices=BACKENDS, help="format to run (default onnx)")
+    p.add_argument("--backend", default="auto", choices=("auto", *RUNTIME_BACKENDS),
+                   help="what runs the model (default auto: the fastest backend the bundle was validated for, "
+                        "measured once on this machine; openvino* need transferkit[openvino])")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
                    help="auto: CUDA if it loads, else CPU (default auto)")
     p.add_argument("--top-k", type=int, default=5, help="labels to list per image (default 5)")
@@ -188,7 +190,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     metrics = None
     if evaluation:
-        context = {"bundle": f"{manifest.name} {manifest.version}", "backend": args.backend,
+        context = {"bundle": f"{manifest.name} {manifest.version}", "backend": classifier.backend,
                    "inputs": " ".join(args.inputs), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         metrics = evaluation.write(report_dir, args.force, context)
 
@@ -199,7 +201,8 @@ def run_predict(args: argparse.Namespace) -> int:
     engine = (f"ray ({args.address or 'local Ray'})" if args.engine == "ray"
               else f"local, {args.workers or _cores()} threads")
     rows = [
-        ("bundle", f"{manifest.name} ({args.backend} on {_provider(classifier, args.engine)})"),
+        ("bundle", f"{manifest.name} ({classifier.backend} on {_provider(classifier, args.engine)})"),
+        ("backend", f"{classifier.backend}: {classifier.choice.reason}"),
         ("engine", engine),
         ("classified", f"{classified} images in {progress.elapsed:.1f} s ({progress.rate:.1f} images/s, "
                        f"batches of {args.batch_size})"),

@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from transferkit.core.errors import BundleError, UsageError
-from transferkit.core.manifest import BACKENDS, MANIFEST_NAME, Manifest, read_manifest, verify_bundle
+from transferkit.core.manifest import MANIFEST_NAME, RUNTIME_BACKENDS, Manifest, read_manifest, verify_bundle
 from transferkit.core.system import available_cores
 
 Device = Literal["auto", "cpu", "gpu"]
@@ -59,7 +59,7 @@ def cuda_libraries_missing() -> str:
     return ""
 
 
-def _as_batch(images: np.ndarray, size: int, dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
+def as_batch(images: np.ndarray, size: int, dtype: np.dtype = np.dtype(np.float32)) -> np.ndarray:
     """``images`` as a contiguous [N, size, size, 3] array of the dtype the graph takes."""
     batch = np.asarray(images)
     if batch.ndim != 4 or batch.shape[1:] != (size, size, 3):
@@ -109,7 +109,7 @@ class OnnxPredictor:
         self.output_name = self.session.get_outputs()[0].name
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        batch = _as_batch(images, self.size, self.input_dtype)
+        batch = as_batch(images, self.size, self.input_dtype)
         return self.session.run([self.output_name], {self.input_name: batch})[0].astype(np.float32, copy=False)
 
 
@@ -136,7 +136,7 @@ class SavedModelPredictor:
         self.input_dtype = np.dtype(input_dtype)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        batch = _as_batch(images, self.size, self.input_dtype)
+        batch = as_batch(images, self.size, self.input_dtype)
         with self._tf.device(self._device):
             outputs = self._signature(**{self.input_name: self._tf.constant(batch)})
         return outputs[self.output_name].numpy().astype(np.float32, copy=False)
@@ -153,18 +153,43 @@ class Bundle:
     def predictor(self, backend: str = "onnx", device: Device = "auto", threads: int | None = None,
                   spin: bool = True, device_id: int = 0) -> Predictor:
         """A predictor for ``backend``; ``device_id`` picks the GPU (a batched service runs one per GPU)."""
-        if backend not in BACKENDS:
-            raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        entry = self.manifest.formats.get(backend)
+        spec = RUNTIME_BACKENDS.get(backend)
+        if spec is None:
+            raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(RUNTIME_BACKENDS)}")
+        entry = self.manifest.formats.get(spec.format)
         if entry is None:
-            raise UsageError(f"bundle {self.manifest.name} has no {backend} format; it has "
-                             f"{', '.join(self.manifest.formats)} (re-export with --formats ...,{backend})")
+            raise UsageError(f"bundle {self.manifest.name} has no {spec.format} format; it has "
+                             f"{', '.join(self.manifest.formats)} (re-export with --formats ...,{spec.format})")
         path = self.path / entry.file
-        if backend == "savedmodel":
+        if spec.engine == "tensorflow":
             return SavedModelPredictor(path, self.manifest.image_size, entry.input_name, entry.output_name, device,
                                        entry.input_dtype)
+        if spec.engine == "openvino":
+            from transferkit.export.openvino import OpenVinoPredictor
+
+            if device == "gpu":
+                raise UsageError(f"--backend {backend} runs on the CPU; use onnx for --device gpu")
+            self.require_validated(backend)
+            return OpenVinoPredictor(path, backend, spec.precision, self.manifest.image_size,
+                                     threads or available_cores(), entry.input_dtype)
         return OnnxPredictor(path, backend, self.manifest.image_size, device, threads, spin, entry.input_dtype,
                              device_id)
+
+    def validation_of(self, backend: str):
+        """The export-time validation row of ``backend`` (None when the export did not validate it)."""
+        report = self.manifest.validation
+        return next((row for row in report.formats if row.format == backend), None) if report else None
+
+    def require_validated(self, backend: str) -> None:
+        """An engine that adds no file (OpenVINO) runs only where the export proved it against Keras."""
+        row = self.validation_of(backend)
+        if row is None:
+            raise UsageError(f"--backend {backend}: bundle {self.manifest.name} was exported without validating "
+                             f"{backend} (OpenVINO missing, or a CPU without that precision, where it was exported); "
+                             f"re-export it on this machine with {'transferkit[openvino]'} installed")
+        if not row.passed:
+            raise UsageError(f"--backend {backend}: it failed its validation gate at export "
+                             f"({'; '.join(row.failures)})")
 
 
 def resolve_bundle_path(source: str | Path) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.core.errors import TransferkitError, UsageError
+from transferkit.core.manifest import RUNTIME_BACKENDS
 from transferkit.core.system import available_cores
 from transferkit.export.batch import Outcome, read_and_decode
 from transferkit.export.inputs import Item
@@ -104,7 +105,7 @@ class BundleActor:
     def __init__(self, bundle_path: str, backend: str, device: str, threads: int):
         from transferkit.export.predictors import load_bundle
 
-        bundle = load_bundle(bundle_path, [backend])
+        bundle = load_bundle(bundle_path, [RUNTIME_BACKENDS[backend].format])
         self.predictor = bundle.predictor(backend, device, threads=threads, spin=False)
         self.classes = len(bundle.manifest.class_names)
 

@@ -168,8 +168,9 @@ def _safe_name(filename: str | None, index: int) -> str:
     return label
 
 
-def build_app(get_entry: Callable[[], Entry], settings: ServiceSettings, plan: Plan) -> Starlette:
-    """The Starlette app; ``get_entry`` returns the running entry service instance."""
+def build_app(get_entry: Callable[[], Entry], settings: ServiceSettings, plan: Plan, choice) -> Starlette:
+    """The Starlette app; ``get_entry`` returns the running entry service instance, ``choice`` is the backend
+    decision (:class:`transferkit.export.backends.Choice`)."""
     from transferkit.export.predictors import top_k
     from transferkit.service.oip import oip_routes
 
@@ -195,13 +196,18 @@ def build_app(get_entry: Callable[[], Entry], settings: ServiceSettings, plan: P
             "classes": manifest.class_names, "image_size": manifest.image_size,
             "input": "multipart/form-data, one or more 'images' file fields (JPEG, PNG, BMP, GIF, WebP)",
             "protocols": {"predict": "/predict", "open_inference_protocol": f"/v2/models/{manifest.name}"},
-            "backend": settings.backend,
+            "backend": choice.backend,
+            "backend_choice": {"setting": settings.backend, "reason": choice.reason, "cpu": choice.cpu,
+                               "batch_scaling": choice.batch_scaling, "images_per_second": choice.images_per_second,
+                               "skipped": choice.skipped},
             "layout": {"name": plan.layout, "reason": plan.reason, "cores": plan.cores, "gpus": plan.gpus,
                        "entry_workers": plan.entry_workers, "model_workers": plan.model_workers,
                        "threads_per_session": plan.threads},
             "runtime": await entry.describe(),
             "batching": ({"max_batch_size": settings.max_batch_size, "max_latency_ms": settings.max_latency_ms}
-                         if plan.layout == "batched" else None),
+                         if plan.layout == "batched" else
+                         {"max_batch_size": settings.max_batch_size, "queue_delay": "none: whatever is queued "
+                          "when the model is free"} if plan.layout == "microbatch" else None),
             "limits": {"max_images_per_request": settings.max_images, "max_body_bytes": settings.max_body_bytes,
                        "max_pixels_per_image": settings.max_pixels, "timeout_s": settings.timeout_s,
                        "max_concurrency": settings.max_concurrency, "decode_concurrency": settings.decode_concurrency,
@@ -217,6 +223,6 @@ def build_app(get_entry: Callable[[], Entry], settings: ServiceSettings, plan: P
 
     return Starlette(
         routes=[Route("/predict", predict, methods=["POST"]), Route("/metadata", metadata, methods=["GET"]),
-                *oip_routes(get_entry, settings)],
+                *oip_routes(get_entry, settings, choice.backend)],
         exception_handlers={HTTPException: http_error},
     )

@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import transferkit
+from transferkit.core.manifest import RUNTIME_BACKENDS
 from transferkit.service.decoding import RequestError
 from transferkit.service.http import checked_probabilities, error, error_for, metrics, unavailable
 from transferkit.service.settings import ServiceSettings
@@ -39,7 +40,8 @@ from transferkit.service.settings import ServiceSettings
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUT = "probabilities"
 EXTENSIONS = ["binary_tensor_data", "classification"]
-PLATFORM = {"savedmodel": "tensorflow_savedmodel"}  # every other backend is an ONNX file
+# KServe/Triton platform names by engine (export/backends.py's choice decides which runs).
+PLATFORM = {"tensorflow": "tensorflow_savedmodel", "onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}
 
 
 def _bad(message: str, reason: str = "bad_tensor", status: int = 400) -> RequestError:
@@ -214,7 +216,7 @@ def infer_response(model: str, version: str, request_id: Any, probabilities: np.
                     headers={HEADER_LENGTH: str(len(header))})
 
 
-def oip_routes(get_entry: Callable, settings: ServiceSettings) -> list[Route]:
+def oip_routes(get_entry: Callable, settings: ServiceSettings, backend: str) -> list[Route]:
     """The ``/v2`` routes, answering for the entry returned by ``get_entry``."""
 
     def model_or_404(entry, request: Request):
@@ -250,7 +252,7 @@ def oip_routes(get_entry: Callable, settings: ServiceSettings) -> list[Route]:
         size = manifest.image_size
         return JSONResponse({
             "name": manifest.name, "versions": [manifest.version],
-            "platform": PLATFORM.get(settings.backend, "onnxruntime_onnx"),
+            "platform": PLATFORM[RUNTIME_BACKENDS[backend].engine],
             "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
                        {"name": "pixels", "datatype": "UINT8", "shape": [-1, size, size, 3]}],
             "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(manifest.class_names)]}],

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from transferkit.core.errors import TransferkitError
+from transferkit.service.microbatch import MicroBatcher
 
 logger = logging.getLogger("transferkit.service")
 
@@ -50,7 +51,7 @@ class ModelRuntime:
     """Loads ``bundle_path()`` with ``backend`` in a background thread; ``await run(fn, ...)`` uses its threads."""
 
     def __init__(self, bundle_path, backend: str, device: str, threads: int, batch_sizes: list[int],
-                 compute_threads: int = 1, device_id: int = 0):
+                 compute_threads: int = 1, device_id: int = 0, max_batch: int | None = None):
         self.backend, self.device, self.threads, self.device_id = backend, device, threads, device_id
         self.batch_sizes = batch_sizes
         self.state = "loading"
@@ -62,6 +63,9 @@ class ModelRuntime:
         # The threads that run decoding and inference: one per session thread keeps a worker from running more
         # work at once than its share of the cores (a queue on the event loop is cheaper than preempted threads).
         self.executor = ThreadPoolExecutor(compute_threads, thread_name_prefix="compute")
+        # microbatch layout: requests' decoded pixels merge into one model call (service/microbatch.py).
+        self.batcher = MicroBatcher(self.predict, max_batch, self._batched) if max_batch else None
+        self.batch_images: list[int] = [0, 0]  # model calls, images: the mean batch size /metadata reports
         threading.Thread(target=self._load, args=(bundle_path,), name="load-bundle", daemon=True).start()
 
     def _load(self, bundle_path) -> None:
@@ -113,6 +117,15 @@ class ModelRuntime:
         """``fn(*args)`` on this runtime's compute threads."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    def _batched(self, images: int) -> None:
+        self.batch_images[0] += 1
+        self.batch_images[1] += images
+
+    async def predict_batched(self, pixels: np.ndarray) -> np.ndarray:
+        """``predict`` through the micro-batcher, with whatever other requests are queued."""
+        self.check()
+        return await asyncio.wrap_future(self.batcher.submit(pixels))
+
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> float32 [N, C] (the graph or the predictor casts)."""
         self.check()
@@ -126,7 +139,10 @@ class ModelRuntime:
                 "threads_per_session": getattr(self.predictor, "threads", None),
                 "input_dtype": str(getattr(self.predictor, "input_dtype", "float32")),
                 "cuda": getattr(self.predictor, "cuda_note", "n/a") or "loaded",
-                "warmup_batch_sizes": self.batch_sizes, "load_seconds": self.load_seconds}
+                "warmup_batch_sizes": self.batch_sizes, "load_seconds": self.load_seconds,
+                **({"microbatch": {"max_batch": self.batcher.max_batch, "model_calls": self.batch_images[0],
+                                   "mean_batch": round(self.batch_images[1] / max(1, self.batch_images[0]), 2)}}
+                   if self.batcher else {})}
 
 
 def resolve_bundle(model_ref, configured: str | None) -> Path:

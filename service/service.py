@@ -27,6 +27,7 @@ import bentoml
 import numpy as np
 
 from transferkit.core.errors import TransferkitError
+from transferkit.export.backends import Choice, choose_backend
 from transferkit.service import lifecycle
 from transferkit.service.balance import WorkerLoads
 from transferkit.service.decoding import DecodeGate, decode_all, estimate_all
@@ -37,7 +38,6 @@ from transferkit.service.settings import ServiceSettings
 
 logger = logging.getLogger("transferkit.service")
 SETTINGS = ServiceSettings.from_env()
-PLAN = SETTINGS.plan()
 STORE_LABEL = "transferkit-bundle"
 WARMING_WAIT_S = min(5.0, SETTINGS.timeout_s / 2)  # a warming worker holds a request this long, then 503
 DECODE_WAIT_S = SETTINGS.timeout_s / 2  # waiting for a decode slot past this: 503 busy, before the 504 timeout
@@ -89,6 +89,33 @@ def _bundle_path() -> Path:
     return resolve_bundle(MODEL, SETTINGS.model)
 
 
+def _choose_backend() -> Choice:
+    """The backend to run and its measured batch scaling, which decides the CPU layout (export/backends.py).
+
+    Every process that imports this module asks; the measurement is cached per bundle and machine, so only the
+    first import (``bentoml serve``'s arbiter) measures. A bundle that cannot be read here is the runtime's to
+    report (the service stays unready with the reason), not an import error.
+    """
+    if SETTINGS.backend != "auto" and SETTINGS.layout != "auto":
+        return Choice(SETTINGS.backend, "named by the user (TRANSFERKIT_BACKEND)")
+    try:
+        from transferkit.export.predictors import load_bundle
+
+        # Measured with the threads each session gets in the CPU layouts (cores ÷ workers), which do not depend
+        # on the outcome.
+        threads = SETTINGS.plan(batch_scaling=None).threads
+        return choose_backend(load_bundle(_bundle_path()), SETTINGS.device, threads, SETTINGS.backend)
+    except TransferkitError as exc:
+        fallback = "onnx" if SETTINGS.backend == "auto" else SETTINGS.backend
+        logger.error("transferkit: could not choose a backend (%s); trying %s", exc, fallback)
+        return Choice(fallback, f"could not measure: {mask_paths(str(exc))}")
+
+
+CHOICE = _choose_backend()
+BACKEND = CHOICE.backend
+PLAN = SETTINGS.plan(backend=BACKEND, batch_scaling=CHOICE.batch_scaling)
+
+
 def _worker_index() -> int:
     from bentoml._internal.context import server_context
 
@@ -130,7 +157,7 @@ if PLAN.layout == "batched":
 
         def __init__(self) -> None:
             gpus = max(1, PLAN.gpus)
-            self.runtime = ModelRuntime(_bundle_path, SETTINGS.backend, SETTINGS.device, PLAN.threads,
+            self.runtime = ModelRuntime(_bundle_path, BACKEND, SETTINGS.device, PLAN.threads,
                                         warmup_sizes(SETTINGS.max_batch_size), device_id=_worker_index() % gpus)
 
         def __is_ready__(self) -> bool:
@@ -200,7 +227,7 @@ if PLAN.layout == "batched":
             except Exception as exc:  # the model process is still starting
                 return {"state": "loading", "error": type(exc).__name__}
 
-else:
+else:  # inprocess and microbatch: the model runs in the HTTP worker
 
     @bentoml.service(
         name="transferkit",
@@ -215,9 +242,14 @@ else:
         def __init__(self) -> None:
             self._init_entry()
             # CPU: batch shapes cost nothing new to onnxruntime; a GPU session (forced layout) meets each shape once.
-            sizes = warmup_sizes(SETTINGS.max_images) if PLAN.gpus else [1]
-            self.runtime = ModelRuntime(_bundle_path, SETTINGS.backend, SETTINGS.device, PLAN.threads, sizes,
-                                        compute_threads=PLAN.threads, device_id=_worker_index() % max(1, PLAN.gpus))
+            batching = PLAN.layout == "microbatch"
+            # onnxruntime on a CPU meets a new batch shape at no cost; a GPU session (forced layout) or OpenVINO
+            # (a shape-specialised kernel per batch size) is warmed with every size it will see.
+            sizes = warmup_sizes(SETTINGS.max_batch_size if batching else SETTINGS.max_images) \
+                if PLAN.gpus or batching else [1]
+            self.runtime = ModelRuntime(_bundle_path, BACKEND, SETTINGS.device, PLAN.threads, sizes,
+                                        compute_threads=PLAN.threads, device_id=_worker_index() % max(1, PLAN.gpus),
+                                        max_batch=SETTINGS.max_batch_size if batching else None)
 
         def __is_ready__(self) -> bool:
             return self._entry_ready() and self.runtime.ready
@@ -232,12 +264,17 @@ else:
             cost = estimate_all(images, self.manifest.image_size, SETTINGS.max_pixels)
             await self.runtime.wait_ready(WARMING_WAIT_S)
             async with self.gate.admit(cost, DECODE_WAIT_S):
-                # Decode and inference as one job on this worker's compute thread(s): a request never waits
-                # behind another request's decode between its own decode and its inference.
-                return await self.runtime.run(self._decode_and_predict, images)
+                if self.runtime.batcher is None:
+                    # Decode and inference as one job on this worker's compute thread(s): a request never waits
+                    # behind another request's decode between its own decode and its inference.
+                    return await self.runtime.run(self._decode_and_predict, images)
+                pixels = await self.runtime.run(decode_all, images, self.manifest.image_size, SETTINGS.max_pixels)
+            return await self.runtime.predict_batched(pixels)
 
         async def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
             await self.runtime.wait_ready(WARMING_WAIT_S)
+            if self.runtime.batcher is not None:
+                return await self.runtime.predict_batched(pixels)
             return await self.runtime.run(self.runtime.predict, pixels)
 
         async def describe(self) -> dict:
@@ -269,7 +306,7 @@ async def _classify(model, pixels: np.ndarray, attempts: int = 3):
     raise AssertionError("unreachable")
 
 
-ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service(), SETTINGS, PLAN),
+ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service(), SETTINGS, PLAN, CHOICE),
                                    path="/")(ImageClassifier)
 ImageClassifier.add_asgi_middleware(
     Admission, max_in_flight=-(-SETTINGS.max_concurrency // PLAN.entry_workers),
@@ -277,7 +314,7 @@ ImageClassifier.add_asgi_middleware(
     on_hand_back=metrics.handed_back,
     # Several workers computing behind one socket: the busier hands keep-alive clients back (service/balance.py).
     loads=(lambda: WorkerLoads(PLAN.entry_workers, _worker_index()))
-    if PLAN.layout == "inprocess" and PLAN.entry_workers > 1 else None,
+    if PLAN.layout in ("inprocess", "microbatch") and PLAN.entry_workers > 1 else None,
 )
 ImageClassifier.add_asgi_middleware(
     BodySizeLimit, max_bytes=SETTINGS.max_body_bytes, on_reject=lambda: metrics.rejected("body_too_large"),

@@ -8,6 +8,11 @@ Which processes run (the *layout*) follows the hardware; :meth:`ServiceSettings.
 
 - ``inprocess`` (CPU): N HTTP workers, each decoding and running its own onnxruntime session of cores/N threads.
   No second process, no pickled pixels, no batching queue: on a CPU onnxruntime's images/s is flat in batch size.
+- ``microbatch`` (CPU whose engine batches well): the same workers and sessions as ``inprocess``, but in each worker
+  the compute threads only decode, and one model thread runs every image queued since its previous call (up to
+  ``max_batch_size``) as one batch: decoding overlaps inference, and batches grow under load. Chosen when the
+  backend's measured images/s at batch 8 is at least ``BATCH_SCALING_MIN`` times batch 1's (export/backends.py):
+  OpenVINO bf16 on a CPU matrix engine, never onnxruntime fp32 on a 224-px model.
 - ``batched`` (GPU): entry workers scaled to the cores decode and send uint8 pixels to one model process per GPU,
   whose BentoML adaptive batcher merges concurrent requests into one device call.
 """
@@ -25,8 +30,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from transferkit.core.errors import UsageError
 from transferkit.core.images import DEFAULT_MAX_PIXELS
 from transferkit.core.system import available_cores
+from transferkit.export.backends import BATCH_SCALING_MIN
 
-Layout = Literal["inprocess", "batched"]
+Layout = Literal["inprocess", "microbatch", "batched"]
 MAX_CPU_WORKERS = 16  # each CPU worker holds a copy of the model: beyond this, more threads per worker instead
 
 
@@ -60,10 +66,13 @@ class ServiceSettings(BaseSettings):
 
     model: str | None = Field(None, description="BentoML model tag or bundle directory; unset: the only "
                                                 "transferkit model in the store")
-    backend: Literal["onnx", "onnx-fp16", "onnx-int8", "savedmodel"] = Field("onnx", description="bundle format")
+    backend: Literal["auto", "onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8",
+                     "savedmodel"] = Field("auto", description="`auto`: the fastest backend the bundle was "
+                                                               "validated for, measured on this machine")
     device: Literal["auto", "cpu", "gpu"] = Field("auto", description="`auto`: CUDA when a GPU is present")
-    layout: Literal["auto", "inprocess", "batched"] = Field(
-        "auto", description="`auto`: `batched` with a GPU, `inprocess` on CPU")
+    layout: Literal["auto", "inprocess", "microbatch", "batched"] = Field(
+        "auto", description="`auto`: `batched` with a GPU; on CPU `microbatch` where batching pays (measured), "
+                            "else `inprocess`")
     workers: int | None = Field(None, ge=1, description="HTTP worker processes; unset: one per core "
                                                         f"(at most {MAX_CPU_WORKERS})")
     model_workers: int | None = Field(None, ge=1, description="`batched`: model processes; unset: one per GPU "
@@ -71,7 +80,8 @@ class ServiceSettings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads per session; unset: "
                                                         "cores ÷ processes running a session")
     top_k: int = Field(5, ge=1, description="labels listed per image")
-    max_batch_size: int = Field(32, ge=2, description="`batched`: images per model call (BentoML needs > 1)")
+    max_batch_size: int = Field(32, ge=2, description="`batched`, `microbatch`: images per model call (BentoML "
+                                                      "needs > 1)")
     max_latency_ms: int = Field(10_000, ge=1, description="`batched`: the batcher answers 503 past this budget")
     max_images: int = Field(16, ge=1, description="images per request")
     max_body_mb: int = Field(32, ge=1, description="request body cap, enforced before the body is read")
@@ -101,25 +111,32 @@ class ServiceSettings(BaseSettings):
     def decode_memory_bytes(self) -> int:
         return self.decode_memory_mb * 1024 * 1024
 
-    def plan(self, cores: int | None = None, gpus: int | None = None) -> Plan:
-        """Resolve the layout and the process and thread counts for ``cores`` and ``gpus`` (default: this host)."""
+    def plan(self, cores: int | None = None, gpus: int | None = None, backend: str | None = None,
+             batch_scaling: float | None = None) -> Plan:
+        """Resolve the layout and the process and thread counts for ``cores`` and ``gpus`` (default: this host),
+        running ``backend`` (default: the setting) whose measured batch scaling is ``batch_scaling``."""
         cores = available_cores() if cores is None else cores
         gpus = 0 if self.device == "cpu" else (gpu_count() if gpus is None else gpus)
+        backend = backend or self.backend
         if self.layout != "auto":
             layout, reason = self.layout, "TRANSFERKIT_LAYOUT"
-        elif gpus and self.backend != "savedmodel":
+        elif backend == "savedmodel":
+            layout, reason = "inprocess", "savedmodel: TensorFlow's own thread pools, one process"
+        elif gpus:
             layout, reason = "batched", f"{gpus} GPU(s): batching fills the device"
+        elif batch_scaling is not None and batch_scaling >= BATCH_SCALING_MIN:
+            layout, reason = "microbatch", (f"CPU: {backend} runs {batch_scaling:.2f}x the images/s at batch 8 as "
+                                            f"at batch 1 here (>= {BATCH_SCALING_MIN}): batching pays")
         else:
-            layout, reason = "inprocess", "CPU: batching adds queueing but no throughput"
-        if self.backend == "savedmodel" and self.layout == "auto":
-            reason = "savedmodel: TensorFlow's own thread pools, one process"
-        if layout == "inprocess":
-            if self.backend == "savedmodel":
+            measured = "not measured" if batch_scaling is None else f"{batch_scaling:.2f}x at batch 8 vs 1"
+            layout, reason = "inprocess", f"CPU: batching adds queueing but no throughput ({backend}: {measured})"
+        if layout in ("inprocess", "microbatch"):
+            if backend == "savedmodel":
                 workers = self.workers or 1  # TensorFlow sizes its own pools to the whole machine
             else:
                 workers = self.workers or min(cores, MAX_CPU_WORKERS)
             threads = self.threads or max(1, cores // workers)
-            return Plan("inprocess", cores, gpus, workers, workers, threads, reason)
+            return Plan(layout, cores, gpus, workers, workers, threads, reason)
         model_workers = self.model_workers or max(1, gpus)
         workers = self.workers or min(cores, MAX_CPU_WORKERS)
         # On a GPU the session's CPU threads only feed the device; on CPU (tests) the model shares the cores.

@@ -20,6 +20,11 @@ class Server(BentoServer):
     ``settings`` become ``TRANSFERKIT_<NAME>`` variables, ``env`` adds others."""
 
     def __init__(self, model: Path | str, log_path: Path, env: dict[str, str] | None = None, **settings: str | int):
+        # The tests compare answers with an onnxruntime predictor and check the layout they name: unless a test
+        # asks for `auto`, the backend and the layout are pinned (tests/test_backends.py covers `auto`).
+        for name, pinned in (("backend", "onnx"), ("layout", "inprocess")):
+            if f"TRANSFERKIT_{name.upper()}" not in (env or {}):
+                settings.setdefault(name, pinned)
         super().__init__(model, log_path=log_path, env=env, **settings)
         self.start()
 

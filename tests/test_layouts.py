@@ -27,20 +27,23 @@ from transferkit.training.rundir import split_files
 # --- the settings model ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cores,gpus,overrides,expected", [
-    (2, 0, {}, ("inprocess", 2, 2, 1)),  # CPU: one session per core, no model process
-    (64, 0, {}, ("inprocess", 16, 16, 4)),  # capped copies of the model, the cores shared among them
-    (3, 0, {"workers": 1}, ("inprocess", 1, 1, 3)),
-    (32, 2, {}, ("batched", 16, 2, 1)),  # GPUs: entry scaled to the cores, one model process per GPU
-    (8, 1, {"device": "cpu"}, ("inprocess", 8, 8, 1)),  # --device cpu ignores the GPU
-    (8, 1, {"layout": "inprocess"}, ("inprocess", 8, 8, 1)),
-    (2, 0, {"layout": "batched"}, ("batched", 2, 1, 2)),  # forced on CPU: what the tests below run
-    (8, 1, {"backend": "savedmodel"}, ("inprocess", 1, 1, 8)),  # TensorFlow sizes its own pools
+@pytest.mark.parametrize("cores,gpus,overrides,scaling,expected,why", [
+    (2, 0, {}, None, ("inprocess", 2, 2, 1), "not measured"),  # CPU: one session per core, no model process
+    (64, 0, {}, 1.05, ("inprocess", 16, 16, 4), "1.05x"),  # capped copies of the model, the cores shared
+    (3, 0, {"workers": 1}, None, ("inprocess", 1, 1, 3), "no throughput"),
+    (2, 0, {}, 3.04, ("microbatch", 2, 2, 1), "3.04x"),  # batching pays: the same sessions, batched per worker
+    (2, 0, {}, 1.29, ("inprocess", 2, 2, 1), "1.29x"),  # just below the rule: no batching
+    (32, 2, {}, 3.0, ("batched", 16, 2, 1), "2 GPU(s)"),  # GPUs: entry scaled to the cores, a model process per GPU
+    (8, 1, {"device": "cpu"}, None, ("inprocess", 8, 8, 1), "CPU"),  # --device cpu ignores the GPU
+    (8, 1, {"layout": "inprocess"}, 3.0, ("inprocess", 8, 8, 1), "TRANSFERKIT_LAYOUT"),
+    (2, 0, {"layout": "batched"}, None, ("batched", 2, 1, 2), "TRANSFERKIT_LAYOUT"),  # forced on CPU (tests below)
+    (2, 0, {"layout": "microbatch", "workers": 1}, None, ("microbatch", 1, 1, 2), "TRANSFERKIT_LAYOUT"),
+    (8, 1, {"backend": "savedmodel"}, 3.0, ("inprocess", 1, 1, 8), "TensorFlow"),  # TF sizes its own pools
 ])
-def test_plan_follows_the_hardware(cores, gpus, overrides, expected):
-    plan = ServiceSettings(**overrides).plan(cores=cores, gpus=gpus)
+def test_plan_follows_the_hardware_and_the_measured_batch_scaling(cores, gpus, overrides, scaling, expected, why):
+    plan = ServiceSettings(**overrides).plan(cores=cores, gpus=gpus, batch_scaling=scaling)
     assert (plan.layout, plan.entry_workers, plan.model_workers, plan.threads) == expected
-    assert plan.reason
+    assert why in plan.reason
 
 
 def test_settings_come_from_the_environment_and_name_the_bad_variable(monkeypatch):

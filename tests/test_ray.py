@@ -46,7 +46,7 @@ def test_ray_and_local_engines_agree(bundle, digits_three, tmp_path, ray_address
 
     folder = make_inputs(digits_three, tmp_path / "in")
     items = list(expand_inputs([folder]))
-    classifier = load_bundle(bundle, device="cpu")
+    classifier = load_bundle(bundle, "onnx", device="cpu")
     local = [o for batch in classifier.outcomes(items, "local", batch_size=8) for o in batch]
     remote = [o for batch in classifier.outcomes(items, "ray", batch_size=8) for o in batch]
 

@@ -28,22 +28,13 @@ import numpy as np
 
 from transferkit.core.errors import InvalidImageError
 from transferkit.core.images import decode_image
-from transferkit.core.system import available_cores
+from transferkit.core.system import available_cores, default_cache_root
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "TRANSFERKIT_CACHE_DIR"
 CACHE_FORMAT = 1
 PIXELS, INDEX = "pixels.u8", "index.json"
 Progress = Callable[[int, int], None]
-
-
-def default_cache_root() -> Path:
-    """``$TRANSFERKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/transferkit``, else ``~/.cache/transferkit``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "transferkit"
 
 
 class PixelStore:

@@ -177,7 +177,7 @@ def load_dataset(
     cache_dir: Path | None = None,
 ) -> Dataset:
     """Discover, split and decode a dataset (through the on-disk cache under ``cache_dir``, default
-    :func:`~transferkit.training.cache.default_cache_root`). Raises DatasetError with one readable line for
+    :func:`~transferkit.core.system.default_cache_root`). Raises DatasetError with one readable line for
     unusable data."""
     root = check_data_dir(root)
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):

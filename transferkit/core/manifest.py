@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,29 @@ FORMAT_FILES: dict[str, str] = {
     "onnx-int8": "model.int8.onnx",
 }
 FORMAT_PRECISION: dict[str, str] = {"savedmodel": "fp32", "onnx": "fp32", "onnx-fp16": "fp16", "onnx-int8": "int8"}
+
+
+@dataclass(frozen=True)
+class RuntimeBackend:
+    """What ``--backend NAME`` runs: a bundle format (a file), the engine that runs it and the precision it computes
+    in. The OpenVINO backends add no file: they run the bundle's ONNX files with OpenVINO's CPU plugin, bf16 on a
+    CPU with a matrix engine (AMX or AVX-512 BF16), int8 from the QDQ file's quantization."""
+
+    name: str
+    format: str
+    engine: Literal["tensorflow", "onnxruntime", "openvino"]
+    precision: Literal["fp32", "fp16", "bf16", "int8"]
+
+
+RUNTIME_BACKENDS: dict[str, RuntimeBackend] = {b.name: b for b in (
+    RuntimeBackend("savedmodel", "savedmodel", "tensorflow", "fp32"),
+    RuntimeBackend("onnx", "onnx", "onnxruntime", "fp32"),
+    RuntimeBackend("onnx-fp16", "onnx-fp16", "onnxruntime", "fp16"),
+    RuntimeBackend("onnx-int8", "onnx-int8", "onnxruntime", "int8"),
+    RuntimeBackend("openvino", "onnx", "openvino", "fp32"),
+    RuntimeBackend("openvino-bf16", "onnx", "openvino", "bf16"),
+    RuntimeBackend("openvino-int8", "onnx-int8", "openvino", "int8"),
+)}
 
 
 class FormatEntry(BaseModel):

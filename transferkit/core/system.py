@@ -51,6 +51,35 @@ def available_cores() -> int:
     return max(1, cores)
 
 
+CACHE_ENV = "TRANSFERKIT_CACHE_DIR"
+
+
+def default_cache_root() -> Path:
+    """``$TRANSFERKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/transferkit``, else ``~/.cache/transferkit``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "transferkit"
+
+
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo``; the platform's name elsewhere)."""
+    text = _read(Path("/proc/cpuinfo")) or ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def matrix_engine_flags() -> list[str]:
+    """The CPU flags that decide which precisions run fast here: AMX tiles, AVX-512 BF16 and VNNI (Linux)."""
+    text = _read(Path("/proc/cpuinfo")) or ""
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in set(flags) if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni", "avx_vnni"))
+
+
 LIBRARIES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime-gpu", "bentoml",
              "numpy", "pillow", "scikit-learn")
 

@@ -1,0 +1,105 @@
+"""OpenVINO's CPU plugin on a bundle's ONNX files: f32, bf16 on a CPU matrix engine, int8 from the QDQ file.
+
+Why a second engine: on a CPU with AMX or AVX-512 BF16, OpenVINO computes convolutions in bfloat16 on the matrix
+engine (ResNet50 at batch 8: 240 images/s against onnxruntime fp32's 38 on two Xeon cores, BENCHMARKS.md), and
+runs the int8 file's quantized operations with VNNI/AMX kernels. The bundle needs no new file: OpenVINO reads the
+same ONNX graphs, uint8 input and preprocessing included.
+
+OpenVINO is an optional extra (``transferkit[openvino]``), imported only through :func:`openvino_module`, which keeps
+its telemetry off: ``import openvino`` (2026.4) sends an "import" event to Google Analytics unless a consent file in
+``~/intel`` says no, because its model-conversion package is imported with it. With ``openvino_telemetry`` absent,
+OpenVINO falls back to its own no-op stub (``openvino/tools/ovc/telemetry_stub.py``), so transferkit makes that
+module unimportable in its process before OpenVINO is first imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.core.errors import BundleError, UsageError
+
+EXTRA = "transferkit[openvino]"
+# OpenVINO's names for the precisions transferkit records (INFERENCE_PRECISION_HINT).
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the quantized ops run int8, the rest f32
+# What OPTIMIZATION_CAPABILITIES must list for a precision to run natively (bf16 is emulated nowhere: without it
+# OpenVINO silently computes f32, which would make a "bf16" figure a lie).
+NEEDS = {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}
+
+
+@functools.cache
+def installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def openvino_module():
+    """``import openvino`` with its telemetry client unimportable (see the module docstring)."""
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None in sys.modules: `import` raises ImportError
+    import openvino
+
+    return openvino
+
+
+@functools.cache
+def cpu_capabilities() -> frozenset[str]:
+    """What OpenVINO's CPU plugin can compute natively here (``BF16`` needs AMX or AVX-512 BF16); empty when
+    OpenVINO is not installed."""
+    if not installed():
+        return frozenset()
+    ov = openvino_module()
+    return frozenset(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def unavailable_reason(precision: str, capabilities: frozenset[str] | None = None) -> str:
+    """Why OpenVINO cannot run ``precision`` on this CPU ("" when it can)."""
+    if capabilities is None:
+        if not installed():
+            return f"OpenVINO is not installed (pip install '{EXTRA}')"
+        capabilities = cpu_capabilities()
+    if NEEDS[precision] not in capabilities:
+        what = "AMX or AVX-512 BF16" if precision == "bf16" else NEEDS[precision]
+        return f"this CPU has no {what} support in OpenVINO (it offers {', '.join(sorted(capabilities)) or 'none'})"
+    return ""
+
+
+class OpenVinoPredictor:
+    """One compiled model; one infer request per calling thread (a request is not thread-safe, the model is)."""
+
+    def __init__(self, path: Path, backend: str, precision: str, size: int, threads: int, input_dtype: str):
+        why = unavailable_reason(precision)
+        if why:
+            raise UsageError(f"--backend {backend}: {why}")
+        core = openvino_module().Core()
+        config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "INFERENCE_NUM_THREADS": threads,
+                  "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                  # Pinned threads would fight the decode threads and HTTP workers that share these cores.
+                  "ENABLE_CPU_PINNING": False}
+        try:
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line C++ message
+            raise BundleError(f"OpenVINO cannot load {path.name}: {str(exc).strip().splitlines()[0]}") from None
+        self.backend, self.precision, self.size, self.threads = backend, precision, size, threads
+        self.input_dtype = np.dtype(input_dtype)
+        ran = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # what really runs: f32, bf16
+        self.provider = f"OpenVINO:CPU:{ran}"
+        self._local = threading.local()
+
+    def _request(self):
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        return request
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        from transferkit.export.predictors import as_batch
+
+        batch = as_batch(images, self.size, self.input_dtype)
+        request = self._request()
+        request.infer({0: batch})
+        return np.array(request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the tensor is reused

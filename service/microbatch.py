@@ -1,0 +1,73 @@
+"""Cross-request micro-batching inside one worker (the ``microbatch`` layout).
+
+Requests are decoded on the worker's compute threads, then their pixels queue here. One model thread takes
+everything queued when the model becomes free, up to ``max_batch`` images, and runs it as one call: no timer, no
+waiting for a batch to fill (Triton's advice: start with no queue delay). Under light load a request runs alone at
+batch 1; under load, batches grow by themselves while the previous call runs. A failing call fails only the requests
+in it; the model thread carries on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class _Job:
+    pixels: np.ndarray
+    future: Future = field(default_factory=Future)
+
+
+class MicroBatcher:
+    """``submit(pixels)`` returns a future of ``predict``'s rows for those pixels, computed with other requests'."""
+
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int,
+                 on_batch: Callable[[int], None] | None = None):
+        self.predict, self.max_batch, self.on_batch = predict, max_batch, on_batch
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._held: _Job | None = None  # a job that did not fit in the previous batch goes first next time
+        threading.Thread(target=self._loop, name="microbatch", daemon=True).start()
+
+    def submit(self, pixels: np.ndarray) -> Future:
+        job = _Job(pixels)
+        self._queue.put(job)
+        return job.future
+
+    def _next_batch(self) -> list[_Job]:
+        jobs = [self._held or self._queue.get()]
+        self._held = None
+        count = len(jobs[0].pixels)
+        while count < self.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if count + len(job.pixels) > self.max_batch:
+                self._held = job
+                break
+            jobs.append(job)
+            count += len(job.pixels)
+        return jobs
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self._next_batch()
+            try:
+                pixels = jobs[0].pixels if len(jobs) == 1 else np.concatenate([job.pixels for job in jobs])
+                rows = self.predict(pixels)
+            except BaseException as exc:  # noqa: BLE001 - every caller gets the error, the thread goes on
+                for job in jobs:
+                    job.future.set_exception(exc)
+                continue
+            if self.on_batch:
+                self.on_batch(len(pixels))
+            start = 0
+            for job in jobs:
+                job.future.set_result(rows[start : start + len(job.pixels)])
+                start += len(job.pixels)
