@@ -33,6 +33,7 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BATCH_METRIC = "bentoml_service_adaptive_batch_size"
 HANDED_BACK_METRIC = "transferkit_connections_handed_back"
+MICROBATCH_METRIC = "transferkit_microbatch_size"  # the microbatch layout's own batches (no BentoML batcher)
 
 
 @dataclass
@@ -199,17 +200,15 @@ def measure(server: str, url: str, users: int, spawn_rate: float, duration: int,
         def change(name: str) -> float:
             return after.get(name, 0.0) - before.get(name, 0.0)
 
-        calls = change(BATCH_METRIC + "_count")
+        metric = MICROBATCH_METRIC if change(MICROBATCH_METRIC + "_count") else BATCH_METRIC
+        calls = change(metric + "_count")
         summary.batch_calls = int(calls)
-        summary.batch_size_mean = change(BATCH_METRIC + "_sum") / calls if calls else None
+        summary.batch_size_mean = change(metric + "_sum") / calls if calls else None
         summary.connections_handed_back = int(change(HANDED_BACK_METRIC + "_total"))
         try:
             meta = requests.get(url + "/metadata", timeout=10).json()
             summary.layout = meta["layout"]["name"]
             summary.backend = meta["backend"]
-            runtime = meta["runtime"].get("microbatch")
-            if runtime and runtime["model_calls"]:  # the microbatch layout's own count (it has no BentoML batcher)
-                summary.batch_calls, summary.batch_size_mean = runtime["model_calls"], runtime["mean_batch"]
         except Exception:  # an older service, or not ours
             summary.layout = None
     return summary

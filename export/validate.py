@@ -231,6 +231,34 @@ def _runner(backend: str, path: Path, entry: FormatEntry, size: int) -> Predict:
     return _OnnxRunner(path, entry.input_dtype)
 
 
+def _validate_here(name: str, entry: FormatEntry, reference: np.ndarray, images: np.ndarray,
+                   labels: np.ndarray | None, backbone: str, bundle_dir: Path) -> FormatValidation:
+    runner = _runner(name, bundle_dir / entry.file, entry, images.shape[1])
+    return validate_format(name, entry, runner, reference, images, labels, backbone, bundle_dir)
+
+
+def _validate_isolated(name: str, entry: FormatEntry, reference: np.ndarray, images: np.ndarray,
+                       labels: np.ndarray | None, backbone: str, bundle_dir: Path) -> FormatValidation:
+    """An engine row in a child process: OpenVINO 2026.4's CPU plugin crashes (SIGSEGV in ``compile_model``) on some
+    graphs that onnxruntime runs, which would kill the export. A crash becomes a failed row instead, and that
+    backend then refuses the bundle."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    args = (name, entry, reference, images, labels, backbone, bundle_dir)
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_validate_here, *args).result()
+    except BrokenProcessPool:
+        reason = f"{RUNTIME_BACKENDS[name].engine} crashed loading or running this model"
+    except Exception as exc:  # the engine refused the graph: the row fails with its one-line reason
+        reason = f"{RUNTIME_BACKENDS[name].engine} cannot run it: {str(exc).splitlines()[0] if str(exc) else exc}"
+    return FormatValidation(format=name, images=len(images), max_abs_diff=float("inf"), mean_abs_diff=float("inf"),
+                            top1_agreement=0.0, accuracy=None, keras_accuracy=None, batch_consistency_max_diff=0.0,
+                            checker="n/a", gate="runs", passed=False, failures=[reason])
+
+
 def engine_backends(formats: dict[str, FormatEntry], capabilities: frozenset[str] | None = None) -> list[str]:
     """The OpenVINO backends an export can validate here: their file is in ``formats`` and this CPU runs their
     precision natively (none without OpenVINO)."""
@@ -257,9 +285,8 @@ def validate_bundle(
     """
     results = []
     for name in [*formats, *(engines or [])]:
-        entry = formats[RUNTIME_BACKENDS[name].format]
         logger.info("validating %s on %d images", name, len(images))
-        runner = _runner(name, bundle_dir / entry.file, entry, images.shape[1])
-        results.append(validate_format(name, entry, runner, reference, images, labels, backbone, bundle_dir))
+        args = (name, formats[RUNTIME_BACKENDS[name].format], reference, images, labels, backbone, bundle_dir)
+        results.append(_validate_isolated(*args) if name not in formats else _validate_here(*args))
     return ValidationReport(source=source, images=len(images), batch_size=BATCH_SIZE,
                             passed=all(r.passed for r in results if r.format in formats), formats=results)

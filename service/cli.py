@@ -79,8 +79,23 @@ def _check_port_free(host: str, port: int) -> None:
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror} (choose another --port)") from None
 
 
+def _running(url: str) -> str:
+    """What the ready server runs, from its /metadata: the backend `auto` resolved to, why, and the layout."""
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/metadata", timeout=10) as response:
+            meta = json.load(response)
+    except (OSError, ValueError) as exc:
+        return f"(could not read /metadata: {exc})"
+    return (f"{meta['backend']} ({meta['backend_choice']['reason']}); layout {meta['layout']['name']} "
+            f"({meta['layout']['reason']})")
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from transferkit.core.errors import UsageError
+    from transferkit.core.manifest import RUNTIME_BACKENDS
     from transferkit.export.predictors import load_bundle
     from transferkit.service.launcher import BentoServer, serve_in_foreground
     from transferkit.service.settings import ServiceSettings
@@ -92,8 +107,9 @@ def run_serve(args: argparse.Namespace) -> int:
         model = str(Path(model).resolve())
     # Fail here with one line rather than in a server log: the bundle must exist, verify and have the format.
     bundle = load_bundle(model, formats=None)
-    if effective.backend not in bundle.manifest.formats:
-        raise UsageError(f"{args.model} has no {effective.backend} format "
+    needed = RUNTIME_BACKENDS[effective.backend].format if effective.backend != "auto" else None
+    if needed is not None and needed not in bundle.manifest.formats:
+        raise UsageError(f"{args.model} has no {needed} format, which --backend {effective.backend} runs "
                          f"(it has {', '.join(bundle.manifest.formats)})")
     _check_port_free(args.host, args.port)
     server = BentoServer(model, host=args.host, port=args.port, **settings)
@@ -103,6 +119,7 @@ def run_serve(args: argparse.Namespace) -> int:
     def ready(server: BentoServer) -> None:
         print(f"ready: {server.url}  (try: curl -F images=@photo.jpg {server.url}/predict; Ctrl-C or SIGTERM "
               f"drains for up to {effective.drain_timeout_s} s and stops)", flush=True)
+        print(f"running: {_running(server.url)}", flush=True)
 
     code = serve_in_foreground(server, on_ready=ready)
     print(f"stopped (bentoml serve exit code {code})", flush=True)

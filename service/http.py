@@ -66,6 +66,9 @@ class _Metrics:
                 bentoml.metrics.Counter(name="transferkit_connections_handed_back",
                                         documentation="Keep-alive connections closed by a worker busier than "
                                                       "another (service/balance.py)"),
+                bentoml.metrics.Histogram(name="transferkit_microbatch_size",
+                                          documentation="Images per model call in the microbatch layout",
+                                          buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
             )
         return self._counters
 
@@ -80,6 +83,9 @@ class _Metrics:
 
     def handed_back(self) -> None:
         self._get()[3].inc()
+
+    def microbatch(self, images: int) -> None:
+        self._get()[4].observe(images)
 
 
 metrics = _Metrics()

@@ -51,7 +51,8 @@ class ModelRuntime:
     """Loads ``bundle_path()`` with ``backend`` in a background thread; ``await run(fn, ...)`` uses its threads."""
 
     def __init__(self, bundle_path, backend: str, device: str, threads: int, batch_sizes: list[int],
-                 compute_threads: int = 1, device_id: int = 0, max_batch: int | None = None):
+                 compute_threads: int = 1, device_id: int = 0, max_batch: int | None = None,
+                 on_batch=None):
         self.backend, self.device, self.threads, self.device_id = backend, device, threads, device_id
         self.batch_sizes = batch_sizes
         self.state = "loading"
@@ -65,7 +66,8 @@ class ModelRuntime:
         self.executor = ThreadPoolExecutor(compute_threads, thread_name_prefix="compute")
         # microbatch layout: requests' decoded pixels merge into one model call (service/microbatch.py).
         self.batcher = MicroBatcher(self.predict, max_batch, self._batched) if max_batch else None
-        self.batch_images: list[int] = [0, 0]  # model calls, images: the mean batch size /metadata reports
+        self.batch_images: list[int] = [0, 0]  # model calls, images: this worker's, shown by /metadata
+        self.on_batch = on_batch  # the whole service's figure: /metrics' histogram
         threading.Thread(target=self._load, args=(bundle_path,), name="load-bundle", daemon=True).start()
 
     def _load(self, bundle_path) -> None:
@@ -120,6 +122,8 @@ class ModelRuntime:
     def _batched(self, images: int) -> None:
         self.batch_images[0] += 1
         self.batch_images[1] += images
+        if self.on_batch:
+            self.on_batch(images)
 
     async def predict_batched(self, pixels: np.ndarray) -> np.ndarray:
         """``predict`` through the micro-batcher, with whatever other requests are queued."""
@@ -141,6 +145,7 @@ class ModelRuntime:
                 "cuda": getattr(self.predictor, "cuda_note", "n/a") or "loaded",
                 "warmup_batch_sizes": self.batch_sizes, "load_seconds": self.load_seconds,
                 **({"microbatch": {"max_batch": self.batcher.max_batch, "model_calls": self.batch_images[0],
+                                   "images": self.batch_images[1],
                                    "mean_batch": round(self.batch_images[1] / max(1, self.batch_images[0]), 2)}}
                    if self.batcher else {})}
 

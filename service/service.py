@@ -249,7 +249,8 @@ else:  # inprocess and microbatch: the model runs in the HTTP worker
                 if PLAN.gpus or batching else [1]
             self.runtime = ModelRuntime(_bundle_path, BACKEND, SETTINGS.device, PLAN.threads, sizes,
                                         compute_threads=PLAN.threads, device_id=_worker_index() % max(1, PLAN.gpus),
-                                        max_batch=SETTINGS.max_batch_size if batching else None)
+                                        max_batch=SETTINGS.max_batch_size if batching else None,
+                                        on_batch=metrics.microbatch)
 
         def __is_ready__(self) -> bool:
             return self._entry_ready() and self.runtime.ready

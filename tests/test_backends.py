@@ -78,7 +78,8 @@ def test_auto_candidates_follow_the_bundle_its_gates_and_the_cpu(bundle, tmp_pat
     loaded = _with_validation(bundle, tmp_path, rows)
     chosen, skipped = candidate_backends(loaded, amx)
     assert chosen == ["onnx", "openvino", "openvino-bf16"]
-    assert skipped == {"openvino-int8": "the bundle has no onnx-int8 file", "onnx-int8": "the bundle has no onnx-int8 file"}
+    no_int8 = "the bundle has no onnx-int8 file"
+    assert skipped == {"openvino-int8": no_int8, "onnx-int8": no_int8}
     chosen, skipped = candidate_backends(loaded, avx2)
     assert chosen == ["onnx", "openvino"] and "AMX or AVX-512 BF16" in skipped["openvino-bf16"]
 

@@ -233,3 +233,34 @@ def test_tracing_costs_nothing_unless_an_exporter_is_configured(tmp_path, env, e
                             env={**environment, "TRANSFERKIT_MODEL": str(tmp_path), **env})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[-2] == expected
+
+
+# --- the microbatch layout, with the backend `auto` chose --------------------------------------------------------
+
+
+def test_microbatch_layout_batches_every_image_once_on_the_backend_auto_chose(bundle, trained_run, tmp_path):
+    from transferkit.core.manifest import RUNTIME_BACKENDS
+    from transferkit.export.predictors import load_bundle
+    from transferkit.export.validate import GATES
+
+    env = {"TRANSFERKIT_BACKEND": "auto", "TRANSFERKIT_LAYOUT": "microbatch", "TRANSFERKIT_CACHE_DIR": str(tmp_path)}
+    with ready_server(bundle, tmp_path / "microbatch.log", env=env, workers=1, max_batch_size=8) as srv:
+        meta = srv.get("/metadata").json()
+        chosen = meta["backend"]
+        assert meta["layout"]["name"] == "microbatch" and meta["runtime"]["backend"] == chosen
+        assert meta["backend_choice"]["setting"] == "auto" and chosen in meta["backend_choice"]["images_per_second"]
+        assert meta["batching"]["max_batch_size"] == 8
+        files = [path for path, _ in split_files(trained_run.run_dir, "test")[:48]]
+        with ThreadPoolExecutor(24) as pool:
+            responses = list(pool.map(lambda p: srv.post("/predict", files=[("images", (
+                p.name, p.read_bytes(), "image/png"))]), files))
+        batches = srv.get("/metadata").json()["runtime"]["microbatch"]
+    predictor = load_bundle(bundle).predictor(chosen, device="cpu")
+    # A batch of 8 may round differently from a batch of 1 (bf16): within the precision's batch bound.
+    tolerance = GATES[RUNTIME_BACKENDS[chosen].precision].batch_consistency
+    for path, response in zip(files, responses):
+        assert response.status_code == 200, response.text
+        expected = predictor(decode_image(path.read_bytes(), 32)[None])[0]
+        assert response.json()[0]["score"] == pytest.approx(float(expected.max()), abs=tolerance)
+    assert 1 <= batches["model_calls"] <= 48
+    assert batches["images"] == 48  # every image through the batcher once, none twice

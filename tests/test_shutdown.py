@@ -25,6 +25,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from serving import Server
 
+from transferkit.core.manifest import RUNTIME_BACKENDS
 from transferkit.service.launcher import BentoServer, worker_service
 
 IN_FLIGHT = 40  # requests sent before SIGTERM
@@ -267,6 +268,8 @@ def test_transferkit_serve_drains_on_sigterm_and_its_server_dies_with_it(bundle,
     assert process.returncode == 0, "".join(lines) + rest
     assert "stopped (bentoml serve exit code 0)" in rest
     assert not alive(tree) and not port_answers(port)
+    running = next(line for line in rest.splitlines() if line.startswith("running: "))  # what `auto` resolved to
+    assert running.split()[1] in RUNTIME_BACKENDS and " layout " in running, running
 
     process, port, lines = start()
     tree = psutil.Process(process.pid).children(recursive=True)

@@ -118,6 +118,10 @@ class FormatValidation(BaseModel):
     judged there.
     """
 
+    # A format whose outputs are not finite, or an engine that crashed, has an unbounded error: written as JSON's
+    # Infinity (Python's json reads it back), not as null, which would make the manifest unreadable.
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
     format: str
     images: int
     max_abs_diff: float
