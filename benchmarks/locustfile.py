@@ -78,7 +78,7 @@ class ImageClient(FastHttpUser):
                 response.request_meta["name"] = f"overloaded {response.status_code}"
                 response.success()
             elif response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                response.failure(f"HTTP {response.status_code}: {(response.text or '(empty body)')[:200]}")
             else:
                 problem = check_answer(response.json(), self.classes, 1)
                 if problem:

@@ -82,7 +82,7 @@ class BundleClassifier:
     resolves to the fastest backend the bundle was validated for here (:mod:`transferkit.export.backends`)."""
 
     def __init__(self, bundle: Bundle, backend: str = "auto", device: Device = "auto"):
-        from transferkit.export.backends import AUTO, choose_backend
+        from transferkit.export.backends import AUTO, Choice, choose_backend
 
         self.bundle = bundle
         self.device = device
@@ -91,7 +91,9 @@ class BundleClassifier:
         if backend != AUTO and (spec is None or spec.format not in bundle.manifest.formats):
             bundle.predictor(backend, device)  # raises the loader's one-line error naming what it has
         # Measured at one thread: the local engine runs one-thread sessions side by side, each on whole batches.
-        self.choice = choose_backend(bundle, device, threads=1, backend=backend)
+        # A named backend needs no measurement here (its batch scaling only decides a service's layout).
+        self.choice = choose_backend(bundle, device, threads=1) if backend == AUTO else \
+            Choice(backend, "named by the user")
         self.backend = self.choice.backend
 
     @property

@@ -233,6 +233,11 @@ def run_predict(args: argparse.Namespace) -> int:
         path, error = failed[0]
         print(f"transferkit predict: error: {path}: {error}", file=sys.stderr)
         return 2
+    if args.out and progress.errors and not classified:
+        # Rows with an error each were written, but nothing was classified: a script must not read that as success.
+        print(f"transferkit predict: error: none of the {progress.errors} inputs could be classified "
+              f"(first: {failed[0][0]}: {failed[0][1]}); their errors are in {args.out}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -234,3 +234,17 @@ def test_local_engine_keeps_a_bounded_window(bundle, digits_three):
     stream.close()
     assert [len(b) for b in batches] == [4, 4, 4] and all(o.probabilities is not None for o in batches[0])
     assert len(pulled) <= (2 * 2 + 3) * 4 + 1  # the window (2 x workers batches) plus those handed out
+
+
+def test_predict_out_fails_when_nothing_could_be_classified(bundle, tmp_path):
+    """Every input unreadable: the rows with their errors are written, and the exit code says it failed."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (tmp_path / "in" / "b.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 20)
+    out = tmp_path / "rows.csv"
+    result = run_cli("predict", str(bundle), str(tmp_path / "in" / "a.png"), str(tmp_path / "in" / "b.jpg"),
+                     "--out", str(out), "--backend", "onnx")
+    assert result.returncode == 2, result.stderr
+    assert last_error_line(result).startswith("transferkit predict: error: none of the 2 inputs could be classified")
+    rows = read_rows(out)
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.jpg"] and all(r["error"] for r in rows)

@@ -47,11 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 def add_demo_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="the whole toolkit end to end on the embedded digits, offline",
-        description="Train MobileNetV2 (width 0.35, 32 px) from scratch on digits 0-4 (model A), transfer it to "
+        description="Train MobileNetV2 (width 0.35, 48 px) from scratch on digits 0-4 (model A), transfer it to "
                     "digits 5-9 with 40 training labels per digit (model B: frozen base, then fine-tuning) and "
                     "compare with the same network trained from scratch on the same labels, recipe and epoch "
                     "budget, judged on every other image of digits 5-9 (learning curves of both in one PNG). Then "
-                    "export model B to SavedModel/ONNX/ONNX-fp16 with a validation report, serve it with BentoML, "
+                    "export model B to SavedModel/ONNX/ONNX-fp16 with a validation report (and the OpenVINO backends "
+                    "this CPU runs, where transferkit[openvino] is installed), serve it with BentoML on the backend "
+                    "`auto` picks, "
                     "classify ten held-out images over HTTP (and a corrupt file), benchmark the backends, and "
                     "summarise. Writes demo.log with every library log line.",
     )

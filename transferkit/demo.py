@@ -386,6 +386,9 @@ def _serve_and_query(out: Path, bundle_dir: Path, run_dir: Path) -> dict:
     test = split_files(run_dir, "test")
     with BentoServer(bundle_dir, log_path=out / "service.log") as server:
         logger.info("  service ready at %s (log: %s)", server.url, out / "service.log")
+        meta = requests.get(server.url + "/metadata", timeout=10).json()
+        logger.info("  running %s (%s), layout %s", meta["backend"], meta["backend_choice"]["reason"],
+                    meta["layout"]["name"])
         files = _held_out(test)
         correct = 0
         answers = []
@@ -428,7 +431,12 @@ def _benchmark(run_dir: Path, bundle_dir: Path, bench_dir: Path, repeats: int) -
     for path, label in stratified(split_files(run_dir, "test"), 200):  # enough for accuracy, quick to time
         (test_dir / label).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, test_dir / label / path.name)
-    settings = BenchSettings(batch_sizes=[1, 32], backends=["keras", "savedmodel", "onnx", "onnx-fp16"],
+    from transferkit.core.manifest import read_manifest
+
+    # Every backend the export validated and passed, OpenVINO's included where it ran here.
+    report = read_manifest(bundle_dir).validation
+    engines = [row.format for row in report.formats if row.format.startswith("openvino") and row.passed]
+    settings = BenchSettings(batch_sizes=[1, 32], backends=["keras", "savedmodel", "onnx", "onnx-fp16", *engines],
                              device="cpu", warmup=2, repeats=repeats)
     rows = run_bundles([str(bundle_dir)], test_dir, settings, log=lambda line: None)
     write_results(bench_dir, rows, settings.batch_sizes, environment(vars(settings)))
