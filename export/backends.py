@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from transferkit.core.errors import TransferkitError
 from transferkit.core.manifest import RUNTIME_BACKENDS
 from transferkit.core.system import cpu_model, default_cache_root, library_versions, matrix_engine_flags
 
@@ -135,7 +136,16 @@ def choose_backend(bundle, device: str = "auto", threads: int | None = None, bac
     cached = _read_cached(path)
     if cached is not None:
         return cached
-    speeds = {name: _speeds(bundle, name, threads) for name in candidates}
+    speeds = {}
+    for name in candidates:
+        try:
+            speeds[name] = _speeds(bundle, name, threads)
+        except TransferkitError as exc:  # an engine that loads nowhere here is skipped, not fatal to the rest
+            if backend != AUTO or len(candidates) == 1:
+                raise
+            skipped[name] = f"could not be measured: {exc}"
+    if not speeds:
+        raise TransferkitError(f"no backend could run bundle {bundle.manifest.name} here: {skipped}")
     best = max(speeds, key=lambda name: max(speeds[name].values()))
     rates = ", ".join(f"{n} {s['1']:g}/{s[str(SCALING_BATCH)]:g}" for n, s in speeds.items())
     reason = "named by the user" if backend != AUTO else "the fastest validated backend measured here"
