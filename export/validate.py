@@ -237,26 +237,43 @@ def _validate_here(name: str, entry: FormatEntry, reference: np.ndarray, images:
     return validate_format(name, entry, runner, reference, images, labels, backbone, bundle_dir)
 
 
-def _validate_isolated(name: str, entry: FormatEntry, reference: np.ndarray, images: np.ndarray,
-                       labels: np.ndarray | None, backbone: str, bundle_dir: Path) -> FormatValidation:
-    """An engine row in a child process: OpenVINO 2026.4's CPU plugin crashes (SIGSEGV in ``compile_model``) on some
-    graphs that onnxruntime runs, which would kill the export. A crash becomes a failed row instead, and that
-    backend then refuses the bundle."""
+def _failed_row(name: str, images: int, reason: str) -> FormatValidation:
+    return FormatValidation(format=name, images=images, max_abs_diff=float("inf"), mean_abs_diff=float("inf"),
+                            top1_agreement=0.0, accuracy=None, keras_accuracy=None, batch_consistency_max_diff=0.0,
+                            checker="n/a", gate="runs", passed=False, failures=[reason])
+
+
+def _validate_engine_rows(names: list[str], formats: dict[str, FormatEntry], reference: np.ndarray,
+                          images: np.ndarray, labels: np.ndarray | None, backbone: str,
+                          bundle_dir: Path) -> list[FormatValidation]:
+    """Engine rows in turn (in a child process); an engine that refuses the graph gives a failed row."""
+    rows = []
+    for name in names:
+        try:
+            rows.append(_validate_here(name, formats[RUNTIME_BACKENDS[name].format], reference, images, labels,
+                                       backbone, bundle_dir))
+        except Exception as exc:  # OpenVINO raises its own untyped errors: the row fails with the first line
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            rows.append(_failed_row(name, len(images), f"{RUNTIME_BACKENDS[name].engine} cannot run it: {text}"))
+    return rows
+
+
+def _validate_isolated(names: list[str], *args) -> list[FormatValidation]:
+    """Engine rows in one child process: OpenVINO 2026.4's CPU plugin crashes (SIGSEGV in ``compile_model``) on some
+    graphs that onnxruntime runs, which would kill the export. After a crash each row runs again in a child of its
+    own, so that only the crashing engine's row fails (and that backend then refuses the bundle)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    args = (name, entry, reference, images, labels, backbone, bundle_dir)
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(_validate_here, *args).result()
+            return pool.submit(_validate_engine_rows, names, *args).result()
     except BrokenProcessPool:
-        reason = f"{RUNTIME_BACKENDS[name].engine} crashed loading or running this model"
-    except Exception as exc:  # the engine refused the graph: the row fails with its one-line reason
-        reason = f"{RUNTIME_BACKENDS[name].engine} cannot run it: {str(exc).splitlines()[0] if str(exc) else exc}"
-    return FormatValidation(format=name, images=len(images), max_abs_diff=float("inf"), mean_abs_diff=float("inf"),
-                            top1_agreement=0.0, accuracy=None, keras_accuracy=None, batch_consistency_max_diff=0.0,
-                            checker="n/a", gate="runs", passed=False, failures=[reason])
+        if len(names) > 1:
+            return [row for name in names for row in _validate_isolated([name], *args)]
+        engine = RUNTIME_BACKENDS[names[0]].engine
+        return [_failed_row(names[0], len(args[2]), f"{engine} crashed loading or running this model")]
 
 
 def engine_backends(formats: dict[str, FormatEntry], capabilities: frozenset[str] | None = None) -> list[str]:
@@ -284,9 +301,11 @@ def validate_bundle(
     ``images`` are uint8 RGB pixels, fed to each format in its declared input dtype.
     """
     results = []
-    for name in [*formats, *(engines or [])]:
+    for name in formats:
         logger.info("validating %s on %d images", name, len(images))
-        args = (name, formats[RUNTIME_BACKENDS[name].format], reference, images, labels, backbone, bundle_dir)
-        results.append(_validate_isolated(*args) if name not in formats else _validate_here(*args))
+        results.append(_validate_here(name, formats[name], reference, images, labels, backbone, bundle_dir))
+    if engines:
+        logger.info("validating %s on %d images", ", ".join(engines), len(images))
+        results += _validate_isolated(list(engines), formats, reference, images, labels, backbone, bundle_dir)
     return ValidationReport(source=source, images=len(images), batch_size=BATCH_SIZE,
                             passed=all(r.passed for r in results if r.format in formats), formats=results)
