@@ -253,9 +253,9 @@ def test_transferkit_serve_drains_on_sigterm_and_its_server_dies_with_it(bundle,
                                     "--drain-timeout-s", "10"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines: list[str] = []
-        for line in process.stdout:
+        for line in process.stdout:  # up to the line after "ready:", which says what `auto` resolved to
             lines.append(line)
-            if line.startswith("ready: "):
+            if line.startswith("running: "):
                 return process, port, lines
         pytest.fail("transferkit serve ended before it was ready:\n" + "".join(lines[-40:]))
 
@@ -268,8 +268,8 @@ def test_transferkit_serve_drains_on_sigterm_and_its_server_dies_with_it(bundle,
     assert process.returncode == 0, "".join(lines) + rest
     assert "stopped (bentoml serve exit code 0)" in rest
     assert not alive(tree) and not port_answers(port)
-    running = next(line for line in rest.splitlines() if line.startswith("running: "))  # what `auto` resolved to
-    assert running.split()[1] in RUNTIME_BACKENDS and " layout " in running, running
+    assert any(line.startswith("ready: ") for line in lines)
+    assert lines[-1].split()[1] in RUNTIME_BACKENDS and " layout " in lines[-1], lines[-1]  # the "running:" line
 
     process, port, lines = start()
     tree = psutil.Process(process.pid).children(recursive=True)
