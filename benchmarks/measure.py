@@ -33,17 +33,6 @@ def time_steps(step: Callable[[], object], warmup: int, repeats: int) -> dict[st
     }
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def gpu_model() -> str | None:
     import shutil
     import subprocess
@@ -59,7 +48,7 @@ def gpu_model() -> str | None:
 
 
 def environment(settings: dict) -> dict:
-    from transferkit.core.system import available_cores
+    from transferkit.core.system import available_cores, cpu_model
 
     versions = {}
     for name in ("tensorflow", "keras", "onnxruntime-gpu", "onnx", "tf2onnx", "bentoml", "numpy", "locust",

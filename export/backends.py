@@ -61,8 +61,8 @@ def candidate_backends(bundle, capabilities: frozenset[str] | None = None) -> tu
         why = ""
         if spec.format not in bundle.manifest.formats:
             why = f"the bundle has no {spec.format} file"
-        elif spec.engine == "openvino" and unavailable_reason(spec.precision, capabilities):
-            why = unavailable_reason(spec.precision, capabilities)
+        elif spec.engine == "openvino" and (missing := unavailable_reason(spec.precision, capabilities)):
+            why = missing
         elif row is None and spec.engine == "openvino":
             why = "not validated at export"
         elif row is not None and not row.passed:

@@ -1,9 +1,9 @@
 """OpenVINO's CPU plugin on a bundle's ONNX files: f32, bf16 on a CPU matrix engine, int8 from the QDQ file.
 
 Why a second engine: on a CPU with AMX or AVX-512 BF16, OpenVINO computes convolutions in bfloat16 on the matrix
-engine (ResNet50 at batch 8: 240 images/s against onnxruntime fp32's 38 on two Xeon cores, BENCHMARKS.md), and
-runs the int8 file's quantized operations with VNNI/AMX kernels. The bundle needs no new file: OpenVINO reads the
-same ONNX graphs, uint8 input and preprocessing included.
+engine (ResNet50 at batch 8: 282 images/s against onnxruntime fp32's 46 on two Xeon cores, BENCHMARKS.md), and
+runs the int8 file's quantized operations with VNNI/AMX kernels (not faster than f32 here yet: BENCHMARKS.md).
+The bundle needs no new file: OpenVINO reads the same ONNX graphs, uint8 input and preprocessing included.
 
 OpenVINO is an optional extra (``transferkit[openvino]``), imported only through :func:`openvino_module`, which keeps
 its telemetry off: ``import openvino`` (2026.4) sends an "import" event to Google Analytics unless a consent file in

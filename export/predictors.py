@@ -182,11 +182,13 @@ class Bundle:
 
     def require_validated(self, backend: str) -> None:
         """An engine that adds no file (OpenVINO) runs only where the export proved it against Keras."""
+        from transferkit.export.openvino import EXTRA as OPENVINO_EXTRA
+
         row = self.validation_of(backend)
         if row is None:
             raise UsageError(f"--backend {backend}: bundle {self.manifest.name} was exported without validating "
                              f"{backend} (OpenVINO missing, or a CPU without that precision, where it was exported); "
-                             f"re-export it on this machine with {'transferkit[openvino]'} installed")
+                             f"re-export it on this machine with {OPENVINO_EXTRA} installed")
         if not row.passed:
             raise UsageError(f"--backend {backend}: it failed its validation gate at export "
                              f"({'; '.join(row.failures)})")

@@ -62,22 +62,25 @@ def default_cache_root() -> Path:
     return Path(base) / "transferkit"
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name : value`` of ``/proc/cpuinfo`` (None elsewhere than Linux)."""
+    for line in (_read(Path("/proc/cpuinfo")) or "").splitlines():
+        if line.startswith(name):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
 def cpu_model() -> str:
     """The processor's model name (``/proc/cpuinfo``; the platform's name elsewhere)."""
-    text = _read(Path("/proc/cpuinfo")) or ""
-    for line in text.splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
     import platform
 
-    return platform.processor() or platform.machine()
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def matrix_engine_flags() -> list[str]:
     """The CPU flags that decide which precisions run fast here: AMX tiles, AVX-512 BF16 and VNNI (Linux)."""
-    text = _read(Path("/proc/cpuinfo")) or ""
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in set(flags) if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni", "avx_vnni"))
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni", "avx_vnni"))
 
 
 LIBRARIES = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter-common", "onnxruntime-gpu", "bentoml",
