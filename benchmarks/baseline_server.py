@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from transferkit.core.errors import InvalidImageError
 from transferkit.core.images import decode_image
 from transferkit.core.manifest import read_manifest
-from transferkit.export.predictors import cuda_libraries_missing, top_k
+from transferkit.core.predictors import cuda_libraries_missing, top_k
 
 BUNDLE = Path(os.environ.get("TRANSFERKIT_BASELINE_BUNDLE", "."))
 manifest = read_manifest(BUNDLE)

@@ -90,8 +90,8 @@ def prepare_bundle(directory: Path) -> Path:
 
 def ceiling(bundle_dir: Path, paths: list[Path], batch_size: int) -> dict:
     """Images/s of decode + onnxruntime on bytes held in memory (see the module docstring)."""
+    from transferkit.core.classifier import load_bundle
     from transferkit.core.images import decode_image
-    from transferkit.export.api import load_bundle
 
     cores = available_cores()
     blobs = [p.read_bytes() for p in paths]
@@ -128,8 +128,8 @@ def driver_cost(rows: int = 20000, classes: int = 1000) -> float:
     """Rows/s the driver alone can build and write to Parquet (what bounds a many-node Ray job)."""
     import tempfile
 
-    from transferkit.export.batch import Outcome, outcome_rows
-    from transferkit.export.outputs import open_writer
+    from transferkit.core.batch import Outcome, outcome_rows
+    from transferkit.core.outputs import open_writer
 
     rng = np.random.default_rng(0)
     batch = [Outcome(f"/data/archive/{i:08d}.jpg", rng.dirichlet(np.ones(classes)).astype(np.float32))
@@ -147,15 +147,15 @@ def driver_cost(rows: int = 20000, classes: int = 1000) -> float:
 def child(engine: str, bundle_dir: Path, images: Path, out: Path, batch_size: int) -> None:
     """What `transferkit predict IMAGES --out OUT [--engine ray]` runs, timed; prints one JSON line."""
     wall_start = time.perf_counter()
-    from transferkit.export.api import load_bundle
-    from transferkit.export.batch import outcome_rows
-    from transferkit.export.inputs import expand_inputs
-    from transferkit.export.outputs import open_writer
+    from transferkit.core.batch import outcome_rows
+    from transferkit.core.classifier import load_bundle
+    from transferkit.core.inputs import expand_inputs
+    from transferkit.core.outputs import open_writer
 
     classifier = load_bundle(bundle_dir, "onnx", "cpu")
     items = list(expand_inputs([images]))
     if engine == "ray":
-        from transferkit.export.ray_engine import start_ray
+        from transferkit.core.ray_engine import start_ray
 
         start_ray(num_cpus=available_cores())
     writer = open_writer(out, append=False)

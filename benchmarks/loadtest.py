@@ -91,7 +91,7 @@ class BaselineServer:
         # The plain server runs onnxruntime: the file of an onnxruntime backend, else the fp32 ONNX.
         spec = RUNTIME_BACKENDS.get(backend)
         backend = backend if spec is not None and spec.engine == "onnxruntime" else "onnx"
-        from transferkit.export.predictors import resolve_bundle_path
+        from transferkit.core.predictors import resolve_bundle_path
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -223,7 +223,7 @@ def _pipeline_worker(bundle: str, backend: str, images: list[bytes], weights: li
     import random
 
     from transferkit.core.images import decode_image
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
 
     loaded = load_bundle(bundle)
     predictor = loaded.predictor(backend, device="cpu", threads=1, spin=False)
@@ -244,7 +244,7 @@ def pipeline_images_per_s(model: str, backend: str = "onnx", seconds: float = 15
                           processes: int | None = None) -> float:
     """Images/s of decode + onnxruntime on the load test's images, one process per core, no HTTP."""
     from transferkit.benchmarks.workload import load_images, mix_weights
-    from transferkit.export.predictors import resolve_bundle_path
+    from transferkit.core.predictors import resolve_bundle_path
 
     groups = load_images()
     kinds = list(groups)
@@ -372,7 +372,7 @@ def _local_bundle(url: str) -> str | None:
 
     try:
         meta = requests.get(url + "/metadata", timeout=10).json()
-        from transferkit.export.predictors import resolve_bundle_path
+        from transferkit.core.predictors import resolve_bundle_path
 
         return str(resolve_bundle_path(f"{meta['name']}:{meta['version']}"))
     except Exception:

@@ -122,8 +122,8 @@ def _fill_speedups(rows: list[Row]) -> None:
 def sweep_backbone(backbone: Backbone, settings: BenchSettings, work_dir: Path, log: Log,
                    keep_bundle: Path | None = None) -> list[Row]:
     """Build, export and time one backbone on every requested backend."""
+    from transferkit.core.predictors import load_bundle
     from transferkit.export.bundle import ValidationImages, export_model
-    from transferkit.export.predictors import load_bundle
     from transferkit.training.config import HeadConfig
     from transferkit.training.model import build_classifier
 
@@ -235,7 +235,7 @@ def run_bundles(sources: list[str], data: Path, settings: BenchSettings, log: Lo
                 progress: Callable[[int, int, str], None] | None = None) -> list[Row]:
     """Time trained bundles and measure their accuracy on a class-folder test directory."""
     from transferkit.core.images import SUPPORTED_EXTENSIONS, decode_image
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
 
     settings.validate()
     if not Path(data).is_dir():
@@ -266,7 +266,7 @@ def run_bundles(sources: list[str], data: Path, settings: BenchSettings, log: Lo
         if "keras" in settings.backends:
             row = Row(backend="keras", parameters=params, depth=depth, **base_row)
             if keras_model is None:
-                row.error = "the bundle's training run (model.keras) is not on this machine"
+                row.error = "the bundle's training run (model.keras) is not on this machine, or Keras is not installed"
             else:
                 try:
                     predict, row.provider = _keras_predictor(keras_model, manifest.image_size, settings.device)
@@ -293,8 +293,12 @@ def run_bundles(sources: list[str], data: Path, settings: BenchSettings, log: Lo
 
 
 def _run_model(manifest):
+    """The bundle's Keras model from its training run, where the run is on this machine and Keras is installed (the
+    base install times bundles without it)."""
+    import importlib.util
+
     run_dir = manifest.training.get("run_dir")
-    if not run_dir or not (Path(run_dir) / "model.keras").is_file():
+    if not run_dir or not (Path(run_dir) / "model.keras").is_file() or importlib.util.find_spec("keras") is None:
         return None
     from transferkit.training.model import load_run_model
 

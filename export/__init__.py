@@ -1,4 +1,4 @@
-"""Export stage: a training run -> a validated bundle (SavedModel, ONNX, ONNX-fp16) with a checksummed manifest.
-
-Not implemented yet (issue #3).
+"""Export stage, the bundle writer (the ``train`` extra): a training run -> SavedModel, ONNX, ONNX-fp16/int8 converted
+(``convert``), validated against the Keras model (``validate``) and published atomically with a checksummed manifest
+(``bundle``). Reading and running a bundle is the runtime's, in :mod:`transferkit.core`.
 """

@@ -13,7 +13,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -268,7 +268,7 @@ def export_model(
                     "the exported model does not answer like the Keras model (" + " | ".join(failed)
                     + "); nothing was written. --allow-mismatch publishes it anyway, recording the failure"
                 )
-            created = datetime.now(timezone.utc)
+            created = datetime.now(UTC)
             combined = "".join(entries[f].sha256 for f in sorted(entries))
             version = f"{created:%Y%m%d-%H%M%S}-{hashlib.sha256(combined.encode()).hexdigest()[:8]}"
             manifest = Manifest(

@@ -223,8 +223,8 @@ def _runner(backend: str, path: Path, entry: FormatEntry, size: int) -> Predict:
     if engine == "tensorflow":
         return _SavedModelRunner(path, entry)
     if engine == "openvino":
+        from transferkit.core.openvino import OpenVinoPredictor
         from transferkit.core.system import available_cores
-        from transferkit.export.openvino import OpenVinoPredictor
 
         return OpenVinoPredictor(path, backend, RUNTIME_BACKENDS[backend].precision, size, available_cores(),
                                  entry.input_dtype)
@@ -279,7 +279,7 @@ def _validate_isolated(names: list[str], *args) -> list[FormatValidation]:
 def engine_backends(formats: dict[str, FormatEntry], capabilities: frozenset[str] | None = None) -> list[str]:
     """The OpenVINO backends an export can validate here: their file is in ``formats`` and this CPU runs their
     precision natively (none without OpenVINO)."""
-    from transferkit.export.openvino import unavailable_reason
+    from transferkit.core.openvino import unavailable_reason
 
     return [b.name for b in RUNTIME_BACKENDS.values()
             if b.engine == "openvino" and b.format in formats and not unavailable_reason(b.precision, capabilities)]

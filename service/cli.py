@@ -43,6 +43,35 @@ def add_serve_parser(subparsers) -> None:
     p.set_defaults(handler=run_serve)
 
 
+def add_build_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "build", help="build a bento (CPU by default, --gpu for CUDA) of the service and one model",
+        description="Run `bentoml build` on a build context written from this installed transferkit (no checkout "
+                    "needed): the runtime and the service, never training or export, the model MODEL packed from "
+                    "BentoML's model store, and pinned requirements. The default CPU bento installs the CPU "
+                    "onnxruntime wheel, no CUDA, cuDNN or TensorFlow; --gpu installs onnxruntime-gpu with NVIDIA's "
+                    "CUDA and cuDNN wheels (the image also runs on CPU). Then: bentoml containerize TAG.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model-store tag, as `transferkit export` prints it (digits:latest)")
+    p.add_argument("--gpu", action="store_true", help="the GPU bento: onnxruntime-gpu[cuda,cudnn] instead of the "
+                                                      "CPU onnxruntime wheel")
+    p.add_argument("--openvino", action="store_true",
+                   help="add OpenVINO and let the service choose its backend (`auto`: bf16 on CPUs with AMX or "
+                        "AVX-512 BF16)")
+    p.set_defaults(handler=run_build)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from transferkit.core.console import print_summary
+    from transferkit.service.build import build_bento
+
+    print(f"building the {'GPU' if args.gpu else 'CPU'} bento of {args.model} ...", flush=True)
+    built = build_bento(args.model, gpu=args.gpu, openvino=args.openvino)
+    print_summary([("bento", built.tag), ("target", built.target), ("requirements", ", ".join(built.requirements)),
+                   ("next", f"bentoml containerize {built.tag}")])
+    return 0
+
+
 def _literal_choices(annotation) -> tuple[str, ...] | None:
     if typing.get_origin(annotation) is typing.Literal:
         return typing.get_args(annotation)
@@ -96,7 +125,7 @@ def _running(url: str) -> str:
 def run_serve(args: argparse.Namespace) -> int:
     from transferkit.core.errors import UsageError
     from transferkit.core.manifest import RUNTIME_BACKENDS
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
     from transferkit.service.launcher import BentoServer, serve_in_foreground
     from transferkit.service.settings import ServiceSettings
 

@@ -70,7 +70,7 @@ class DecodeGate:
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self._fits(cost)), wait_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise RequestError(503, "busy", "the server is decoding as many large images as it can hold; "
                                                 "retry shortly", retry_after=1) from None
             self.busy_slots += 1

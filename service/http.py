@@ -176,8 +176,8 @@ def _safe_name(filename: str | None, index: int) -> str:
 
 def build_app(get_entry: Callable[[], Entry], settings: ServiceSettings, plan: Plan, choice) -> Starlette:
     """The Starlette app; ``get_entry`` returns the running entry service instance, ``choice`` is the backend
-    decision (:class:`transferkit.export.backends.Choice`)."""
-    from transferkit.export.predictors import top_k
+    decision (:class:`transferkit.core.backends.Choice`)."""
+    from transferkit.core.predictors import top_k
     from transferkit.service.oip import oip_routes
 
     async def predict(request: Request) -> JSONResponse:

@@ -40,7 +40,7 @@ from transferkit.service.settings import ServiceSettings
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUT = "probabilities"
 EXTENSIONS = ["binary_tensor_data", "classification"]
-# KServe/Triton platform names by engine (export/backends.py's choice decides which runs).
+# KServe/Triton platform names by engine (transferkit/core/backends.py's choice decides which runs).
 PLATFORM = {"tensorflow": "tensorflow_savedmodel", "onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}
 
 

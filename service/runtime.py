@@ -71,7 +71,7 @@ class ModelRuntime:
         threading.Thread(target=self._load, args=(bundle_path,), name="load-bundle", daemon=True).start()
 
     def _load(self, bundle_path) -> None:
-        from transferkit.export.predictors import load_bundle
+        from transferkit.core.predictors import load_bundle
 
         start = time.perf_counter()
         try:

@@ -26,8 +26,8 @@ from pathlib import Path
 import bentoml
 import numpy as np
 
+from transferkit.core.backends import Choice, choose_backend
 from transferkit.core.errors import TransferkitError
-from transferkit.export.backends import Choice, choose_backend
 from transferkit.service import lifecycle
 from transferkit.service.balance import WorkerLoads
 from transferkit.service.decoding import DecodeGate, decode_all, estimate_all
@@ -90,7 +90,7 @@ def _bundle_path() -> Path:
 
 
 def _choose_backend() -> Choice:
-    """The backend to run and its measured batch scaling, which decides the CPU layout (export/backends.py).
+    """The backend to run and its measured batch scaling, which decides the CPU layout (transferkit/core/backends.py).
 
     Every process that imports this module asks; the measurement is cached per bundle and machine, so only the
     first import (``bentoml serve``'s arbiter) measures. A bundle that cannot be read here is the runtime's to
@@ -99,7 +99,7 @@ def _choose_backend() -> Choice:
     if SETTINGS.backend != "auto" and SETTINGS.layout != "auto":
         return Choice(SETTINGS.backend, "named by the user (TRANSFERKIT_BACKEND)")
     try:
-        from transferkit.export.predictors import load_bundle
+        from transferkit.core.predictors import load_bundle
 
         # Measured with the threads each session gets in the CPU layouts (cores ÷ workers), which do not depend
         # on the outcome.

@@ -11,7 +11,7 @@ Which processes run (the *layout*) follows the hardware; :meth:`ServiceSettings.
 - ``microbatch`` (CPU whose engine batches well): the same workers and sessions as ``inprocess``, but in each worker
   the compute threads only decode, and one model thread runs every image queued since its previous call (up to
   ``max_batch_size``) as one batch: decoding overlaps inference, and batches grow under load. Chosen when the
-  backend's measured images/s at batch 8 is at least ``BATCH_SCALING_MIN`` times batch 1's (export/backends.py):
+  backend's measured images/s at batch 8 is at least ``BATCH_SCALING_MIN`` times batch 1's (core/backends.py):
   OpenVINO bf16 on a CPU matrix engine, never onnxruntime fp32 on a 224-px model.
 - ``batched`` (GPU): entry workers scaled to the cores decode and send uint8 pixels to one model process per GPU,
   whose BentoML adaptive batcher merges concurrent requests into one device call.
@@ -27,10 +27,10 @@ from typing import Literal
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from transferkit.core.backends import BATCH_SCALING_MIN
 from transferkit.core.errors import UsageError
 from transferkit.core.images import DEFAULT_MAX_PIXELS
 from transferkit.core.system import available_cores
-from transferkit.export.backends import BATCH_SCALING_MIN
 
 Layout = Literal["inprocess", "microbatch", "batched"]
 MAX_CPU_WORKERS = 16  # each CPU worker holds a copy of the model: beyond this, more threads per worker instead

@@ -9,7 +9,7 @@ The model reads the mean pixel value m of each image (warm-up images are zeros, 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +79,7 @@ def write_faulty_bundle(out: Path) -> Path:
     onnx.save(build_model(), str(out / "model.onnx"))
     digest, size, count = sha256_path(out / "model.onnx")
     manifest = Manifest(
-        name="faulty", version="1", created=datetime.now(timezone.utc), backbone="MobileNetV2",
+        name="faulty", version="1", created=datetime.now(UTC), backbone="MobileNetV2",
         family="mobilenet_v2", image_size=SIZE, class_names=CLASSES,
         preprocessing={"mode": "none", "in_graph": "none"}, input={"name": "image"},
         output={"name": "probabilities"},

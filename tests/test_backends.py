@@ -23,12 +23,12 @@ from transferkit.core.manifest import read_manifest
 from transferkit.training.rundir import split_files
 
 openvino_installed = pytest.mark.skipif(
-    not __import__("transferkit.export.openvino", fromlist=["installed"]).installed(),
+    not __import__("transferkit.core.openvino", fromlist=["installed"]).installed(),
     reason="OpenVINO is not installed (transferkit[openvino])")
 
 
 def _bf16_here() -> bool:
-    from transferkit.export.openvino import cpu_capabilities
+    from transferkit.core.openvino import cpu_capabilities
 
     return "BF16" in cpu_capabilities()
 
@@ -40,7 +40,7 @@ def _images(trained_run, count: int = 24) -> np.ndarray:
 
 def _with_validation(bundle, tmp_path, edit) -> object:
     """A copy of ``bundle`` whose manifest's validation rows went through ``edit(rows) -> rows``."""
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
 
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
@@ -54,7 +54,7 @@ def _with_validation(bundle, tmp_path, edit) -> object:
 
 
 def test_a_precision_runs_only_where_the_cpu_computes_it_natively():
-    from transferkit.export.openvino import unavailable_reason
+    from transferkit.core.openvino import unavailable_reason
 
     avx2 = frozenset({"FP32", "INT8", "BIN"})  # what OpenVINO reports on an AVX2-only EPYC
     amx = frozenset({"FP32", "BF16", "INT8", "FP16", "BIN"})
@@ -65,7 +65,7 @@ def test_a_precision_runs_only_where_the_cpu_computes_it_natively():
 
 
 def test_auto_candidates_follow_the_bundle_its_gates_and_the_cpu(bundle, tmp_path):
-    from transferkit.export.backends import candidate_backends
+    from transferkit.core.backends import candidate_backends
 
     amx = frozenset({"FP32", "BF16", "INT8"})
     avx2 = frozenset({"FP32", "INT8"})
@@ -99,8 +99,8 @@ def test_auto_candidates_follow_the_bundle_its_gates_and_the_cpu(bundle, tmp_pat
 
 
 def test_auto_measures_once_and_the_next_process_reads_the_measurement(bundle, tmp_path, monkeypatch):
+    from transferkit.core.predictors import load_bundle
     from transferkit.export import backends
-    from transferkit.export.predictors import load_bundle
 
     monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
     loaded = load_bundle(bundle)
@@ -125,8 +125,8 @@ def test_auto_measures_once_and_the_next_process_reads_the_measurement(bundle, t
 
 
 def test_a_named_backend_is_kept_and_only_its_scaling_is_measured(bundle, tmp_path, monkeypatch):
-    from transferkit.export.backends import choose_backend
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.backends import choose_backend
+    from transferkit.core.predictors import load_bundle
 
     monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
     choice = choose_backend(load_bundle(bundle), "cpu", threads=1, backend="onnx")
@@ -153,7 +153,7 @@ def test_export_validates_the_engines_this_cpu_runs(bundle):
 def test_openvino_answers_like_onnxruntime_and_never_starts_telemetry(bundle, trained_run):
     import sys
 
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
 
     images = _images(trained_run)
     loaded = load_bundle(bundle)

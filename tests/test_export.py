@@ -101,7 +101,7 @@ def test_bundle_is_registered_in_the_bentoml_store(bundle):
     assert model.info.metadata["backbone"] == "MobileNetV2"
     assert read_manifest(Path(model.path)).formats == manifest.formats
 
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
 
     by_tag = load_bundle("digits-test:latest")
     assert by_tag.manifest.version == manifest.version
@@ -109,8 +109,8 @@ def test_bundle_is_registered_in_the_bentoml_store(bundle):
 
 @pytest.mark.parametrize("backend", ["onnx", "onnx-fp16", "savedmodel"])
 def test_loader_predictors_answer_alike(bundle, trained_run, backend):
+    from transferkit.core.predictors import load_bundle
     from transferkit.export import validate
-    from transferkit.export.predictors import load_bundle
 
     images, _ = _test_images(trained_run.run_dir, 32)
     images = images.astype(np.float32)  # float pixels from an older caller are still accepted
@@ -126,7 +126,7 @@ def test_loader_predictors_answer_alike(bundle, trained_run, backend):
 
 @pytest.mark.parametrize("target", ["model.onnx", "model.fp16.onnx", "saved_model/saved_model.pb", "manifest"])
 def test_a_flipped_byte_makes_the_loader_refuse(bundle, tmp_path, target):
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
@@ -147,7 +147,7 @@ def test_a_flipped_byte_makes_the_loader_refuse(bundle, tmp_path, target):
 
 
 def test_truncated_and_missing_files_are_refused(bundle, tmp_path):
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
@@ -382,7 +382,7 @@ def test_int8_gate_passes_a_model_that_quantizes_well(tmp_path):
     assert int8.passed, int8.failures
     assert int8.checker == "onnx.checker ok" and int8.accuracy == int8.keras_accuracy == 1.0
     assert not (tmp_path / "bundle" / "model.onnx").exists()  # only the asked-for formats are kept
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
 
     predictor = load_bundle(tmp_path / "bundle").predictor("onnx-int8", device="cpu")
     assert (predictor(images).argmax(1) == labels).all()
@@ -449,7 +449,7 @@ def test_manifest_resize_rule_reproduces_the_decoder(tmp_path):
 def test_schema_1_bundles_stay_readable_and_newer_ones_are_refused(bundle, tmp_path):
     """A schema-1 manifest (float32 input, no resize rule) still loads, with float32 as the input dtype; a manifest
     from a newer transferkit is refused with a line that says so."""
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
 
     copy = tmp_path / "old"
     shutil.copytree(bundle, copy)

@@ -96,7 +96,7 @@ def batched(bundle, tmp_path_factory):
 
 
 def test_batched_layout_runs_a_model_service_and_batches_concurrent_requests(batched, bundle, trained_run):
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
 
     meta = batched.get("/metadata").json()
     assert meta["layout"]["name"] == "batched" and meta["batching"]["max_batch_size"] == 16
@@ -240,7 +240,7 @@ def test_tracing_costs_nothing_unless_an_exporter_is_configured(tmp_path, env, e
 
 def test_microbatch_layout_batches_every_image_once_on_the_backend_auto_chose(bundle, trained_run, tmp_path):
     from transferkit.core.manifest import RUNTIME_BACKENDS
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
     from transferkit.export.validate import GATES
 
     env = {"TRANSFERKIT_BACKEND": "auto", "TRANSFERKIT_LAYOUT": "microbatch", "TRANSFERKIT_CACHE_DIR": str(tmp_path)}

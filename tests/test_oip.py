@@ -43,7 +43,7 @@ def files(trained_run) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def expected(bundle, files) -> np.ndarray:
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
 
     return load_bundle(bundle).predictor("onnx")(np.stack([decode_image(f, 32) for f in files]))
 

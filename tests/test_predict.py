@@ -54,7 +54,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def test_inputs_expand_files_folders_globs_and_lists(tmp_path, digits_three):
-    from transferkit.export.inputs import expand_inputs, looks_like_image
+    from transferkit.core.inputs import expand_inputs, looks_like_image
 
     folder, images = make_inputs(digits_three, tmp_path / "in")
     items = list(expand_inputs([folder]))
@@ -169,7 +169,7 @@ def test_facade_takes_paths_arrays_and_pil_images(bundle, digits_three):
     probe = ("import sys, transferkit; assert 'onnxruntime' not in sys.modules and 'tensorflow' not in sys.modules;"
              " from transferkit import load_bundle; print(load_bundle.__module__)")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "transferkit.export.api", result.stderr
+    assert result.returncode == 0 and result.stdout.strip() == "transferkit.core.classifier", result.stderr
 
     from PIL import Image
 
@@ -216,9 +216,9 @@ def test_bad_arguments_are_one_line_before_work(bundle, tmp_path):
 
 def test_local_engine_keeps_a_bounded_window(bundle, digits_three):
     """Memory does not grow with the number of files: the engine pulls paths only a few batches ahead."""
-    from transferkit.export.api import load_bundle
-    from transferkit.export.batch import local_outcomes
-    from transferkit.export.inputs import Item
+    from transferkit.core.batch import local_outcomes
+    from transferkit.core.classifier import load_bundle
+    from transferkit.core.inputs import Item
 
     files = sorted((digits_three / "1").iterdir())
     pulled = []

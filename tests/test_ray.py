@@ -33,7 +33,7 @@ def make_inputs(digits: Path, root: Path, per_class: int = 7) -> Path:
 def ray_address():
     import ray
 
-    from transferkit.export.ray_engine import start_ray
+    from transferkit.core.ray_engine import start_ray
 
     assert start_ray(num_cpus=2, object_store_memory=150 * 1024**2)
     yield ray.get_runtime_context().gcs_address
@@ -41,8 +41,8 @@ def ray_address():
 
 
 def test_ray_and_local_engines_agree(bundle, digits_three, tmp_path, ray_address):
-    from transferkit.export.api import load_bundle
-    from transferkit.export.inputs import expand_inputs
+    from transferkit.core.classifier import load_bundle
+    from transferkit.core.inputs import expand_inputs
 
     folder = make_inputs(digits_three, tmp_path / "in")
     items = list(expand_inputs([folder]))

@@ -45,7 +45,7 @@ def test_files(trained_run) -> list[tuple[Path, str]]:
 
 @pytest.fixture(scope="module")
 def predictor(bundle):
-    from transferkit.export.predictors import load_bundle
+    from transferkit.core.predictors import load_bundle
 
     return load_bundle(bundle).predictor("onnx")  # the device the service picks too (CUDA on a GPU runner)
 
@@ -463,8 +463,41 @@ def test_a_burst_of_the_largest_accepted_images_is_answered_within_the_decode_bu
         srv.stop()
 
 
-def test_bentoml_build_packs_service_model_and_dockerfile(bundle):
-    """Offline: no lock step, pinned requirements; the model referenced so that it is packed."""
+def _built_bento(result) -> Path:
+    import os
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:").split()[-1]
+    name, version = tag.split(":")
+    return Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
+
+
+def _bento_requirements(bento: Path) -> list[str]:
+    text = (bento / "env" / "python" / "requirements.txt").read_text()
+    return [line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip()]
+
+
+def _assert_imports_without_an_install(src: Path, predictors: Path) -> None:
+    """Inside the bento nothing is pip-installed: its copied folders import as the transferkit namespace, without
+    the checkout's editable install, TensorFlow, training or export."""
+    import subprocess
+    import sys
+
+    code = ("import sys; "
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]; "
+            f"sys.path.insert(0, {str(src)!r}); "
+            "import transferkit.service.settings, transferkit.core.predictors as p; print(p.__file__); "
+            "bad = {'tensorflow', 'keras'} & set(sys.modules); assert not bad, bad")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=src)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    assert imported.stdout.strip() == str(predictors)
+    assert not (src / "training").exists() and not (src / "export").exists()
+    assert not (src / "transferkit" / "training").exists() and not (src / "transferkit" / "export").exists()
+
+
+def test_bentoml_build_makes_a_cpu_bento_with_the_model(bundle):
+    """The repository's bentofile: offline (no lock step), the CPU onnxruntime wheel and nothing from CUDA or
+    TensorFlow, the model referenced so that it is packed."""
     import os
     import subprocess
     import sys
@@ -475,34 +508,54 @@ def test_bentoml_build_packs_service_model_and_dockerfile(bundle):
     from transferkit.core.manifest import read_manifest
 
     env = {**os.environ, "TRANSFERKIT_MODEL": "digits-test:latest", "BENTOML_DO_NOT_TRACK": "true"}
-    result = subprocess.run([sys.executable, "-m", "bentoml", "build", str(ROOT), "--output", "tag"],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    name, version = tag.split(":")
-    bento = Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
+    bento = _built_bento(subprocess.run([sys.executable, "-m", "bentoml", "build", str(ROOT), "--output", "tag"],
+                                        capture_output=True, text=True, env=env, timeout=300))
     assert (bento / "env" / "docker" / "Dockerfile").is_file()
-    assert (bento / "src" / "service" / "service.py").is_file()
-    assert (bento / "src" / "transferkit" / "core" / "images.py").is_file()
-    requirements = [line for line in (bento / "env" / "python" / "requirements.txt").read_text().splitlines()
-                    if line and not line.startswith("#")]
-    assert any(line.startswith("onnxruntime-gpu[cuda,cudnn]==") for line in requirements)
-    assert not any(line.startswith(("tensorflow", "onnxruntime==")) for line in requirements)
+    requirements = _bento_requirements(bento)
+    assert "onnxruntime==1.31.1" in requirements
+    assert not [r for r in requirements if r.startswith(("onnxruntime-gpu", "nvidia", "tensorflow", "keras"))]
     info = yaml.safe_load((bento / "bento.yaml").read_text())
     models = [m["tag"] for service in info["services"] for m in service.get("models", [])]
     assert f"digits-test:{read_manifest(bundle).version}" in models
-    # Inside the bento nothing is pip-installed: the copied folders must import as the transferkit namespace
-    # (transferkit/_source_layout.py), without the checkout's editable install and without training/.
-    src = bento / "src"
-    code = ("import sys; "
-            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]; "
-            f"sys.path.insert(0, {str(src)!r}); "
-            "import transferkit.service.settings, transferkit.export.predictors as p; print(p.__file__); "
-            "bad = {'tensorflow', 'keras'} & set(sys.modules); assert not bad, bad")
-    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=src)
-    assert imported.returncode == 0, imported.stderr[-2000:]
-    assert imported.stdout.strip() == str(src / "export" / "predictors.py")
-    assert not (src / "training").exists()
+    _assert_imports_without_an_install(bento / "src", bento / "src" / "transferkit" / "core" / "predictors.py")
+
+
+def test_transferkit_build_makes_a_gpu_bento_from_the_installed_package(bundle):
+    """`transferkit build --gpu` needs no checkout: its context holds the runtime and the service as installed, and
+    the GPU requirements (onnxruntime-gpu with NVIDIA's wheels, still no TensorFlow)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from transferkit.core.manifest import read_manifest
+
+    result = subprocess.run([sys.executable, "-m", "transferkit", "build", "digits-test:latest", "--gpu"],
+                            capture_output=True, text=True, timeout=300, cwd=bundle.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.startswith("  "))
+    assert rows["target"] == "gpu"
+    name, version = rows["bento"].split(":")
+    bento = Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
+    requirements = _bento_requirements(bento)
+    assert "onnxruntime-gpu[cuda,cudnn]==1.31.1" in requirements
+    assert not [r for r in requirements if r.startswith(("onnxruntime==", "tensorflow", "keras"))]
+    info = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert f"digits-test:{read_manifest(bundle).version}" in [m["tag"] for s in info["services"] for m in s["models"]]
+    _assert_imports_without_an_install(bento / "src", bento / "src" / "transferkit" / "core" / "predictors.py")
+    assert sorted(p.name for p in (bento / "src" / "transferkit").iterdir() if p.is_dir()) == ["core", "service"]
+
+
+def test_transferkit_build_refuses_a_directory(bundle):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "transferkit", "build", str(bundle)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("transferkit build: error: ")
+    assert "model-store tag" in result.stderr
 
 
 def test_service_code_does_not_import_tensorflow_for_onnx(bundle):
@@ -510,7 +563,7 @@ def test_service_code_does_not_import_tensorflow_for_onnx(bundle):
     import subprocess
     import sys
 
-    code = ("import sys, transferkit.service.service; from transferkit.export.predictors import load_bundle; "
+    code = ("import sys, transferkit.service.service; from transferkit.core.predictors import load_bundle; "
             f"load_bundle({str(bundle)!r}).predictor('onnx')(__import__('numpy').zeros((1, 32, 32, 3), 'uint8')); "
             "bad = {'tensorflow', 'keras'} & set(sys.modules); assert not bad, bad")
     for layout in ("inprocess", "batched"):

@@ -10,22 +10,17 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
+from transferkit.core.metrics import confusion_matrix, figure
 from transferkit.training.data import SplitData
 
-
-def _figure(figsize: tuple[float, float]) -> Figure:
-    figure = Figure(figsize=figsize)
-    FigureCanvasAgg(figure)  # attaches itself: savefig renders PNG without pyplot
-    return figure
+__all__ = ["confusion_matrix", "learning_curves", "misclassified"]
 
 
 def learning_curves(history: list[dict], phase1_epochs: int, path: Path) -> None:
     """Train vs validation loss and accuracy per epoch, with the phase boundary marked."""
     epochs = [row["epoch"] for row in history]
-    fig = _figure((11, 4))
+    fig = figure((11, 4))
     axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, [r.get(metric) for r in history], "o-", label=f"train {metric}")
@@ -42,21 +37,6 @@ def learning_curves(history: list[dict], phase1_epochs: int, path: Path) -> None
     fig.savefig(path, dpi=100)
 
 
-def confusion_matrix(probabilities: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path) -> None:
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    size = max(5.0, 0.45 * len(class_names) + 2)
-    fig = _figure((size, size))
-    ax = fig.subplots()
-    ConfusionMatrixDisplay.from_predictions(
-        labels, probabilities.argmax(axis=1), labels=list(range(len(class_names))), display_labels=class_names,
-        ax=ax, colorbar=False, include_values=len(class_names) <= 30, xticks_rotation="vertical",
-    )
-    ax.set_title("Confusion matrix (test split)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def misclassified(
     probabilities: np.ndarray, split: SplitData, class_names: list[str], path: Path, limit: int = 25
 ) -> None:
@@ -66,7 +46,7 @@ def misclassified(
     wrong_count = len(wrong)
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:limit]
     if len(wrong) == 0:
-        fig = _figure((5, 2))
+        fig = figure((5, 2))
         ax = fig.subplots()
         ax.axis("off")
         ax.text(0.5, 0.5, f"No misclassified test images ({len(split)} of {len(split)} correct)",
@@ -74,7 +54,7 @@ def misclassified(
     else:
         cols = min(5, len(wrong))
         rows = math.ceil(len(wrong) / cols)
-        fig = _figure((2.6 * cols, 2.9 * rows))
+        fig = figure((2.6 * cols, 2.9 * rows))
         axes = fig.subplots(rows, cols, squeeze=False)
         for ax in axes.flat:
             ax.axis("off")

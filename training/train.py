@@ -327,8 +327,8 @@ def run_kfold(config: TrainConfig, backbone: Backbone, size: int, weights: str, 
     import keras
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
+    from transferkit.core.metrics import classification_metrics
     from transferkit.training.evaluate import batched_forward
-    from transferkit.training.metrics import classification_metrics
 
     train, val = dataset.splits["train"], dataset.splits["val"]
     images = _concat(train.images, val.images)
@@ -515,9 +515,9 @@ def _train_and_save(config, backbone, size, weights, dataset, work: Path, log: L
 
 def _report(config, backbone, size, weights, dataset, work, model, fit, resolved, timings, total_start, log):
     """The optional steps: k-fold, evaluation, metrics, plots, report. A failure is recorded, not fatal."""
+    from transferkit.core.metrics import classification_metrics
     from transferkit.training import plots, report
     from transferkit.training.evaluate import batched_forward
-    from transferkit.training.metrics import classification_metrics
 
     failures: list[dict[str, str]] = []
 

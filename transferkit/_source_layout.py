@@ -31,7 +31,7 @@ class _StageFinder(importlib.abc.MetaPathFinder):
 def install_source_layout() -> None:
     """Register the finder when stage folders sit beside the package and no installer mapped them.
 
-    A bento copies only the stages the service needs (export/, service/), so each stage is mapped if its folder is
+    A bento copies only the stage the service needs (service/), so each stage is mapped if its folder is
     there; a stage that is absent stays unimportable, as it would be in an install without it."""
     root = Path(__file__).resolve().parent.parent
     if not any((root / stage / "__init__.py").is_file() for stage in STAGES):

@@ -16,9 +16,9 @@ from transferkit import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     from transferkit.benchmarks.cli import add_bench_parser, add_loadtest_parser
+    from transferkit.core.predict_cli import add_predict_parser
     from transferkit.export.cli import add_export_parser
-    from transferkit.export.predict_cli import add_predict_parser
-    from transferkit.service.cli import add_serve_parser
+    from transferkit.service.cli import add_build_parser, add_serve_parser
     from transferkit.training.cli import add_data_parser, add_train_parser
 
     parser = argparse.ArgumentParser(
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_predict_parser(sub)
     add_serve_parser(sub)
+    add_build_parser(sub)
     add_bench_parser(sub)
     add_loadtest_parser(sub)
     add_demo_parser(sub)
@@ -74,6 +75,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from transferkit.core import stopping
     from transferkit.core.errors import TransferkitError
+    from transferkit.core.extras import missing_extra, require_command_extra
     from transferkit.core.logs import configure_logging
 
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
@@ -89,12 +91,19 @@ def main(argv: list[str] | None = None) -> int:
         return stopping.stop_exit_code()
 
     try:
+        require_command_extra(args.command)
         return int(args.handler(args) or 0)
     except TransferkitError as exc:
         if stopping.stop_exit_code() not in (None, exc.exit_code):  # the signal came out as this error
             return stopped()
         print(f"transferkit {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        missing = missing_extra(exc, args.command)
+        if missing is None:
+            raise
+        print(f"transferkit {args.command}: error: {missing}", file=sys.stderr)
+        return missing.exit_code
     except KeyboardInterrupt:
         print(f"transferkit {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -53,7 +53,7 @@ class Choice:
 
 def candidate_backends(bundle, capabilities: frozenset[str] | None = None) -> tuple[list[str], dict[str, str]]:
     """The CPU backends ``auto`` may pick for ``bundle`` and, for the others, why not."""
-    from transferkit.export.openvino import unavailable_reason
+    from transferkit.core.openvino import unavailable_reason
 
     chosen, skipped = [], {}
     for name in CPU_CANDIDATES:
@@ -118,8 +118,8 @@ def _write_cached(path, choice: Choice) -> None:
 def choose_backend(bundle, device: str = "auto", threads: int | None = None, backend: str = AUTO) -> Choice:
     """The backend ``auto`` resolves to for ``bundle`` on this machine (see the module docstring). A named
     ``backend`` is kept, and only its batch scaling is measured (on a CPU)."""
+    from transferkit.core.predictors import cuda_libraries_missing
     from transferkit.core.system import available_cores
-    from transferkit.export.predictors import cuda_libraries_missing
 
     threads = threads or available_cores()
     gpu = device != "cpu" and not cuda_libraries_missing()

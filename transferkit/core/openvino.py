@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.core.errors import BundleError, UsageError
+from transferkit.core.extras import install_hint
 
 EXTRA = "transferkit[openvino]"
 # OpenVINO's names for the precisions transferkit records (INFERENCE_PRECISION_HINT).
@@ -60,7 +61,7 @@ def unavailable_reason(precision: str, capabilities: frozenset[str] | None = Non
     """Why OpenVINO cannot run ``precision`` on this CPU ("" when it can)."""
     if capabilities is None:
         if not installed():
-            return f"OpenVINO is not installed (pip install '{EXTRA}')"
+            return f"OpenVINO is not installed ({install_hint('openvino')})"
         capabilities = cpu_capabilities()
     if NEEDS[precision] not in capabilities:
         what = "AMX or AVX-512 BF16" if precision == "bf16" else NEEDS[precision]
@@ -97,7 +98,7 @@ class OpenVinoPredictor:
         return request
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        from transferkit.export.predictors import as_batch
+        from transferkit.core.predictors import as_batch
 
         batch = as_batch(images, self.size, self.input_dtype)
         request = self._request()

@@ -7,7 +7,7 @@ batches side by side keep every core busy without the decode threads and onnxrun
 At most ``2 x workers`` batches are in flight, and results come back in input order, so memory stays the same for
 ten files or ten million.
 
-Both engines (this one and :mod:`transferkit.export.ray_engine`) turn a batch of :class:`Item` into a list of
+Both engines (this one and :mod:`transferkit.core.ray_engine`) turn a batch of :class:`Item` into a list of
 :class:`Outcome` with :func:`classify_items`, so they decode and classify identically.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 
 from transferkit.core.errors import InvalidImageError
 from transferkit.core.images import decode_image
-from transferkit.export.inputs import Item, looks_like_image
-from transferkit.export.predictors import Predictor, top_k
+from transferkit.core.inputs import Item, looks_like_image
+from transferkit.core.predictors import Predictor, top_k
 
 
 @dataclass

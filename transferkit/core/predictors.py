@@ -165,7 +165,7 @@ class Bundle:
             return SavedModelPredictor(path, self.manifest.image_size, entry.input_name, entry.output_name, device,
                                        entry.input_dtype)
         if spec.engine == "openvino":
-            from transferkit.export.openvino import OpenVinoPredictor
+            from transferkit.core.openvino import OpenVinoPredictor
 
             if device == "gpu":
                 raise UsageError(f"--backend {backend} runs on the CPU; use onnx for --device gpu")
@@ -182,7 +182,7 @@ class Bundle:
 
     def require_validated(self, backend: str) -> None:
         """An engine that adds no file (OpenVINO) runs only where the export proved it against Keras."""
-        from transferkit.export.openvino import EXTRA as OPENVINO_EXTRA
+        from transferkit.core.openvino import EXTRA as OPENVINO_EXTRA
 
         row = self.validation_of(backend)
         if row is None:

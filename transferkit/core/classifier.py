@@ -9,7 +9,7 @@
         ...
 
 ``transferkit predict`` is built on the same objects (:meth:`BundleClassifier.outcomes`), and the predictors are
-those of :mod:`transferkit.export.predictors`, which the service uses too.
+those of :mod:`transferkit.core.predictors`, which the service uses too.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from transferkit.core.batch import Outcome, local_outcomes, outcome_rows
 from transferkit.core.errors import InvalidImageError, UsageError
 from transferkit.core.images import decode_image
+from transferkit.core.inputs import Item, expand_inputs
 from transferkit.core.manifest import RUNTIME_BACKENDS
+from transferkit.core.predictors import Bundle, Device, Predictor
+from transferkit.core.predictors import load_bundle as load_verified_bundle
+from transferkit.core.predictors import top_k as top_k_answers
 from transferkit.core.system import available_cores
-from transferkit.export.batch import Outcome, local_outcomes, outcome_rows
-from transferkit.export.inputs import Item, expand_inputs
-from transferkit.export.predictors import Bundle, Device, Predictor
-from transferkit.export.predictors import load_bundle as load_verified_bundle
-from transferkit.export.predictors import top_k as top_k_answers
 
 ENGINES = ("local", "ray")
 
@@ -79,10 +79,10 @@ def to_pixels(source: Any, size: int) -> np.ndarray:
 
 class BundleClassifier:
     """A verified bundle with a predictor on ``backend``/``device``, created when first needed. ``backend="auto"``
-    resolves to the fastest backend the bundle was validated for here (:mod:`transferkit.export.backends`)."""
+    resolves to the fastest backend the bundle was validated for here (:mod:`transferkit.core.backends`)."""
 
     def __init__(self, bundle: Bundle, backend: str = "auto", device: Device = "auto"):
-        from transferkit.export.backends import AUTO, Choice, choose_backend
+        from transferkit.core.backends import AUTO, Choice, choose_backend
 
         self.bundle = bundle
         self.device = device
@@ -137,14 +137,14 @@ class BundleClassifier:
     def outcomes(self, items: Iterable[Item], engine: str = "local", batch_size: int = 32,
                  workers: int | None = None) -> Iterator[list[Outcome]]:
         """Stream the outcomes of ``items`` batch by batch, in input order (what ``transferkit predict`` writes).
-        The Ray engine uses the Ray this process is connected to (:func:`transferkit.export.ray_engine.start_ray`)."""
+        The Ray engine uses the Ray this process is connected to (:func:`transferkit.core.ray_engine.start_ray`)."""
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if engine == "local":
             predictor = self.predictor(threads=1)
             return local_outcomes(items, predictor, self.image_size, batch_size, workers or available_cores())
         if engine == "ray":
-            from transferkit.export.ray_engine import ray_outcomes
+            from transferkit.core.ray_engine import ray_outcomes
 
             return ray_outcomes(list(items), self.bundle.path, self.backend, self.image_size, self.device,
                                 batch_size, workers)
@@ -158,7 +158,7 @@ class BundleClassifier:
         ``engine="ray"`` a local Ray is started (or the cluster at ``address`` joined) unless one is connected."""
         started = False
         if engine == "ray":
-            from transferkit.export.ray_engine import start_ray
+            from transferkit.core.ray_engine import start_ray
 
             started = start_ray(address)
         try:

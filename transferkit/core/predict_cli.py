@@ -1,8 +1,8 @@
 """``transferkit predict``: classify files, folders, globs or path lists with a bundle, locally or on Ray Data.
 
-A thin command over :mod:`transferkit.export.api` (the Python facade): inputs from :mod:`~transferkit.export.inputs`,
-engines from :mod:`~transferkit.export.batch` and :mod:`~transferkit.export.ray_engine`, result files from
-:mod:`~transferkit.export.outputs`, metrics from :mod:`~transferkit.export.evaluation`.
+A thin command over :mod:`transferkit.core.classifier` (the Python facade): inputs from :mod:`~transferkit.core.inputs`,
+engines from :mod:`~transferkit.core.batch` and :mod:`~transferkit.core.ray_engine`, result files from
+:mod:`~transferkit.core.outputs`, metrics from :mod:`~transferkit.core.evaluation`.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _check_arguments(args: argparse.Namespace) -> Path | None:
     """Every refusal that needs no work; returns the --evaluate report directory."""
     from transferkit.core.atomic import check_output_dir
     from transferkit.core.errors import OutputExistsError, UsageError
-    from transferkit.export.outputs import output_format
+    from transferkit.core.outputs import output_format
 
     if args.top_k < 1:
         raise UsageError("--top-k must be at least 1")
@@ -107,7 +107,7 @@ def _check_arguments(args: argparse.Namespace) -> Path | None:
                                          else Path("evaluation"))
         check_output_dir(report_dir, args.force)
     if args.engine == "ray":
-        from transferkit.export.ray_engine import import_ray
+        from transferkit.core.ray_engine import import_ray
 
         import_ray()  # a missing extra is a one-line error before the bundle is loaded
     return report_dir
@@ -119,14 +119,14 @@ def _listed(paths: list[str], total: int) -> str:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    from transferkit.core.batch import outcome_rows
+    from transferkit.core.classifier import load_bundle
     from transferkit.core.console import print_summary
     from transferkit.core.errors import UsageError
-    from transferkit.export.api import load_bundle
-    from transferkit.export.batch import outcome_rows
-    from transferkit.export.evaluation import Evaluation, true_label
-    from transferkit.export.inputs import expand_inputs
-    from transferkit.export.outputs import COLUMNS, done_paths, open_writer
-    from transferkit.export.progress import Progress
+    from transferkit.core.evaluation import Evaluation, true_label
+    from transferkit.core.inputs import expand_inputs
+    from transferkit.core.outputs import COLUMNS, done_paths, open_writer
+    from transferkit.core.progress import Progress
 
     report_dir = _check_arguments(args)
     classifier = load_bundle(args.bundle, args.backend, args.device)
@@ -145,7 +145,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     started_ray = False
     if args.engine == "ray" and items:  # nothing left after --resume: no Ray to start
-        from transferkit.export.ray_engine import start_ray
+        from transferkit.core.ray_engine import start_ray
 
         started_ray = start_ray(args.address, args.workers)
     columns = COLUMNS + (("true_label",) if args.evaluate else ())

@@ -1,7 +1,7 @@
 """``transferkit predict --evaluate``: metrics of a bundle on labelled folders (``CLASS/image.jpg``).
 
 The true label of an image is the name of its parent folder. Metrics come from the same code as training's test
-report (:func:`transferkit.training.metrics.classification_metrics`, :func:`transferkit.training.plots.
+report (:func:`transferkit.core.metrics.classification_metrics`, :func:`transferkit.core.metrics.
 confusion_matrix`), so a bundle evaluated on its run's test images reproduces the run's test accuracy. The
 probabilities of every classified image are kept (``4 x classes`` bytes each) to compute top-5 and the loss.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.core.atomic import atomic_output_dir
+from transferkit.core.batch import Outcome
 from transferkit.core.errors import UsageError
-from transferkit.export.batch import Outcome
 
 
 def true_label(path: str) -> str:
@@ -46,7 +46,7 @@ class Evaluation:
                 self.unknown[name] = self.unknown.get(name, 0) + 1
 
     def metrics(self) -> tuple[dict, np.ndarray, np.ndarray]:
-        from transferkit.training.metrics import classification_metrics
+        from transferkit.core.metrics import classification_metrics
 
         if not self._labels:
             folders = ", ".join(sorted(self.unknown)[:5]) or "none"
@@ -58,7 +58,7 @@ class Evaluation:
 
     def write(self, report_dir: Path, force: bool, context: dict) -> dict:
         """Write ``metrics.json``, ``metrics.md`` and ``confusion_matrix.png`` to ``report_dir`` (atomically)."""
-        from transferkit.training.plots import confusion_matrix
+        from transferkit.core.metrics import confusion_matrix
 
         metrics, probabilities, labels = self.metrics()
         metrics["left_out_not_a_class"] = self.unknown

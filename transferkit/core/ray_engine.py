@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.core.batch import Outcome, read_and_decode
 from transferkit.core.errors import TransferkitError, UsageError
+from transferkit.core.extras import install_hint
+from transferkit.core.inputs import Item
 from transferkit.core.manifest import RUNTIME_BACKENDS
 from transferkit.core.system import available_cores
-from transferkit.export.batch import Outcome, read_and_decode
-from transferkit.export.inputs import Item
 
-RAY_MISSING = 'the Ray engine needs Ray Data, an optional extra: pip install -e ".[ray]" (or "transferkit[ray]")'
+RAY_MISSING = f"the Ray engine needs Ray Data, the 'ray' extra: {install_hint('ray')}"
 
 
 class RayEngineError(TransferkitError):
@@ -103,7 +104,7 @@ class BundleActor:
     """Ray stage 2: one verified bundle per actor, loaded once, classifying decoded batches."""
 
     def __init__(self, bundle_path: str, backend: str, device: str, threads: int):
-        from transferkit.export.predictors import load_bundle
+        from transferkit.core.predictors import load_bundle
 
         bundle = load_bundle(bundle_path, [RUNTIME_BACKENDS[backend].format])
         self.predictor = bundle.predictor(backend, device, threads=threads, spin=False)
