@@ -1,4 +1,4 @@
-"""Benchmarks: the per-backbone latency/accuracy table and load tests against the service.
-
-Not implemented yet (issue #5).
+"""Benchmarks: the per-backbone latency/size/accuracy table (``sweep``, ``report``), load tests against the live
+service and the plain baseline server (``loadtest``, ``locustfile``, ``baseline_server``), and the batch-prediction,
+training-memory and soak benchmarks. Every figure is measured side by side in one run.
 """

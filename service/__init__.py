@@ -1,4 +1,7 @@
-"""Service stage: a hardened BentoML image-classification endpoint over an exported bundle.
+"""Service stage: a hardened BentoML image-classification endpoint over a bundle, run by the runtime in
+:mod:`transferkit.core` (never the writer, never TensorFlow but for the savedmodel backend).
 
-Not implemented yet (issue #4).
+``service.py`` is what ``bentoml serve`` loads; ``settings`` the one settings model (``TRANSFERKIT_*``); ``runtime``,
+``microbatch`` and ``balance`` the CPU and GPU layouts; ``http``, ``decoding``, ``middleware`` and ``oip`` the
+request path; ``lifecycle`` and ``launcher`` the drain and the one ``bentoml serve`` launcher; ``build`` the bentos.
 """

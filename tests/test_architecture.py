@@ -109,3 +109,28 @@ def test_stages_import_from_the_namespace_in_a_plain_checkout(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(REPO / "training" / "__init__.py")
+
+
+def test_every_third_party_import_is_declared():
+    """Each package the code imports by name is in pyproject's dependencies or an extra, not only pulled in by
+    another package (which may drop it)."""
+    import re
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    declared = {re.split(r"[\[<>=;!~ ]", r)[0].lower().replace("_", "-") for r in requirements}
+    imported = set()
+    for folder in ("transferkit", *(f for f in STAGES if f != "transferkit/core")):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "transferkit"} - LEGACY_TOP_LEVELS
+    distributions = packages_distributions()
+    undeclared = {m: distributions.get(m) for m in third_party
+                  if not {d.lower().replace("_", "-") for d in distributions.get(m, [])} & declared}
+    assert len(third_party) > 20 and not undeclared, undeclared

@@ -470,13 +470,19 @@ def test_schema_1_bundles_stay_readable_and_newer_ones_are_refused(bundle, tmp_p
 
 
 def test_export_output_is_clean_and_the_log_file_keeps_everything(trained_run, tmp_path):
-    """No TensorFlow/absl C++ log lines or retracing warnings on the terminal; --log-file keeps the details."""
+    """No TensorFlow/absl C++ log lines or retracing warnings on the terminal; --log-file keeps the details; the
+    bundle is registered in the BentoML store under --name (the shared `bundle` fixture skips that step)."""
+    import bentoml
+
     from transferkit.core.logs import is_native_log_line
 
     log = tmp_path / "export.log"
     result = run_cli("--log-file", str(log), "export", str(trained_run.run_dir), "--out", str(tmp_path / "b"),
-                     "--formats", "onnx", "--no-register")
+                     "--formats", "onnx", "--name", "registered-by-export")
     assert result.returncode == 0, result.stderr[-2000:]
+    version = read_manifest(tmp_path / "b").version
+    assert f"registered-by-export:{version}" in result.stdout
+    assert read_manifest(Path(bentoml.models.get(f"registered-by-export:{version}").path)).version == version
     lines = (result.stdout + result.stderr).splitlines()
     assert not [line for line in lines if is_native_log_line(line) or "retracing" in line]
     assert "| onnx |" in result.stdout and "validating onnx" in result.stdout

@@ -103,9 +103,6 @@ class CacheEntry:
     reused: int  # rows taken from an earlier entry or this one (0: everything decoded now)
     decoded: int  # rows decoded by this call
 
-    def row_of(self) -> dict[str, int]:
-        return {path: row for row, path in enumerate(self.files)}
-
 
 def _pillow_version() -> str:
     import PIL

@@ -29,7 +29,6 @@ SCHEMA_VERSION = 2
 SUPPORTED_SCHEMAS: tuple[int, ...] = (1, 2)
 MANIFEST_NAME = "manifest.json"
 
-Backend = Literal["savedmodel", "onnx", "onnx-fp16", "onnx-int8"]
 BACKENDS: tuple[str, ...] = ("savedmodel", "onnx", "onnx-fp16", "onnx-int8")
 FORMAT_FILES: dict[str, str] = {
     "savedmodel": "saved_model",
