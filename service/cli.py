@@ -124,6 +124,7 @@ def _running(url: str) -> str:
 
 def run_serve(args: argparse.Namespace) -> int:
     from transferkit.core.errors import UsageError
+    from transferkit.core.extras import require_module
     from transferkit.core.manifest import RUNTIME_BACKENDS
     from transferkit.core.predictors import load_bundle
     from transferkit.service.launcher import BentoServer, serve_in_foreground
@@ -137,6 +138,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # Fail here with one line rather than in a server log: the bundle must exist, verify and have the format.
     bundle = load_bundle(model, formats=None)
     needed = RUNTIME_BACKENDS[effective.backend].format if effective.backend != "auto" else None
+    if needed is not None:  # savedmodel needs TensorFlow, the openvino backends OpenVINO: say so before starting
+        require_module(RUNTIME_BACKENDS[effective.backend].engine, f"--backend {effective.backend}")
     if needed is not None and needed not in bundle.manifest.formats:
         raise UsageError(f"{args.model} has no {needed} format, which --backend {effective.backend} runs "
                          f"(it has {', '.join(bundle.manifest.formats)})")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from transferkit.core.backbones import registry
-from transferkit.core.images import decode_image
 
 
 def _family_members() -> list:
@@ -17,17 +19,30 @@ def _family_members() -> list:
     return list(chosen.values())
 
 
-@pytest.fixture(autouse=True)
-def _free_memory():
-    """Each export holds the model, its traced graphs and three ONNX files in memory: release them before the next
-    family (the InceptionResNetV2 export alone peaks at ~10 GB RSS on two cores)."""
-    yield
-    import gc
+# Each family is exported in its own process: memory a Keras graph and its conversion leave behind is not returned to
+# the system, and fifteen exports in one pytest worker grew it to 20 GB (OOM-killed at InceptionResNetV2 on a 24 GB
+# machine); alone, that export peaks at 11.5 GB.
+EXPORT = """
+import sys
+from pathlib import Path
 
-    import keras
+import numpy as np
 
-    keras.backend.clear_session()
-    gc.collect()
+from transferkit.core.backbones import get_backbone
+from transferkit.core.images import decode_image
+from transferkit.export.bundle import ValidationImages, export_model
+from transferkit.training.config import HeadConfig
+from transferkit.training.model import build_classifier
+
+name, size, data, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+files = sorted(data.rglob("*.png"))[::4]  # 75 images, every class
+images = np.stack([decode_image(f, size) for f in files])
+labels = np.array([int(f.parent.name) for f in files])
+model = build_classifier(get_backbone(name), 10, size, "none", HeadConfig(dropout=0.0))
+export_model(model, out=out, backbone=name, image_size=size, class_names=[str(d) for d in range(10)],
+             validation=ValidationImages(images, labels, "digits"), calibration=images[:4],
+             formats=["onnx", "onnx-fp16", "onnx-int8"], register=False, allow_mismatch=True)
+"""
 
 
 @pytest.mark.parametrize("row", _family_members(), ids=lambda row: row.family)
@@ -36,21 +51,15 @@ def test_every_family_exports_within_the_gates(row, digits_small, tmp_path):
     top-1 agreement, which the near-tie rule keeps from deciding); int8 quantizes and runs for every family
     (its accuracy gate is not asserted: an untrained model has no accuracy to keep; 4 calibration images keep it
     quick)."""
-    from transferkit.export.bundle import ValidationImages, export_model
+    from transferkit.core.manifest import read_manifest
     from transferkit.export.validate import GATES
-    from transferkit.training.config import HeadConfig
-    from transferkit.training.model import build_classifier
 
     size = max(32, row.min_size)
-    files = sorted(digits_small.rglob("*.png"))[::4]  # 75 images, every class
-    images = np.stack([decode_image(f, size) for f in files])
-    labels = np.array([int(f.parent.name) for f in files])
-    model = build_classifier(row, 10, size, "none", HeadConfig(dropout=0.0))
-    result = export_model(model, out=tmp_path / "b", backbone=row.name, image_size=size,
-                          class_names=[str(d) for d in range(10)],
-                          validation=ValidationImages(images, labels, "digits"), calibration=images[:4],
-                          formats=["onnx", "onnx-fp16", "onnx-int8"], register=False, allow_mismatch=True)
-    report = {f.format: f for f in result.manifest.validation.formats}
+    exported = subprocess.run([sys.executable, "-c", EXPORT, row.name, str(size), str(digits_small),
+                               str(tmp_path / "b")], capture_output=True, text=True, timeout=900)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "b")
+    report = {f.format: f for f in manifest.validation.formats}
     assert report["onnx"].passed, report["onnx"].failures
     fp16 = report["onnx-fp16"]
     engines = ", ".join(f"{name} {'ok' if r.passed else r.failures[0]}" for name, r in report.items()

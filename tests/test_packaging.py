@@ -195,11 +195,19 @@ def test_commands_of_a_missing_extra_exit_2_naming_it(base_venv, args, extra, tm
     assert not list(tmp_path.iterdir())
 
 
-def test_evaluate_without_its_extra_exits_2_naming_it(base_venv, runtime_bundle, digits_three, tmp_path):
+def test_options_of_a_missing_extra_exit_2_naming_it(base_venv, runtime_bundle, bundle, digits_three, tmp_path):
+    """predict --evaluate needs scikit-learn; the savedmodel backend TensorFlow, in predict and in serve."""
     result = in_base(base_venv, "predict", str(runtime_bundle), str(digits_three), "--evaluate", "--report-dir",
                      str(tmp_path / "report"))
     assert result.returncode == 2 and "needs the 'evaluate' extra" in last_error_line(result), result.stderr[-2000:]
     assert not (tmp_path / "report").exists()
+    for command in ("predict", "serve"):
+        args = [str(digits_three), "--out", str(tmp_path / "out.csv")] if command == "predict" else []
+        result = in_base(base_venv, command, str(bundle), *args, "--backend", "savedmodel")
+        assert result.returncode == 2, (command, result.stderr[-2000:])
+        assert "needs the 'train' extra (tensorflow is not installed)" in last_error_line(result), command
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out.csv").exists()
 
 
 def test_the_base_install_benchmarks_bundles_and_names_train_for_a_sweep(base_venv, runtime_bundle, digits_three,

@@ -57,3 +57,11 @@ def require_command_extra(command: str) -> None:
     if extra and absent:
         raise MissingExtraError(f"transferkit {command} needs the '{extra}' extra ({absent[0]} is not installed): "
                                 f"{install_hint(extra)}")
+
+
+def require_module(module: str, what: str) -> None:
+    """Raise :class:`MissingExtraError` naming the extra that installs ``module`` when it is absent (``what`` is the
+    option or feature that needs it, e.g. ``--backend savedmodel``)."""
+    extra = extra_of_module(module)
+    if extra and importlib.util.find_spec(module) is None:
+        raise MissingExtraError(f"{what} needs the '{extra}' extra ({module} is not installed): {install_hint(extra)}")
