@@ -99,8 +99,8 @@ def test_auto_candidates_follow_the_bundle_its_gates_and_the_cpu(bundle, tmp_pat
 
 
 def test_auto_measures_once_and_the_next_process_reads_the_measurement(bundle, tmp_path, monkeypatch):
+    from transferkit.core import backends
     from transferkit.core.predictors import load_bundle
-    from transferkit.export import backends
 
     monkeypatch.setenv("TRANSFERKIT_CACHE_DIR", str(tmp_path / "cache"))
     loaded = load_bundle(bundle)

@@ -38,25 +38,30 @@ def pinned(output: str) -> dict[str, str]:
     return dict(line.split("==") for line in lines if "==" in line)
 
 
-def check_resolution(platform: str, python: str) -> None:
-    base = resolve(platform, python, None)
-    assert base.returncode == 0, (platform, python, base.stderr[-2000:])
-    versions = pinned(base.stdout)
+def check_resolution(platform: str, python: str, extra: str | None) -> None:
+    """One wheels-only resolution: exactly one of the two onnxruntime wheels, the right one for the platform; the
+    base without TensorFlow or any other extra's packages, `[train]` with them."""
+    result = resolve(platform, python, extra)
+    assert result.returncode == 0, (platform, python, extra, result.stderr[-2000:])
+    versions = pinned(result.stdout)
     runtime = "onnxruntime-gpu" if platform in GPU_WHEEL_PLATFORMS else "onnxruntime"
     other = "onnxruntime" if runtime == "onnxruntime-gpu" else "onnxruntime-gpu"
-    assert runtime in versions and other not in versions, (platform, versions)  # exactly one of the two wheels
-    assert not {"tensorflow", "keras", "tf2onnx", "locust", "scikit-learn", "scipy"} & set(versions), versions
-    train = resolve(platform, python, "train")
-    assert train.returncode == 0, (platform, python, train.stderr[-2000:])
-    assert {"tensorflow", "keras", "tf2onnx", "onnx", runtime} <= set(pinned(train.stdout)), platform
+    assert runtime in versions and other not in versions, (platform, extra, versions)
+    training = {"tensorflow", "keras", "tf2onnx", "onnx", "scikit-learn"}
+    if extra == "train":
+        assert training <= set(versions), (platform, python, versions)
+    else:
+        assert not (training | {"locust", "scipy", "ray"}) & set(versions), (platform, versions)
 
 
 def test_base_and_train_resolve_on_every_platform():
-    """Linux x86_64 and aarch64, Windows x86_64, macOS arm64; Python 3.11 and 3.12 (resolutions run side by side:
-    each waits on the package index)."""
+    """Linux x86_64 and aarch64, Windows x86_64, macOS arm64: `[train]` for Python 3.11 and 3.12, the base for 3.12
+    (a `[train]` resolution also satisfies the base, whose requirements it contains). Resolutions run side by side:
+    each mostly waits on the package index."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cases = [(platform, python) for platform in sorted(PLATFORMS) for python in PYTHONS]
+    cases = [(platform, python, "train") for platform in sorted(PLATFORMS) for python in PYTHONS]
+    cases += [(platform, PYTHONS[-1], None) for platform in sorted(PLATFORMS)]
     with ThreadPoolExecutor(len(cases)) as pool:
         for future in [pool.submit(check_resolution, *case) for case in cases]:
             future.result()
@@ -198,9 +203,9 @@ def test_commands_of_a_missing_extra_exit_2_naming_it(base_venv, args, extra, tm
 def test_options_of_a_missing_extra_exit_2_naming_it(base_venv, runtime_bundle, bundle, digits_three, tmp_path):
     """predict --evaluate needs scikit-learn; the savedmodel backend TensorFlow, in predict and in serve."""
     result = in_base(base_venv, "predict", str(runtime_bundle), str(digits_three), "--evaluate", "--report-dir",
-                     str(tmp_path / "report"))
+                     str(tmp_path / "report"), "--out", str(tmp_path / "evaluated.csv"))
     assert result.returncode == 2 and "needs the 'evaluate' extra" in last_error_line(result), result.stderr[-2000:]
-    assert not (tmp_path / "report").exists()
+    assert not (tmp_path / "report").exists() and not (tmp_path / "evaluated.csv").exists()
     for command in ("predict", "serve"):
         args = [str(digits_three), "--out", str(tmp_path / "out.csv")] if command == "predict" else []
         result = in_base(base_venv, command, str(bundle), *args, "--backend", "savedmodel")

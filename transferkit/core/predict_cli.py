@@ -124,11 +124,17 @@ def run_predict(args: argparse.Namespace) -> int:
     from transferkit.core.console import print_summary
     from transferkit.core.errors import UsageError
     from transferkit.core.evaluation import Evaluation, true_label
+    from transferkit.core.extras import require_module
     from transferkit.core.inputs import expand_inputs
     from transferkit.core.outputs import COLUMNS, done_paths, open_writer
     from transferkit.core.progress import Progress
 
     report_dir = _check_arguments(args)
+    # Before any output: what an extra provides fails here, not after a header (or every row) was written.
+    if args.backend != "auto":
+        require_module(RUNTIME_BACKENDS[args.backend].engine, f"--backend {args.backend}")
+    if args.evaluate:
+        require_module("sklearn", "--evaluate")
     classifier = load_bundle(args.bundle, args.backend, args.device)
     manifest = classifier.manifest
     items = list(expand_inputs(args.inputs))  # paths only (~100 bytes each): the total for the progress bar
