@@ -318,7 +318,9 @@ def export_run(
     config = read_config(run_dir)
     class_names = read_labels(run_dir)
     metrics = read_metrics(run_dir)
-    check_output_dir(out, force)  # before the slow part
+    # Before the slow part; --force never replaces the run itself or its dataset.
+    inputs = [run_dir, *([data_root] if data_root else []), *([Path(config.data)] if config.data else [])]
+    check_output_dir(out, force, protected=inputs)
     size = config.image_size
     log(f"reading validation images of {run_dir.name}")
     validation, calibration = run_images(run_dir, size, class_names, data_root)

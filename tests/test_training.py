@@ -188,14 +188,26 @@ def test_configuration_errors_are_caught_before_work(runs, digits_small, fine_tu
     assert not (runs / "x").exists()
 
 
-def test_force_replaces_a_run(runs, digits_small):
+def test_force_replaces_a_run_only_where_transferkit_wrote_one(runs, digits_small):
+    """--force refuses a directory without transferkit's marker (a user's folder) and the dataset itself, keeping
+    every file; it replaces a marked output in one step."""
+    from transferkit.core.atomic import MARKER, mark_output
+
     target = runs / "replace_me"
     target.mkdir()
-    (target / "stale.txt").write_text("old")
+    (target / "precious.txt").write_text("the user's")
+    settings = dict(force=True, strategy="feature-extraction", augment=NO_AUGMENT, cache_features=True, epochs=1,
+                    fine_tune_epochs=0)
+    with pytest.raises(OutputExistsError, match=f"transferkit did not write it \\(no {MARKER}"):
+        run(runs, digits_small, "replace_me", **settings)
+    with pytest.raises(OutputExistsError, match="an input of this command"):
+        train_run(digits_small, digits_small, **settings)
+    assert (target / "precious.txt").read_text() == "the user's" and len(list(digits_small.iterdir())) == 11
+    mark_output(target)  # as an earlier run would have left it
     start = time.time()
-    run(runs, digits_small, "replace_me", force=True, strategy="feature-extraction", augment=NO_AUGMENT,
-        cache_features=True, epochs=1, fine_tune_epochs=0)
-    assert not (target / "stale.txt").exists() and (target / "model.keras").stat().st_mtime >= start - 1
+    run(runs, digits_small, "replace_me", **settings)
+    assert not (target / "precious.txt").exists() and (target / "model.keras").stat().st_mtime >= start - 1
+    assert (target / MARKER).is_file() and not list(runs.glob(".replace_me*"))
 
 
 def test_a_run_restores_the_process_wide_switches(scratch):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.core.atomic import mark_output
 from transferkit.core.backbones import Backbone, get_backbone
 from transferkit.core.errors import TransferkitError, UsageError
 from transferkit.core.stopping import raise_if_stop_requested, stop_exit_code
@@ -94,7 +95,7 @@ def validate_config(config: TrainConfig) -> tuple[Backbone, int, str, list[str]]
         warnings.append("a frozen backbone with random weights (--weights none) extracts little; "
                         "--strategy scratch trains it instead")
     backbone.check_alpha(config.alpha, weights)
-    workdir.prepare(Path(config.out), config.force, config.resume)
+    workdir.prepare(Path(config.out), config.force, config.resume, Path(config.data) if config.data else None)
     return backbone, size, weights, warnings
 
 
@@ -448,6 +449,7 @@ def train(config: TrainConfig, log: Log = logger.info) -> TrainResult:
         log(f"resuming the interrupted run kept in {work}")
     else:
         (work / "checkpoints").mkdir(parents=True)
+        mark_output(work)  # the interrupted run's directory is transferkit's: --force may start it over
         rundir.write_config(work, resolved)
         rundir.write_split(work, rundir.SplitRecord(**dataset.split_record(
             config.seed, {"val": config.val_fraction, "test": config.test_fraction})))

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from transferkit.core.atomic import check_output_dir, publish_dir
+from transferkit.core.atomic import MARKER, check_output_dir, is_marked, publish_dir
 from transferkit.core.errors import OutputExistsError, TransferkitError, UsageError
 
 HISTORY_LOG = "history.jsonl"
@@ -32,21 +32,26 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def prepare(out: Path, force: bool, resume: bool) -> Path:
-    """Check ``out`` and its work directory for a new run (or a resumed one); returns the work directory path."""
+def prepare(out: Path, force: bool, resume: bool, data: Path | None = None) -> Path:
+    """Check ``out`` and its work directory for a new run (or a resumed one); returns the work directory path.
+    ``out`` may never be or contain the dataset ``data``, even with ``force``."""
+    protected = [data] if data else []
     out = Path(out).absolute()
     work = work_dir_for(out)
     if resume:
         if not work.is_dir():
             done = " (it is complete)" if out.is_dir() else ""
             raise UsageError(f"--resume: no interrupted run of {out} to continue{done}; expected {work}")
-        check_output_dir(out, force)
+        check_output_dir(out, force, protected)
         return work
-    check_output_dir(out, force)
+    check_output_dir(out, force, protected)
     if work.exists():
         if not force:
             raise OutputExistsError(f"an interrupted run of {out} is kept in {work}: continue it with --resume, "
                                     "or pass --force to start over")
+        if not is_marked(work):
+            raise OutputExistsError(f"{work} is in the way and transferkit did not write it (no {MARKER} file in "
+                                    "it); move it away yourself")
         shutil.rmtree(work)
     return work
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from transferkit.core.atomic import check_output_dir
+from transferkit.core.atomic import check_output_dir, mark_output
 from transferkit.core.console import print_summary
 
 logger = logging.getLogger(__name__)
@@ -231,10 +231,11 @@ def run_demo(out: Path, quick: bool = False, force: bool = False) -> int:
     """Run the demo into ``out`` (see the module docstring); returns the exit status."""
     from transferkit.core.logs import log_file
 
-    out = check_output_dir(Path(out), force)
+    out = check_output_dir(Path(out), force)  # --force replaces only an earlier demo's (marked) directory
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    mark_output(out)
     with log_file(out / "demo.log"):
         return _run(out, QUICK if quick else FULL)
 

@@ -1,58 +1,120 @@
-"""Write an output directory all at once, or not at all.
+"""Write an output directory all at once, or not at all, and never replace what transferkit did not write.
 
 Work happens in a hidden sibling directory that is renamed into place only when everything succeeded; any error,
 Ctrl-C or SIGTERM (turned into SystemExit by the CLI, and recorded: core/stopping.py) removes it. A reader never
 sees a half-written run or bundle.
+
+Every directory transferkit publishes carries a marker file (:data:`MARKER`). ``--force`` replaces an existing
+output only when it holds that marker, and never the current directory, the home directory, the filesystem root or
+one of the command's inputs, marker or not: one mistyped path must not cost a dataset or a home folder.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from transferkit.core.errors import OutputExistsError
 from transferkit.core.stopping import raise_if_stop_requested
 
+MARKER = ".transferkit-output"
 
-def check_output_dir(out: Path, force: bool) -> Path:
-    """Fail early (before hours of work) if ``out`` exists and may not be replaced."""
+
+def mark_output(directory: Path) -> None:
+    """Write the marker that lets a later ``--force`` replace ``directory``."""
+    from transferkit import __version__
+
+    record = {"written_by": f"transferkit {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (Path(directory) / MARKER).write_text(json.dumps(record) + "\n")
+
+
+def is_marked(directory: Path) -> bool:
+    return (Path(directory) / MARKER).is_file()
+
+
+def _refuse_precious(out: Path, protected: Iterable[Path]) -> None:
+    """Refuse to replace a place whose loss no --force can justify: it, or something inside it, is the current
+    directory, the home directory, the filesystem root or one of the command's inputs."""
+    target = out.resolve()
+    places = [(Path.cwd(), "the current directory"), (Path.home(), "the home directory"),
+              (Path(target.anchor), "the filesystem root")]
+    places += [(Path(path), f"an input of this command ({path})") for path in protected]
+    for place, what in places:
+        place = place.resolve()
+        if target == place or target in place.parents:
+            raise OutputExistsError(f"{out} is or contains {what}: transferkit will not replace it, even with "
+                                    "--force; choose a new output path")
+
+
+def check_output_dir(out: Path, force: bool, protected: Iterable[Path] = ()) -> Path:
+    """Fail early (before hours of work) if ``out`` exists and may not be replaced; ``protected`` are the command's
+    inputs, which ``out`` may never be or contain."""
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory")
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    if out.exists():
+        _refuse_precious(out, protected)
+        if not is_marked(out):
+            raise OutputExistsError(f"{out} exists and transferkit did not write it (no {MARKER} file in it): "
+                                    "--force replaces only transferkit's own outputs; choose another path, or "
+                                    "move it away yourself")
     return out
 
 
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if rename is None:
+        return False
+    at_cwd, exchange = -100, 2  # AT_FDCWD, RENAME_EXCHANGE
+    if rename(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a filesystem without exchange (e.g. some FUSE)
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
 def publish_dir(staging: Path, out: Path) -> Path:
-    """Rename the finished ``staging`` directory to ``out``, replacing an existing ``out`` with two renames (the old
-    one is moved aside first), so ``out`` is at every moment either the old or the new directory, never a mix."""
-    if out.exists():
+    """Mark the finished ``staging`` directory and rename it to ``out``. An existing ``out`` is swapped with it in
+    one step where the system can (then the old one, now at ``staging``, is deleted), so ``out`` never goes missing;
+    elsewhere the old one is moved aside first (two renames)."""
+    mark_output(staging)
+    if not out.exists():
+        os.replace(staging, out)
+    elif _exchange(staging, out):
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
         trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, trash)
         os.replace(staging, out)
         shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out)
     return out
 
 
 @contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``out`` when the block succeeds."""
-    out = check_output_dir(out, force)
+def atomic_output_dir(out: Path, force: bool = False, protected: Iterable[Path] = ()) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``out`` when the block succeeds (see :func:`check_output_dir`)."""
+    out = check_output_dir(out, force, protected)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield staging
         raise_if_stop_requested()  # a signal whose exception a library swallowed must not publish the output
         staging.chmod(0o755)  # mkdtemp creates 0700
-        check_output_dir(out, force)  # someone may have created it meanwhile
+        check_output_dir(out, force, protected)  # someone may have created it meanwhile
         publish_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

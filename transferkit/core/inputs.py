@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from transferkit.core.atomic import MARKER
 from transferkit.core.errors import UsageError
 
 LIST_SUFFIXES = frozenset({".txt", ".csv", ".lst", ".list", ".tsv"})
@@ -54,7 +55,7 @@ def _walk(directory: Path) -> Iterator[str]:
         if entry.is_dir(follow_symlinks=False):
             if not entry.name.startswith("."):  # .git, .ipynb_checkpoints, .thumbnails...
                 yield from _walk(Path(entry.path))
-        elif entry.is_file():
+        elif entry.is_file() and entry.name != MARKER:  # the marker of a folder transferkit wrote is no input
             yield entry.path
 
 

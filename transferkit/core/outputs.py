@@ -140,6 +140,26 @@ class ParquetWriter:
         os.replace(self._partial, self._path)
 
 
+def written_by_transferkit(path: Path) -> bool:
+    """Whether ``path`` starts like a file ``transferkit predict`` wrote (its first row or schema names the output
+    columns), so that ``--force`` may replace it: a user's own table with the same extension may not be."""
+    fmt = output_format(path)
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(path).names
+        elif fmt == "csv":
+            with path.open(newline="", encoding="utf-8") as handle:
+                names = next(csv.reader(handle), [])
+        else:
+            with path.open(encoding="utf-8") as handle:
+                names = list(json.loads(handle.readline() or "{}"))
+    except Exception:  # unreadable, not UTF-8, not JSON, not Parquet (or no pyarrow): not ours to replace
+        return False
+    return tuple(names[: len(COLUMNS)]) == COLUMNS
+
+
 def open_writer(path: Path, append: bool, columns: tuple[str, ...] = COLUMNS) -> RowWriter:
     """The writer for ``path``'s format; ``append`` continues an existing file (``--resume``)."""
     writers = {"csv": CsvWriter, "jsonl": JsonlWriter, "parquet": ParquetWriter}

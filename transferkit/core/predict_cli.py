@@ -81,7 +81,7 @@ def _check_arguments(args: argparse.Namespace) -> Path | None:
     """Every refusal that needs no work; returns the --evaluate report directory."""
     from transferkit.core.atomic import check_output_dir
     from transferkit.core.errors import OutputExistsError, UsageError
-    from transferkit.core.outputs import output_format
+    from transferkit.core.outputs import COLUMNS, output_format, written_by_transferkit
 
     if args.top_k < 1:
         raise UsageError("--top-k must be at least 1")
@@ -101,11 +101,15 @@ def _check_arguments(args: argparse.Namespace) -> Path | None:
             raise UsageError(f"--out {args.out} is a directory; give a file name ending in .csv/.jsonl/.parquet")
         if args.out.exists() and not (args.resume or args.force):
             raise OutputExistsError(f"{args.out} exists: --resume continues it, --force replaces it")
+        if args.out.exists() and args.force and not written_by_transferkit(args.out):
+            raise OutputExistsError(f"{args.out} exists and transferkit predict did not write it (its first row does "
+                                    f"not name the columns {', '.join(COLUMNS)}): --force replaces only "
+                                    "transferkit's own files")
     report_dir = None
     if args.evaluate:
         report_dir = args.report_dir or (args.out.with_name(args.out.stem + "-evaluation") if args.out
                                          else Path("evaluation"))
-        check_output_dir(report_dir, args.force)
+        check_output_dir(report_dir, args.force, protected=[Path(args.bundle), *map(Path, args.inputs)])
     if args.engine == "ray":
         from transferkit.core.ray_engine import import_ray
 
