@@ -23,7 +23,7 @@ def _assignment(dataset) -> dict[str, str]:
 def test_digits_writer(tmp_path):
     counts = write_digits(tmp_path / "d", size=16, classes=[3, 4], per_class=5)
     assert counts == {"3": 5, "4": 5}
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["3", "4"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [".transferkit-output", "3", "4"]
     with pytest.raises(OutputExistsError):
         write_digits(tmp_path / "d", size=16)
     assert parse_classes("0-4") == [0, 1, 2, 3, 4]

@@ -81,8 +81,9 @@ def base_venv(tmp_path_factory) -> Path:
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".ci-venv", ".git", "build", "*.egg-info",
                                                                  "__pycache__", "tests", "docs", "transferkit-demo"))
     venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "uv", "venv", "-q", "-p", sys.executable, str(venv)], check=True,
-                   timeout=120)
+    # --seed: pip inside, as `python -m venv` leaves it (BentoML would use it to fetch a missing uv).
+    subprocess.run([sys.executable, "-m", "uv", "venv", "-q", "--seed", "-p", sys.executable, str(venv)],
+                   check=True, timeout=120)
     result = subprocess.run([sys.executable, "-m", "uv", "pip", "install", "-q", "-p", str(venv / "bin" / "python"),
                              "-c", str(REPO / ".ci" / "constraints.txt"), str(source)],
                             capture_output=True, text=True, timeout=900)
@@ -225,3 +226,16 @@ def test_the_base_install_benchmarks_bundles_and_names_train_for_a_sweep(base_ve
     sweep = in_base(base_venv, "bench", "--backbones", "MobileNetV2", "--out", str(tmp_path / "sweep"))
     assert sweep.returncode == 2 and "needs the 'train' extra" in last_error_line(sweep), sweep.stderr[-2000:]
     assert "Traceback" not in sweep.stderr and not (tmp_path / "sweep").exists()
+
+
+def test_the_base_install_builds_a_cpu_bento_without_the_checkout(base_venv, bundle, tmp_path):
+    """`transferkit build` from the installed package (package data, no repository files): the CPU bento."""
+    result = in_base(base_venv, "build", "digits-test:latest", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.startswith("  "))
+    name, version = rows["bento"].split(":")
+    bento = Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "onnxruntime==1.31.1" in requirements and "onnxruntime-gpu" not in requirements
+    assert "tensorflow" not in requirements and not (bento / "src" / "transferkit" / "export").exists()
+    assert (bento / "src" / "transferkit" / "core" / "predictors.py").is_file()

@@ -176,7 +176,7 @@ def write_task_b(out: Path, size: int, train_per_class: int, val_per_class: int,
     write_digits(staging, size, TASK_B)
     counts = {"train": 0, "val": 0, "test": 0}
     rng = np.random.default_rng(seed)  # numpy's generator: the same draw on every machine
-    for digit_dir in sorted(staging.iterdir()):
+    for digit_dir in sorted(path for path in staging.iterdir() if path.is_dir()):  # not the marker file
         paths = sorted(digit_dir.iterdir())
         for rank, index in enumerate(rng.permutation(len(paths))):
             split = ("train" if rank < train_per_class else

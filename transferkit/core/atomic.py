@@ -32,9 +32,10 @@ MARKER = ".transferkit-output"
 
 def mark_output(directory: Path) -> None:
     """Write the marker that lets a later ``--force`` replace ``directory``."""
-    from transferkit import __version__
+    import transferkit
 
-    record = {"written_by": f"transferkit {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = {"written_by": f"transferkit {transferkit.__version__}",
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (Path(directory) / MARKER).write_text(json.dumps(record) + "\n")
 
 
