@@ -570,3 +570,18 @@ def test_service_code_does_not_import_tensorflow_for_onnx(bundle):
         env = {**os.environ, "TRANSFERKIT_MODEL": str(bundle), "TRANSFERKIT_LAYOUT": layout}
         result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, (layout, result.stderr[-2000:])
+
+
+def test_the_built_bentofile_matches_the_repositorys():
+    """service/build.py writes its own bentofile (an installed package has no repository root): the service, the
+    Docker base and the requirements' pins stay those of bentofile.yaml and the CPU requirements file."""
+    import yaml
+    from serving import ROOT
+
+    from transferkit.service.build import bentofile, requirements
+
+    ours, theirs = bentofile(openvino=False), yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    for key in ("service", "name", "labels", "docker", "envs"):
+        assert ours[key] == theirs[key], key
+    cpu = (ROOT / theirs["python"]["requirements_txt"]).read_text()
+    assert all(line in cpu for line in requirements(gpu=False, openvino=False))

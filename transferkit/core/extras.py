@@ -30,6 +30,10 @@ COMMAND_EXTRAS = {"data": "train", "train": "train", "export": "train", "demo": 
 class MissingExtraError(UsageError):
     """A command needs an optional extra that is not installed."""
 
+    @classmethod
+    def of(cls, what: str, extra: str, module: str) -> MissingExtraError:
+        return cls(f"{what} needs the '{extra}' extra ({module} is not installed): {install_hint(extra)}")
+
 
 def install_hint(extra: str) -> str:
     return f'pip install "transferkit[{extra}]" (in a checkout: pip install -e ".[{extra}]")'
@@ -46,8 +50,7 @@ def missing_extra(exc: ModuleNotFoundError, command: str | None = None) -> Missi
     if extra is None:
         return None
     extra = COMMAND_EXTRAS.get(command or "", extra)
-    what = f"transferkit {command}" if command else "this"
-    return MissingExtraError(f"{what} needs the '{extra}' extra ({exc.name} is not installed): {install_hint(extra)}")
+    return MissingExtraError.of(f"transferkit {command}" if command else "this", extra, exc.name or "")
 
 
 def require_command_extra(command: str) -> None:
@@ -55,8 +58,7 @@ def require_command_extra(command: str) -> None:
     extra = COMMAND_EXTRAS.get(command)
     absent = [name for name in EXTRA_MODULES.get(extra, ()) if importlib.util.find_spec(name) is None]
     if extra and absent:
-        raise MissingExtraError(f"transferkit {command} needs the '{extra}' extra ({absent[0]} is not installed): "
-                                f"{install_hint(extra)}")
+        raise MissingExtraError.of(f"transferkit {command}", extra, absent[0])
 
 
 def require_module(module: str, what: str) -> None:
@@ -64,4 +66,4 @@ def require_module(module: str, what: str) -> None:
     option or feature that needs it, e.g. ``--backend savedmodel``)."""
     extra = extra_of_module(module)
     if extra and importlib.util.find_spec(module) is None:
-        raise MissingExtraError(f"{what} needs the '{extra}' extra ({module} is not installed): {install_hint(extra)}")
+        raise MissingExtraError.of(what, extra, module)
