@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from transferkit.core.atomic import MARKER, check_output_dir, is_marked, publish_dir
+from transferkit.core.atomic import check_output_dir, publish_dir
 from transferkit.core.errors import OutputExistsError, TransferkitError, UsageError
 
 HISTORY_LOG = "history.jsonl"
@@ -49,9 +49,7 @@ def prepare(out: Path, force: bool, resume: bool, data: Path | None = None) -> P
         if not force:
             raise OutputExistsError(f"an interrupted run of {out} is kept in {work}: continue it with --resume, "
                                     "or pass --force to start over")
-        if not is_marked(work):
-            raise OutputExistsError(f"{work} is in the way and transferkit did not write it (no {MARKER} file in "
-                                    "it); move it away yourself")
+        check_output_dir(work, force, protected)  # the same rule as any output: only a marked one is removed
         shutil.rmtree(work)
     return work
 
