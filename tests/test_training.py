@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
-from conftest import train_run
+from conftest import run_cli, train_run
 from transferkit.core.errors import OutputExistsError, UsageError
 from transferkit.training.config import AugmentConfig
 from transferkit.training.rundir import read_config, read_labels, read_metrics, split_files
@@ -179,13 +180,29 @@ def test_restore_best_picks_the_lowest_validation_loss_and_no_restore_best_keeps
 def test_configuration_errors_are_caught_before_work(runs, digits_small, fine_tuned):
     with pytest.raises(OutputExistsError, match="--force"):
         run(runs, digits_small, "fine_tuned")
-    with pytest.raises(UsageError, match="--no-augment"):
+    with pytest.raises(ValidationError, match="--no-augment"):  # the configuration model's own rule
         run(runs, digits_small, "x", cache_features=True)
     with pytest.raises(UsageError, match="at least 32 px"):
         run(runs, digits_small, "x", image_size=16)
     with pytest.raises(UsageError, match="--unfreeze 'nope'"):
         run(runs, digits_small, "x", unfreeze="nope", strategy="fine-tune")
     assert not (runs / "x").exists()
+
+
+def test_config_reruns_a_run_with_the_options_given_overriding_it(runs, digits_small):
+    """`transferkit train --config RUN/config.json` trains the same configuration again; options given override the
+    file's (here the paths, relative to the working directory, a top-level and a nested setting), and the new
+    config.json differs in exactly those."""
+    first = run(runs, digits_small, "config_first", strategy="feature-extraction", augment=NO_AUGMENT,
+                cache_features=True, epochs=1, patience=4)
+    data = os.path.relpath(digits_small, runs)
+    result = run_cli("train", "--config", str(first.run_dir / "config.json"), "--data", data, "--out", "config_second",
+                     "--patience", "3", "--dropout", "0.3", cwd=runs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = json.loads((first.run_dir / "config.json").read_text())
+    after = json.loads((runs / "config_second" / "config.json").read_text())
+    assert after == {**before, "data": data, "out": "config_second", "patience": 3,
+                     "head": {**before["head"], "dropout": 0.3}}
 
 
 def test_force_replaces_a_run_only_where_transferkit_wrote_one(runs, digits_small):

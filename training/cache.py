@@ -111,10 +111,11 @@ def _pillow_version() -> str:
 
 
 def _listing(root: Path, paths: list[Path]) -> list[tuple[str, int, int]]:
+    """(path relative to the absolute ``root``, size, mtime) of each file; ``paths`` may be relative to the cwd."""
     listing = []
     for path in paths:
         stat = path.stat()
-        listing.append((path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
+        listing.append((Path(path).absolute().relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns))
     return listing
 
 
@@ -163,45 +164,28 @@ def open_or_build(
 
     previous = [_open(d, size) for d in sorted(dataset_dir.glob("*")) if d.is_dir() and not d.name.startswith(".")]
     previous = [p for p in previous if p is not None]
-    old = previous[-1] if previous else None
-    old_index = json.loads((old.directory / INDEX).read_text()) if old else None
-    old_rows = {tuple(f): row for row, f in enumerate(old_index["files"])} if old_index else {}
-
     dataset_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=dataset_dir))
-    row_bytes = size * size * 3
-    skipped: dict[str, str] = {}
+    reused, decoded = _build(target, root, listing, paths, size, previous[-1] if previous else None, progress)
+    for stale in previous:
+        if stale.directory != target:
+            shutil.rmtree(stale.directory, ignore_errors=True)  # open readers keep their file descriptors
+    entry = _open(target, size)
+    if entry is None:
+        raise OSError(f"the decoded-image cache {target} could not be read back")
+    entry.reused, entry.decoded = reused, decoded
+    return entry
+
+
+def _build(target: Path, root: Path, listing: list[tuple[str, int, int]], paths: list[Path], size: int,
+           old: CacheEntry | None, progress: Progress | None) -> tuple[int, int]:
+    """Write the entry in a staging directory beside ``target`` and rename it into place; (rows reused, decoded)."""
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
         fd = os.open(staging / PIXELS, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            os.ftruncate(fd, row_bytes * len(listing))
-            todo: list[int] = []
-            reused = 0
-            for row, item in enumerate(listing):
-                old_row = old_rows.get(item)
-                if old_row is None:
-                    todo.append(row)
-                elif item[0] in old.skipped:
-                    skipped[item[0]] = old.skipped[item[0]]
-                    reused += 1
-                else:
-                    os.pwrite(fd, old.store.read([old_row])[0].tobytes(), row * row_bytes)
-                    reused += 1
-
-            def work(row: int) -> str | None:
-                result = _decode_one(paths[row], size)
-                if isinstance(result, str):
-                    return result
-                os.pwrite(fd, np.ascontiguousarray(result).tobytes(), row * row_bytes)
-                return None
-
-            # Pillow releases the GIL while decoding and resizing, so threads use every core.
-            with ThreadPoolExecutor(max_workers=available_cores()) as pool:
-                for done, (row, reason) in enumerate(zip(todo, pool.map(work, todo)), start=1):
-                    if reason is not None:
-                        skipped[listing[row][0]] = reason
-                    if progress is not None:
-                        progress(done, len(todo))
+            os.ftruncate(fd, size * size * 3 * len(listing))
+            skipped, todo = _copy_unchanged(fd, listing, size, old)
+            skipped.update(_decode_into(fd, todo, listing, paths, size, progress))
         finally:
             os.close(fd)
         index = {"format": CACHE_FORMAT, "root": str(root), "size": size, "pillow": _pillow_version(),
@@ -214,11 +198,47 @@ def open_or_build(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for stale in previous:
-        if stale.directory != target:
-            shutil.rmtree(stale.directory, ignore_errors=True)  # open readers keep their file descriptors
-    entry = _open(target, size)
-    if entry is None:
-        raise OSError(f"the decoded-image cache {target} could not be read back")
-    entry.reused, entry.decoded = reused, len(todo)
-    return entry
+    return len(listing) - len(todo), len(todo)
+
+
+def _copy_unchanged(fd: int, listing: list[tuple[str, int, int]], size: int,
+                    old: CacheEntry | None) -> tuple[dict[str, str], list[int]]:
+    """Copy the rows ``old`` holds for unchanged files (same path, size, mtime) into ``fd``. Returns the reasons of
+    the unchanged unreadable files, and the rows still to decode."""
+    old_index = json.loads((old.directory / INDEX).read_text()) if old else None
+    old_rows = {tuple(f): row for row, f in enumerate(old_index["files"])} if old_index else {}
+    row_bytes = size * size * 3
+    skipped: dict[str, str] = {}
+    todo: list[int] = []
+    for row, item in enumerate(listing):
+        old_row = old_rows.get(item)
+        if old_row is None:
+            todo.append(row)
+        elif item[0] in old.skipped:
+            skipped[item[0]] = old.skipped[item[0]]
+        else:
+            os.pwrite(fd, old.store.read([old_row])[0].tobytes(), row * row_bytes)
+    return skipped, todo
+
+
+def _decode_into(fd: int, todo: list[int], listing: list[tuple[str, int, int]], paths: list[Path], size: int,
+                 progress: Progress | None) -> dict[str, str]:
+    """Decode the files of rows ``todo`` into ``fd``, in parallel. Returns why each unreadable one failed."""
+    row_bytes = size * size * 3
+    skipped: dict[str, str] = {}
+
+    def work(row: int) -> str | None:
+        result = _decode_one(paths[row], size)
+        if isinstance(result, str):
+            return result
+        os.pwrite(fd, np.ascontiguousarray(result).tobytes(), row * row_bytes)
+        return None
+
+    # Pillow releases the GIL while decoding and resizing, so threads use every core.
+    with ThreadPoolExecutor(max_workers=available_cores()) as pool:
+        for done, (row, reason) in enumerate(zip(todo, pool.map(work, todo)), start=1):
+            if reason is not None:
+                skipped[listing[row][0]] = reason
+            if progress is not None:
+                progress(done, len(todo))
+    return skipped

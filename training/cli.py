@@ -1,21 +1,24 @@
-"""``transferkit train`` and ``transferkit data``: thin argument parsing over the training library."""
+"""``transferkit train`` and ``transferkit data``: thin argument parsing over the training library.
+
+``train``'s options are generated from :class:`~transferkit.training.config.TrainConfig`: each field gives its flag,
+type, choices, default and help, so a setting is written down once, in the model.
+"""
 
 from __future__ import annotations
 
 import argparse
+import types
+import typing
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from transferkit.core.console import print_summary
-from transferkit.training.config import (
-    CLASS_WEIGHTS,
-    FLIPS,
-    OPTIMIZERS,
-    SCHEDULES,
-    STRATEGIES,
-    AugmentConfig,
-    HeadConfig,
-    TrainConfig,
-)
+from transferkit.core.errors import UsageError
+from transferkit.training.config import PER_INVOCATION, TrainConfig
+from transferkit.training.rundir import read_settings
 
 TRAIN_EPILOG = """\
 examples:
@@ -26,6 +29,7 @@ examples:
   transferkit train --list-backbones
 
   transferkit train --data ~/flowers --out runs/flowers --resume   # continue an interrupted run
+  transferkit train --config runs/flowers/config.json --out runs/flowers-s7 --seed 7   # the same run, one change
 
 The run directory holds model.keras, labels.json, config.json, split.json, history.csv, metrics.json,
 learning_curves.png, confusion_matrix.png, misclassified.png and report.md (with a fit diagnosis). It appears only
@@ -35,6 +39,77 @@ the size are unchanged.
 """
 
 
+# Where each setting appears in `transferkit train --help`, in this order (a test checks that every field is here).
+OPTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "data and output": ("data", "out", "force", "resume", "val_fraction", "test_fraction", "strict"),
+    "model": ("backbone", "image_size", "weights", "alpha", "head.kind", "head.dropout", "head.hidden_units",
+              "head.hidden_dropout", "head.l2"),
+    "training": ("strategy", "epochs", "fine_tune_epochs", "unfreeze", "batch_size", "learning_rate", "fine_tune_lr",
+                 "optimizer", "weight_decay", "momentum", "schedule", "warmup_epochs", "label_smoothing",
+                 "class_weight", "patience", "restore_best", "early_stopping_start", "seed", "cache_features",
+                 "kfold", "mixed_precision"),
+    "augmentation (training split only)": ("augment.enabled", "augment.flip", "augment.rotation", "augment.shift",
+                                           "augment.zoom", "augment.contrast"),
+}
+SETTINGS = tuple(path for paths in OPTION_GROUPS.values() for path in paths)
+# Flags other than the field's own name (--augment comes with --no-augment).
+FLAGS: dict[str, tuple[str, ...]] = {
+    "head.kind": ("--head",),
+    "augment.enabled": ("--augment",),
+    "learning_rate": ("--learning-rate", "--lr"),
+}
+
+
+def setting_field(path: str) -> FieldInfo:
+    """The model field of a setting, by its dotted path in :class:`TrainConfig` (e.g. ``head.dropout``)."""
+    model: type[BaseModel] = TrainConfig
+    *parents, name = path.split(".")
+    for parent in parents:
+        model = model.model_fields[parent].annotation
+    return model.model_fields[name]
+
+
+def flags_of(path: str) -> tuple[str, ...]:
+    return FLAGS.get(path, ("--" + path.rsplit(".", 1)[-1].replace("_", "-"),))
+
+
+def _value_type(annotation: Any) -> tuple[type, tuple[str, ...] | None]:
+    """(argparse type, choices) of a field: ``X | None`` is ``X``, a ``Literal`` gives its choices."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return str, typing.get_args(annotation)
+    return annotation, None
+
+
+def _help(field: FieldInfo, value_type: type) -> str:
+    default = field.get_default(call_default_factory=False)
+    text = field.description or ""
+    if value_type is bool:
+        text += f" (default: {'on' if default else 'off'})"
+    elif default is not None and not field.is_required():
+        text += f" (default: {default})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _add_setting(group: argparse._ArgumentGroup, path: str) -> None:
+    """One option for a setting. Defaults stay with the model: an option not given leaves nothing in the namespace
+    (SUPPRESS), so a --config file's value is kept and the model's default applies otherwise."""
+    field = setting_field(path)
+    flags = flags_of(path)
+    value_type, choices = _value_type(field.annotation)
+    options: dict[str, Any] = {"dest": path, "default": argparse.SUPPRESS}
+    if path in PER_INVOCATION:
+        options.update(action="store_true", help=field.description)
+    elif value_type is bool:
+        options.update(action=argparse.BooleanOptionalAction, help=_help(field, bool))
+    else:
+        options.update(type=value_type, choices=choices, help=_help(field, value_type))
+        if choices is None:
+            options["metavar"] = flags[0].removeprefix("--").replace("-", "_").upper()
+    group.add_argument(*flags, **options)
+
+
 def add_train_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="fine-tune a keras.applications backbone on a folder of labelled images",
@@ -42,88 +117,63 @@ def add_train_parser(subparsers) -> None:
                     "backbone layers at a lower learning rate. Writes a run directory atomically.",
         epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list-backbones", action="store_true", help="print the backbone registry and exit")
-    io = p.add_argument_group("data and output")
-    io.add_argument("--data", type=Path, help="class-folder dataset, or a folder with train/ val/ test/ sub-folders")
-    io.add_argument("--out", type=Path, help="run directory to create")
-    io.add_argument("--force", action="store_true", help="replace --out (and any interrupted run of it)")
-    io.add_argument("--resume", action="store_true",
-                    help="continue the interrupted run of --out (same settings) from its last finished epoch")
-    io.add_argument("--val-fraction", type=float, default=0.15, help="validation share when not pre-split")
-    io.add_argument("--test-fraction", type=float, default=0.15, help="test share when not pre-split")
-    io.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
-    m = p.add_argument_group("model")
-    m.add_argument("--backbone", default="MobileNetV2", help="a registry name (see --list-backbones)")
-    m.add_argument("--image-size", type=int, help="square input size in px (default: the backbone's)")
-    m.add_argument("--weights", default="imagenet",
-                   help="imagenet (default), none, a weights file, or a previous run directory (same backbone)")
-    m.add_argument("--alpha", type=float, help="width multiplier (MobileNet families)")
-    m.add_argument("--head", choices=("pool", "flatten"), default="pool",
-                   help="pool: GAP->dropout->softmax; flatten: avgpool 2x2->flatten->dense 128->dropout 0.4")
-    m.add_argument("--dropout", type=float, default=0.2, help="dropout after pooling (pool head)")
-    m.add_argument("--hidden-units", type=int, default=0, help="add a hidden dense layer of this width")
-    m.add_argument("--hidden-dropout", type=float, help="dropout after the hidden layer")
-    m.add_argument("--l2", type=float, default=0.0, help="L2 weight decay on the head's dense layers")
-    t = p.add_argument_group("training")
-    t.add_argument("--strategy", choices=STRATEGIES,
-                   help="feature-extraction: phase 1 only; fine-tune: both phases; scratch: random weights, "
-                        "everything trainable (the baseline transfer is compared against). Default: scratch with "
-                        "--weights none, fine-tune otherwise")
-    t.add_argument("--epochs", type=int, default=10, help="phase-1 epochs (max; early stopping)")
-    t.add_argument("--fine-tune-epochs", type=int, default=5, help="phase-2 epochs (0 skips fine-tuning)")
-    t.add_argument("--unfreeze", default="50",
-                   help="phase 2 unfreezes the top N backbone layers, from a named layer on, or 'all'")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--learning-rate", "--lr", type=float, default=1e-3, help="phase-1 learning rate")
-    t.add_argument("--fine-tune-lr", type=float, help="phase-2 learning rate (default: phase-1 rate / 10)")
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="default adamw")
-    t.add_argument("--weight-decay", type=float, default=1e-4, help="decoupled weight decay (adamw)")
-    t.add_argument("--momentum", type=float, default=0.9, help="momentum for sgd")
-    t.add_argument("--schedule", choices=SCHEDULES, default="cosine",
-                   help="cosine: linear warm-up, then cosine decay to 0 over each phase's epochs; constant")
-    t.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up per phase (cosine schedule)")
-    t.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the loss (default 0.1)")
-    t.add_argument("--class-weight", choices=CLASS_WEIGHTS, default="none",
-                   help="balanced: weight the loss by n / (classes x count), for imbalanced folders")
-    t.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs, on val loss)")
-    t.add_argument("--restore-best", action=argparse.BooleanOptionalAction, default=True,
-                   help="end each phase with the weights of its best epoch by validation loss (default); "
-                        "--no-restore-best keeps the last epoch's, e.g. when a few dozen validation images are too "
-                        "few to pick an epoch by and the cosine schedule ends at 0")
-    t.add_argument("--early-stopping-start", type=int,
-                   help="epochs before early stopping may stop or pick a best epoch (default: 0; a third of "
-                        "--epochs for scratch, whose BatchNormalization statistics lag at first)")
-    t.add_argument("--seed", type=int, default=42, help="seed for the split, initialisation and shuffling")
-    t.add_argument("--cache-features", action="store_true",
-                   help="phase 1 on features computed once by the frozen base (needs --no-augment)")
-    t.add_argument("--kfold", type=int, default=0, help="also run K-fold cross-validation and report mean ± std")
-    t.add_argument("--mixed-precision", action="store_true", help="float16 compute on GPU")
-    a = p.add_argument_group("augmentation (training split only)")
-    a.add_argument("--no-augment", action="store_true", help="turn augmentation off")
-    a.add_argument("--flip", choices=FLIPS, default="horizontal")
-    a.add_argument("--rotation", type=float, default=0.1, help="max rotation, fraction of a full turn")
-    a.add_argument("--shift", type=float, default=0.1, help="max translation, fraction of the size")
-    a.add_argument("--zoom", type=float, default=0.1)
-    a.add_argument("--contrast", type=float, default=0.1)
+    p.add_argument("--config", type=Path, metavar="CONFIG_JSON",
+                   help="train again with the settings of a run's config.json (or its run directory); the options "
+                        "given here override them (--force and --resume are never taken from it)")
+    for title, paths in OPTION_GROUPS.items():
+        group = p.add_argument_group(title)
+        for path in paths:
+            _add_setting(group, path)
     p.set_defaults(handler=run_train)
 
 
+def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line, nested like the model (``head.dropout`` -> ``{"head": {...}}``)."""
+    settings: dict[str, Any] = {}
+    for path in SETTINGS:
+        if hasattr(args, path):
+            *parents, name = path.split(".")
+            target = settings
+            for parent in parents:
+                target = target.setdefault(parent, {})
+            target[name] = getattr(args, path)
+    return settings
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            value = _merge(merged[key], value)
+        merged[key] = value
+    return merged
+
+
+def _one_line(error: ValidationError) -> str:
+    """Pydantic's errors as one line, each named by its flag (a --config file's unknown key by the key)."""
+    flags = {path: flags_of(path)[0] for path in SETTINGS}
+    problems = []
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if not path:  # a rule across settings: its message names the flags
+            problems.append(message)
+            continue
+        got = "" if item["type"] == "missing" else f" (got {item['input']!r})"
+        problems.append(f"{flags.get(path, path)}: {message}{got}")
+    return "; ".join(problems)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    strategy = args.strategy or ("scratch" if args.weights == "none" else "fine-tune")
-    return TrainConfig(
-        data=str(args.data), out=str(args.out), backbone=args.backbone, image_size=args.image_size,
-        weights=args.weights, strategy=strategy, alpha=args.alpha, epochs=args.epochs,
-        fine_tune_epochs=0 if strategy != "fine-tune" else args.fine_tune_epochs,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, fine_tune_lr=args.fine_tune_lr,
-        optimizer=args.optimizer, weight_decay=args.weight_decay, momentum=args.momentum, schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, class_weight=args.class_weight,
-        early_stopping_start=args.early_stopping_start, unfreeze=args.unfreeze, patience=args.patience,
-        restore_best=args.restore_best,
-        head=HeadConfig(args.head, args.dropout, args.hidden_units, args.hidden_dropout, args.l2),
-        augment=AugmentConfig(not args.no_augment, args.flip, args.rotation, args.shift, args.zoom, args.contrast),
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed, strict=args.strict,
-        cache_features=args.cache_features, kfold=args.kfold, mixed_precision=args.mixed_precision,
-        force=args.force, resume=args.resume,
-    )
+    """The configuration of ``transferkit train ARGS``: a --config file's settings, then the options given."""
+    recorded = read_settings(args.config) if args.config else {}
+    settings = _merge(recorded, _given_settings(args))
+    if "data" not in settings or "out" not in settings:
+        raise UsageError("train needs --data DIR and --out DIR (or --config RUN/config.json, or --list-backbones)")
+    try:
+        return TrainConfig.model_validate(settings)
+    except ValidationError as exc:
+        raise UsageError(_one_line(exc)) from None
 
 
 def print_backbones() -> None:
@@ -145,41 +195,40 @@ def print_backbones() -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from transferkit.core.errors import UsageError
-
     if args.list_backbones:
         print_backbones()
         return 0
-    if args.data is None or args.out is None:
-        raise UsageError("train needs --data DIR and --out DIR (or --list-backbones)")
+    config = config_from_args(args)  # before importing TensorFlow: a usage error is instant
     from transferkit.training.train import train
 
-    result = train(config_from_args(args), log=print)
-    metrics = result.metrics
+    print_summary(_summary(train(config, log=print)))
+    return 0
+
+
+def _summary(result) -> list[tuple[str, str]]:
+    """The closing lines of ``transferkit train`` for a finished run (a ``TrainResult``)."""
+    metrics, config = result.metrics, result.config
     failures = metrics.get("failures", [])
     if "test" not in metrics:  # evaluation failed: the model is saved, the numbers are missing
-        print_summary([("run directory", str(result.run_dir)),
-                       *((f"failed: {f['step']}", f["error"]) for f in failures)])
-        return 0
+        return [("run directory", str(result.run_dir)), *((f"failed: {f['step']}", f["error"]) for f in failures)]
     test = metrics["test"]
     summary = [
         ("run directory", str(result.run_dir)),
-        ("backbone", f"{result.config['backbone']} @ {result.config['image_size']} px, "
-                     f"weights {result.config['weights_resolved']}, {result.config['strategy']}"),
-        ("epochs", f"{result.metrics['epochs']['phase1']} + {result.metrics['epochs']['phase2']} (phase 1 + 2)"),
+        ("backbone", f"{config['backbone']} @ {config['image_size']} px, "
+                     f"weights {config['weights_resolved']}, {config['strategy']}"),
+        ("epochs", f"{metrics['epochs']['phase1']} + {metrics['epochs']['phase2']} (phase 1 + 2)"),
         ("test accuracy", f"{test['accuracy']:.4f}" + (f"  (top-5 {test['top5_accuracy']:.4f})"
                                                          if "top5_accuracy" in test else "")),
         ("test loss", f"{test['loss']:.4f}"),
-        ("diagnosis", (result.metrics.get("diagnosis") or {}).get("verdict", "-")),
-        ("time", ", ".join(f"{k.replace('_seconds', '')} {v:.1f}s" for k, v in result.metrics["timings"].items())),
+        ("diagnosis", (metrics.get("diagnosis") or {}).get("verdict", "-")),
+        ("time", ", ".join(f"{k.replace('_seconds', '')} {v:.1f}s" for k, v in metrics["timings"].items())),
     ]
-    if "kfold" in result.metrics:
-        s = result.metrics["kfold"]["summary"]["accuracy"]
-        summary.append((f"{result.metrics['kfold']['k']}-fold accuracy", f"{s['mean']:.4f} ± {s['std']:.4f}"))
+    if "kfold" in metrics:
+        s = metrics["kfold"]["summary"]["accuracy"]
+        summary.append((f"{metrics['kfold']['k']}-fold accuracy", f"{s['mean']:.4f} ± {s['std']:.4f}"))
     summary.append(("report", str(result.run_dir / "report.md")))
     summary += [(f"failed: {f['step']}", f"{f['error']} (the run is complete without it)") for f in failures]
-    print_summary(summary)
-    return 0
+    return summary
 
 
 def add_data_parser(subparsers) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from transferkit.core.errors import DatasetError, UsageError
 from transferkit.core.images import SUPPORTED_EXTENSIONS
-from transferkit.training.cache import PixelRows, open_or_build
+from transferkit.training.cache import CacheEntry, PixelRows, open_or_build
 
 SPLITS = ("train", "val", "test")
 _SPLIT_DIR_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -185,25 +185,9 @@ def load_dataset(
             f"split fractions must be in [0, 1) and leave a training set, got val={val_fraction}, "
             f"test={test_fraction}"
         )
-
-    layout = _detect_layout(root)
-    per_split_files: dict[str, dict[str, list[Path]]] = {}
-    ignored = 0
-    if layout is None:
-        per_split_files["all"], ignored = _collect(root, None)
-    else:
-        per_split_files["train"], ignored = _collect(layout["train"], None)
-        for name in ("val", "test"):
-            if name in layout:
-                per_split_files[name], more = _collect(layout[name], sorted(per_split_files["train"]))
-                ignored += more
-    first = per_split_files.get("all") or per_split_files["train"]
-    class_names = sorted(first)
-    if len(class_names) < 2:
-        found = ", ".join(class_names) or "none"
-        raise DatasetError(f"need at least 2 class folders in {root}, found {len(class_names)} ({found})")
+    layout, per_split_files, ignored = _discover(root)
+    class_names = _class_names(root, per_split_files)
     class_index = {name: i for i, name in enumerate(class_names)}
-
     ordered: list[tuple[str, Path, int]] = [
         (split, path, class_index[name])
         for split, classes in per_split_files.items()
@@ -211,13 +195,61 @@ def load_dataset(
         for path in paths
     ]
     entry = open_or_build(root, [path for _, path, _ in ordered], image_size, cache_dir, progress)
-
-    skipped: list[dict[str, str]] = []
     # What to carve out of the pool: both splits for a flat layout, only the missing ones for a pre-split layout.
     carve = {name: frac for name, frac in (("test", test_fraction), ("val", val_fraction))
              if layout is None or name not in per_split_files}
+    members, skipped = _assign_splits(entry, ordered, carve, seed, strict)
+    _check_splits(members, carve, class_names)
+    splits = {
+        name: SplitData(files=files, labels=np.asarray(labels, dtype=np.int64),
+                        images=PixelRows(entry.store, np.asarray(rows, dtype=np.int64)))
+        for name, (files, labels, rows) in members.items()
+    }
+    return Dataset(
+        root=root.absolute(),
+        class_names=class_names,
+        splits=splits,
+        presplit=layout is not None,
+        image_size=image_size,
+        skipped=skipped,
+        ignored_files=ignored,
+        cache={"directory": str(entry.directory), "reused": entry.reused, "decoded": entry.decoded},
+    )
+
+
+def _discover(root: Path) -> tuple[dict[str, Path] | None, dict[str, dict[str, list[Path]]], int]:
+    """(pre-split layout or None, {"all" or split: {class: files}}, number of non-image files ignored)."""
+    layout = _detect_layout(root)
+    per_split_files: dict[str, dict[str, list[Path]]] = {}
+    if layout is None:
+        per_split_files["all"], ignored = _collect(root, None)
+        return layout, per_split_files, ignored
+    per_split_files["train"], ignored = _collect(layout["train"], None)
+    for name in ("val", "test"):
+        if name in layout:
+            per_split_files[name], more = _collect(layout[name], sorted(per_split_files["train"]))
+            ignored += more
+    return layout, per_split_files, ignored
+
+
+def _class_names(root: Path, per_split_files: dict[str, dict[str, list[Path]]]) -> list[str]:
+    first = per_split_files.get("all") or per_split_files["train"]
+    class_names = sorted(first)
+    if len(class_names) < 2:
+        found = ", ".join(class_names) or "none"
+        raise DatasetError(f"need at least 2 class folders in {root}, found {len(class_names)} ({found})")
+    return class_names
+
+
+Members = dict[str, tuple[list[str], list[int], list[int]]]  # split -> (files, labels, cache rows)
+
+
+def _assign_splits(entry: CacheEntry, ordered: list[tuple[str, Path, int]], carve: dict[str, float], seed: int,
+                   strict: bool) -> tuple[Members, list[dict[str, str]]]:
+    """Each readable file's split (carved from the pool by its hash, or its pre-split folder), and the skipped."""
+    skipped: list[dict[str, str]] = []
     total_carved = sum(carve.values())
-    members: dict[str, tuple[list[str], list[int], list[int]]] = {name: ([], [], []) for name in SPLITS}
+    members: Members = {name: ([], [], []) for name in SPLITS}
     for row, (origin, _path, label) in enumerate(ordered):
         relative = entry.files[row]
         reason = entry.skipped.get(relative)
@@ -235,7 +267,11 @@ def load_dataset(
         files.append(relative)
         labels.append(label)
         rows.append(row)
+    return members, skipped
 
+
+def _check_splits(members: Members, carve: dict[str, float], class_names: list[str]) -> None:
+    """Every class keeps an image in the pool and no split is empty, after skipping unreadable files."""
     pool_labels = set(members["train"][1]) | set(members["val"][1] if "val" in carve else []) | set(
         members["test"][1] if "test" in carve else [])
     missing = sorted(set(range(len(class_names))) - pool_labels)
@@ -248,18 +284,3 @@ def load_dataset(
                 f"the {name} split is empty ({sum(len(m[0]) for m in members.values())} readable images); "
                 f"add images or raise the {name} fraction"
             )
-    splits = {
-        name: SplitData(files=files, labels=np.asarray(labels, dtype=np.int64),
-                        images=PixelRows(entry.store, np.asarray(rows, dtype=np.int64)))
-        for name, (files, labels, rows) in members.items()
-    }
-    return Dataset(
-        root=root.absolute(),
-        class_names=class_names,
-        splits=splits,
-        presplit=layout is not None,
-        image_size=image_size,
-        skipped=skipped,
-        ignored_files=ignored,
-        cache={"directory": str(entry.directory), "reused": entry.reused, "decoded": entry.decoded},
-    )

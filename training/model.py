@@ -7,7 +7,6 @@ model named "head", so its weights can be trained alone on cached features).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import keras
@@ -16,7 +15,8 @@ import numpy as np
 from transferkit.core.backbones import Backbone
 from transferkit.core.errors import RunDirectoryError, UsageError, WeightsUnavailableError
 from transferkit.training.config import HeadConfig
-from transferkit.training.layers import BackbonePreprocessing, preprocessing_block  # noqa: F401 (registers)
+from transferkit.training.layers import preprocessing_block
+from transferkit.training.rundir import read_config
 
 SCRATCH_BN_MOMENTUM = 0.9
 
@@ -103,8 +103,7 @@ def find_head_layer(model: keras.Model) -> keras.Model:
 
 
 def load_run_model(run_dir: Path) -> keras.Model:
-    """Load ``model.keras`` from a run directory (plain ``keras.models.load_model`` works too; importing this
-    module also registers the layer of runs saved by earlier versions)."""
+    """Load ``model.keras`` from a run directory (plain ``keras.models.load_model`` works too)."""
     path = Path(run_dir) / "model.keras"
     if not path.is_file():
         raise RunDirectoryError(f"{run_dir} is not a transferkit run: {path.name} is missing")
@@ -116,7 +115,8 @@ def transfer_from_run(base: keras.Model, backbone: Backbone, run_dir: Path) -> N
     config_path = Path(run_dir) / "config.json"
     if not config_path.is_file():
         raise RunDirectoryError(f"--weights {run_dir}: not a transferkit run (config.json missing)")
-    source_backbone = json.loads(config_path.read_text()).get("backbone")  # any schema version: one key
+    # read_config refuses a run of another schema version: its model.keras may hold layers this version lacks.
+    source_backbone = read_config(run_dir).backbone
     if source_backbone != backbone.name:
         raise UsageError(
             f"--weights {run_dir}: that run used backbone {source_backbone}, this one {backbone.name}"

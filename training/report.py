@@ -76,20 +76,26 @@ def _fmt(value: Any) -> str:
 
 def render(config: dict, metrics: dict, dataset: Dataset, fit: Any) -> str:
     """The human-readable run report (Markdown)."""
-    test = metrics["test"]
     diagnosis = metrics["diagnosis"]
-    timings = metrics["timings"]
     lines = [
         f"# Training report: {config['backbone']} on {dataset.root.name}",
         "",
         f"**Diagnosis: {diagnosis['verdict']}.** {diagnosis['explanation']}",
-        "",
-        "## Result",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| test accuracy | {test['accuracy']:.4f} |",
+        *_result(metrics),
+        *_diagnosis(metrics),
+        *_per_class(metrics["test"]),
+        *_data(config, metrics, dataset),
+        *_kfold(metrics),
+        *_configuration(config),
+        *_timings(metrics["timings"]),
+        *_files(config),
     ]
+    return "\n".join(lines)
+
+
+def _result(metrics: dict) -> list[str]:
+    test = metrics["test"]
+    lines = ["", "## Result", "", "| metric | value |", "|---|---|", f"| test accuracy | {test['accuracy']:.4f} |"]
     if "top5_accuracy" in test:
         lines.append(f"| test top-5 accuracy | {test['top5_accuracy']:.4f} |")
     lines += [
@@ -103,7 +109,13 @@ def render(config: dict, metrics: dict, dataset: Dataset, fit: Any) -> str:
         summary = metrics["kfold"]["summary"]
         lines.append(f"| {metrics['kfold']['k']}-fold accuracy | {summary['accuracy']['mean']:.4f} ± "
                      f"{summary['accuracy']['std']:.4f} |")
-    lines += ["", "## Diagnosis signals", ""]
+    return lines
+
+
+def _diagnosis(metrics: dict) -> list[str]:
+    """The diagnosis signals and numbers, then the notes and failed steps."""
+    diagnosis = metrics["diagnosis"]
+    lines = ["", "## Diagnosis signals", ""]
     lines += [f"- **{s['verdict']}**: {s['explanation']}" for s in diagnosis["signals"]]
     lines += ["", "Numbers behind it:", "", "| quantity | value |", "|---|---|"]
     lines += [f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in diagnosis["numbers"].items()]
@@ -111,14 +123,22 @@ def render(config: dict, metrics: dict, dataset: Dataset, fit: Any) -> str:
         lines += ["", f"Note: {note}."]
     for failure in metrics.get("failures", []):
         lines += ["", f"**Failed step: {failure['step']}** ({failure['error']}); the run is complete without it."]
-    lines += ["", "## Per-class test metrics", "", "| class | precision | recall | F1 | support |",
-              "|---|---|---|---|---|"]
+    return lines
+
+
+def _per_class(test: dict) -> list[str]:
+    lines = ["", "## Per-class test metrics", "", "| class | precision | recall | F1 | support |",
+             "|---|---|---|---|---|"]
     lines += [f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
               for name, m in test["per_class"].items()]
+    return lines
+
+
+def _data(config: dict, metrics: dict, dataset: Dataset) -> list[str]:
     counts = metrics["data"]["counts"]
-    lines += ["", "## Data", "", f"Root: `{dataset.root}` ({'pre-split' if dataset.presplit else 'split here'}, "
-              f"seed {config['seed']}; every file's split is in `split.json`).", "",
-              "| class | " + " | ".join(counts) + " |", "|---|" + "---|" * len(counts)]
+    lines = ["", "## Data", "", f"Root: `{dataset.root}` ({'pre-split' if dataset.presplit else 'split here'}, "
+             f"seed {config['seed']}; every file's split is in `split.json`).", "",
+             "| class | " + " | ".join(counts) + " |", "|---|" + "---|" * len(counts)]
     lines += [f"| {name} | " + " | ".join(str(counts[s].get(name, 0)) for s in counts) + " |"
               for name in dataset.class_names]
     skipped = metrics["data"]["skipped"]
@@ -126,26 +146,43 @@ def render(config: dict, metrics: dict, dataset: Dataset, fit: Any) -> str:
     lines += [f"- `{item['file']}`: {item['reason']}" for item in skipped]
     if metrics["data"]["ignored_non_image_files"]:
         lines.append(f"Ignored {metrics['data']['ignored_non_image_files']} file(s) without an image extension.")
-    if "kfold" in metrics:
-        lines += ["", f"## {metrics['kfold']['k']}-fold cross-validation (train + val; test held out)", "",
-                  "| fold | accuracy | loss | macro F1 | epochs |", "|---|---|---|---|---|"]
-        lines += [f"| {r['fold']} | {r['accuracy']:.4f} | {r['loss']:.4f} | {r['macro_f1']:.4f} | {r['epochs']} |"
-                  for r in metrics["kfold"]["folds"]]
-    lines += ["", "## Configuration", "", "| setting | value |", "|---|---|"]
-    for key in ("backbone", "image_size", "weights", "strategy", "optimizer", "weight_decay", "learning_rate",
-                "fine_tune_lr", "schedule", "warmup_epochs", "label_smoothing", "class_weight", "unfreeze",
-                "batch_size", "epochs", "fine_tune_epochs", "patience", "early_stopping_start", "restore_best", "head",
-                "augment"):
-        lines.append(f"| {key} | `{config.get(key)}` |")
-    lines += ["", "## Timings", "", "| step | seconds |", "|---|---|"]
+    return lines
+
+
+def _kfold(metrics: dict) -> list[str]:
+    if "kfold" not in metrics:
+        return []
+    lines = ["", f"## {metrics['kfold']['k']}-fold cross-validation (train + val; test held out)", "",
+             "| fold | accuracy | loss | macro F1 | epochs |", "|---|---|---|---|---|"]
+    lines += [f"| {r['fold']} | {r['accuracy']:.4f} | {r['loss']:.4f} | {r['macro_f1']:.4f} | {r['epochs']} |"
+              for r in metrics["kfold"]["folds"]]
+    return lines
+
+
+REPORTED_SETTINGS = ("backbone", "image_size", "weights", "strategy", "optimizer", "weight_decay", "learning_rate",
+                     "fine_tune_lr", "schedule", "warmup_epochs", "label_smoothing", "class_weight", "unfreeze",
+                     "batch_size", "epochs", "fine_tune_epochs", "patience", "early_stopping_start", "restore_best",
+                     "head", "augment")
+
+
+def _configuration(config: dict) -> list[str]:
+    lines = ["", "## Configuration", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {key} | `{config.get(key)}` |" for key in REPORTED_SETTINGS]
+    return lines
+
+
+def _timings(timings: dict[str, float]) -> list[str]:
+    lines = ["", "## Timings", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {k.replace('_seconds', '').replace('_', ' ')} | {v:.1f} |" for k, v in timings.items()]
-    lines += ["", "## Files", "",
-              "- `model.keras`: the inference-ready float32 model (takes RGB 0-255; preprocessing inside, built "
-              "from standard Keras layers). Load it with `keras.models.load_model`.",
-              "- `labels.json`, `config.json`, `split.json`, `history.csv`, `metrics.json`",
-              "- `learning_curves.png`, `confusion_matrix.png`, `misclassified.png`",
-              "- `checkpoints/best.weights.h5`: the final weights ("
-              + ("best epoch by validation loss" if config.get("restore_best", True) else "each phase's last epoch")
-              + "); "
-              "`checkpoints/phase1.weights.h5`: the weights after phase 1", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _files(config: dict) -> list[str]:
+    final = "best epoch by validation loss" if config.get("restore_best", True) else "each phase's last epoch"
+    return ["", "## Files", "",
+            "- `model.keras`: the inference-ready float32 model (takes RGB 0-255; preprocessing inside, built "
+            "from standard Keras layers). Load it with `keras.models.load_model`.",
+            "- `labels.json`, `config.json`, `split.json`, `history.csv`, `metrics.json`",
+            "- `learning_curves.png`, `confusion_matrix.png`, `misclassified.png`",
+            f"- `checkpoints/best.weights.h5`: the final weights ({final}); "
+            "`checkpoints/phase1.weights.h5`: the weights after phase 1", ""]

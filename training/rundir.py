@@ -14,10 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transferkit.core.errors import RunDirectoryError
-from transferkit.training.config import AugmentConfig, HeadConfig
+from transferkit.training.config import PER_INVOCATION, RESUME_INVARIANT, TrainConfig
 
 # 1: runs before the schema existed (no schema_version key). 2: typed run directory, hash-based splits.
 RUN_SCHEMA_VERSION = 2
@@ -38,44 +38,13 @@ class InputSpec(BaseModel):
     range: str = "RGB 0-255"
 
 
-class RunConfig(_Record):
-    """``config.json``: the resolved configuration (every option, with defaults filled in) and the environment."""
+class RunConfig(TrainConfig, _Record):
+    """``config.json``: the training configuration with every default resolved, and the environment."""
 
-    data: str
-    out: str
-    backbone: str
-    image_size: int
-    weights: str
-    weights_resolved: str
-    strategy: Literal["feature-extraction", "fine-tune", "scratch"]
-    alpha: float | None = None
-    epochs: int
-    fine_tune_epochs: int
-    batch_size: int
-    learning_rate: float
-    fine_tune_lr: float | None = None
-    optimizer: str
-    weight_decay: float
-    momentum: float
-    schedule: str
-    warmup_epochs: float
-    label_smoothing: float
-    class_weight: str
-    early_stopping_start: int
-    unfreeze: str
-    patience: int
-    restore_best: bool = True
-    head: HeadConfig
-    augment: AugmentConfig
-    val_fraction: float
-    test_fraction: float
-    seed: int
-    strict: bool
-    cache_features: bool
-    kfold: int
-    mixed_precision: bool
-    force: bool = False
-    resume: bool = False
+    image_size: int = Field(ge=1, description="square input size in px", json_schema_extra=RESUME_INVARIANT)
+    early_stopping_start: int = Field(ge=0, description="epochs before early stopping may stop or pick a best epoch")
+    weights_resolved: str = Field(description="where the backbone weights came from: imagenet, none, a file or run",
+                                  json_schema_extra=RESUME_INVARIANT)
     preprocessing: str
     family: str
     input: InputSpec
@@ -184,6 +153,23 @@ def _read(run_dir: Path, name: str, model: type[Model]) -> Model:
 
 def read_config(run_dir: Path) -> RunConfig:
     return _read(run_dir, CONFIG, RunConfig)
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """The training settings recorded in a ``config.json`` (``path`` may be its run directory), to train the run
+    again: its :class:`TrainConfig` fields, without what the run resolved from its environment (library versions,
+    GPUs, input spec) and without the per-invocation ``force`` and ``resume``. Validated by the caller, which may
+    change some first."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONFIG
+    if not path.is_file():
+        raise RunDirectoryError(f"{path} not found: expected a run's {CONFIG} or its run directory")
+    data = _read_json(path.parent, path.name)
+    if not isinstance(data, dict):
+        raise RunDirectoryError(f"{path} must be a JSON object of training settings")
+    recorded_by_the_run = set(RunConfig.model_fields) - set(TrainConfig.model_fields)
+    return {key: value for key, value in data.items() if key not in recorded_by_the_run | set(PER_INVOCATION)}
 
 
 def read_metrics(run_dir: Path) -> RunMetrics:

@@ -20,16 +20,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from transferkit.core.atomic import mark_output
 from transferkit.core.backbones import Backbone, get_backbone
 from transferkit.core.errors import TransferkitError, UsageError
+from transferkit.core.progress import Progress
 from transferkit.core.stopping import raise_if_stop_requested, stop_exit_code
 from transferkit.core.system import library_versions
 from transferkit.training import rundir, workdir
-from transferkit.training.config import TrainConfig
+from transferkit.training.config import TrainConfig, changed_settings
 from transferkit.training.data import Dataset, SplitData, check_data_dir, load_dataset
 from transferkit.training.workdir import RunInterrupted
 
@@ -56,40 +58,14 @@ class TrainResult:
 
 
 def validate_config(config: TrainConfig) -> tuple[Backbone, int, str, list[str]]:
-    """Check everything checkable before any data is read. Returns (backbone, size, weights, warnings)."""
-    from transferkit.training.config import CLASS_WEIGHTS, OPTIMIZERS, SCHEDULES
-
+    """Check what the configuration model cannot (the backbone registry, files on disk) before any data is read.
+    Returns (backbone, size, weights, warnings)."""
     backbone = get_backbone(config.backbone)
     size = config.image_size or backbone.default_size
     check_data_dir(Path(config.data))
-    weights = config.weights
-    if config.strategy == "scratch":
-        if weights not in ("imagenet", "none"):
-            raise UsageError("--strategy scratch trains from random weights; drop --weights")
-        weights = "none"
-    elif weights not in ("imagenet", "none") and not Path(weights).exists():
+    weights = "none" if config.strategy == "scratch" else config.weights
+    if weights not in ("imagenet", "none") and not Path(weights).exists():
         raise UsageError(f"--weights must be imagenet, none, a weights file or a run directory; {weights} not found")
-    for name in ("epochs", "batch_size"):
-        if getattr(config, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if config.fine_tune_epochs < 0:
-        raise UsageError(f"--fine-tune-epochs must be >= 0, got {config.fine_tune_epochs}")
-    if config.learning_rate <= 0 or (config.fine_tune_lr is not None and config.fine_tune_lr <= 0):
-        raise UsageError("learning rates must be positive")
-    if not 0 <= config.label_smoothing < 1:
-        raise UsageError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
-    if config.warmup_epochs < 0 or config.weight_decay < 0:
-        raise UsageError("--warmup-epochs and --weight-decay must be >= 0")
-    for name, value, allowed in (("optimizer", config.optimizer, OPTIMIZERS), ("schedule", config.schedule, SCHEDULES),
-                                 ("class-weight", config.class_weight, CLASS_WEIGHTS)):
-        if value not in allowed:
-            raise UsageError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
-    if config.cache_features and config.augment.active:
-        raise UsageError("--cache-features needs phase 1 without augmentation: add --no-augment")
-    if config.cache_features and config.strategy == "scratch":
-        raise UsageError("--cache-features needs a frozen base; it does not apply to --strategy scratch")
-    if config.kfold == 1 or config.kfold < 0:
-        raise UsageError(f"--kfold must be 0 (off) or at least 2, got {config.kfold}")
     warnings = backbone.check_input_size(size, weights)
     if weights == "none" and config.strategy != "scratch":
         warnings.append("a frozen backbone with random weights (--weights none) extracts little; "
@@ -161,6 +137,28 @@ def _split_head(head):
     return layers[:n], layers[n:]
 
 
+@dataclass
+class _Fit:
+    """What the phases of one fit share: the model and its parts, the data and pipelines, the recipe's numbers, and
+    the epochs an interrupted run already logged (``done``)."""
+
+    config: TrainConfig
+    model: Any  # keras.Model
+    base: Any
+    head: Any
+    train: SplitData
+    val: SplitData
+    num_classes: int
+    work: Path | None
+    log: Log
+    verbose: int
+    steps: int
+    class_weight: dict[int, float] | None
+    done: list[dict]
+    train_ds: Any  # tf.data.Dataset, or None when no phase trains the full model
+    val_ds: Any
+
+
 def fit_model(
     config: TrainConfig,
     backbone: Backbone,
@@ -176,126 +174,162 @@ def fit_model(
     saved there after every epoch and a run interrupted earlier continues where it stopped."""
     import keras
 
-    from transferkit.training import recipe
-    from transferkit.training.evaluate import batched_forward
-    from transferkit.training.model import (
-        build_classifier,
-        find_backbone_layer,
-        find_head_layer,
-        resolve_unfreeze,
-        unfreeze_top,
-    )
-    from transferkit.training.pipeline import augmentation, one_hot, streaming_dataset
-
     keras.utils.set_random_seed(config.seed)
-    scratch = config.strategy == "scratch"
+    fit = _prepare_fit(config, backbone, size, weights, num_classes, train, val, work, log)
+    result = FitResult(model=fit.model)
+    best_phase1 = _phase1(fit, result)
+    if config.runs_phase2:
+        _phase2(fit, result, best_phase1)
+    if work is not None:
+        fit.model.save_weights(work / "checkpoints" / "best.weights.h5")
+    return result
+
+
+def _prepare_fit(config: TrainConfig, backbone: Backbone, size: int, weights: str, num_classes: int,
+                 train: SplitData, val: SplitData, work: Path | None, log: Log) -> _Fit:
+    """The model, the input pipelines and the recipe's numbers, made in the order the seeded random state sees."""
+    from transferkit.training import recipe
+    from transferkit.training.model import build_classifier, find_backbone_layer, find_head_layer, resolve_unfreeze
+    from transferkit.training.pipeline import augmentation, streaming_dataset
+
     with _distribution_strategy().scope():
         model = build_classifier(backbone, num_classes, size, weights, config.head, config.alpha,
-                                 trainable_base=scratch)
-    base, head = find_backbone_layer(model), find_head_layer(model)
+                                 trainable_base=config.strategy == "scratch")
+    base = find_backbone_layer(model)
     if config.runs_phase2:
         resolve_unfreeze(base, config.unfreeze)  # a bad layer name fails now, not after phase 1
     augment = augmentation(config) if config.augment.active else None
-    result = FitResult(model=model)
-    verbose = _verbosity()
-    steps = recipe.steps_per_epoch(len(train), config.batch_size)
-    class_weight = recipe.class_weights(config, train.labels, num_classes)
-    done = workdir.read_history(work) if work is not None else []
-    phase1_file = work / "checkpoints" / "phase1.weights.h5" if work is not None else None
-
-    def callbacks(phase: int, peak: float, start_from_epoch: int) -> tuple[list, list[dict]]:
-        epoch_log, rows = _epoch_logger(work, phase, peak)
-        cbs = []
-        if work is not None:
-            # First, so an epoch is logged only once its state is saved.
-            cbs.append(keras.callbacks.BackupAndRestore(str(work / workdir.BACKUP_DIR / f"phase{phase}")))
-        cbs += [epoch_log, keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=config.patience, restore_best_weights=config.restore_best, verbose=1,
-            start_from_epoch=start_from_epoch)]
-        return cbs, rows
-
     # Built only when a phase trains the full model.
     needs_pipeline = not config.cache_features or config.runs_phase2
-    train_ds = (streaming_dataset(train, config.batch_size, num_classes, True, config.seed, augment)
-                if needs_pipeline else None)
-    val_ds = streaming_dataset(val, config.batch_size, num_classes, False, config.seed) if needs_pipeline else None
+    return _Fit(
+        config=config, model=model, base=base, head=find_head_layer(model), train=train, val=val,
+        num_classes=num_classes, work=work, log=log, verbose=_verbosity(),
+        steps=recipe.steps_per_epoch(len(train), config.batch_size),
+        class_weight=recipe.class_weights(config, train.labels, num_classes),
+        done=workdir.read_history(work) if work is not None else [],
+        train_ds=(streaming_dataset(train, config.batch_size, num_classes, True, config.seed, augment)
+                  if needs_pipeline else None),
+        val_ds=streaming_dataset(val, config.batch_size, num_classes, False, config.seed) if needs_pipeline else None,
+    )
 
-    # Phase 1: frozen base, train the head (or, for scratch, everything).
-    lr1 = config.learning_rate
-    phase1_done = phase1_file is not None and phase1_file.is_file()
-    title = "training from scratch" if scratch else "phase 1: frozen base, training the head"
+
+def _callbacks(fit: _Fit, phase: int, peak: float, start_from_epoch: int) -> tuple[list, list[dict]]:
+    """The phase's callbacks ([backup,] epoch log, early stopping) and the list the epoch log fills."""
+    import keras
+
+    epoch_log, rows = _epoch_logger(fit.work, phase, peak)
+    callbacks = []
+    if fit.work is not None:
+        # First, so an epoch is logged only once its state is saved.
+        callbacks.append(keras.callbacks.BackupAndRestore(str(fit.work / workdir.BACKUP_DIR / f"phase{phase}")))
+    callbacks += [epoch_log, keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=fit.config.patience, restore_best_weights=fit.config.restore_best, verbose=1,
+        start_from_epoch=start_from_epoch)]
+    return callbacks, rows
+
+
+def _phase1(fit: _Fit, result: FitResult) -> float:
+    """Phase 1: frozen base, train the head (or, for scratch, everything); restored instead when an interrupted run
+    finished it. Returns the phase's best validation loss."""
+    title = "training from scratch" if fit.config.strategy == "scratch" else "phase 1: frozen base, training the head"
+    phase1_file = fit.work / "checkpoints" / "phase1.weights.h5" if fit.work is not None else None
     start = time.perf_counter()
-    if phase1_done:
-        model.load_weights(phase1_file)
-        result.history = [row for row in done if row["phase"] == 1]
-        log(f"{title}: done in the interrupted run ({len(result.history)} epochs), weights restored")
+    if phase1_file is not None and phase1_file.is_file():
+        fit.model.load_weights(phase1_file)
+        result.history = [row for row in fit.done if row["phase"] == 1]
+        fit.log(f"{title}: done in the interrupted run ({len(result.history)} epochs), weights restored")
     else:
-        # Cached-feature training keeps no backup (it is quick to redo): it restarts, so drop its logged epochs.
-        resumed = [row for row in done if row["phase"] == 1] if not config.cache_features else []
-        log(f"{title} ({config.epochs} epochs max, lr {lr1:g}, {config.schedule} schedule, {config.optimizer})"
-            + (f", resuming after epoch {len(resumed)}" if resumed else ""))
-        schedule = recipe.learning_rate_schedule(config, lr1, config.epochs, steps)
-        if config.cache_features:
-            pool_layers, trainable_layers = _split_head(head)
-            extractor = keras.Sequential([model.get_layer("preprocessing"), base, *pool_layers],
-                                         name="feature_extractor")
-            train_features = batched_forward(extractor, train.images, config.batch_size)
-            val_features = batched_forward(extractor, val.images, config.batch_size)
-            result.timings["feature_extraction_seconds"] = time.perf_counter() - start
-            log(f"cached pooled features {train_features.shape[1:]} for {len(train)} + {len(val)} images "
-                f"in {result.timings['feature_extraction_seconds']:.1f}s")
-            features_in = keras.Input(train_features.shape[1:], name="pooled_features")
-            x = features_in
-            for layer in trainable_layers:
-                x = layer(x)
-            pooled_head = keras.Model(features_in, x, name="pooled_head")  # shares the head's weights
-            recipe.compile_for_training(pooled_head, config, schedule)
-            cbs, rows = callbacks(1, lr1, config.resolved_early_stopping_start)
-            pooled_head.fit(train_features, one_hot(train.labels, num_classes), batch_size=config.batch_size,
-                            epochs=config.epochs, validation_data=(val_features, one_hot(val.labels, num_classes)),
-                            shuffle=True, class_weight=class_weight, callbacks=cbs[-2:], verbose=verbose)
-        else:
-            recipe.compile_for_training(model, config, schedule)
-            cbs, rows = callbacks(1, lr1, config.resolved_early_stopping_start)
-            model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, shuffle=False,
-                      class_weight=class_weight, callbacks=cbs, verbose=verbose)
-        result.history = resumed + [row for row in rows if row["epoch"] > len(resumed)]
+        _train_phase1(fit, result, title, start)
         if phase1_file is not None:
             phase1_file.parent.mkdir(parents=True, exist_ok=True)
-            model.save_weights(phase1_file)
+            fit.model.save_weights(phase1_file)
     result.timings["phase1_seconds"] = time.perf_counter() - start
     result.phase1_epochs = len(result.history)
-    best_phase1 = min(row["val_loss"] for row in result.history)
+    return min(row["val_loss"] for row in result.history)
 
-    if config.runs_phase2:
-        phase1_weights = model.get_weights()
-        result.trainable_layers_phase2 = unfreeze_top(base, config.unfreeze)
-        lr2 = config.resolved_fine_tune_lr
-        resumed = [row for row in done if row["phase"] == 2]
-        log(f"phase 2: fine-tuning the top {config.unfreeze} backbone layers "
+
+def _train_phase1(fit: _Fit, result: FitResult, title: str, start: float) -> None:
+    from transferkit.training import recipe
+
+    config = fit.config
+    # Cached-feature training keeps no backup (it is quick to redo): it restarts, so drop its logged epochs.
+    resumed = [row for row in fit.done if row["phase"] == 1] if not config.cache_features else []
+    lr = config.learning_rate
+    fit.log(f"{title} ({config.epochs} epochs max, lr {lr:g}, {config.schedule} schedule, {config.optimizer})"
+            + (f", resuming after epoch {len(resumed)}" if resumed else ""))
+    schedule = recipe.learning_rate_schedule(config, lr, config.epochs, fit.steps)
+    if config.cache_features:
+        rows = _fit_head_on_features(fit, result, schedule, start)
+    else:
+        recipe.compile_for_training(fit.model, config, schedule)
+        callbacks, rows = _callbacks(fit, 1, lr, config.resolved_early_stopping_start)
+        fit.model.fit(fit.train_ds, validation_data=fit.val_ds, epochs=config.epochs, shuffle=False,
+                      class_weight=fit.class_weight, callbacks=callbacks, verbose=fit.verbose)
+    result.history = resumed + [row for row in rows if row["epoch"] > len(resumed)]
+
+
+def _fit_head_on_features(fit: _Fit, result: FitResult, schedule, start: float) -> list[dict]:
+    """--cache-features: run the frozen base (and the head's pooling) once, then train the rest of the head on the
+    pooled features. Returns the logged epochs."""
+    import keras
+
+    from transferkit.training import recipe
+    from transferkit.training.evaluate import batched_forward
+    from transferkit.training.pipeline import one_hot
+
+    config, train, val = fit.config, fit.train, fit.val
+    pool_layers, trainable_layers = _split_head(fit.head)
+    extractor = keras.Sequential([fit.model.get_layer("preprocessing"), fit.base, *pool_layers],
+                                 name="feature_extractor")
+    train_features = batched_forward(extractor, train.images, config.batch_size)
+    val_features = batched_forward(extractor, val.images, config.batch_size)
+    result.timings["feature_extraction_seconds"] = time.perf_counter() - start
+    fit.log(f"cached pooled features {train_features.shape[1:]} for {len(train)} + {len(val)} images "
+            f"in {result.timings['feature_extraction_seconds']:.1f}s")
+    features_in = keras.Input(train_features.shape[1:], name="pooled_features")
+    x = features_in
+    for layer in trainable_layers:
+        x = layer(x)
+    pooled_head = keras.Model(features_in, x, name="pooled_head")  # shares the head's weights
+    recipe.compile_for_training(pooled_head, config, schedule)
+    callbacks, rows = _callbacks(fit, 1, config.learning_rate, config.resolved_early_stopping_start)
+    pooled_head.fit(train_features, one_hot(train.labels, fit.num_classes), batch_size=config.batch_size,
+                    epochs=config.epochs, validation_data=(val_features, one_hot(val.labels, fit.num_classes)),
+                    shuffle=True, class_weight=fit.class_weight, callbacks=callbacks[-2:], verbose=fit.verbose)
+    return rows
+
+
+def _phase2(fit: _Fit, result: FitResult, best_phase1: float) -> None:
+    """Phase 2: unfreeze the top of the base and fine-tune; phase 1's weights are kept unless it did better."""
+    from transferkit.training import recipe
+    from transferkit.training.model import unfreeze_top
+
+    config, model = fit.config, fit.model
+    phase1_weights = model.get_weights()
+    result.trainable_layers_phase2 = unfreeze_top(fit.base, config.unfreeze)
+    lr = config.resolved_fine_tune_lr
+    resumed = [row for row in fit.done if row["phase"] == 2]
+    fit.log(f"phase 2: fine-tuning the top {config.unfreeze} backbone layers "
             f"({result.trainable_layers_phase2} with weights, BatchNormalization frozen), "
-            f"{config.fine_tune_epochs} epochs max, lr {lr2:g}"
+            f"{config.fine_tune_epochs} epochs max, lr {lr:g}"
             + (f", resuming after epoch {result.phase1_epochs + len(resumed)}" if resumed else ""))
-        schedule = recipe.learning_rate_schedule(config, lr2, config.fine_tune_epochs, steps)
-        # Recompile after changing `trainable`, or the change is ignored.
-        recipe.compile_for_training(model, config, schedule)
-        start = time.perf_counter()
-        cbs, rows = callbacks(2, lr2, 0)
-        model.fit(train_ds, validation_data=val_ds, initial_epoch=result.phase1_epochs,
-                  epochs=result.phase1_epochs + config.fine_tune_epochs, class_weight=class_weight,
-                  callbacks=cbs, shuffle=False, verbose=verbose)
-        result.timings["phase2_seconds"] = time.perf_counter() - start
-        seen = {row["epoch"] for row in rows}
-        phase2 = [row for row in resumed if row["epoch"] not in seen] + rows
-        result.history += phase2
-        result.phase2_epochs = len(phase2)
-        if phase2 and min(row["val_loss"] for row in phase2) > best_phase1:
-            model.set_weights(phase1_weights)
-            result.notes.append("fine-tuning did not improve the validation loss; the phase-1 weights were kept")
-            log(result.notes[-1])
-    if work is not None:
-        model.save_weights(work / "checkpoints" / "best.weights.h5")
-    return result
+    schedule = recipe.learning_rate_schedule(config, lr, config.fine_tune_epochs, fit.steps)
+    # Recompile after changing `trainable`, or the change is ignored.
+    recipe.compile_for_training(model, config, schedule)
+    start = time.perf_counter()
+    callbacks, rows = _callbacks(fit, 2, lr, 0)
+    model.fit(fit.train_ds, validation_data=fit.val_ds, initial_epoch=result.phase1_epochs,
+              epochs=result.phase1_epochs + config.fine_tune_epochs, class_weight=fit.class_weight,
+              callbacks=callbacks, shuffle=False, verbose=fit.verbose)
+    result.timings["phase2_seconds"] = time.perf_counter() - start
+    seen = {row["epoch"] for row in rows}
+    phase2 = [row for row in resumed if row["epoch"] not in seen] + rows
+    result.history += phase2
+    result.phase2_epochs = len(phase2)
+    if phase2 and min(row["val_loss"] for row in phase2) > best_phase1:
+        model.set_weights(phase1_weights)
+        result.notes.append("fine-tuning did not improve the validation loss; the phase-1 weights were kept")
+        fit.log(result.notes[-1])
 
 
 def _distribution_strategy():
@@ -373,41 +407,33 @@ def _write_history(path: Path, rows: list[dict]) -> None:
 
 
 TRAINING_LIBRARIES = ("tensorflow", "keras", "numpy", "pillow", "scikit-learn")
-# Settings that must match for --resume to continue a kept run (the rest, e.g. --force, may differ).
-RESUME_INVARIANT = ("data", "backbone", "image_size", "weights_resolved", "strategy", "alpha", "epochs",
-                    "fine_tune_epochs", "batch_size", "learning_rate", "fine_tune_lr", "optimizer", "weight_decay",
-                    "schedule", "warmup_epochs", "label_smoothing", "class_weight", "unfreeze", "head", "augment",
-                    "val_fraction", "test_fraction", "seed", "cache_features", "mixed_precision")
 
 
 def _check_resumable(work: Path, resolved: rundir.RunConfig) -> None:
-    kept = rundir.read_config(work)
-    for key in RESUME_INVARIANT:
-        if getattr(kept, key) != getattr(resolved, key):
-            raise UsageError(f"--resume: the kept run in {work} has {key}={getattr(kept, key)!r}, this command "
-                             f"{getattr(resolved, key)!r}; use the same settings, or --force to start over")
+    """--resume continues the kept run only with the settings it was started with (the resume-invariant fields)."""
+    changed = changed_settings(rundir.read_config(work), resolved)
+    if changed:
+        raise UsageError(f"--resume: the kept run in {work} has other settings than this command ({'; '.join(changed)})"
+                         "; use the same settings, or --force to start over")
 
 
-def _progress(log: Log):
-    import keras
+class _DecodeProgress:
+    """The progress bar of decoding a dataset into the image cache. ``load_dataset`` reports (done, total) only
+    when there is something to decode, so the bar appears then, with its total."""
 
-    if sys.stdout.isatty():
-        bar = keras.utils.Progbar(None, unit_name="image", verbose=1)
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.reported = 0
 
-        def on_decoded(done: int, total: int) -> None:
-            bar.target = total
-            bar.update(done)
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = Progress(total, label="images")
+        self.bar.update(done - self.reported)
+        self.reported = done
 
-        return on_decoded
-    marks: set[int] = set()
-
-    def on_decoded_lines(done: int, total: int) -> None:
-        quarter = 4 * done // max(total, 1)
-        if quarter not in marks and (quarter > 0 or done == total):
-            marks.add(quarter)
-            log(f"  decoded {done}/{total} images")
-
-    return on_decoded_lines
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train(config: TrainConfig, log: Log = logger.info) -> TrainResult:
@@ -423,37 +449,13 @@ def train(config: TrainConfig, log: Log = logger.info) -> TrainResult:
     out = Path(config.out).absolute()
     work = workdir.work_dir_for(out)
     total_start = time.perf_counter()
-
-    log(f"reading {config.data} at {size}x{size} px")
-    start = time.perf_counter()
-    dataset = load_dataset(Path(config.data), size, config.val_fraction, config.test_fraction, config.seed,
-                           config.strict, _progress(log))
-    decode_seconds = time.perf_counter() - start
-    counts = {name: len(split) for name, split in dataset.splits.items()}
-    log(f"{sum(counts.values())} images of {len(dataset.class_names)} classes in {decode_seconds:.1f}s "
-        f"({dataset.cache['decoded']} decoded, {dataset.cache['reused']} from the cache "
-        f"{dataset.cache['directory']}; train {counts['train']}, val {counts['val']}, test {counts['test']}); "
-        f"skipped {len(dataset.skipped)} unreadable")
-    for item in dataset.skipped:
-        log(f"  skipped {item['file']}: {item['reason']}")
-
-    resolved = rundir.RunConfig(
-        **{**config.to_dict(), "image_size": size, "backbone": backbone.name, "weights_resolved": weights,
-           "fine_tune_lr": config.resolved_fine_tune_lr if config.runs_phase2 else None,
-           "early_stopping_start": config.resolved_early_stopping_start, "preprocessing": backbone.preprocessing,
-           "family": backbone.family, "input": {"shape": [None, size, size, 3]},
-           "num_classes": len(dataset.class_names), "gpus": len(gpus),
-           "versions": library_versions(TRAINING_LIBRARIES)})
+    dataset, decode_seconds = _load(config, size, log)
+    resolved = _resolve(config, backbone, size, weights, dataset, gpus)
     if config.resume:
         _check_resumable(work, resolved)
         log(f"resuming the interrupted run kept in {work}")
     else:
-        (work / "checkpoints").mkdir(parents=True)
-        mark_output(work)  # the interrupted run's directory is transferkit's: --force may start it over
-        rundir.write_config(work, resolved)
-        rundir.write_split(work, rundir.SplitRecord(**dataset.split_record(
-            config.seed, {"val": config.val_fraction, "test": config.test_fraction})))
-        rundir.write_json(work / rundir.LABELS, dataset.class_names)
+        _start_work_dir(work, config, resolved, dataset)
 
     with run_scope(config, gpus):
         model, fit = _train_and_save(config, backbone, size, weights, dataset, work, log)
@@ -463,6 +465,48 @@ def train(config: TrainConfig, log: Log = logger.info) -> TrainResult:
         raise _interrupted(work, "stopped", stop_exit_code())
     run_dir = workdir.finalize(work, out, config.force)
     return TrainResult(run_dir=run_dir, metrics=metrics, config=resolved.model_dump(mode="json"))
+
+
+def _load(config: TrainConfig, size: int, log: Log) -> tuple[Dataset, float]:
+    """The dataset, decoded at ``size`` (through the cache), and the seconds it took; logs what was found."""
+    log(f"reading {config.data} at {size}x{size} px")
+    start = time.perf_counter()
+    progress = _DecodeProgress()
+    try:
+        dataset = load_dataset(Path(config.data), size, config.val_fraction, config.test_fraction, config.seed,
+                               config.strict, progress)
+    finally:
+        progress.close()
+    decode_seconds = time.perf_counter() - start
+    counts = {name: len(split) for name, split in dataset.splits.items()}
+    log(f"{sum(counts.values())} images of {len(dataset.class_names)} classes in {decode_seconds:.1f}s "
+        f"({dataset.cache['decoded']} decoded, {dataset.cache['reused']} from the cache "
+        f"{dataset.cache['directory']}; train {counts['train']}, val {counts['val']}, test {counts['test']}); "
+        f"skipped {len(dataset.skipped)} unreadable")
+    for item in dataset.skipped:
+        log(f"  skipped {item['file']}: {item['reason']}")
+    return dataset, decode_seconds
+
+
+def _resolve(config: TrainConfig, backbone: Backbone, size: int, weights: str, dataset: Dataset,
+             gpus: list) -> rundir.RunConfig:
+    """``config.json``: the configuration with every default resolved, and the environment."""
+    return rundir.RunConfig(
+        **{**config.to_dict(), "image_size": size, "backbone": backbone.name, "weights_resolved": weights,
+           "fine_tune_lr": config.resolved_fine_tune_lr if config.runs_phase2 else None,
+           "early_stopping_start": config.resolved_early_stopping_start, "preprocessing": backbone.preprocessing,
+           "family": backbone.family, "input": {"shape": [None, size, size, 3]},
+           "num_classes": len(dataset.class_names), "gpus": len(gpus),
+           "versions": library_versions(TRAINING_LIBRARIES)})
+
+
+def _start_work_dir(work: Path, config: TrainConfig, resolved: rundir.RunConfig, dataset: Dataset) -> None:
+    (work / "checkpoints").mkdir(parents=True)
+    mark_output(work)  # the interrupted run's directory is transferkit's: --force may start it over
+    rundir.write_config(work, resolved)
+    rundir.write_split(work, rundir.SplitRecord(**dataset.split_record(
+        config.seed, {"val": config.val_fraction, "test": config.test_fraction})))
+    rundir.write_json(work / rundir.LABELS, dataset.class_names)
 
 
 def _interrupted(work: Path, what: str, exit_code: int) -> RunInterrupted:
@@ -515,39 +559,66 @@ def _train_and_save(config, backbone, size, weights, dataset, work: Path, log: L
     return model, fit
 
 
-def _report(config, backbone, size, weights, dataset, work, model, fit, resolved, timings, total_start, log):
-    """The optional steps: k-fold, evaluation, metrics, plots, report. A failure is recorded, not fatal."""
-    from transferkit.core.metrics import classification_metrics
-    from transferkit.training import plots, report
-    from transferkit.training.evaluate import batched_forward
+class _OptionalSteps:
+    """Runs the steps a finished run can do without: a failure is logged and recorded, and the run goes on."""
 
-    failures: list[dict[str, str]] = []
+    def __init__(self, work: Path, log: Log) -> None:
+        self.work, self.log = work, log
+        self.failures: list[dict[str, str]] = []
 
-    def optional(step: str, function, *args):
+    def run(self, step: str, function: Callable, *args):
         try:
             return function(*args)
         except (KeyboardInterrupt, SystemExit):
-            raise _interrupted(work, f"interrupted during {step}", 130) from None
+            raise _interrupted(self.work, f"interrupted during {step}", 130) from None
         except Exception as exc:
-            failures.append({"step": step, "error": f"{type(exc).__name__}: {exc}"})
-            log(f"warning: {step} failed ({type(exc).__name__}: {exc}); the run is complete without it")
+            self.failures.append({"step": step, "error": f"{type(exc).__name__}: {exc}"})
+            self.log(f"warning: {step} failed ({type(exc).__name__}: {exc}); the run is complete without it")
             logger.debug("%s failed:\n%s", step, traceback.format_exc())
             return None
 
-    kfold = optional("k-fold cross-validation", run_kfold, config, backbone, size, weights, dataset, log) \
+
+def _report(config, backbone, size, weights, dataset, work, model, fit, resolved, timings, total_start, log):
+    """The optional steps: k-fold, evaluation, metrics, plots, report. A failure is recorded, not fatal."""
+    from transferkit.training import report
+
+    optional = _OptionalSteps(work, log)
+    kfold = optional.run("k-fold cross-validation", run_kfold, config, backbone, size, weights, dataset, log) \
         if config.kfold else None
-
-    def evaluate():
-        log("evaluating on the test split")
-        probabilities = {name: batched_forward(model, split.images) for name, split in dataset.splits.items()}
-        evaluations = {name: classification_metrics(probabilities[name], split.labels, dataset.class_names)
-                       for name, split in dataset.splits.items()}
-        return probabilities, evaluations
-
-    evaluated = optional("evaluation", evaluate)
+    evaluated = optional.run("evaluation", _evaluate, model, dataset, log)
     probabilities, evaluations = evaluated if evaluated else (None, None)
-    diagnosis = optional("diagnosis", report.diagnose, fit.history, evaluations, dataset, fit.phase1_epochs) \
+    diagnosis = optional.run("diagnosis", report.diagnose, fit.history, evaluations, dataset, fit.phase1_epochs) \
         if evaluations else None
+    metrics = _metrics(fit, dataset, evaluations, diagnosis, kfold, timings, total_start)
+    if probabilities is not None:
+        _plots(optional, fit, dataset, probabilities["test"], work)
+    if evaluations and diagnosis:
+        present = {k: v for k, v in metrics.items() if v is not None}
+        text = optional.run("report", report.render, resolved.model_dump(mode="json"),
+                            {**present, "failures": optional.failures}, dataset, fit)
+        if text is not None:
+            (work / "report.md").write_text(text)
+    metrics["failures"] = optional.failures
+    record = rundir.RunMetrics(**metrics)
+    rundir.write_metrics(work, record)
+    return record.model_dump(mode="json", exclude_none=True)
+
+
+def _evaluate(model, dataset: Dataset, log: Log) -> tuple[dict, dict]:
+    """Every split's class probabilities and metrics."""
+    from transferkit.core.metrics import classification_metrics
+    from transferkit.training.evaluate import batched_forward
+
+    log("evaluating on the test split")
+    probabilities = {name: batched_forward(model, split.images) for name, split in dataset.splits.items()}
+    evaluations = {name: classification_metrics(probabilities[name], split.labels, dataset.class_names)
+                   for name, split in dataset.splits.items()}
+    return probabilities, evaluations
+
+
+def _metrics(fit: FitResult, dataset: Dataset, evaluations: dict | None, diagnosis: dict | None, kfold: dict | None,
+             timings: dict[str, float], total_start: float) -> dict:
+    """The content of ``metrics.json`` but its failures (a later step may still fail)."""
     metrics = {
         "epochs": {"phase1": fit.phase1_epochs, "phase2": fit.phase2_epochs},
         "timings": {**timings, "total_seconds": time.perf_counter() - total_start},
@@ -561,21 +632,16 @@ def _report(config, backbone, size, weights, dataset, work, model, fit, resolved
         metrics["test"] = evaluations["test"]
         metrics.update({name: {k: evaluations[name][k] for k in ("accuracy", "loss", "samples")}
                         for name in ("val", "train")})
-    if probabilities is not None:
-        test = dataset.splits["test"]
-        optional("learning curves plot", plots.learning_curves, fit.history, fit.phase1_epochs,
+    return metrics
+
+
+def _plots(optional: _OptionalSteps, fit: FitResult, dataset: Dataset, test_probabilities, work: Path) -> None:
+    from transferkit.training import plots
+
+    test = dataset.splits["test"]
+    optional.run("learning curves plot", plots.learning_curves, fit.history, fit.phase1_epochs,
                  work / "learning_curves.png")
-        optional("confusion matrix plot", plots.confusion_matrix, probabilities["test"], test.labels,
+    optional.run("confusion matrix plot", plots.confusion_matrix, test_probabilities, test.labels,
                  dataset.class_names, work / "confusion_matrix.png")
-        optional("misclassified plot", plots.misclassified, probabilities["test"], test, dataset.class_names,
+    optional.run("misclassified plot", plots.misclassified, test_probabilities, test, dataset.class_names,
                  work / "misclassified.png")
-    if evaluations and diagnosis:
-        present = {k: v for k, v in metrics.items() if v is not None}
-        text = optional("report", report.render, resolved.model_dump(mode="json"), {**present, "failures": failures},
-                        dataset, fit)
-        if text is not None:
-            (work / "report.md").write_text(text)
-    metrics["failures"] = failures
-    record = rundir.RunMetrics(**metrics)
-    rundir.write_metrics(work, record)
-    return record.model_dump(mode="json", exclude_none=True)
