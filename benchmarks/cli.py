@@ -4,11 +4,20 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transferkit.core.console import print_summary
+from transferkit.core.errors import UsageError
 from transferkit.core.manifest import RUNTIME_BACKENDS
+
+# The benchmarks and the runtime (numpy, onnxruntime, tqdm) are imported where they run: every `transferkit`
+# command imports this module for its parser.
+if TYPE_CHECKING:
+    from transferkit.core.progress import Progress
 
 
 def _ints(text: str) -> list[int]:
@@ -47,10 +56,15 @@ def add_bench_parser(subparsers) -> None:
     p.set_defaults(handler=run_bench)
 
 
-def _progress(done: int, total: int, label: str) -> None:
-    width = 30
-    filled = int(width * done / max(total, 1))
-    print(f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total} {label}", flush=True)
+def _advance(progress: Progress) -> Callable[[int, int, str], None]:
+    """The callback of run_sweep and run_bundles (items done, items, the next one's name; "done" at the end) drawn
+    as ``progress``: a line naming each item as it starts."""
+
+    def advance(done: int, total: int, name: str) -> None:
+        progress.update(done - progress.done)
+        progress.describe(name)
+
+    return advance
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -58,7 +72,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from transferkit.benchmarks.report import markdown, write_results
     from transferkit.benchmarks.sweep import BenchSettings, run_bundles, run_sweep
     from transferkit.core.backbones import parse_backbones
-    from transferkit.core.errors import UsageError
+    from transferkit.core.progress import Progress
 
     if (args.backbones is None) == (args.bundles is None):
         raise UsageError("give --backbones (sweep mode) or --bundles with --data (bundle mode)")
@@ -70,12 +84,16 @@ def run_bench(args: argparse.Namespace) -> int:
         backbones = parse_backbones(args.backbones)
         print(f"benchmarking {len(backbones)} backbone(s) on {', '.join(settings.backends)}, batch sizes "
               f"{settings.batch_sizes}")
-        rows = run_sweep(backbones, settings, log=print, keep_bundles=args.keep_bundles, progress=_progress)
+        progress = Progress(len(backbones), label="backbones", stream=sys.stdout)
+        rows = run_sweep(backbones, settings, log=progress.write, keep_bundles=args.keep_bundles,
+                         progress=_advance(progress))
     else:
         if args.data is None:
             raise UsageError("bundle mode needs --data DIR (class folders of test images)")
-        rows = run_bundles([b.strip() for b in args.bundles.split(",") if b.strip()], args.data, settings,
-                           log=print, progress=_progress)
+        bundles = [b.strip() for b in args.bundles.split(",") if b.strip()]
+        progress = Progress(len(bundles), label="bundles", stream=sys.stdout)
+        rows = run_bundles(bundles, args.data, settings, log=progress.write, progress=_advance(progress))
+    progress.close()
     env = environment({**vars(settings), "mode": "sweep" if args.backbones else "bundles"})
     paths = write_results(args.out, rows, settings.batch_sizes, env)
     print()
@@ -120,8 +138,6 @@ def add_loadtest_parser(subparsers) -> None:
 
 
 def run_loadtest(args: argparse.Namespace) -> int:
-    import statistics
-
     from transferkit.benchmarks.loadtest import comparison_table, loadtest, paired_ratios, parse_duration
 
     summaries = loadtest(args.url, args.model, args.users, args.spawn_rate, parse_duration(args.duration),

@@ -25,8 +25,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
+import requests
 
 from transferkit.core.errors import TransferkitError, UsageError
+from transferkit.service.launcher import BentoServer, worker_service
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 RSS_GROWTH_TARGET_PCT = 5.0
@@ -82,18 +85,14 @@ class ProcessStats:
     fds_max: int
 
 
-def role_of(process, arbiter_pid: int) -> str:
-    from transferkit.service.launcher import worker_service
-
+def role_of(process: psutil.Process, arbiter_pid: int) -> str:
     if process.pid == arbiter_pid:
         return "arbiter"
     return {"transferkit": "entry", "transferkit-model": "model"}.get(worker_service(process) or "", "other")
 
 
-def sample_processes(server, start: float) -> list[dict]:
+def sample_processes(server: BentoServer, start: float) -> list[dict]:
     """One row per process of the server: seconds since start, pid, role, RSS (MB) and open descriptors."""
-    import psutil
-
     rows = []
     processes = [psutil.Process(server.pid)] + server.workers()
     now = time.monotonic() - start
@@ -202,8 +201,8 @@ def plot(samples: list[dict], minutes: list[MinuteStats], path: Path) -> None:
 
 def soak(model: str, out: Path, minutes: float = 10, users: int = 16, spawn_rate: float = 16, warmup_minutes: float = 1,
          sample_s: float = 5, backend: str = "onnx", layout: str = "auto", log=print) -> dict:
-    from transferkit.service.launcher import BentoServer
-
+    """Serve ``model``, load it with locust for ``minutes`` while sampling every server process, stop it with
+    SIGTERM, and write the results to ``out`` (see the module docstring); returns the summary."""
     if minutes <= warmup_minutes or users < 1 or sample_s <= 0:
         raise UsageError("--minutes must exceed --warmup-minutes, --users >= 1, --sample-s > 0")
     out.mkdir(parents=True, exist_ok=True)
@@ -211,36 +210,14 @@ def soak(model: str, out: Path, minutes: float = 10, users: int = 16, spawn_rate
     listener.write_text(LISTENER)
     requests_csv = out / "requests.csv"
     log(f"starting the service for {model} ({backend}, layout {layout})")
-    server = BentoServer(model, log_path=out / "service.log", backend=backend, layout=layout)
-    samples: list[dict] = []
-    with server:
-        import requests
-
+    with BentoServer(model, log_path=out / "service.log", backend=backend, layout=layout) as server:
         layout_name = requests.get(server.url + "/metadata", timeout=10).json().get("layout", {}).get("name", layout)
         command = [sys.executable, "-m", "locust", "-f", f"{LOCUSTFILE},{listener}", "--headless", "--host", server.url,
                    "-u", str(users), "-r", str(spawn_rate), "-t", f"{int(minutes * 60)}s", "--csv", str(out / "locust"),
                    "--only-summary", "--exit-code-on-error", "0"]
         log(f"running locust: {users} users for {minutes:g} min against {server.url} (layout {layout_name})")
-        start = time.monotonic()
-        with (out / "locust_output.txt").open("w") as locust_log:
-            locust = subprocess.Popen(command, stdout=locust_log, stderr=subprocess.STDOUT,
-                                      env={**server.environment, "TRANSFERKIT_SOAK_REQUESTS": str(requests_csv)})
-            try:
-                next_report = 60.0
-                while locust.poll() is None:
-                    samples.extend(sample_processes(server, start))
-                    elapsed = time.monotonic() - start
-                    if elapsed >= next_report:
-                        now = [s for s in samples if s["t_s"] == samples[-1]["t_s"]]
-                        log(f"  {elapsed / 60:4.1f}/{minutes:g} min  " + "  ".join(
-                            f"{s['role']} {s['rss_mb']:.0f} MB {s['fds']} fds" for s in now))
-                        next_report += 60
-                    time.sleep(sample_s)
-            finally:
-                if locust.poll() is None:
-                    locust.terminate()
-                    locust.wait(60)
-        end_s = time.monotonic() - start
+        samples, end_s = _sample_under_load(server, command, requests_csv, out / "locust_output.txt", minutes,
+                                            sample_s, log)
         log("load finished; stopping the service with SIGTERM")
         stop_start = time.monotonic()
         exit_code = server.stop()
@@ -255,6 +232,39 @@ def soak(model: str, out: Path, minutes: float = 10, users: int = 16, spawn_rate
         "verdicts": verdicts(minute_stats, process_stats),
         "per_minute": [asdict(m) for m in minute_stats], "processes": [asdict(p) for p in process_stats],
     }
+    _write_results(out, summary, samples, minute_stats)
+    return summary
+
+
+def _sample_under_load(server: BentoServer, command: list[str], requests_csv: Path, output: Path, minutes: float,
+                       sample_s: float, log) -> tuple[list[dict], float]:
+    """Run locust (``command``) to its end, sampling the server's processes every ``sample_s`` seconds and logging
+    them once a minute; returns the samples and the seconds the load lasted."""
+    samples: list[dict] = []
+    start = time.monotonic()
+    with output.open("w") as locust_log:
+        locust = subprocess.Popen(command, stdout=locust_log, stderr=subprocess.STDOUT,
+                                  env={**server.environment, "TRANSFERKIT_SOAK_REQUESTS": str(requests_csv)})
+        try:
+            next_report = 60.0
+            while locust.poll() is None:
+                samples.extend(sample_processes(server, start))
+                elapsed = time.monotonic() - start
+                if elapsed >= next_report:
+                    now = [s for s in samples if s["t_s"] == samples[-1]["t_s"]]
+                    log(f"  {elapsed / 60:4.1f}/{minutes:g} min  " + "  ".join(
+                        f"{s['role']} {s['rss_mb']:.0f} MB {s['fds']} fds" for s in now))
+                    next_report += 60
+                time.sleep(sample_s)
+        finally:
+            if locust.poll() is None:
+                locust.terminate()
+                locust.wait(60)
+    return samples, time.monotonic() - start
+
+
+def _write_results(out: Path, summary: dict, samples: list[dict], minute_stats: list[MinuteStats]) -> None:
+    """soak.json, soak.md, processes.csv, per_minute.csv and soak.png."""
     (out / "soak.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "soak.md").write_text(markdown(summary))
     with (out / "processes.csv").open("w", newline="") as handle:
@@ -266,7 +276,6 @@ def soak(model: str, out: Path, minutes: float = 10, users: int = 16, spawn_rate
         writer.writeheader()
         writer.writerows(asdict(m) for m in minute_stats)
     plot(samples, minute_stats, out / "soak.png")
-    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,7 +123,6 @@ def sweep_backbone(backbone: Backbone, settings: BenchSettings, work_dir: Path, 
                    keep_bundle: Path | None = None) -> list[Row]:
     """Build, export and time one backbone on every requested backend."""
     from transferkit.core.predictors import load_bundle
-    from transferkit.export.bundle import ValidationImages, export_model
     from transferkit.training.config import HeadConfig
     from transferkit.training.model import build_classifier
 
@@ -140,42 +139,61 @@ def sweep_backbone(backbone: Backbone, settings: BenchSettings, work_dir: Path, 
         return [Row(backend=b, error=_error_text(exc), **base_row) for b in settings.backends]
     rows = []
     if "keras" in settings.backends:
-        row = Row(backend="keras", parameters=params, depth=depth, **base_row)
-        try:
-            keras_path = work_dir / f"{backbone.name}.keras"
-            model.save(keras_path)
-            row.size_mb = keras_path.stat().st_size / 1e6
-            predict, row.provider = _keras_predictor(model, size, settings.device)
-            _measure(row, predict, settings)
-            x = np.zeros((1, size, size, 3), np.float32)
-            model.predict(x, verbose=0)  # first call builds the predict function
-            start = time.perf_counter()
-            model.predict(x, verbose=0)
-            row.predict_b1_ms = (time.perf_counter() - start) * 1000
-        except Exception as exc:
-            row.error = _error_text(exc)
-        rows.append(row)
+        rows.append(_sweep_keras_row(model, settings, work_dir / f"{backbone.name}.keras",
+                                     dict(parameters=params, depth=depth, **base_row)))
     backends = [b for b in settings.backends if b != "keras"]
     if not backends:
         return rows
-    formats = list(dict.fromkeys(RUNTIME_BACKENDS[b].format for b in backends))  # the files those backends run
     bundle_dir = keep_bundle or work_dir / backbone.name
     try:
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (16, size, size, 3), dtype=np.uint8)
-        log(f"  exporting {backbone.name} ({', '.join(formats)})")
-        export_model(model, out=bundle_dir, backbone=backbone.name, image_size=size,
-                     class_names=[f"class_{i}" for i in range(SWEEP_CLASSES)],
-                     validation=ValidationImages(images, None, "random pixels (untrained sweep model)"),
-                     calibration=images, formats=formats, name=f"bench-{backbone.name}", register=False,
-                     allow_mismatch=True, force=True, log=lambda line: None)
+        _export_sweep_model(model, backbone.name, size, backends, bundle_dir, log)
         bundle = load_bundle(bundle_dir)
     except Exception as exc:
         return rows + [Row(backend=b, error=_error_text(exc), parameters=params, depth=depth, **base_row)
                        for b in backends]
-    for backend in backends:
-        rows.append(time_bundle_backend(bundle, backend, settings, params, depth, base_row))
-    return rows
+    return rows + [time_bundle_backend(bundle, b, settings, params, depth, base_row) for b in backends]
+
+
+def _sweep_keras_row(model, settings: BenchSettings, path: Path, fields: dict) -> Row:
+    """The Keras row of a sweep: the saved file's size, the timings, and model.predict() at batch 1 for contrast."""
+    row = Row(backend="keras", **fields)
+    try:
+        model.save(path)
+        row.size_mb = path.stat().st_size / 1e6
+        _time_keras(row, model, settings)
+        x = np.zeros((1, row.input_size, row.input_size, 3), np.float32)
+        model.predict(x, verbose=0)  # first call builds the predict function
+        start = time.perf_counter()
+        model.predict(x, verbose=0)
+        row.predict_b1_ms = (time.perf_counter() - start) * 1000
+    except Exception as exc:
+        row.error = _error_text(exc)
+    return row
+
+
+def _time_keras(row: Row, model, settings: BenchSettings, images: np.ndarray | None = None,
+                labels: np.ndarray | None = None) -> None:
+    """The Keras model's timings through a compiled tf.function, and its accuracy when ``images`` and ``labels``
+    are given."""
+    predict, row.provider = _keras_predictor(model, row.input_size, settings.device)
+    _measure(row, predict, settings)
+    if images is not None and labels is not None:
+        row.accuracy, row.top5_accuracy = _accuracy(_probabilities(predict, images), labels)
+
+
+def _export_sweep_model(model, name: str, size: int, backends: list[str], bundle_dir: Path, log: Log) -> None:
+    """Export the untrained sweep model through the real export stage, in the files ``backends`` run; random
+    pixels stand in for validation and calibration images, and the accuracy gate cannot apply."""
+    from transferkit.export.bundle import ValidationImages, export_model
+
+    formats = list(dict.fromkeys(RUNTIME_BACKENDS[b].format for b in backends))
+    images = np.random.default_rng(0).integers(0, 256, (16, size, size, 3), dtype=np.uint8)
+    log(f"  exporting {name} ({', '.join(formats)})")
+    export_model(model, out=bundle_dir, backbone=name, image_size=size,
+                 class_names=[f"class_{i}" for i in range(SWEEP_CLASSES)],
+                 validation=ValidationImages(images, None, "random pixels (untrained sweep model)"),
+                 calibration=images, formats=formats, name=f"bench-{name}", register=False,
+                 allow_mismatch=True, force=True, log=lambda line: None)
 
 
 def time_bundle_backend(bundle, backend: str, settings: BenchSettings, params: int | None, depth: int | None,
@@ -188,17 +206,22 @@ def time_bundle_backend(bundle, backend: str, settings: BenchSettings, params: i
         row.provider = predictor.provider
         _measure(row, predictor, settings)
         if images is not None and labels is not None:
-            probabilities = np.concatenate([predictor(images[i : i + 32].astype(np.float32))
-                                            for i in range(0, len(images), 32)])
-            row.accuracy, row.top5_accuracy = _accuracy(probabilities, labels)
+            row.accuracy, row.top5_accuracy = _accuracy(_probabilities(predictor, images), labels)
     except Exception as exc:
         row.error = _error_text(exc)
     return row
 
 
+def _probabilities(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> np.ndarray:
+    return np.concatenate([predict(images[i : i + 32].astype(np.float32)) for i in range(0, len(images), 32)])
+
+
 def _accuracy(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float | None]:
+    """Top-1 and top-5 accuracy (None with 5 classes or fewer, where it is always 1). Not
+    transferkit.core.metrics.classification_metrics: that needs scikit-learn, and `bench --bundles` runs in the base
+    install, which has none."""
     top1 = float(np.mean(probabilities.argmax(1) == labels))
-    if probabilities.shape[1] <= 5:  # top-5 of 5 classes is always 1
+    if probabilities.shape[1] <= 5:
         return top1, None
     top5 = np.argsort(-probabilities, axis=1)[:, :5]
     return top1, float(np.mean([label in row for label, row in zip(labels, top5)]))
@@ -234,7 +257,6 @@ def _release_keras_memory() -> None:
 def run_bundles(sources: list[str], data: Path, settings: BenchSettings, log: Log = logger.info,
                 progress: Callable[[int, int, str], None] | None = None) -> list[Row]:
     """Time trained bundles and measure their accuracy on a class-folder test directory."""
-    from transferkit.core.images import SUPPORTED_EXTENSIONS, decode_image
     from transferkit.core.predictors import load_bundle
 
     settings.validate()
@@ -244,52 +266,56 @@ def run_bundles(sources: list[str], data: Path, settings: BenchSettings, log: Lo
     for index, source in enumerate(sources):
         if progress:
             progress(index, len(sources), source)
-        bundle = load_bundle(source)
-        manifest = bundle.manifest
-        files, labels = [], []
-        for label, name in enumerate(manifest.class_names):
-            folder = Path(data) / name
-            if folder.is_dir():
-                found = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUPPORTED_EXTENSIONS)
-                files += found
-                labels += [label] * len(found)
-        if not files:
-            raise UsageError(f"--data {data} has no folders named after the classes of {manifest.name} "
-                             f"({', '.join(manifest.class_names[:5])}...)")
-        images = np.stack([decode_image(f, manifest.image_size) for f in files])
-        labels_array = np.array(labels)
-        base_row = dict(model=f"{manifest.name} ({manifest.backbone})", input_size=manifest.image_size)
-        keras_model = _run_model(manifest)
-        params = depth = None
-        if keras_model is not None:
-            params, depth = int(keras_model.count_params()), _depth(keras_model)
-        if "keras" in settings.backends:
-            row = Row(backend="keras", parameters=params, depth=depth, **base_row)
-            if keras_model is None:
-                row.error = "the bundle's training run (model.keras) is not on this machine, or Keras is not installed"
-            else:
-                try:
-                    predict, row.provider = _keras_predictor(keras_model, manifest.image_size, settings.device)
-                    _measure(row, predict, settings)
-                    probabilities = np.concatenate([predict(images[i : i + 32].astype(np.float32))
-                                                    for i in range(0, len(images), 32)])
-                    row.accuracy, row.top5_accuracy = _accuracy(probabilities, labels_array)
-                except Exception as exc:
-                    row.error = _error_text(exc)
-            rows.append(row)
-        for backend in settings.backends:
-            if backend == "keras":
-                continue
-            if RUNTIME_BACKENDS[backend].format not in manifest.formats:
-                rows.append(Row(backend=backend, error=f"not in this bundle (it has {', '.join(manifest.formats)})",
-                                **base_row))
-                continue
-            rows.append(time_bundle_backend(bundle, backend, settings, params, depth, base_row, images,
-                                            labels_array))
+        rows += _bundle_rows(load_bundle(source), Path(data), settings)
     if progress:
         progress(len(sources), len(sources), "done")
     _fill_speedups(rows)
     return rows
+
+
+def _bundle_rows(bundle, data: Path, settings: BenchSettings) -> list[Row]:
+    """One bundle's row per requested backend: timings and accuracy on ``data``'s images of its classes."""
+    manifest = bundle.manifest
+    images, labels = _labelled_images(data, manifest.class_names, manifest.image_size, manifest.name)
+    base_row = dict(model=f"{manifest.name} ({manifest.backbone})", input_size=manifest.image_size)
+    keras_model = _run_model(manifest)
+    params = depth = None
+    if keras_model is not None:
+        params, depth = int(keras_model.count_params()), _depth(keras_model)
+    rows = []
+    for backend in sorted(settings.backends, key=lambda b: b != "keras"):  # Keras first, as in a sweep
+        row = Row(backend=backend, parameters=params, depth=depth, **base_row)
+        if backend == "keras" and keras_model is None:
+            row.error = "the bundle's training run (model.keras) is not on this machine, or Keras is not installed"
+        elif backend == "keras":
+            try:
+                _time_keras(row, keras_model, settings, images, labels)
+            except Exception as exc:
+                row.error = _error_text(exc)
+        elif RUNTIME_BACKENDS[backend].format not in manifest.formats:
+            row = Row(backend=backend, error=f"not in this bundle (it has {', '.join(manifest.formats)})",
+                      **base_row)
+        else:
+            row = time_bundle_backend(bundle, backend, settings, params, depth, base_row, images, labels)
+        rows.append(row)
+    return rows
+
+
+def _labelled_images(data: Path, class_names: list[str], size: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded images of ``data/<class>/`` for each of the bundle's classes, and their class indices."""
+    from transferkit.core.images import SUPPORTED_EXTENSIONS, decode_image
+
+    files, labels = [], []
+    for label, class_name in enumerate(class_names):
+        folder = data / class_name
+        if folder.is_dir():
+            found = sorted(p for p in folder.iterdir() if p.suffix.lower() in SUPPORTED_EXTENSIONS)
+            files += found
+            labels += [label] * len(found)
+    if not files:
+        raise UsageError(f"--data {data} has no folders named after the classes of {name} "
+                         f"({', '.join(class_names[:5])}...)")
+    return np.stack([decode_image(f, size) for f in files]), np.array(labels)
 
 
 def _run_model(manifest):

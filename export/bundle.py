@@ -8,8 +8,10 @@ renamed into place. A failed gate, a conversion error, Ctrl-C or SIGTERM leaves 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.core.atomic import atomic_output_dir, check_output_dir
-from transferkit.core.backbones import get_backbone
+from transferkit.core.backbones import Backbone, get_backbone
 from transferkit.core.errors import ExportValidationError, InvalidImageError, RunDirectoryError, UsageError
 from transferkit.core.images import decode_image
 from transferkit.core.manifest import (
@@ -30,11 +32,13 @@ from transferkit.core.manifest import (
     FormatEntry,
     Manifest,
     ResizeRule,
+    ValidationReport,
     sha256_path,
 )
 from transferkit.core.stopping import raise_if_stop_requested
 from transferkit.core.system import library_versions
-from transferkit.export.validate import MIN_IMAGES
+from transferkit.export.validate import MIN_IMAGES, engine_backends, validate_bundle
+from transferkit.training.rundir import read_config, read_labels, read_metrics, split_files
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +130,6 @@ def run_images(run_dir: Path, size: int, class_names: list[str], data_root: Path
     across classes (with 100 classes, every class is checked, not the first third of a sorted list).
     Calibration (int8): up to 200 training images, evenly across classes, seeded.
     """
-    from transferkit.training.rundir import split_files
-
     splits = {name: split_files(run_dir, name, data_root) for name in ("test", "val", "train")}
     chosen: list[tuple[Path, str]] = []
     used = []
@@ -150,9 +152,7 @@ def run_images(run_dir: Path, size: int, class_names: list[str], data_root: Path
 
 def resize_rule() -> ResizeRule:
     """What :func:`transferkit.core.images.decode_image` does, with the Pillow version that does it."""
-    from importlib.metadata import version
-
-    return ResizeRule(library_version=version("pillow"))
+    return ResizeRule(library_version=importlib.metadata.version("pillow"))
 
 
 def _format_entry(bundle_dir: Path, name: str, opset: int) -> FormatEntry:
@@ -166,8 +166,6 @@ def _format_entry(bundle_dir: Path, name: str, opset: int) -> FormatEntry:
 
 def register_bundle(bundle_dir: Path, manifest: Manifest) -> str:
     """Copy the bundle into the BentoML model store (``$BENTOML_HOME``); returns the tag."""
-    import shutil
-
     import bentoml
 
     labels = {"backbone": manifest.backbone.lower(), "stage": "transferkit-bundle"}
@@ -215,14 +213,8 @@ def export_model(
     ``validation.images`` and ``calibration`` are uint8 pixels from the decoder. Progress goes to ``log`` if given,
     else to this module's logger; the validation table is logged too (a failing gate raises after logging it).
     """
-    import tensorflow as tf
-
-    from transferkit.export import convert
-    from transferkit.export.validate import engine_backends, validate_bundle
-    from transferkit.training.evaluate import batched_forward
-
     log = log or logger.info
-    row = get_backbone(backbone)
+    row = get_backbone(backbone)  # an unknown name fails before the slow part
     formats = list(formats)
     if "onnx-int8" in formats and (calibration is None or len(calibration) == 0):
         raise UsageError("onnx-int8 needs calibration images (the run's training split)")
@@ -232,58 +224,15 @@ def export_model(
     tag = None
     try:
         with atomic_output_dir(out, force) as staging:
-            onnx_path = staging / FORMAT_FILES["onnx"]
-            onnx_needed = any(f.startswith("onnx") for f in formats)
-            steps = [("savedmodel", lambda: convert.write_saved_model(model, image_size, staging / "saved_model"))]
-            steps.append(("onnx", lambda: convert.write_onnx(model, image_size, onnx_path, opset)))
-            steps.append(("onnx-fp16", lambda: convert.write_onnx_fp16(onnx_path, staging / FORMAT_FILES["onnx-fp16"])))
-            steps.append(("onnx-int8", lambda: convert.write_onnx_int8(
-                onnx_path, staging / FORMAT_FILES["onnx-int8"], calibration)))
-            for fmt, step in steps:
-                if fmt in formats or (fmt == "onnx" and onnx_needed):
-                    log(f"writing {fmt} ({FORMAT_FILES[fmt]})")
-                    start = time.perf_counter()
-                    step()
-                    raise_if_stop_requested()  # tf2onnx's garbage collection can swallow a SIGTERM (core/stopping.py)
-                    seconds[fmt] = round(time.perf_counter() - start, 2)
+            seconds.update(_write_formats(model, staging, formats, image_size, opset, calibration, log))
             entries = {fmt: _format_entry(staging, fmt, opset) for fmt in BACKENDS if fmt in formats}
-
             start = time.perf_counter()
-            with tf.device("/CPU:0"):  # the reference; on a GPU, TF32 would blur the comparison
-                reference = batched_forward(model, validation.images.astype(np.float32))
-            report = validate_bundle(staging, entries, reference, validation.images.astype(np.uint8),
-                                     validation.labels, validation.source, backbone, engine_backends(entries))
+            report = _validate(model, staging, entries, validation, backbone)
             seconds["validation"] = round(time.perf_counter() - start, 2)
             if "onnx" not in formats:  # written only as the source of fp16/int8
-                onnx_path.unlink(missing_ok=True)
-            log("validation report (near-ties: Keras top-1 margin <= 2 * the error bound; see the gate column)\n"
-                + report.table())
-            for checked in report.formats:
-                if not checked.passed and checked.format not in entries:
-                    log(f"warning: {checked.format} failed its gate; that backend will refuse to load this bundle")
-            if not report.passed and not allow_mismatch:
-                failed = [f"{f.format}: {'; '.join(f.failures)}" for f in report.formats
-                          if not f.passed and f.format in entries]
-                raise ExportValidationError(
-                    "the exported model does not answer like the Keras model (" + " | ".join(failed)
-                    + "); nothing was written. --allow-mismatch publishes it anyway, recording the failure"
-                )
-            created = datetime.now(UTC)
-            combined = "".join(entries[f].sha256 for f in sorted(entries))
-            version = f"{created:%Y%m%d-%H%M%S}-{hashlib.sha256(combined.encode()).hexdigest()[:8]}"
-            manifest = Manifest(
-                name=name, version=version, created=created, backbone=row.name, family=row.family,
-                image_size=image_size, class_names=list(class_names),
-                preprocessing={"mode": row.preprocessing, "in_graph": PREPROCESSING_TEXT[row.preprocessing]},
-                resize=resize_rule(),
-                input={"name": convert.INPUT_NAME, "dtype": convert.INPUT_DTYPE,
-                       "shape": [None, image_size, image_size, 3], "range": "RGB 0-255",
-                       "decoder": "transferkit.core.images.decode_image (see resize)"},
-                output={"name": convert.OUTPUT_NAME, "dtype": "float32", "shape": [None, len(class_names)],
-                        "meaning": "softmax probabilities, in class_names order"},
-                formats=entries, training=training or {}, validation=report,
-                validation_overridden=not report.passed, versions=library_versions(),
-            )
+                (staging / FORMAT_FILES["onnx"]).unlink(missing_ok=True)
+            _check_report(report, entries, allow_mismatch, log)
+            manifest = _manifest(name, row, image_size, class_names, entries, training, report)
             (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
             raise_if_stop_requested()
             if register:
@@ -294,6 +243,82 @@ def export_model(
             _delete_store_entry(tag)
         raise
     return ExportResult(bundle_dir=Path(out).absolute(), manifest=manifest, tag=tag, seconds=seconds)
+
+
+def _write_formats(model, staging: Path, formats: list[str], image_size: int, opset: int,
+                   calibration: np.ndarray | None, log: Log) -> dict[str, float]:
+    """Write each of ``formats`` into ``staging`` (ONNX too when fp16 or int8 is asked for: their source); returns
+    the seconds each took."""
+    from transferkit.export import convert
+
+    onnx_path = staging / FORMAT_FILES["onnx"]
+    writers = {
+        "savedmodel": lambda: convert.write_saved_model(model, image_size, staging / "saved_model"),
+        "onnx": lambda: convert.write_onnx(model, image_size, onnx_path, opset),
+        "onnx-fp16": lambda: convert.write_onnx_fp16(onnx_path, staging / FORMAT_FILES["onnx-fp16"]),
+        "onnx-int8": lambda: convert.write_onnx_int8(onnx_path, staging / FORMAT_FILES["onnx-int8"], calibration),
+    }
+    onnx_needed = any(f.startswith("onnx") for f in formats)
+    seconds = {}
+    for fmt, write in writers.items():
+        if fmt in formats or (fmt == "onnx" and onnx_needed):
+            log(f"writing {fmt} ({FORMAT_FILES[fmt]})")
+            start = time.perf_counter()
+            write()
+            raise_if_stop_requested()  # tf2onnx's garbage collection can swallow a SIGTERM (core/stopping.py)
+            seconds[fmt] = round(time.perf_counter() - start, 2)
+    return seconds
+
+
+def _validate(model, staging: Path, entries: dict[str, FormatEntry], validation: ValidationImages,
+              backbone: str) -> ValidationReport:
+    """Every written format, and the OpenVINO backends this CPU runs, against the Keras model's answers."""
+    import tensorflow as tf
+
+    from transferkit.training.evaluate import batched_forward
+
+    with tf.device("/CPU:0"):  # the reference; on a GPU, TF32 would blur the comparison
+        reference = batched_forward(model, validation.images.astype(np.float32))
+    return validate_bundle(staging, entries, reference, validation.images.astype(np.uint8), validation.labels,
+                           validation.source, backbone, engine_backends(entries))
+
+
+def _check_report(report: ValidationReport, entries: dict[str, FormatEntry], allow_mismatch: bool, log: Log) -> None:
+    """Log the validation table; raise when a written format failed its gate, unless ``allow_mismatch``."""
+    log("validation report (near-ties: Keras top-1 margin <= 2 * the error bound; see the gate column)\n"
+        + report.table())
+    for checked in report.formats:
+        if not checked.passed and checked.format not in entries:
+            log(f"warning: {checked.format} failed its gate; that backend will refuse to load this bundle")
+    if not report.passed and not allow_mismatch:
+        failed = [f"{f.format}: {'; '.join(f.failures)}" for f in report.formats
+                  if not f.passed and f.format in entries]
+        raise ExportValidationError(
+            "the exported model does not answer like the Keras model (" + " | ".join(failed)
+            + "); nothing was written. --allow-mismatch publishes it anyway, recording the failure"
+        )
+
+
+def _manifest(name: str, row: Backbone, image_size: int, class_names: list[str], entries: dict[str, FormatEntry],
+              training: dict | None, report: ValidationReport) -> Manifest:
+    """The bundle's manifest; its version is the time and a digest of every file's checksum."""
+    from transferkit.export.convert import INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
+
+    created = datetime.now(UTC)
+    combined = "".join(entries[f].sha256 for f in sorted(entries))
+    version = f"{created:%Y%m%d-%H%M%S}-{hashlib.sha256(combined.encode()).hexdigest()[:8]}"
+    return Manifest(
+        name=name, version=version, created=created, backbone=row.name, family=row.family,
+        image_size=image_size, class_names=list(class_names),
+        preprocessing={"mode": row.preprocessing, "in_graph": PREPROCESSING_TEXT[row.preprocessing]},
+        resize=resize_rule(),
+        input={"name": INPUT_NAME, "dtype": INPUT_DTYPE, "shape": [None, image_size, image_size, 3],
+               "range": "RGB 0-255", "decoder": "transferkit.core.images.decode_image (see resize)"},
+        output={"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, len(class_names)],
+                "meaning": "softmax probabilities, in class_names order"},
+        formats=entries, training=training or {}, validation=report,
+        validation_overridden=not report.passed, versions=library_versions(),
+    )
 
 
 def export_run(
@@ -309,8 +334,6 @@ def export_run(
     log: Log | None = None,
 ) -> ExportResult:
     """Export the model of a training run directory; validation images come from the run's ``split.json``."""
-    from transferkit.training.rundir import read_config, read_labels, read_metrics
-
     log = log or logger.info
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from datetime import datetime
 
 import pytest
@@ -18,7 +19,10 @@ def test_tiny_sweep_writes_every_output_and_keeps_going_past_a_failure(tmp_path)
                      "1,4", "--backends", "keras,onnx,onnx-fp16", "--repeats", "3", "--warmup", "1",
                      "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2/2 done" in result.stdout and "| MobileNetV3Small | onnx |" in result.stdout
+    assert "| MobileNetV3Small | onnx |" in result.stdout
+    # A line of the progress bar as each backbone starts (stdout is no terminal here: lines, no redrawing).
+    assert re.search(r"^MobileNetV3Small: +0%\|.*\n(.*\n)*Xception: +50%\|", result.stdout, re.M), result.stdout
+    assert re.search(r"^done: 100%\|#+\| 2/2 backbones \[", result.stdout, re.M) and "\r" not in result.stdout
     for name in ("results.md", "results.csv", "results.json", "latency.png"):
         assert (out / name).stat().st_size > 0, name
     data = json.loads((out / "results.json").read_text())
@@ -53,6 +57,7 @@ def test_bundle_mode_measures_accuracy(bundle, digits_three, trained_run, tmp_pa
     result = run_cli("bench", "--bundles", str(bundle), "--data", str(digits_three), "--batch-sizes", "1,8",
                      "--backends", "keras,onnx,onnx-fp16,onnx-int8", "--repeats", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^done: 100%\|#+\| 1/1 bundles \[", result.stdout, re.M), result.stdout
     rows = {r["backend"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     expected = trained_run.metrics["test"]["accuracy"]
     for backend in ("keras", "onnx", "onnx-fp16"):

@@ -248,3 +248,93 @@ def test_predict_out_fails_when_nothing_could_be_classified(bundle, tmp_path):
     assert last_error_line(result).startswith("transferkit predict: error: none of the 2 inputs could be classified")
     rows = read_rows(out)
     assert [Path(r["path"]).name for r in rows] == ["a.png", "b.jpg"] and all(r["error"] for r in rows)
+
+
+def test_predict_fails_when_no_file_found_is_an_image(bundle, tmp_path):
+    """A folder of non-images with image names: each is skipped, so nothing is classified, with --out or not."""
+    (tmp_path / "in").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / "in" / name).write_text("not an image\n")
+    out = tmp_path / "rows.csv"
+    for extra in (["--out", str(out)], []):
+        result = run_cli("predict", str(bundle), str(tmp_path / "in"), "--backend", "onnx", *extra)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert last_error_line(result).startswith("transferkit predict: error: none of the 2 files found is an image")
+    assert read_rows(out) == []
+
+
+def test_progress_writes_a_line_per_interval_off_a_terminal():
+    import io
+
+    from transferkit.core.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(6, stream=stream, interval=0)
+    for errors, skipped in ((0, 0), (1, 0), (0, 1)):
+        progress.update(2, errors, skipped)
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and len(lines) == 4  # the start, then one per update
+    assert lines[-1].startswith("100%|") and " 6/6 images " in lines[-1]
+    assert re.search(r"\d images/s, 1 unreadable, 1 non-images skipped\]$", lines[-1]), lines[-1]
+    assert (progress.done, progress.errors, progress.skipped) == (6, 1, 1) and progress.rate > 0
+
+    stream = io.StringIO()
+    progress = Progress(6, stream=stream, interval=3600)
+    for _ in range(3):
+        progress.update(2)
+    progress.close()
+    assert [line.split("|")[0] for line in stream.getvalue().splitlines()] == ["  0%", "100%"]  # start and end
+
+    stream = io.StringIO()
+    progress = Progress(6, stream=stream, interval=0, enabled=False)
+    progress.update(6, 1)
+    progress.close()
+    assert stream.getvalue() == "" and (progress.done, progress.errors) == (6, 1)
+
+
+def read_terminal(rows: int, columns: int, draw) -> tuple[bool, str]:
+    """Run ``draw(stream)`` on a pseudo-terminal of that size; whether Progress took it for a terminal, and what
+    it showed (the terminal turns each newline into CR LF)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    with os.fdopen(secondary, "w") as stream:
+        tty = draw(stream)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed and everything was read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return tty, b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+def test_progress_redraws_in_place_on_a_terminal():
+    from transferkit.core.progress import Progress
+
+    def draw(stream) -> bool:
+        progress = Progress(4, stream=stream, interval=0)
+        progress.update(2, errors=1)
+        progress.write("a line of its own")
+        progress.update(2)
+        progress.close()
+        return progress.tty
+
+    tty, shown = read_terminal(24, 100, draw)
+    assert tty and shown.count("\n") == 2  # the line written, and the end of the bar's line
+    drawn = shown.split("\r")
+    assert drawn[-1].startswith("100%|") and re.search(r" 4/4 images .* images/s, 1 unreadable\]\n$", drawn[-1])
+    assert any(state.startswith(" 50%|") for state in drawn) and "a line of its own\n" in drawn
+    # A pseudo-terminal without a size (`script`, `docker run -t`): tqdm would draw nothing there, so lines it is.
+    tty, shown = read_terminal(0, 0, draw)
+    assert not tty and "\r" not in shown and shown.splitlines()[-1].startswith("100%|")

@@ -21,13 +21,31 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import multiprocessing
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+import requests
+
+from transferkit.benchmarks.measure import environment
+from transferkit.benchmarks.report import markdown, write_results
+from transferkit.benchmarks.sweep import BenchSettings, run_bundles
 from transferkit.core.atomic import check_output_dir, mark_output
 from transferkit.core.console import print_summary
+from transferkit.core.errors import TransferkitError
+from transferkit.core.logs import log_file
+from transferkit.core.manifest import read_manifest
+from transferkit.export.bundle import ExportResult, export_run, stratified
+from transferkit.service.launcher import BentoServer
+from transferkit.training import rundir
+from transferkit.training.config import AugmentConfig, TrainConfig
+from transferkit.training.digits import write_digits
+from transferkit.training.train import TrainResult, train
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +89,6 @@ def _step(number: int, title: str) -> None:
 
 
 def _train(config, label: str):
-    from transferkit.training.train import train
-
     start = time.perf_counter()
     result = train(config, log=lambda line: logger.info("  %s", line))
     seconds = time.perf_counter() - start
@@ -85,14 +101,9 @@ def _train(config, label: str):
 def _train_in_child(config, log_path: str) -> None:
     """The body of the baseline's process: one training run, all its output (TensorFlow's C++ lines included) in
     ``log_path``. Exit status 1 with the error as the log's last line when it fails."""
-    import os
-    import sys
-
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)  # before TensorFlow is imported: its C++ log lines go to the file too
     os.dup2(fd, 2)
-    from transferkit.core.errors import TransferkitError
-    from transferkit.training.train import train
 
     def log(line: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
@@ -109,8 +120,6 @@ class BackgroundRun:
     the demo's network on two cores), so two independent runs side by side finish well before the two in turn."""
 
     def __init__(self, config, label: str, log_path: Path):
-        import multiprocessing
-
         self.config, self.label, self.log_path = config, label, log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
@@ -121,10 +130,6 @@ class BackgroundRun:
 
     def result(self):
         """Wait for the run; (TrainResult, seconds) as :func:`_train` returns them."""
-        from transferkit.core.errors import TransferkitError
-        from transferkit.training import rundir
-        from transferkit.training.train import TrainResult
-
         self.process.join()
         wall = time.perf_counter() - self.started
         text = self.log_path.read_text(errors="replace")
@@ -167,10 +172,6 @@ def write_task_b(out: Path, size: int, train_per_class: int, val_per_class: int,
 
     Random, not the first images in the dataset's order: the digits are stored writer by writer, so the first 50 of a
     digit come from a few people, and a validation set drawn from them ran 23 points below the test set."""
-    import numpy as np
-
-    from transferkit.training.digits import write_digits
-
     staging = out.parent / f".{out.name}.all"
     shutil.rmtree(staging, ignore_errors=True)
     write_digits(staging, size, TASK_B)
@@ -229,8 +230,6 @@ def plot_transfer_vs_scratch(transfer_dir: Path, scratch_dir: Path, transfer_acc
 
 def run_demo(out: Path, quick: bool = False, force: bool = False) -> int:
     """Run the demo into ``out`` (see the module docstring); returns the exit status."""
-    from transferkit.core.logs import log_file
-
     out = check_output_dir(Path(out), force)  # --force replaces only an earlier demo's (marked) directory
     if out.exists():
         shutil.rmtree(out)
@@ -240,12 +239,53 @@ def run_demo(out: Path, quick: bool = False, force: bool = False) -> int:
         return _run(out, QUICK if quick else FULL)
 
 
-def _run(out: Path, plan: DemoPlan) -> int:
-    from transferkit.training.config import AugmentConfig, TrainConfig
-    from transferkit.training.digits import write_digits
+@dataclass(frozen=True)
+class TaskB:
+    """Task B's two runs: model B transferred from model A, and the same network from scratch (the baseline)."""
 
+    transfer: TrainResult
+    transfer_seconds: float
+    scratch: TrainResult
+    scratch_seconds: float
+
+    @property
+    def transfer_acc(self) -> float:
+        return self.transfer.metrics["test"]["accuracy"]
+
+    @property
+    def scratch_acc(self) -> float:
+        return self.scratch.metrics["test"]["accuracy"]
+
+
+def _run(out: Path, plan: DemoPlan) -> int:
     started = time.perf_counter()
     _step(1, "data: scikit-learn's handwritten digits as class-folder PNG images")
+    data_a, data_b = _write_data(out, plan)
+    runs = _train_models(out, plan, data_a, data_b)  # steps 2 and 3
+    figure = _compare(out, plan, runs)
+
+    _step(4, "export model B: SavedModel, ONNX, ONNX-fp16, each checked against Keras")
+    exported = export_run(runs.transfer.run_dir, out / "bundle", name="transferkit-demo",
+                          log=lambda line: logger.info("  %s", line.replace("\n", "\n  ")))
+    logger.info("  BentoML model: %s", exported.tag)
+
+    _step(5, "serve it with BentoML and classify held-out images over HTTP")
+    served = _serve_and_query(out, exported.bundle_dir, runs.transfer.run_dir)
+
+    _step(6, "benchmark the bundle's backends on task B's test images")
+    _benchmark(runs.transfer.run_dir, exported.bundle_dir, out / "bench", plan.bench_repeats)
+
+    _step(7, "what it shows")
+    _show_verdicts(plan, runs, served)
+
+    _step(8, "summary")
+    minutes = (time.perf_counter() - started) / 60
+    _summarise(out, plan, runs, figure, exported, served, minutes)
+    return 0
+
+
+def _write_data(out: Path, plan: DemoPlan) -> tuple[Path, Path]:
+    """Task A (digits 0-4, every image) and task B (digits 5-9, few labels) as class folders."""
     data_a, data_b = out / "data" / "digits_0-4", out / "data" / "digits_5-9"
     counts_a = write_digits(data_a, plan.size, TASK_A)
     counts_b = write_task_b(data_b, plan.size, plan.train_per_class, plan.val_per_class)
@@ -253,7 +293,11 @@ def _run(out: Path, plan: DemoPlan) -> int:
     logger.info("  task B: digits 5-9 with %d labelled images per digit for training and %d for validation (few "
                 "labels: the situation transfer learning is for); %d test images in %s", plan.train_per_class,
                 plan.val_per_class, counts_b["test"], data_b)
+    return data_a, data_b
 
+
+def _train_models(out: Path, plan: DemoPlan, data_a: Path, data_b: Path) -> TaskB:
+    """Model A here, then model B from A's backbone, while the baseline trains in a second process."""
     augment = AugmentConfig(flip="none", rotation=0.05, shift=0.08, zoom=0.08, contrast=0.0)
     # One recipe for every run (the training defaults: AdamW, warm-up then cosine decay, label smoothing), the same
     # augmentation, and patience as long as the budget: nothing stops early.
@@ -285,43 +329,37 @@ def _run(out: Path, plan: DemoPlan) -> int:
         run_s, seconds_s = baseline.result()
     finally:
         baseline.stop()
-    transfer_acc, scratch_acc = run_b.metrics["test"]["accuracy"], run_s.metrics["test"]["accuracy"]
+    return TaskB(run_b, seconds_b, run_s, seconds_s)
+
+
+def _compare(out: Path, plan: DemoPlan, runs: TaskB) -> Path:
+    """transfer_vs_scratch.md and the learning curves of both runs; returns the figure's path."""
     chance = 1 / len(TASK_B)
     comparison = [
         "| task B (digits 5-9) | test accuracy | test loss | epochs trained (budget) | seconds |",
         "|---|---|---|---|---|",
-        f"| transferred from A | {transfer_acc:.4f} | {run_b.metrics['test']['loss']:.4f} | "
-        f"{_epochs_trained(run_b)} ({plan.budget_b}) | {seconds_b:.0f} |",
-        f"| from scratch | {scratch_acc:.4f} | {run_s.metrics['test']['loss']:.4f} | "
-        f"{_epochs_trained(run_s)} ({plan.budget_b}) | {seconds_s:.0f} |",
+        f"| transferred from A | {runs.transfer_acc:.4f} | {runs.transfer.metrics['test']['loss']:.4f} | "
+        f"{_epochs_trained(runs.transfer)} ({plan.budget_b}) | {runs.transfer_seconds:.0f} |",
+        f"| from scratch | {runs.scratch_acc:.4f} | {runs.scratch.metrics['test']['loss']:.4f} | "
+        f"{_epochs_trained(runs.scratch)} ({plan.budget_b}) | {runs.scratch_seconds:.0f} |",
     ]
     (out / "transfer_vs_scratch.md").write_text("\n".join(comparison) + "\n")
     figure = out / "transfer_vs_scratch.png"
-    plot_transfer_vs_scratch(run_b.run_dir, run_s.run_dir, transfer_acc, scratch_acc, chance, figure)
+    plot_transfer_vs_scratch(runs.transfer.run_dir, runs.scratch.run_dir, runs.transfer_acc, runs.scratch_acc,
+                             chance, figure)
     logger.info("\n%s", "\n".join(comparison))
     logger.info("  what transfer bought: %+.4f test accuracy with the same labels, recipe and epoch budget "
-                "(chance: %.2f); learning curves: %s", transfer_acc - scratch_acc, chance, figure)
+                "(chance: %.2f); learning curves: %s", runs.transfer_acc - runs.scratch_acc, chance, figure)
+    return figure
 
-    _step(4, "export model B: SavedModel, ONNX, ONNX-fp16, each checked against Keras")
-    from transferkit.export.bundle import export_run
 
-    exported = export_run(run_b.run_dir, out / "bundle", name="transferkit-demo",
-                          log=lambda line: logger.info("  %s", line.replace("\n", "\n  ")))
-    logger.info("  BentoML model: %s", exported.tag)
-
-    _step(5, "serve it with BentoML and classify held-out images over HTTP")
-    served = _serve_and_query(out, exported.bundle_dir, run_b.run_dir)
-
-    _step(6, "benchmark the bundle's backends on task B's test images")
-    bench_dir = out / "bench"
-    _benchmark(run_b.run_dir, exported.bundle_dir, bench_dir, plan.bench_repeats)
-
-    _step(7, "what it shows")
+def _show_verdicts(plan: DemoPlan, runs: TaskB, served: dict) -> None:
+    chance = 1 / len(TASK_B)
     verdicts = [
-        f"transfer reaches {transfer_acc:.1%} on {run_b.metrics['test']['samples']} test images of task B, from "
-        f"{plan.train_per_class} training labels per digit",
-        f"from scratch, the same network, labels, recipe and budget reach {scratch_acc:.1%}"
-        + (" (chance level: too few labels to learn features from)" if scratch_acc <= chance + 0.1 else ""),
+        f"transfer reaches {runs.transfer_acc:.1%} on {runs.transfer.metrics['test']['samples']} test images of "
+        f"task B, from {plan.train_per_class} training labels per digit",
+        f"from scratch, the same network, labels, recipe and budget reach {runs.scratch_acc:.1%}"
+        + (" (chance level: too few labels to learn features from)" if runs.scratch_acc <= chance + 0.1 else ""),
         f"over HTTP, {served['test_correct']} of {served['test_sent']} test images came back right "
         f"({served['test_correct'] / served['test_sent']:.1%}); of the ten shown, {served['correct']}",
         f"what transfer buys here is a good model within a short budget: given 14 epochs instead of {plan.budget_b}, "
@@ -330,23 +368,26 @@ def _run(out: Path, plan: DemoPlan) -> int:
     for line in verdicts:
         logger.info("  - %s", line)
 
-    _step(8, "summary")
-    minutes = (time.perf_counter() - started) / 60
+
+def _summarise(out: Path, plan: DemoPlan, runs: TaskB, figure: Path, exported: ExportResult, served: dict,
+               minutes: float) -> None:
+    """summary.json, the summary table and what to do next."""
     summary = {
-        "plan": plan.__dict__, "transfer_accuracy": transfer_acc, "scratch_accuracy": scratch_acc,
-        "test_images": run_b.metrics["test"]["samples"], "http": served, "figure": str(figure),
+        "plan": plan.__dict__, "transfer_accuracy": runs.transfer_acc, "scratch_accuracy": runs.scratch_acc,
+        "test_images": runs.transfer.metrics["test"]["samples"], "http": served, "figure": str(figure),
         "bundle": str(exported.bundle_dir), "tag": exported.tag, "minutes": round(minutes, 2),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     rows = [
-        ("transfer vs scratch", f"{transfer_acc:.4f} vs {scratch_acc:.4f}  ({out / 'transfer_vs_scratch.md'})"),
+        ("transfer vs scratch", f"{runs.transfer_acc:.4f} vs {runs.scratch_acc:.4f}  "
+                                f"({out / 'transfer_vs_scratch.md'})"),
         ("learning curves", str(figure)),
         ("runs", f"{out / 'runs'} (A_scratch, B_transfer, B_scratch: report.md, plots, metrics.json)"),
         ("bundle", f"{exported.bundle_dir} (manifest.json holds the validation report)"),
         ("BentoML model", str(exported.tag)),
         ("HTTP", f"{served['test_correct']}/{served['test_sent']} test images right ({served['correct']}/"
                  f"{served['sent']} of those shown); corrupt file -> {served['corrupt_status']}"),
-        ("benchmark", str(bench_dir / "results.md")),
+        ("benchmark", str(out / "bench" / "results.md")),
         ("log", f"{out / 'demo.log'} (everything, library log lines included)"),
         ("time", f"{minutes:.1f} min"),
     ]
@@ -358,20 +399,15 @@ def _run(out: Path, plan: DemoPlan) -> int:
     print(f"  build a bento:  transferkit build {exported.tag}   (--gpu for the CUDA image)")
     print("  container:      bentoml containerize transferkit:latest")
     print(f"  load-test it:   transferkit loadtest --model {exported.tag} --users 16 --duration 30s --out loadtest")
-    return 0
 
 
 def _held_out(test: list[tuple[Path, str]], per_class: int = 2, seed: int = 0) -> list[tuple[Path, str]]:
     """``per_class`` test images of each class drawn at random (seeded, so not chosen by how they are answered)."""
-    from transferkit.export.bundle import stratified
-
     return stratified(test, per_class * len({label for _, label in test}), seed=seed)
 
 
 def _classify(url: str, images: list[tuple[Path, str]]) -> list[dict]:
     """POST ``images`` (PNG files) to ``url``/predict in one request; the service's answers, in order."""
-    import requests
-
     response = requests.post(url + "/predict", timeout=60, files=[
         ("images", (path.name, path.read_bytes(), "image/png")) for path, _ in images])
     response.raise_for_status()
@@ -379,12 +415,7 @@ def _classify(url: str, images: list[tuple[Path, str]]) -> list[dict]:
 
 
 def _serve_and_query(out: Path, bundle_dir: Path, run_dir: Path) -> dict:
-    import requests
-
-    from transferkit.service.launcher import BentoServer
-    from transferkit.training.rundir import split_files
-
-    test = split_files(run_dir, "test")
+    test = rundir.split_files(run_dir, "test")
     with BentoServer(bundle_dir, log_path=out / "service.log") as server:
         logger.info("  service ready at %s (log: %s)", server.url, out / "service.log")
         meta = requests.get(server.url + "/metadata", timeout=10).json()
@@ -422,18 +453,10 @@ def _serve_and_query(out: Path, bundle_dir: Path, run_dir: Path) -> dict:
 
 
 def _benchmark(run_dir: Path, bundle_dir: Path, bench_dir: Path, repeats: int) -> None:
-    from transferkit.benchmarks.measure import environment
-    from transferkit.benchmarks.report import markdown, write_results
-    from transferkit.benchmarks.sweep import BenchSettings, run_bundles
-    from transferkit.export.bundle import stratified
-    from transferkit.training.rundir import split_files
-
     test_dir = bench_dir / "test_images"
-    for path, label in stratified(split_files(run_dir, "test"), 200):  # enough for accuracy, quick to time
+    for path, label in stratified(rundir.split_files(run_dir, "test"), 200):  # enough for accuracy, quick to time
         (test_dir / label).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, test_dir / label / path.name)
-    from transferkit.core.manifest import read_manifest
-
     # Every backend the export validated and passed, OpenVINO's included where it ran here.
     report = read_manifest(bundle_dir).validation
     engines = [row.format for row in report.formats if row.format.startswith("openvino") and row.passed]

@@ -14,9 +14,27 @@ import os
 import sys
 import textwrap
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from transferkit.core.atomic import check_output_dir
+from transferkit.core.console import print_summary
+from transferkit.core.errors import OutputExistsError, UsageError
+from transferkit.core.extras import require_module
+from transferkit.core.inputs import Item, expand_inputs
 from transferkit.core.manifest import RUNTIME_BACKENDS
+from transferkit.core.outputs import COLUMNS, RowWriter, done_paths, open_writer, output_format, written_by_transferkit
+from transferkit.core.system import available_cores
+
+# The runtime (numpy, Pillow, onnxruntime, tqdm) is imported where it runs: every `transferkit` command imports this
+# module for its parser.
+if TYPE_CHECKING:
+    from transferkit.core.batch import Outcome
+    from transferkit.core.classifier import BundleClassifier
+    from transferkit.core.evaluation import Evaluation
+    from transferkit.core.manifest import Manifest
+    from transferkit.core.progress import Progress
 
 STDOUT_LIMIT = 1000  # images; beyond that a JSON list on stdout is the wrong tool (and would sit in memory)
 LISTED = 10  # skipped / unreadable files named in the summary
@@ -43,7 +61,9 @@ def add_predict_parser(subparsers) -> None:
                     "With --out FILE.csv|.jsonl|.parquet: one row per image (path, label, score, top_k, error), "
                     "written as batches finish; unreadable files get a row with an error (exit status 0: the "
                     "errors are in the file and the summary). --resume skips the paths already in FILE. Without "
-                    "--out: a JSON list on stdout (up to 1000 images); exit status 2 if any image is unreadable.\n\n"
+                    "--out: a JSON list on stdout (up to 1000 images); exit status 2 if any image is unreadable. "
+                    "Either way, exit status 2 when nothing could be classified (every input unreadable or not an "
+                    "image).\n\n"
                     "--evaluate takes each image's parent folder name as its true label and writes accuracy, "
                     "top-5, per-class precision/recall/F1 and a confusion matrix (the training report's code).\n\n"
                     "--engine ray runs the same pipeline on Ray Data (decode tasks, then an actor pool in which "
@@ -79,10 +99,6 @@ def add_predict_parser(subparsers) -> None:
 
 def _check_arguments(args: argparse.Namespace) -> Path | None:
     """Every refusal that needs no work; returns the --evaluate report directory."""
-    from transferkit.core.atomic import check_output_dir
-    from transferkit.core.errors import OutputExistsError, UsageError
-    from transferkit.core.outputs import COLUMNS, output_format, written_by_transferkit
-
     if args.top_k < 1:
         raise UsageError("--top-k must be at least 1")
     if args.batch_size < 1:
@@ -122,16 +138,25 @@ def _listed(paths: list[str], total: int) -> str:
     return ", ".join(paths) + more
 
 
+@dataclass
+class _Results:
+    """What a run of the classifier left: the counts (in ``progress``), the first files that failed or were skipped
+    (for the summary), the JSON for stdout without --out, and whether Ctrl-C ended it."""
+
+    progress: Progress
+    evaluation: Evaluation | None
+    printed: list[dict] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # the first LISTED unreadable files, with the error
+    skipped: list[str] = field(default_factory=list)  # the first LISTED non-images
+    interrupted: bool = False
+
+    @property
+    def classified(self) -> int:
+        return self.progress.done - self.progress.errors - self.progress.skipped
+
+
 def run_predict(args: argparse.Namespace) -> int:
-    from transferkit.core.batch import outcome_rows
     from transferkit.core.classifier import load_bundle
-    from transferkit.core.console import print_summary
-    from transferkit.core.errors import UsageError
-    from transferkit.core.evaluation import Evaluation, true_label
-    from transferkit.core.extras import require_module
-    from transferkit.core.inputs import expand_inputs
-    from transferkit.core.outputs import COLUMNS, done_paths, open_writer
-    from transferkit.core.progress import Progress
 
     report_dir = _check_arguments(args)
     # Before any output: what an extra provides fails here, not after a header (or every row) was written.
@@ -140,7 +165,32 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.evaluate:
         require_module("sklearn", "--evaluate")
     classifier = load_bundle(args.bundle, args.backend, args.device)
-    manifest = classifier.manifest
+    items, already = _pending(args)
+    results = _classify(args, classifier, items)
+    if results.interrupted:
+        where = f"; {args.out} holds the rows so far: --resume continues" if args.out else ""
+        print(f"transferkit predict: interrupted after {results.progress.done} images{where}", file=sys.stderr)
+        return 130
+    metrics = None
+    if results.evaluation:
+        context = {"bundle": f"{classifier.manifest.name} {classifier.manifest.version}",
+                   "backend": classifier.backend, "inputs": " ".join(args.inputs),
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        metrics = results.evaluation.write(report_dir, args.force, context)
+    if not args.out:
+        json.dump(results.printed, sys.stdout, indent=2)
+        print()
+    rows = _summary_rows(args, classifier, results, already)
+    if metrics:
+        rows += _metric_rows(metrics, classifier.manifest, results.evaluation, report_dir)
+    # stdout carries the JSON when there is no --out: the summary goes to stderr then.
+    with contextlib.redirect_stdout(sys.stdout if args.out else sys.stderr):
+        print_summary(rows, title="transferkit predict")
+    return _exit_status(args, results, already)
+
+
+def _pending(args: argparse.Namespace) -> tuple[list[Item], int]:
+    """The inputs still to classify (all of them, or those not yet in --out with --resume), and how many were."""
     items = list(expand_inputs(args.inputs))  # paths only (~100 bytes each): the total for the progress bar
     already = 0
     if args.resume:
@@ -152,6 +202,14 @@ def run_predict(args: argparse.Namespace) -> int:
     if not args.out and len(items) > STDOUT_LIMIT:
         raise UsageError(f"{len(items)} images: write them to a file with --out FILE.csv|.jsonl|.parquet "
                          f"(JSON on stdout is for up to {STDOUT_LIMIT})")
+    return items, already
+
+
+def _classify(args: argparse.Namespace, classifier: BundleClassifier, items: list[Item]) -> _Results:
+    """Classify ``items`` batch by batch into --out (or the JSON list), with the progress bar; Ctrl-C stops it with
+    the rows so far written."""
+    from transferkit.core.evaluation import Evaluation
+    from transferkit.core.progress import Progress
 
     started_ray = False
     if args.engine == "ray" and items:  # nothing left after --resume: no Ray to start
@@ -159,32 +217,14 @@ def run_predict(args: argparse.Namespace) -> int:
 
         started_ray = start_ray(args.address, args.workers)
     columns = COLUMNS + (("true_label",) if args.evaluate else ())
-    evaluation = Evaluation(manifest.class_names) if args.evaluate else None
     writer = open_writer(args.out, append=args.resume, columns=columns) if args.out else None
-    printed: list[dict] = []
-    skipped: list[str] = []
-    failed: list[tuple[str, str]] = []
-    progress = Progress(len(items), enabled=bool(args.out) or len(items) > args.batch_size)
-    interrupted = False
+    results = _Results(Progress(len(items), enabled=bool(args.out) or len(items) > args.batch_size),
+                       Evaluation(classifier.manifest.class_names) if args.evaluate else None)
     try:
         for outcomes in classifier.outcomes(items, args.engine, args.batch_size, args.workers):
-            rows = outcome_rows(outcomes, manifest.class_names, args.top_k)
-            if evaluation:
-                evaluation.add(outcomes)
-                for row in rows:
-                    row["true_label"] = true_label(row["path"])
-            errors = [(row["path"], row["error"]) for row in rows if row["error"]]
-            skips = [outcome.path for outcome in outcomes if outcome.skipped]
-            failed += errors[:LISTED - len(failed)] if len(failed) < LISTED else []
-            skipped += skips[:LISTED - len(skipped)] if len(skipped) < LISTED else []
-            if writer:
-                writer.write(rows)
-            else:
-                printed += [{"file": r["path"], **({"error": r["error"]} if r["error"] else
-                                                    {k: r[k] for k in ("label", "score", "top_k")})} for r in rows]
-            progress.update(len(outcomes), len(errors), len(skips))
+            _record(outcomes, results, writer, classifier.manifest.class_names, args.top_k)
     except KeyboardInterrupt:
-        interrupted = True
+        results.interrupted = True
     finally:
         if writer:
             writer.close()
@@ -192,69 +232,89 @@ def run_predict(args: argparse.Namespace) -> int:
             import ray
 
             ray.shutdown()
-    progress.close()
-    if interrupted:
-        where = f"; {args.out} holds the rows so far: --resume continues" if args.out else ""
-        print(f"transferkit predict: interrupted after {progress.done} images{where}", file=sys.stderr)
-        return 130
+    results.progress.close()
+    return results
 
-    metrics = None
-    if evaluation:
-        context = {"bundle": f"{manifest.name} {manifest.version}", "backend": classifier.backend,
-                   "inputs": " ".join(args.inputs), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-        metrics = evaluation.write(report_dir, args.force, context)
 
-    if not args.out:
-        json.dump(printed, sys.stdout, indent=2)
-        print()
-    classified = progress.done - progress.errors - progress.skipped
+def _record(outcomes: list[Outcome], results: _Results, writer: RowWriter | None, class_names: list[str],
+            top_k: int) -> None:
+    """One batch's outcomes into the output, the evaluation and the counts."""
+    from transferkit.core.batch import outcome_rows
+    from transferkit.core.evaluation import true_label
+
+    rows = outcome_rows(outcomes, class_names, top_k)
+    if results.evaluation:
+        results.evaluation.add(outcomes)
+        for row in rows:
+            row["true_label"] = true_label(row["path"])
+    errors = [(row["path"], row["error"]) for row in rows if row["error"]]
+    skips = [outcome.path for outcome in outcomes if outcome.skipped]
+    results.failed += errors[:LISTED - len(results.failed)]
+    results.skipped += skips[:LISTED - len(results.skipped)]
+    if writer:
+        writer.write(rows)
+    else:
+        results.printed += [{"file": r["path"], **({"error": r["error"]} if r["error"] else
+                                                    {k: r[k] for k in ("label", "score", "top_k")})} for r in rows]
+    results.progress.update(len(outcomes), len(errors), len(skips))
+
+
+def _summary_rows(args: argparse.Namespace, classifier: BundleClassifier, results: _Results,
+                  already: int) -> list[tuple[str, str]]:
+    progress = results.progress
     engine = (f"ray ({args.address or 'local Ray'})" if args.engine == "ray"
-              else f"local, {args.workers or _cores()} threads")
+              else f"local, {args.workers or available_cores()} threads")
+    failed = [f"{path} ({error})" for path, error in results.failed]
     rows = [
-        ("bundle", f"{manifest.name} ({classifier.backend} on {_provider(classifier, args.engine)})"),
+        ("bundle", f"{classifier.manifest.name} ({classifier.backend} on {_provider(classifier, args.engine)})"),
         ("backend", f"{classifier.backend}: {classifier.choice.reason}"),
         ("engine", engine),
-        ("classified", f"{classified} images in {progress.elapsed:.1f} s ({progress.rate:.1f} images/s, "
+        ("classified", f"{results.classified} images in {progress.elapsed:.1f} s ({progress.rate:.1f} images/s, "
                        f"batches of {args.batch_size})"),
-        ("unreadable", f"{progress.errors}" + (f": {_listed([f'{p} ({e})' for p, e in failed], progress.errors)}"
-                                               if failed else "")),
-        ("non-images skipped", f"{progress.skipped}" + (f": {_listed(skipped, progress.skipped)}"
-                                                        if skipped else "")),
+        ("unreadable", f"{progress.errors}" + (f": {_listed(failed, progress.errors)}" if failed else "")),
+        ("non-images skipped", f"{progress.skipped}" + (f": {_listed(results.skipped, progress.skipped)}"
+                                                        if results.skipped else "")),
     ]
     if args.resume:
         rows.append(("resumed", f"{already} images already in {args.out} were skipped"))
     if args.out:
         rows.append(("output", f"{args.out} ({progress.done - progress.skipped} rows written)"))
-    if metrics:
-        top5 = metrics.get("top5_accuracy")
-        rows += [("accuracy", f"{metrics['accuracy']:.4f} on {metrics['samples']} labelled images"),
-                 ("top-5 accuracy", f"{top5:.4f}" if top5 is not None else "n/a (5 classes or fewer)"),
-                 ("macro F1", f"{metrics['macro_f1']:.4f}")]
-        recorded = (manifest.training or {}).get("test", {}).get("accuracy")
-        if recorded is not None:
-            rows.append(("run's test accuracy", f"{recorded:.4f} (recorded at training)"))
-        if evaluation.unknown:
-            rows.append(("left out", f"{sum(evaluation.unknown.values())} images whose folder is not a class"))
-        rows.append(("report", f"{report_dir}/ (metrics.json, metrics.md, confusion_matrix.png)"))
-    # stdout carries the JSON when there is no --out: the summary goes to stderr then.
-    with contextlib.redirect_stdout(sys.stdout if args.out else sys.stderr):
-        print_summary(rows, title="transferkit predict")
+    return rows
+
+
+def _metric_rows(metrics: dict, manifest: Manifest, evaluation: Evaluation, report_dir: Path,
+                 ) -> list[tuple[str, str]]:
+    top5 = metrics.get("top5_accuracy")
+    rows = [("accuracy", f"{metrics['accuracy']:.4f} on {metrics['samples']} labelled images"),
+            ("top-5 accuracy", f"{top5:.4f}" if top5 is not None else "n/a (5 classes or fewer)"),
+            ("macro F1", f"{metrics['macro_f1']:.4f}")]
+    recorded = (manifest.training or {}).get("test", {}).get("accuracy")
+    if recorded is not None:
+        rows.append(("run's test accuracy", f"{recorded:.4f} (recorded at training)"))
+    if evaluation.unknown:
+        rows.append(("left out", f"{sum(evaluation.unknown.values())} images whose folder is not a class"))
+    rows.append(("report", f"{report_dir}/ (metrics.json, metrics.md, confusion_matrix.png)"))
+    return rows
+
+
+def _exit_status(args: argparse.Namespace, results: _Results, already: int) -> int:
+    """2 when an image for stdout's list was unreadable, or when nothing could be classified: a script must not read
+    a file of error rows, or of no rows, as success."""
+    progress = results.progress
     if not args.out and progress.errors:
-        path, error = failed[0]
+        path, error = results.failed[0]
         print(f"transferkit predict: error: {path}: {error}", file=sys.stderr)
         return 2
-    if args.out and progress.errors and not classified:
-        # Rows with an error each were written, but nothing was classified: a script must not read that as success.
+    if args.out and progress.errors and not results.classified:
+        path, error = results.failed[0]
         print(f"transferkit predict: error: none of the {progress.errors} inputs could be classified "
-              f"(first: {failed[0][0]}: {failed[0][1]}); their errors are in {args.out}", file=sys.stderr)
+              f"(first: {path}: {error}); their errors are in {args.out}", file=sys.stderr)
+        return 2
+    if progress.skipped and not results.classified and not already:  # --resume: the images were classified before
+        print(f"transferkit predict: error: none of the {progress.skipped} files found is an image (skipped: "
+              f"{_listed(results.skipped, progress.skipped)})", file=sys.stderr)
         return 2
     return 0
-
-
-def _cores() -> int:
-    from transferkit.core.system import available_cores
-
-    return available_cores()
 
 
 def _provider(classifier, engine: str) -> str:
