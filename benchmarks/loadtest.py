@@ -16,7 +16,6 @@ import csv
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,10 +26,10 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from transferkit.core.errors import TransferkitError, UsageError
-from transferkit.core.system import available_cores, free_port
+from transferkit.core.system import available_cores
+from transferkit.service.launcher import PROJECT_ROOT, BentoServer, ServerProcess
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 BATCH_METRIC = "bentoml_service_adaptive_batch_size"
 HANDED_BACK_METRIC = "transferkit_connections_handed_back"
 MICROBATCH_METRIC = "transferkit_microbatch_size"  # the microbatch layout's own batches (no BentoML batcher)
@@ -65,67 +64,38 @@ class LoadTestSummary:
 # ------------------------------------------------------------------------------------------------------- servers
 
 
-class ManagedServer:
-    """``bentoml serve`` of ``model`` through the one launcher (service/launcher.py), ready when constructed."""
-
-    def __init__(self, model: str, log_path: Path, backend: str = "auto", **settings: object):
-        from transferkit.service.launcher import BentoServer
-
-        self._server = BentoServer(model, log_path=log_path, backend=backend, **settings)
-        self._server.start()
-        self._server.wait_ready(timeout=180)  # stops the server before raising
-        self.url = self._server.url
-
-    def stop(self) -> None:
-        self._server.stop()
+def start_transferkit(model: str, log_path: Path, backend: str = "auto") -> BentoServer:
+    """``bentoml serve`` of ``model`` through the one launcher (service/launcher.py), ready when returned."""
+    return BentoServer(model, log_path=log_path, backend=backend).start().wait_ready(timeout=180)
 
 
-class BaselineServer:
-    """benchmarks/baseline_server.py under ``uvicorn --workers N``, ready when constructed."""
+class BaselineServer(ServerProcess):
+    """benchmarks/baseline_server.py under ``uvicorn --workers N``, started, awaited and stopped by the same launcher
+    (its own session, the parent-death signal, the orphan sweep)."""
 
-    def __init__(self, model: str, log_path: Path, backend: str = "onnx", workers: int | None = None):
-        import requests
+    name = "the baseline server"
 
-        from transferkit.core.manifest import RUNTIME_BACKENDS
+    def __init__(self, log_path: Path, env: dict[str, str], workers: int):
+        # From the project root: `python -m uvicorn` imports the app from the working directory in a plain checkout.
+        super().__init__(log_path=log_path, env=env, cwd=PROJECT_ROOT)
+        self.worker_count = workers
 
-        # The plain server runs onnxruntime: the file of an onnxruntime backend, else the fp32 ONNX.
-        spec = RUNTIME_BACKENDS.get(backend)
-        backend = backend if spec is not None and spec.engine == "onnxruntime" else "onnx"
-        from transferkit.core.predictors import resolve_bundle_path
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "uvicorn", "transferkit.benchmarks.baseline_server:app", "--host", self.host,
+                "--port", str(self.port), "--workers", str(self.worker_count)]
 
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "TRANSFERKIT_BASELINE_BUNDLE": str(resolve_bundle_path(model)),
-               "TRANSFERKIT_BASELINE_BACKEND": backend}
-        self._log = log_path.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "transferkit.benchmarks.baseline_server:app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", str(workers or available_cores())],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=PROJECT_ROOT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.stop()
-                raise TransferkitError(f"the baseline server exited while starting; see {log_path}")
-            try:
-                if requests.get(self.url + "/readyz", timeout=3).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TransferkitError(f"the baseline server was not ready in 120 s; see {log_path}")
 
-    def stop(self) -> None:
-        # uvicorn's supervisor and its workers share the session started here: stop them all together.
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self._log.close()
+def start_baseline(model: str, log_path: Path, backend: str = "onnx", workers: int | None = None) -> BaselineServer:
+    """The baseline server for ``model``, ready when returned."""
+    from transferkit.core.manifest import RUNTIME_BACKENDS
+    from transferkit.core.predictors import resolve_bundle_path
+
+    # The plain server runs onnxruntime: the file of an onnxruntime backend, else the fp32 ONNX.
+    spec = RUNTIME_BACKENDS.get(backend)
+    backend = backend if spec is not None and spec.engine == "onnxruntime" else "onnx"
+    env = {**os.environ, "TRANSFERKIT_BASELINE_BUNDLE": str(resolve_bundle_path(model)),
+           "TRANSFERKIT_BASELINE_BACKEND": backend}
+    return BaselineServer(log_path, env, workers or available_cores()).start().wait_ready(timeout=120)
 
 
 # ------------------------------------------------------------------------------------------------------- metrics
@@ -299,7 +269,7 @@ def loadtest(url: str | None, model: str | None, users: int, spawn_rate: float, 
         log(f"running locust: {users} users, spawn rate {spawn_rate}/s, {duration}s against {url}")
         summaries.append(measure("external", url, users, spawn_rate, duration, out))
     else:
-        kinds = {"transferkit": ManagedServer, "baseline": BaselineServer}
+        kinds = {"transferkit": start_transferkit, "baseline": start_baseline}
         names = list(kinds) if compare_baseline else ["transferkit"]
         homes = {name: out / name if compare_baseline else out for name in names}
         servers: dict = {}

@@ -5,7 +5,9 @@
 Images: benchmarks/workload.py (small PNGs, ~1 MP and ~6 MP JPEGs, or $TRANSFERKIT_LOADTEST_IMAGES), weighted by
 $TRANSFERKIT_LOADTEST_MIX ("small,1mp,6mp", default "6,3,1").
 Overload answers (429/503) are reported under their own name, not as failures; a low-weight task sends bad input
-that must be answered 4xx.
+that must be answered 4xx with the error JSON. Any other answer is a reported failure with its status and the start
+of its body, whatever the body is (empty, an HTML page from a proxy, JSON of another shape): never an exception in
+the user, which locust would log instead of counting the request.
 
 The users are ``FastHttpUser`` (geventhttpclient) and each upload's multipart/form-data body is encoded once, by
 urllib3, at start-up: the same bytes ``requests`` sends for ``files=[("images", ...)]``, without re-encoding a 380 KB
@@ -16,6 +18,7 @@ the load generator instead of the server under test.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -45,12 +48,30 @@ BAD_UPLOAD = upload("bad.jpg", b"not an image" * 10, "image/jpeg")
 gevent.get_hub().loop.update_now()
 
 
-def check_answer(answer: list, classes: list[str], count: int) -> str | None:
-    """Why a 200 answer is wrong, or None."""
+def json_body(response) -> object | None:
+    """The parsed JSON body; None for an empty or non-JSON one (or one whose encoding cannot be told)."""
+    try:
+        return json.loads(response.text)
+    except (TypeError, ValueError):
+        return None
+
+
+def describe(response) -> str:
+    """A failure's one line: the status and the start of the body, whatever it holds."""
+    return f"HTTP {response.status_code}: {(response.text or '(empty body)')[:200]}"
+
+
+def check_answer(answer: object, classes: list[str], count: int) -> str | None:
+    """Why a 200 answer (its parsed JSON, None when it was not JSON) is wrong, or None."""
+    if answer is None:
+        return "the answer is not JSON"
     if not isinstance(answer, list) or len(answer) != count:
         return f"expected a list of {count} answers"
     for item in answer:
-        scores = [entry["score"] for entry in item.get("top_k", [])]
+        top = item.get("top_k") if isinstance(item, dict) else None
+        if not isinstance(top, list) or not all(isinstance(entry, dict) for entry in top):
+            return "each answer needs a top_k list of {label, score}"
+        scores = [entry.get("score") for entry in top]
         if item.get("label") not in classes:
             return f"label {item.get('label')!r} is not a class"
         if not scores or not all(isinstance(s, float) and math.isfinite(s) and 0 <= s <= 1 for s in scores):
@@ -66,7 +87,12 @@ class ImageClient(FastHttpUser):
     wait_time = between(0, 0.01)
 
     def on_start(self) -> None:
-        self.classes = self.client.get("/metadata", name="/metadata").json()["classes"]
+        with self.client.get("/metadata", name="/metadata", catch_response=True) as response:
+            meta = json_body(response)
+            self.classes = meta.get("classes") if isinstance(meta, dict) else None
+            if response.status_code != 200 or not isinstance(self.classes, list):
+                response.failure(f"no class list in /metadata: {describe(response)}")
+                self.classes = []  # every answer then fails as "not a class": counted, not raised
 
     @task(20)
     def predict(self) -> None:
@@ -78,9 +104,9 @@ class ImageClient(FastHttpUser):
                 response.request_meta["name"] = f"overloaded {response.status_code}"
                 response.success()
             elif response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {(response.text or '(empty body)')[:200]}")
+                response.failure(describe(response))
             else:
-                problem = check_answer(response.json(), self.classes, 1)
+                problem = check_answer(json_body(response), self.classes, 1)
                 if problem:
                     response.failure(problem)
 
@@ -92,7 +118,8 @@ class ImageClient(FastHttpUser):
             if response.status_code in OVERLOAD:
                 response.request_meta["name"] = f"overloaded {response.status_code}"
                 response.success()
-            elif 400 <= response.status_code < 500 and "error" in response.json():
+            elif 400 <= response.status_code < 500 and isinstance(answer := json_body(response), dict) \
+                    and "error" in answer:
                 response.success()
             else:
-                response.failure(f"bad input answered HTTP {response.status_code}")
+                response.failure(f"bad input answered {describe(response)}")

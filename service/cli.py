@@ -13,7 +13,7 @@ SERVE_OPTIONS = ("backend", "device", "layout", "workers", "threads", "top_k", "
 
 
 def add_serve_parser(subparsers) -> None:
-    from transferkit.service.settings import ServiceSettings
+    from transferkit.service.settings import ServiceSettings, env_name
 
     p = subparsers.add_parser(
         "serve", help="serve a bundle over HTTP with BentoML",
@@ -32,7 +32,7 @@ def add_serve_parser(subparsers) -> None:
         field = ServiceSettings.model_fields[name]
         default = "unset" if field.default is None else field.default
         kwargs: dict = {"default": None, "help": f"{field.description} (default {default}; "
-                                                 f"TRANSFERKIT_{name.upper()})"}
+                                                 f"{env_name(name)})"}
         choices = _literal_choices(field.annotation)
         if choices:
             kwargs["choices"] = choices

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 
-from transferkit.core.errors import InvalidImageError
+from transferkit.core.errors import InvalidImageError, ServiceError
 from transferkit.core.images import decode_image, open_image_header
 
 # Peak bytes per decoded pixel by Pillow mode, measured on 49 MP images (RSS peak over the decode): 16-bit and
@@ -25,14 +25,6 @@ from transferkit.core.images import decode_image, open_image_header
 BYTES_PER_PIXEL = {"I;16": 26, "I;16B": 26, "I;16L": 26, "I;16N": 26, "I": 26, "F": 26, "1": 5, "L": 5,
                    "P": 9, "PA": 9, "LA": 8, "RGB": 8, "RGBA": 8, "RGBX": 8, "CMYK": 8, "YCbCr": 8}
 OVERHEAD_BYTES = 4 * 1024 * 1024  # decoder tables, the resized output, the stacked batch
-
-
-class RequestError(Exception):
-    """A client-facing error: HTTP status, a machine-readable reason and one line for a person."""
-
-    def __init__(self, status: int, reason: str, message: str, retry_after: int | None = None):
-        super().__init__(message)
-        self.status, self.reason, self.message, self.retry_after = status, reason, message, retry_after
 
 
 def estimate_decode_bytes(data: bytes, side: int, max_pixels: int) -> int:
@@ -62,7 +54,7 @@ class DecodeGate:
     @asynccontextmanager
     async def admit(self, cost: int, wait_s: float) -> AsyncIterator[None]:
         if cost > self.budget:
-            raise RequestError(413, "image_too_large",
+            raise ServiceError(413, "image_too_large",
                                f"image too large to decode here: it needs about {cost / 2**20:.0f} MiB, the "
                                f"per-worker decode budget is {self.budget / 2**20:.0f} MiB")
         if self._changed is None:
@@ -71,7 +63,7 @@ class DecodeGate:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self._fits(cost)), wait_s)
             except TimeoutError:
-                raise RequestError(503, "busy", "the server is decoding as many large images as it can hold; "
+                raise ServiceError(503, "busy", "the server is decoding as many large images as it can hold; "
                                                 "retry shortly", retry_after=1) from None
             self.busy_slots += 1
             self.busy_bytes += cost
@@ -91,7 +83,7 @@ def estimate_all(images: list[tuple[str, bytes]], side: int, max_pixels: int) ->
         try:
             worst = max(worst, estimate_decode_bytes(data, side, max_pixels))
         except InvalidImageError as exc:
-            raise RequestError(exc.http_status, exc.reason, f"{name}: {exc}") from None
+            raise ServiceError(exc.http_status, exc.reason, f"{name}: {exc}") from None
     return worst
 
 
@@ -102,5 +94,5 @@ def decode_all(images: list[tuple[str, bytes]], side: int, max_pixels: int) -> n
         try:
             pixels.append(decode_image(data, side, max_pixels=max_pixels))
         except InvalidImageError as exc:
-            raise RequestError(exc.http_status, exc.reason, f"{name}: {exc}") from None
+            raise ServiceError(exc.http_status, exc.reason, f"{name}: {exc}") from None
     return np.stack(pixels)

@@ -2,8 +2,9 @@
 
 ``POST /predict`` and ``GET /metadata`` live here; the Open Inference Protocol (``/v2/...``) in
 :mod:`transferkit.service.oip`. Both answer through the same entry object (service/service.py), which decodes and
-classifies in whichever layout runs, and through the same error contract: JSON ``{"error", "reason"}``, 4xx for the
-client's mistakes, 503 with ``Retry-After`` when retrying helps, 500 only for a server fault, with a generic message.
+classifies in whichever layout runs, and through the same error contract (:mod:`transferkit.service.errors`, also used
+by the middleware): JSON ``{"error", "reason"}``, 4xx for the client's mistakes, 503 with ``Retry-After`` when retrying
+helps, 500 only for a server fault, with a generic message.
 
 Why not a ``@bentoml.api`` taking ``list[Path]``: BentoML's multipart parser turns a *text* value in a file field into
 a URL and downloads it, and its image types trust the part's Content-Type. Here every part is checked to be a real
@@ -19,14 +20,14 @@ from typing import Any, Protocol
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from transferkit.service.decoding import RequestError
-from transferkit.service.runtime import ModelUnavailable
+from transferkit.core.errors import ModelUnavailable, ServiceError
+from transferkit.service.errors import SERVER_FAULT_REASON, as_service_error, error_response
 from transferkit.service.settings import Plan, ServiceSettings
 
 logger = logging.getLogger("transferkit.service")
@@ -91,25 +92,19 @@ class _Metrics:
 metrics = _Metrics()
 
 
-def error(status: int, reason: str, message: str, retry_after: int | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return JSONResponse({"error": message, "reason": reason}, status_code=status, headers=headers)
+def error_for(exc: BaseException) -> JSONResponse:
+    """The answer to an exception of the request pipeline (``/predict`` and ``/v2`` alike): the one mapping
+    (:func:`transferkit.service.errors.error_response`), each refusal counted by its reason."""
+    refusal = as_service_error(exc)  # logs a server fault
+    if refusal.reason != SERVER_FAULT_REASON:
+        metrics.rejected(refusal.reason)
+    return error_response(refusal)
 
 
-def error_for(exc: Exception) -> JSONResponse:
-    """The one mapping from an exception of the pipeline to an answer (for /predict and /v2 alike)."""
-    if isinstance(exc, RequestError):
-        metrics.rejected(exc.reason)
-        return error(exc.status, exc.reason, exc.message, exc.retry_after)
-    if isinstance(exc, ModelUnavailable):
-        metrics.rejected(exc.reason)
-        return error(503, exc.reason, exc.message, exc.retry_after)
-    logger.error("transferkit: model call failed: %s: %s", type(exc).__name__, exc)
-    return error(500, "model_error", "the model failed to answer; this is a server fault and has been logged")
-
-
-def unavailable(entry: Entry) -> JSONResponse:
-    return error(503, "model_unavailable", f"the model is not available: {entry.load_error or 'see the server log'}")
+def unavailable(entry: Entry) -> ModelUnavailable:
+    """The entry could not read its bundle's manifest: nothing can be answered (not counted as a rejected input)."""
+    return ModelUnavailable("model_unavailable",
+                            f"the model is not available: {entry.load_error or 'see the server log'}")
 
 
 def checked_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -119,46 +114,55 @@ def checked_probabilities(probabilities: np.ndarray) -> np.ndarray:
     if not finite.all():
         metrics.nonfinite(int((~finite).sum()))
         logger.error("transferkit: non-finite model output for %d of %d images", (~finite).sum(), len(finite))
-        raise RequestError(500, "nonfinite_output", "the model produced an invalid (non-finite) answer; this is a "
+        raise ServiceError(500, "nonfinite_output", "the model produced an invalid (non-finite) answer; this is a "
                                                     "server fault and has been logged")
     return probabilities
 
 
-async def _read_images(request: Request, settings: ServiceSettings) -> list[tuple[str, bytes]]:
+async def _read_form(request: Request, settings: ServiceSettings) -> FormData:
+    """The multipart form, parsed with limits; every way it can be malformed is a 4xx."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
-        raise RequestError(415, "unsupported_media_type",
+        raise ServiceError(415, "unsupported_media_type",
                            f"expected multipart/form-data with one or more '{FIELD}' file fields, got "
                            f"{content_type.split(';')[0] or 'no Content-Type'}")
     try:
         # max_files one above the cap, so that "too many" is ours to say (with the limit) and not Starlette's.
-        form = await request.form(max_files=settings.max_images + 1, max_fields=16, max_part_size=64 * 1024)
+        return await request.form(max_files=settings.max_images + 1, max_fields=16, max_part_size=64 * 1024)
     except Exception as exc:  # starlette's MultiPartException and the parser's own errors
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         if "Too many files" in message:
-            raise RequestError(413, "too_many_images", f"at most {settings.max_images} images per request") from None
-        raise RequestError(400, "bad_multipart", f"malformed multipart/form-data body: {message}") from None
+            raise ServiceError(413, "too_many_images", f"at most {settings.max_images} images per request") from None
+        raise ServiceError(400, "bad_multipart", f"malformed multipart/form-data body: {message}") from None
+
+
+def _image_parts(form: FormData, max_images: int) -> list:
+    """The form's ``images`` parts, refusing any other field, none, or too many."""
+    unexpected = sorted(set(form.keys()) - {FIELD})
+    if unexpected:
+        raise ServiceError(400, "unexpected_field",
+                           f"unexpected form field(s) {', '.join(map(repr, unexpected[:5]))}: send images as "
+                           f"'{FIELD}' file fields")
+    parts = form.getlist(FIELD)
+    if not parts:
+        raise ServiceError(400, "missing_field", f"no '{FIELD}' file field in the request")
+    if len(parts) > max_images:
+        raise ServiceError(413, "too_many_images", f"at most {max_images} images per request, got {len(parts)}")
+    return parts
+
+
+async def _read_images(request: Request, settings: ServiceSettings) -> list[tuple[str, bytes]]:
+    form = await _read_form(request, settings)
     try:
-        unexpected = sorted(set(form.keys()) - {FIELD})
-        if unexpected:
-            raise RequestError(400, "unexpected_field",
-                               f"unexpected form field(s) {', '.join(map(repr, unexpected[:5]))}: send images as "
-                               f"'{FIELD}' file fields")
-        parts = form.getlist(FIELD)
-        if not parts:
-            raise RequestError(400, "missing_field", f"no '{FIELD}' file field in the request")
-        if len(parts) > settings.max_images:
-            raise RequestError(413, "too_many_images", f"at most {settings.max_images} images per request, "
-                                                       f"got {len(parts)}")
         images = []
-        for index, part in enumerate(parts):
+        for index, part in enumerate(_image_parts(form, settings.max_images)):
             if not isinstance(part, UploadFile):
-                raise RequestError(400, "not_a_file", f"{FIELD}[{index}] is a text value; '{FIELD}' must be a file "
+                raise ServiceError(400, "not_a_file", f"{FIELD}[{index}] is a text value; '{FIELD}' must be a file "
                                                       f"upload (curl -F {FIELD}=@photo.jpg)")
             data = await part.read()
             name = _safe_name(part.filename, index)
             if not data:
-                raise RequestError(400, "empty_file", f"{name} is empty (0 bytes)")
+                raise ServiceError(400, "empty_file", f"{name} is empty (0 bytes)")
             images.append((name, data))
         return images
     finally:
@@ -174,16 +178,14 @@ def _safe_name(filename: str | None, index: int) -> str:
     return label
 
 
-def build_app(get_entry: Callable[[], Entry], settings: ServiceSettings, plan: Plan, choice) -> Starlette:
-    """The Starlette app; ``get_entry`` returns the running entry service instance, ``choice`` is the backend
-    decision (:class:`transferkit.core.backends.Choice`)."""
+def predict_endpoint(get_entry: Callable[[], Entry], settings: ServiceSettings) -> Callable:
+    """``POST /predict``: multipart images in, top-k labels per image out."""
     from transferkit.core.predictors import top_k
-    from transferkit.service.oip import oip_routes
 
     async def predict(request: Request) -> JSONResponse:
         entry = get_entry()
         if entry.manifest is None:
-            return unavailable(entry)
+            return error_response(unavailable(entry))
         try:
             images = await _read_images(request, settings)
             probabilities = checked_probabilities(await entry.infer_encoded(images))
@@ -192,43 +194,70 @@ def build_app(get_entry: Callable[[], Entry], settings: ServiceSettings, plan: P
         metrics.predicted(len(probabilities))
         return JSONResponse(top_k(probabilities, entry.manifest.class_names, settings.top_k))
 
+    return predict
+
+
+def metadata_document(manifest: Any, runtime: dict, settings: ServiceSettings, plan: Plan, choice) -> dict:
+    """``GET /metadata``'s answer: the bundle, the backend and layout chosen and why, the limits, the runtime."""
+    return {
+        "name": manifest.name, "version": manifest.version, "backbone": manifest.backbone,
+        "classes": manifest.class_names, "image_size": manifest.image_size,
+        "input": "multipart/form-data, one or more 'images' file fields (JPEG, PNG, BMP, GIF, WebP)",
+        "protocols": {"predict": "/predict", "open_inference_protocol": f"/v2/models/{manifest.name}"},
+        "backend": choice.backend,
+        "backend_choice": {"setting": settings.backend, "reason": choice.reason, "cpu": choice.cpu,
+                           "batch_scaling": choice.batch_scaling, "images_per_second": choice.images_per_second,
+                           "skipped": choice.skipped},
+        "layout": {"name": plan.layout, "reason": plan.reason, "cores": plan.cores, "gpus": plan.gpus,
+                   "entry_workers": plan.entry_workers, "model_workers": plan.model_workers,
+                   "threads_per_session": plan.threads},
+        "runtime": runtime,
+        "batching": _batching(settings, plan),
+        "limits": {"max_images_per_request": settings.max_images, "max_body_bytes": settings.max_body_bytes,
+                   "max_pixels_per_image": settings.max_pixels, "timeout_s": settings.timeout_s,
+                   "max_concurrency": settings.max_concurrency, "decode_concurrency": settings.decode_concurrency,
+                   "decode_memory_mb": settings.decode_memory_mb, "drain_timeout_s": settings.drain_timeout_s},
+        "top_k": settings.top_k,
+        "checksums": {name: entry.sha256 for name, entry in manifest.formats.items()},
+        "validation_passed": bool(manifest.validation and manifest.validation.passed),
+    }
+
+
+def _batching(settings: ServiceSettings, plan: Plan) -> dict | None:
+    if plan.layout == "batched":
+        return {"max_batch_size": settings.max_batch_size, "max_latency_ms": settings.max_latency_ms}
+    if plan.layout == "microbatch":
+        return {"max_batch_size": settings.max_batch_size,
+                "queue_delay": "none: whatever is queued when the model is free"}
+    return None
+
+
+def metadata_endpoint(get_entry: Callable[[], Entry], settings: ServiceSettings, plan: Plan, choice) -> Callable:
+    """``GET /metadata``."""
+
     async def metadata(request: Request) -> JSONResponse:
         entry = get_entry()
-        manifest = entry.manifest
-        if manifest is None:
-            return unavailable(entry)
-        return JSONResponse({
-            "name": manifest.name, "version": manifest.version, "backbone": manifest.backbone,
-            "classes": manifest.class_names, "image_size": manifest.image_size,
-            "input": "multipart/form-data, one or more 'images' file fields (JPEG, PNG, BMP, GIF, WebP)",
-            "protocols": {"predict": "/predict", "open_inference_protocol": f"/v2/models/{manifest.name}"},
-            "backend": choice.backend,
-            "backend_choice": {"setting": settings.backend, "reason": choice.reason, "cpu": choice.cpu,
-                               "batch_scaling": choice.batch_scaling, "images_per_second": choice.images_per_second,
-                               "skipped": choice.skipped},
-            "layout": {"name": plan.layout, "reason": plan.reason, "cores": plan.cores, "gpus": plan.gpus,
-                       "entry_workers": plan.entry_workers, "model_workers": plan.model_workers,
-                       "threads_per_session": plan.threads},
-            "runtime": await entry.describe(),
-            "batching": ({"max_batch_size": settings.max_batch_size, "max_latency_ms": settings.max_latency_ms}
-                         if plan.layout == "batched" else
-                         {"max_batch_size": settings.max_batch_size, "queue_delay": "none: whatever is queued "
-                          "when the model is free"} if plan.layout == "microbatch" else None),
-            "limits": {"max_images_per_request": settings.max_images, "max_body_bytes": settings.max_body_bytes,
-                       "max_pixels_per_image": settings.max_pixels, "timeout_s": settings.timeout_s,
-                       "max_concurrency": settings.max_concurrency, "decode_concurrency": settings.decode_concurrency,
-                       "decode_memory_mb": settings.decode_memory_mb, "drain_timeout_s": settings.drain_timeout_s},
-            "top_k": settings.top_k,
-            "checksums": {name: entry_.sha256 for name, entry_ in manifest.formats.items()},
-            "validation_passed": bool(manifest.validation and manifest.validation.passed),
-        })
+        if entry.manifest is None:
+            return error_response(unavailable(entry))
+        return JSONResponse(metadata_document(entry.manifest, await entry.describe(), settings, plan, choice))
 
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error(exc.status_code, reason, f"{request.method} {request.url.path}: {exc.detail}")
+    return metadata
+
+
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such route, wrong method) in the service's error shape."""
+    reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(ServiceError(exc.status_code, reason, f"{request.method} {request.url.path}: {exc.detail}"))
+
+
+def build_app(get_entry: Callable[[], Entry], settings: ServiceSettings, plan: Plan, choice) -> Starlette:
+    """The Starlette app; ``get_entry`` returns the running entry service instance, ``choice`` is the backend
+    decision (:class:`transferkit.core.backends.Choice`)."""
+    from transferkit.service.oip import oip_routes
 
     return Starlette(
-        routes=[Route("/predict", predict, methods=["POST"]), Route("/metadata", metadata, methods=["GET"]),
+        routes=[Route("/predict", predict_endpoint(get_entry, settings), methods=["POST"]),
+                Route("/metadata", metadata_endpoint(get_entry, settings, plan, choice), methods=["GET"]),
                 *oip_routes(get_entry, settings, choice.backend)],
         exception_handlers={HTTPException: http_error},
     )

@@ -46,21 +46,34 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+from transferkit.service.settings import DEFAULT_DRAIN_TIMEOUT_S, WORKER_EXIT_GRACE_S, setting_from
+
 logger = logging.getLogger("transferkit.service.lifecycle")
 
-DRAIN_TIMEOUT_ENV = "TRANSFERKIT_DRAIN_TIMEOUT_S"
-DEFAULT_DRAIN_TIMEOUT_S = 30.0
 ARBITER_PID_ENV = "TRANSFERKIT_ARBITER_PID"  # set by the arbiter for its workers: the parent they must outlive not
 ENTRY_WATCHER = "service"  # BentoML's name for the HTTP entry watcher; dependencies are "service_<name>"
 API_SOCKET = "_bento_api_server"  # BentoML's name for the public listening socket
-STOP_MARGIN_S = 5.0  # beyond the drain timeout: uvicorn's shutdown, lifespan hooks, process exit
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 _draining = threading.Event()
 _lock = threading.Lock()
 _in_flight = 0
 _installed: str | None = None
-_drain_timeout_s = DEFAULT_DRAIN_TIMEOUT_S
+_drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
+
+
+def _libc_prctl() -> Callable | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Looked up once, at import: the launcher calls parent_death_signal between fork and exec, where a dlopen() can
+# deadlock if another thread held the loader's lock at the fork.
+_PRCTL = _libc_prctl()
 
 
 def is_draining() -> bool:
@@ -118,16 +131,6 @@ def process_role() -> str | None:
     return None
 
 
-def _env_drain_timeout() -> float:
-    raw = os.environ.get(DRAIN_TIMEOUT_ENV, "")
-    try:
-        value = float(raw) if raw.strip() else DEFAULT_DRAIN_TIMEOUT_S
-    except ValueError:
-        logger.warning("%s=%r is not a number; using %s s", DRAIN_TIMEOUT_ENV, raw, DEFAULT_DRAIN_TIMEOUT_S)
-        return DEFAULT_DRAIN_TIMEOUT_S
-    return max(0.0, value)
-
-
 def install_worker_lifecycle(drain_timeout_s: float | None = None) -> str | None:
     """Install the lifecycle for this process's role (see the module docstring); idempotent.
 
@@ -137,12 +140,14 @@ def install_worker_lifecycle(drain_timeout_s: float | None = None) -> str | None
     global _installed, _drain_timeout_s
     if _installed is not None:
         return _installed
-    _drain_timeout_s = float(drain_timeout_s) if drain_timeout_s is not None else _env_drain_timeout()
+    if drain_timeout_s is None:
+        drain_timeout_s = setting_from(os.environ, "drain_timeout_s")
+    _drain_timeout_s = float(drain_timeout_s)
     role = process_role()
     if role is not None:
         logger.setLevel(logging.INFO)  # BentoML leaves the root logger at WARNING: show the drain to operators
     if role == "worker":
-        set_parent_death_signal(signal.SIGTERM, expected_parent=_expected_parent())
+        _die_with_arbiter()
         close_foreign_listeners()
         _wrap_uvicorn_exit()
     elif role == "arbiter":
@@ -160,27 +165,32 @@ def _expected_parent() -> int | None:
     return int(raw) if raw.isdigit() else None
 
 
-def set_parent_death_signal(sig: int = signal.SIGTERM, expected_parent: int | None = None) -> bool:
-    """Ask Linux to send ``sig`` to this process when its parent dies; False where unsupported.
+def parent_death_signal(expected_parent: int | None, sig: int = signal.SIGTERM) -> str:
+    """Ask Linux to send ``sig`` to this process when its parent dies: ``"set"``, ``"unsupported"`` (not Linux, or
+    prctl failed) or ``"orphaned"``: the parent had already died (``getppid()`` no longer is ``expected_parent``:
+    the process was re-parented to init or a subreaper), which the request cannot cover; the caller should exit.
 
-    The request only covers deaths from now on. If the parent already died (``getppid()`` no longer is
-    ``expected_parent``: the process was re-parented to init or a subreaper), exit now.
+    The one place PR_SET_PDEATHSIG is set, for the launcher's server (called between fork and exec, so it allocates
+    nothing, logs nothing and never exits) and for every worker of that server (:func:`install_worker_lifecycle`).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            logger.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
-            return False
-    except (OSError, AttributeError) as exc:
-        logger.warning("cannot set the parent-death signal: %s", exc)
-        return False
+    if _PRCTL is None or _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return "unsupported"
     # After prctl: a parent dying from here on signals us; one that died before shows as a changed parent pid.
     if expected_parent is not None and os.getppid() != expected_parent:
-        logger.error("transferkit: the arbiter (pid %s) is gone; this worker exits", expected_parent)
+        return "orphaned"
+    return "set"
+
+
+def _die_with_arbiter() -> None:
+    """A worker drains and exits when its arbiter dies, and exits now if the arbiter is already gone."""
+    arbiter = _expected_parent()
+    outcome = parent_death_signal(arbiter)
+    if outcome == "unsupported":
+        logger.warning("transferkit: cannot set the parent-death signal (%s); this worker may outlive its arbiter",
+                       os.strerror(ctypes.get_errno()) if _PRCTL is not None else "not Linux")
+    elif outcome == "orphaned":
+        logger.error("transferkit: the arbiter (pid %s) is gone; this worker exits", arbiter)
         os._exit(0)
-    return True
 
 
 def close_foreign_listeners() -> list[int]:
@@ -250,8 +260,8 @@ def _begin_drain(stop_serving: Callable[[], None], force: Callable[[], None]) ->
         # uvicorn waits for open connections without limit: bound it by the drain deadline, then hard.
         time.sleep(max(0.0, deadline - time.monotonic()))
         force()
-        time.sleep(STOP_MARGIN_S)
-        logger.error("transferkit: worker did not stop %.0f s after the drain timeout; exiting", STOP_MARGIN_S)
+        time.sleep(WORKER_EXIT_GRACE_S)
+        logger.error("transferkit: worker did not stop %.0f s after the drain timeout; exiting", WORKER_EXIT_GRACE_S)
         os._exit(1)
 
     threading.Thread(target=drain, name="transferkit-drain", daemon=True).start()
@@ -272,7 +282,7 @@ def _order_arbiter_stop() -> None:
     original = Arbiter.stop
     if getattr(original, "_transferkit_ordered", False):
         return
-    bound = _drain_timeout_s + STOP_MARGIN_S
+    bound = _drain_timeout_s + WORKER_EXIT_GRACE_S
     original_start = Arbiter.start
 
     def start(self, *args, **kwargs):

@@ -13,21 +13,20 @@ rest is never buffered). Bodies under the cap are buffered here and replayed to 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
+
+from transferkit.core.errors import ServiceError
+from transferkit.service.errors import error_response
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 
-async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-        *(headers or [])]})
-    await send({"type": "http.response.body", "body": payload})
+async def refuse(scope: Scope, receive, send, error: ServiceError, headers: Mapping[str, str] | None = None) -> None:
+    """Answer ``error`` before the application sees the request, in the same shape the routes answer with."""
+    await error_response(error, headers)(scope, receive, send)
 
 
 PROBES = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -59,14 +58,14 @@ class Admission:
             return
         if self.is_draining():
             self.on_reject("shutting_down")
-            await send_json(send, 503, {"error": "the server is shutting down; retry on another instance",
-                                        "reason": "shutting_down"}, [(b"retry-after", b"1")])
+            await refuse(scope, receive, send, ServiceError(
+                503, "shutting_down", "the server is shutting down; retry on another instance", retry_after=1))
             return
         if self.in_flight >= self.max_in_flight:
             self.on_reject("overloaded")
-            await send_json(send, 429, {"error": f"too many requests in flight (at most {self.max_in_flight} per "
-                                                 f"worker); retry with backoff", "reason": "overloaded"},
-                            [(b"retry-after", b"1")])
+            await refuse(scope, receive, send, ServiceError(
+                429, "overloaded", f"too many requests in flight (at most {self.max_in_flight} per worker); retry "
+                                   f"with backoff", retry_after=1))
             return
         if self._make_loads is not None and self._loads is None:
             self._loads = self._make_loads()
@@ -102,11 +101,12 @@ class BodySizeLimit:
         self.max_bytes = max_bytes
         self.on_reject = on_reject or (lambda: None)
 
-    async def _reject(self, send) -> None:
+    async def _reject(self, scope: Scope, receive, send) -> None:
         self.on_reject()
-        await send_json(send, 413, {
-            "error": f"request body too large: the limit is {self.max_bytes / 1024 / 1024:g} MiB",
-            "reason": "body_too_large"}, [(b"connection", b"close")])
+        # The rest of the body stays unread: the connection cannot carry another request.
+        await refuse(scope, receive, send, ServiceError(
+            413, "body_too_large", f"request body too large: the limit is {self.max_bytes / 1024 / 1024:g} MiB"),
+            {"Connection": "close"})
 
     async def __call__(self, scope: Scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -118,10 +118,10 @@ class BodySizeLimit:
             try:
                 too_large = int(declared) > self.max_bytes
             except ValueError:
-                await send_json(send, 400, {"error": "invalid Content-Length header", "reason": "bad_request"})
+                await refuse(scope, receive, send, ServiceError(400, "bad_request", "invalid Content-Length header"))
                 return
             if too_large:
-                await self._reject(send)
+                await self._reject(scope, receive, send)
                 return
         chunks: list[bytes] = []
         size = 0
@@ -132,7 +132,7 @@ class BodySizeLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._reject(send)
+                await self._reject(scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -32,9 +32,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 import transferkit
+from transferkit.core.errors import ServiceError
 from transferkit.core.manifest import RUNTIME_BACKENDS
-from transferkit.service.decoding import RequestError
-from transferkit.service.http import checked_probabilities, error, error_for, metrics, unavailable
+from transferkit.service.errors import error_response
+from transferkit.service.http import checked_probabilities, error_for, metrics, unavailable
 from transferkit.service.settings import ServiceSettings
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -44,8 +45,8 @@ EXTENSIONS = ["binary_tensor_data", "classification"]
 PLATFORM = {"tensorflow": "tensorflow_savedmodel", "onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}
 
 
-def _bad(message: str, reason: str = "bad_tensor", status: int = 400) -> RequestError:
-    return RequestError(status, reason, message)
+def _bad(message: str, reason: str = "bad_tensor", status: int = 400) -> ServiceError:
+    return ServiceError(status, reason, message)
 
 
 def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -104,14 +105,9 @@ def _split_bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
     return elements
 
 
-def read_input(request: dict, binary: bytes, size: int, max_images: int) -> tuple[str, Any]:
-    """The one input tensor: ("images", [(label, bytes)]) or ("pixels", uint8 array [N, size, size, 3])."""
-    inputs = request["inputs"]
-    expected = f"'images' (BYTES [N]) or 'pixels' (UINT8 [N,{size},{size},3])"
-    if len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise _bad(f"expected exactly one input, {expected}; got {len(inputs)}")
-    tensor = inputs[0]
-    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), _shape(tensor)
+def _declared_binary(tensor: dict, binary: bytes) -> bytes | None:
+    """The input's binary data (binary-data extension), None when it comes as JSON ``data``; the two must agree."""
+    name = tensor.get("name")
     parameters = tensor.get("parameters") or {}
     binary_size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if binary_size is not None:
@@ -120,51 +116,81 @@ def read_input(request: dict, binary: bytes, size: int, max_images: int) -> tupl
                        f"after the JSON header")
         if "data" in tensor:
             raise _bad(f"input {name!r}: give either 'data' or binary data, not both")
-    elif binary:
+        return binary
+    if binary:
         raise _bad(f"{len(binary)} bytes follow the JSON header but no input declares binary_data_size")
-    elif "data" not in tensor:
+    if "data" not in tensor:
         raise _bad(f"input {name!r} has no 'data' and no binary data")
-    count = math.prod(shape) if shape else 0
+    return None
+
+
+def _at_most(images: int, max_images: int) -> None:
+    if images > max_images:
+        raise ServiceError(413, "too_many_images", f"at most {max_images} images per request, got {images}")
+
+
+def _image_files(tensor: dict, count: int, binary: bytes | None) -> list[bytes]:
+    """The encoded files of an ``images`` input: length-prefixed binary elements, or base64 strings in JSON."""
+    if binary is not None:
+        return _split_bytes_elements(binary, count, "images")
+    elements = _flatten(tensor["data"])
+    if len(elements) != count or not all(isinstance(e, str) for e in elements):
+        raise _bad(f"input 'images': expected {count} base64 strings in 'data'")
+    try:
+        return [base64.b64decode(e, validate=True) for e in elements]
+    except (binascii.Error, ValueError):
+        raise _bad("input 'images': JSON elements must be the base64 text of each image file") from None
+
+
+def _images_input(tensor: dict, shape: list[int], binary: bytes | None, max_images: int) -> list[tuple[str, bytes]]:
+    """``images`` (BYTES [N] or [N, 1]): [(label, file bytes)], none of them empty."""
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+        raise _bad(f"input 'images': expected BYTES [N] (or [N,1]), got shape {shape}")
+    count = math.prod(shape)
+    if count == 0:
+        raise _bad("input 'images' is empty: send at least one image")
+    _at_most(shape[0], max_images)
+    images = []
+    for index, data in enumerate(_image_files(tensor, count, binary)):
+        if not data:
+            raise ServiceError(400, "empty_file", f"images[{index}] is empty (0 bytes)")
+        images.append((f"images[{index}]", data))
+    return images
+
+
+def _pixels_input(tensor: dict, shape: list[int], binary: bytes | None, size: int, max_images: int) -> np.ndarray:
+    """``pixels`` (UINT8 [N, size, size, 3]): the decoded images as a uint8 array."""
+    if len(shape) != 4 or shape[1:] != [size, size, 3]:
+        raise _bad(f"input 'pixels': expected UINT8 [N,{size},{size},3] (RGB, NHWC), got shape {shape}")
+    if shape[0] == 0:
+        raise _bad("input 'pixels' is empty: send at least one image")
+    _at_most(shape[0], max_images)
+    count = math.prod(shape)
+    if binary is not None:
+        if len(binary) != count:
+            raise _bad(f"input 'pixels': shape {shape} needs {count} bytes, got {len(binary)}")
+        return np.frombuffer(binary, np.uint8).reshape(shape)
+    values = _flatten(tensor["data"])
+    if len(values) != count:
+        raise _bad(f"input 'pixels': shape {shape} needs {count} values, 'data' holds {len(values)}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values):
+        raise _bad("input 'pixels': UINT8 values must be integers 0-255")
+    return np.asarray(values, np.uint8).reshape(shape)
+
+
+def read_input(request: dict, binary: bytes, size: int, max_images: int) -> tuple[str, Any]:
+    """The one input tensor: ("images", [(label, bytes)]) or ("pixels", uint8 array [N, size, size, 3])."""
+    inputs = request["inputs"]
+    expected = f"'images' (BYTES [N]) or 'pixels' (UINT8 [N,{size},{size},3])"
+    if len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise _bad(f"expected exactly one input, {expected}; got {len(inputs)}")
+    tensor = inputs[0]
+    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), _shape(tensor)
+    data = _declared_binary(tensor, binary)
     if name == "images" and datatype == "BYTES":
-        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-            raise _bad(f"input 'images': expected BYTES [N] (or [N,1]), got shape {shape}")
-        if count == 0:
-            raise _bad("input 'images' is empty: send at least one image")
-        if shape[0] > max_images:
-            raise RequestError(413, "too_many_images", f"at most {max_images} images per request, got {shape[0]}")
-        if binary_size is not None:
-            files = _split_bytes_elements(binary, count, name)
-        else:
-            elements = _flatten(tensor["data"])
-            if len(elements) != count or not all(isinstance(e, str) for e in elements):
-                raise _bad(f"input 'images': expected {count} base64 strings in 'data'")
-            try:
-                files = [base64.b64decode(e, validate=True) for e in elements]
-            except (binascii.Error, ValueError):
-                raise _bad("input 'images': JSON elements must be the base64 text of each image file") from None
-        images = []
-        for index, data in enumerate(files):
-            if not data:
-                raise RequestError(400, "empty_file", f"images[{index}] is empty (0 bytes)")
-            images.append((f"images[{index}]", data))
-        return "images", images
+        return "images", _images_input(tensor, shape, data, max_images)
     if name == "pixels" and datatype == "UINT8":
-        if len(shape) != 4 or shape[1:] != [size, size, 3]:
-            raise _bad(f"input 'pixels': expected UINT8 [N,{size},{size},3] (RGB, NHWC), got shape {shape}")
-        if shape[0] == 0:
-            raise _bad("input 'pixels' is empty: send at least one image")
-        if shape[0] > max_images:
-            raise RequestError(413, "too_many_images", f"at most {max_images} images per request, got {shape[0]}")
-        if binary_size is not None:
-            if len(binary) != count:
-                raise _bad(f"input 'pixels': shape {shape} needs {count} bytes, got {len(binary)}")
-            return "pixels", np.frombuffer(binary, np.uint8).reshape(shape)
-        values = _flatten(tensor["data"])
-        if len(values) != count:
-            raise _bad(f"input 'pixels': shape {shape} needs {count} values, 'data' holds {len(values)}")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values):
-            raise _bad("input 'pixels': UINT8 values must be integers 0-255")
-        return "pixels", np.asarray(values, np.uint8).reshape(shape)
+        return "pixels", _pixels_input(tensor, shape, data, size, max_images)
     raise _bad(f"expected {expected}; got {name!r} ({datatype} {shape})")
 
 
@@ -216,82 +242,99 @@ def infer_response(model: str, version: str, request_id: Any, probabilities: np.
                     headers={HEADER_LENGTH: str(len(header))})
 
 
-def oip_routes(get_entry: Callable, settings: ServiceSettings, backend: str) -> list[Route]:
-    """The ``/v2`` routes, answering for the entry returned by ``get_entry``."""
+class OpenInferenceProtocol:
+    """The ``/v2`` endpoints, answering for the entry returned by ``get_entry``."""
 
-    def model_or_404(entry, request: Request):
+    def __init__(self, get_entry: Callable, settings: ServiceSettings, backend: str):
+        self.get_entry, self.settings, self.backend = get_entry, settings, backend
+
+    def routes(self) -> list[Route]:
+        routes = [Route("/v2", self.server_metadata, methods=["GET"]),
+                  Route("/v2/health/live", self.live, methods=["GET"]),
+                  Route("/v2/health/ready", self.ready, methods=["GET"])]
+        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            routes += [Route(prefix, self.model_metadata, methods=["GET"]),
+                       Route(prefix + "/ready", self.model_ready, methods=["GET"]),
+                       Route(prefix + "/infer", self.infer, methods=["POST"])]
+        return routes
+
+    @staticmethod
+    def model(entry, request: Request) -> Any:
+        """The manifest of the model the path names; 503 when there is none, 404 for another name or version."""
         manifest = entry.manifest
         if manifest is None:
-            return None, unavailable(entry)
+            raise unavailable(entry)
         name, version = request.path_params["name"], request.path_params.get("version")
         if name != manifest.name:
-            return None, error(404, "unknown_model", f"unknown model {name[:80]!r}: this server serves "
+            raise ServiceError(404, "unknown_model", f"unknown model {name[:80]!r}: this server serves "
                                                      f"{manifest.name!r}")
         if version is not None and version != manifest.version:
-            return None, error(404, "unknown_version", f"model {manifest.name!r} has version {manifest.version!r} "
+            raise ServiceError(404, "unknown_version", f"model {manifest.name!r} has version {manifest.version!r} "
                                                        f"only, not {version[:80]!r}")
-        return manifest, None
+        return manifest
 
-    async def server_metadata(request: Request) -> JSONResponse:
-        return JSONResponse({"name": "transferkit", "version": transferkit.__version__, "extensions": EXTENSIONS})
-
-    async def live(request: Request) -> Response:
-        return Response(status_code=200)
-
+    @staticmethod
     async def serving(entry) -> bool:
         """The entry is ready and so is the model behind it (in the batched layout, another process)."""
         return entry.is_ready() and (await entry.describe()).get("state") == "ready"
 
-    async def ready(request: Request) -> Response:
-        return Response(status_code=200 if await serving(get_entry()) else 503)
+    async def server_metadata(self, request: Request) -> JSONResponse:
+        return JSONResponse({"name": "transferkit", "version": transferkit.__version__, "extensions": EXTENSIONS})
 
-    async def model_metadata(request: Request) -> JSONResponse:
-        manifest, problem = model_or_404(get_entry(), request)
-        if problem:
-            return problem
+    async def live(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(self, request: Request) -> Response:
+        return Response(status_code=200 if await self.serving(self.get_entry()) else 503)
+
+    async def model_metadata(self, request: Request) -> JSONResponse:
+        try:
+            manifest = self.model(self.get_entry(), request)
+        except ServiceError as exc:  # not a rejected input: not counted
+            return error_response(exc)
         size = manifest.image_size
         return JSONResponse({
             "name": manifest.name, "versions": [manifest.version],
-            "platform": PLATFORM[RUNTIME_BACKENDS[backend].engine],
+            "platform": PLATFORM[RUNTIME_BACKENDS[self.backend].engine],
             "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
                        {"name": "pixels", "datatype": "UINT8", "shape": [-1, size, size, 3]}],
             "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(manifest.class_names)]}],
             "parameters": {"classes": manifest.class_names, "one_input_of": ["images", "pixels"]},
         })
 
-    async def model_ready(request: Request) -> Response:
-        entry = get_entry()
-        manifest, problem = model_or_404(entry, request)
-        if problem:
-            return problem if problem.status_code == 404 else Response(status_code=503)
-        return Response(status_code=200 if await serving(entry) else 503)
-
-    async def infer(request: Request) -> Response:
-        entry = get_entry()
-        manifest, problem = model_or_404(entry, request)
-        if problem:
-            return problem
+    async def model_ready(self, request: Request) -> Response:
+        entry = self.get_entry()
         try:
-            body = await request.body()
-            parsed, binary = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
-            kind, value = read_input(parsed, binary, manifest.image_size, settings.max_images)
+            self.model(entry, request)
+        except ServiceError as exc:  # the protocol's readiness is a bare status, except for a model it does not know
+            return error_response(exc) if exc.status == 404 else Response(status_code=503)
+        return Response(status_code=200 if await self.serving(entry) else 503)
+
+    async def infer(self, request: Request) -> Response:
+        entry = self.get_entry()
+        try:
+            manifest = self.model(entry, request)
+        except ServiceError as exc:
+            return error_response(exc)
+        try:
+            parsed, binary = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
+            kind, value = read_input(parsed, binary, manifest.image_size, self.settings.max_images)
             k, binary_out = requested_outputs(parsed, len(manifest.class_names))
-            if kind == "images":
-                probabilities = await entry.infer_encoded(value)
-            else:
-                probabilities = await entry.infer_pixels(value)
-            probabilities = checked_probabilities(probabilities)
+            probabilities = checked_probabilities(await self.classify(entry, kind, value))
         except Exception as exc:
             return error_for(exc)
         metrics.predicted(len(probabilities))
         return infer_response(manifest.name, manifest.version, parsed.get("id"), probabilities,
                               manifest.class_names, k, binary_out)
 
-    routes = [Route("/v2", server_metadata, methods=["GET"]),
-              Route("/v2/health/live", live, methods=["GET"]),
-              Route("/v2/health/ready", ready, methods=["GET"])]
-    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        routes += [Route(prefix, model_metadata, methods=["GET"]),
-                   Route(prefix + "/ready", model_ready, methods=["GET"]),
-                   Route(prefix + "/infer", infer, methods=["POST"])]
-    return routes
+    @staticmethod
+    async def classify(entry, kind: str, value: Any) -> np.ndarray:
+        """The request's one input through the entry: encoded images are decoded there, pixels go straight in."""
+        if kind == "images":
+            return await entry.infer_encoded(value)
+        return await entry.infer_pixels(value)
+
+
+def oip_routes(get_entry: Callable, settings: ServiceSettings, backend: str) -> list[Route]:
+    """The ``/v2`` routes, answering for the entry returned by ``get_entry``."""
+    return OpenInferenceProtocol(get_entry, settings, backend).routes()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,23 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.core.errors import TransferkitError
+from transferkit.core.errors import ModelUnavailable, TransferkitError
+from transferkit.service.errors import mask_paths
 from transferkit.service.microbatch import MicroBatcher
 
 logger = logging.getLogger("transferkit.service")
-
-
-def mask_paths(message: str) -> str:
-    """A message fit for a client: absolute filesystem paths of the server replaced by ``<path>``."""
-    return re.sub(r"(?<![\w.])/[^\s:'\"]+", "<path>", message)
-
-
-class ModelUnavailable(Exception):
-    """The model cannot answer: still warming (retryable) or failed to load (not retryable)."""
-
-    def __init__(self, reason: str, message: str, retry_after: int | None):
-        super().__init__(message)
-        self.reason, self.message, self.retry_after = reason, message, retry_after
 
 
 def warmup_sizes(max_batch_size: int) -> list[int]:

@@ -27,13 +27,14 @@ import bentoml
 import numpy as np
 
 from transferkit.core.backends import Choice, choose_backend
-from transferkit.core.errors import TransferkitError
+from transferkit.core.errors import ModelUnavailable, TransferkitError
 from transferkit.service import lifecycle
 from transferkit.service.balance import WorkerLoads
 from transferkit.service.decoding import DecodeGate, decode_all, estimate_all
+from transferkit.service.errors import mask_paths
 from transferkit.service.http import build_app, metrics
 from transferkit.service.middleware import Admission, BodySizeLimit
-from transferkit.service.runtime import ModelRuntime, ModelUnavailable, mask_paths, resolve_bundle, warmup_sizes
+from transferkit.service.runtime import ModelRuntime, resolve_bundle, warmup_sizes
 from transferkit.service.settings import ServiceSettings
 
 logger = logging.getLogger("transferkit.service")

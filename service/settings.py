@@ -20,11 +20,12 @@ Which processes run (the *layout*) follows the hardware; :meth:`ServiceSettings.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from transferkit.core.backends import BATCH_SCALING_MIN
@@ -34,6 +35,22 @@ from transferkit.core.system import available_cores
 
 Layout = Literal["inprocess", "microbatch", "batched"]
 MAX_CPU_WORKERS = 16  # each CPU worker holds a copy of the model: beyond this, more threads per worker instead
+ENV_PREFIX = "TRANSFERKIT_"
+
+# Two different waits past the drain timeout (service/lifecycle.py, service/launcher.py):
+# - a worker: once its drain deadline has passed and uvicorn was told to exit at once, how long before it exits hard;
+#   also what the arbiter adds to the drain timeout for each watcher's graceful stop (uvicorn's shutdown, lifespan
+#   hooks, the process's exit).
+WORKER_EXIT_GRACE_S = 5.0
+# - the launcher: how long after the drain timeout it waits for the whole `bentoml serve` to exit before it SIGKILLs
+#   it. The arbiter stops the entry watcher (drain + WORKER_EXIT_GRACE_S at most), then the model watchers (idle by
+#   then: seconds), then exits itself; this covers the last two with room to spare.
+SERVER_STOP_GRACE_S = 15.0
+
+
+def env_name(setting: str) -> str:
+    """The environment variable of a setting: ``drain_timeout_s`` -> ``TRANSFERKIT_DRAIN_TIMEOUT_S``."""
+    return ENV_PREFIX + setting.upper()
 
 
 def gpu_count() -> int:
@@ -62,7 +79,7 @@ class Plan:
 class ServiceSettings(BaseSettings):
     """Every ``TRANSFERKIT_*`` variable of the service. Descriptions feed the README table."""
 
-    model_config = SettingsConfigDict(env_prefix="TRANSFERKIT_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     model: str | None = Field(None, description="BentoML model tag or bundle directory; unset: the only "
                                                 "transferkit model in the store")
@@ -99,8 +116,7 @@ class ServiceSettings(BaseSettings):
         try:
             return cls()
         except ValidationError as exc:
-            problems = "; ".join(f"TRANSFERKIT_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
-                                 for e in exc.errors())
+            problems = "; ".join(f"{env_name('_'.join(map(str, e['loc'])))}: {e['msg']}" for e in exc.errors())
             raise UsageError(f"invalid service settings: {problems}") from None
 
     @property
@@ -158,5 +174,25 @@ def settings_table() -> str:
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in ServiceSettings.model_fields.items():
         default = "unset" if field.default is None else f"`{field.default}`"
-        lines.append(f"| `TRANSFERKIT_{name.upper()}` | {default} | {field.description} |")
+        lines.append(f"| `{env_name(name)}` | {default} | {field.description} |")
     return "\n".join(lines)
+
+
+DRAIN_TIMEOUT_ENV = env_name("drain_timeout_s")
+DEFAULT_DRAIN_TIMEOUT_S: int = ServiceSettings.model_fields["drain_timeout_s"].default
+
+
+def setting_from(environ: Mapping[str, str], name: str) -> Any:
+    """One setting as a service started with ``environ`` reads it, validated by its field; the default when the
+    variable is unset or invalid (a service then refuses to start, with the reason: :meth:`ServiceSettings.from_env`).
+
+    For a process that must know a setting without reading them all: the launcher sizes its stop by the drain timeout
+    of the server it started, whose other variables it has no business validating."""
+    field = ServiceSettings.model_fields[name]
+    raw = environ.get(env_name(name), "")
+    if not raw.strip():
+        return field.default
+    try:
+        return TypeAdapter(Annotated[(field.annotation, *field.metadata)]).validate_python(raw)
+    except ValidationError:
+        return field.default

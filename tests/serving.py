@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import requests
 
-from transferkit.service.launcher import PROJECT_ROOT, BentoServer, ServerError
+from transferkit.service.launcher import PROJECT_ROOT, BentoServer, ServerError, wait_for_answer
 
 ROOT = PROJECT_ROOT
 
@@ -35,17 +34,12 @@ class Server(BentoServer):
         return requests.post(self.url + path, timeout=kwargs.pop("timeout", 60), **kwargs)
 
     def wait_listening(self, timeout: float = 120) -> None:
-        """Wait until ``/livez`` answers at all (ready or not)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.running():
-                raise ServerError(f"bentoml serve exited with {self.process.returncode}:\n{self.log()[-4000:]}")
-            try:
-                self.get("/livez", timeout=2)
-                return
-            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting up
-                time.sleep(0.3)
-        raise TimeoutError(f"server not listening after {timeout}s:\n{self.log()[-4000:]}")
+        """Wait until ``/livez`` answers at all (ready or not): the launcher's readiness wait, any status accepted."""
+        try:
+            wait_for_answer(self.url + "/livez", timeout, accept=lambda status: True, check=self._still_starting,
+                            what="listening")
+        except ServerError as exc:
+            raise ServerError(f"{exc}:\n{self.log()[-4000:]}") from None
 
 
 @contextmanager

@@ -69,6 +69,22 @@ def test_readme_settings_table_is_the_settings_model():
     assert len(rows) == len(ServiceSettings.model_fields)
 
 
+def test_the_settings_model_owns_the_drain_timeout_every_process_uses(monkeypatch):
+    """The launcher sizes its stop by the server's drain timeout and a worker drains for it: both read the setting
+    through the settings model, so the variable's name, its default and its validation are the model's."""
+    from transferkit.service import settings
+    from transferkit.service.launcher import BentoServer
+
+    assert settings.DEFAULT_DRAIN_TIMEOUT_S == ServiceSettings().drain_timeout_s == 30
+    assert settings.SERVER_STOP_GRACE_S > settings.WORKER_EXIT_GRACE_S  # the launcher outwaits a worker's forced exit
+    assert BentoServer(None, drain_timeout_s=7).stop_timeout_s == 7 + settings.SERVER_STOP_GRACE_S
+    for invalid in ("0", "2.5", "soon"):  # the service refuses these; the launcher waits the default
+        monkeypatch.setenv(settings.DRAIN_TIMEOUT_ENV, invalid)
+        assert BentoServer(None).drain_timeout_s == settings.DEFAULT_DRAIN_TIMEOUT_S
+    monkeypatch.setenv("TRANSFERKIT_DRAIN_TIMEOUT_S", "12")
+    assert settings.setting_from(os.environ, "drain_timeout_s") == ServiceSettings.from_env().drain_timeout_s == 12
+
+
 def test_public_settings_hide_the_model_location():
     public = ServiceSettings(model="/srv/secret/bundle").public()
     assert "model" not in public and "/srv/secret" not in repr(public)
@@ -181,9 +197,9 @@ def test_a_warming_worker_answers_a_retryable_503_and_a_failed_one_model_unavail
     import asyncio
     import threading
 
-    from transferkit.core.errors import BundleError
+    from transferkit.core.errors import BundleError, ModelUnavailable
     from transferkit.service.http import error_for
-    from transferkit.service.runtime import ModelRuntime, ModelUnavailable
+    from transferkit.service.runtime import ModelRuntime
 
     release = threading.Event()
 

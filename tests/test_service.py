@@ -306,6 +306,42 @@ def test_metrics_count_rejections_by_reason(server, test_files):
         "invalid_image": 1, "image_too_large": 1, "body_too_large": 1, "too_many_images": 1, "empty_file": 1}
 
 
+def test_every_exception_becomes_the_error_json_and_only_a_server_fault_is_masked():
+    """The one mapping (service/errors.py) that routes, /v2 and the middleware answer with, run on real exceptions."""
+    import json
+
+    from pydantic import BaseModel, ValidationError
+
+    from transferkit.core.errors import BundleError, InvalidImageError, ModelUnavailable, ServiceError
+    from transferkit.service.errors import error_response
+
+    class Body(BaseModel):
+        k: int
+
+    try:
+        Body(k="not a number /srv/secret")
+    except ValidationError as exc:
+        invalid = exc
+    cases = [
+        (ServiceError(503, "busy", "retry shortly", retry_after=1), 503, "busy", "retry shortly", "1"),
+        (ModelUnavailable("warming_up", "still loading", 2), 503, "warming_up", "still loading", "2"),
+        (ModelUnavailable("model_unavailable", "failed to load"), 503, "model_unavailable", "failed to load", None),
+        (InvalidImageError("/srv/uploads/x.png is not an image"), 400, "invalid_image", "<path> is not an image", None),
+        (invalid, 400, "bad_request", "invalid request: k (1 problem(s))", None),
+        (BundleError("/srv/models/x: checksum mismatch"), 500, "model_error", "server fault", None),
+        (RuntimeError("connection to /var/run/secret.sock lost"), 500, "model_error", "server fault", None),
+    ]
+    for exc, status, reason, message, retry_after in cases:
+        response = error_response(exc)
+        body = json.loads(response.body)
+        assert (response.status_code, body["reason"]) == (status, reason), exc
+        assert set(body) == {"error", "reason"} and message in body["error"], body
+        assert response.headers.get("Retry-After") == retry_after
+        assert "/srv" not in body["error"] and "/var" not in body["error"]
+    assert error_response(ServiceError(413, "body_too_large", "too large"), {"Connection": "close"}).headers[
+        "Connection"] == "close"
+
+
 # --- faults of the model and the lifecycle ------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving import Server
 
 from transferkit.core.manifest import RUNTIME_BACKENDS
-from transferkit.service.launcher import BentoServer, worker_service
+from transferkit.service.launcher import BentoServer, wait_for_answer, worker_service
 
 IN_FLIGHT = 40  # requests sent before SIGTERM
 AT_LEAST_IN_FLIGHT = 32  # ... of which the server must hold this many when SIGTERM arrives
@@ -187,15 +187,15 @@ def test_kill_9_of_a_model_worker_under_load_gives_no_500_and_readiness_returns(
         assert statuses and set(statuses) <= {200, 503}, (sorted(set(map(str, statuses))), srv.log()[-4000:])
         assert statuses.count(200) >= len(statuses) - 12, statuses  # at most the requests caught in the dying batch
         # A new model worker replaces the dead one, and the service is ready again.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        def replaced() -> bool:
             current = srv.workers("transferkit-model")
-            if len(current) == 2 and model_workers[0].pid not in {p.pid for p in current} and \
-                    outcome(lambda: srv.get("/readyz")) == 200:
-                break
+            return len(current) == 2 and model_workers[0].pid not in {p.pid for p in current}
+
+        deadline = time.monotonic() + 120
+        while not replaced() and time.monotonic() < deadline:
             time.sleep(0.5)
-        else:
-            pytest.fail(f"no ready replacement model worker after 120 s:\n{srv.log()[-4000:]}")
+        assert replaced(), f"no replacement model worker after 120 s:\n{srv.log()[-4000:]}"
+        wait_for_answer(srv.url + "/readyz", max(1.0, deadline - time.monotonic()))
         assert predict(srv.url).status_code == 200
     finally:
         srv.stop()

@@ -84,3 +84,29 @@ class ExportValidationError(TransferkitError):
     http_status = 500
     exit_code = 4
     reason = "export_mismatch"
+
+
+class ServiceError(TransferkitError):
+    """What a service answers instead of a result: an HTTP status, a machine-readable reason, one line for a person
+    and, when retrying helps, the seconds to wait (``Retry-After``).
+
+    Unlike the classes above, status and reason belong to the instance: one refusal type serves every check of a
+    request (bad input, a full decode budget, a model still warming), and the service turns any of them into the
+    same JSON answer (``transferkit.service.errors.error_response``)."""
+
+    exit_code = 1
+
+    def __init__(self, status: int, reason: str, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.http_status, self.reason, self.message, self.retry_after = status, reason, message, retry_after
+
+    @property
+    def status(self) -> int:
+        return self.http_status
+
+
+class ModelUnavailable(ServiceError):
+    """The model cannot answer (503): still warming (retryable, with ``retry_after``) or failed to load (not)."""
+
+    def __init__(self, reason: str, message: str, retry_after: int | None = None):
+        super().__init__(503, reason, message, retry_after)
