@@ -5,6 +5,8 @@ Tests run real components: real image files, real Keras training, the real CLI i
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -17,6 +19,35 @@ from filelock import FileLock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+# Scheduling over the xdist workers (--dist loadgroup): every file is one unit of work on one worker, where its
+# module fixtures (servers, trained runs) are built once, except the files below, whose tests are independent builds
+# of one backbone each: they are spread test by test, so that no worker is left with a 9-minute file at the end.
+SPREAD_FILES = {"test_export_families.py", "test_backbones.py"}
+# Seconds per file on the 2-core CI machine (AMX Xeon): units start longest first, so that the last ones to finish
+# are short. Only the order matters; an unlisted file counts as short.
+FILE_SECONDS = {"test_service.py": 240, "test_demo.py": 165, "test_export.py": 150, "test_packaging.py": 110,
+                "test_training_resume.py": 100, "test_benchmarks.py": 95, "test_training.py": 60,
+                "test_shutdown.py": 40, "test_cli.py": 35, "test_training_config.py": 30, "test_layouts.py": 25,
+                "test_force.py": 17, "test_ray.py": 17, "test_stopping.py": 17, "test_predict.py": 12}
+
+
+def _estimated_seconds(item: pytest.Item) -> float:
+    if item.path.name == "test_export_families.py":  # grows with the layer count (14 to 90 s); ConvNeXt
+        # and EfficientNetV2, with no depth in the table, take 40 to 55 s
+        row = item.callspec.params["row"]
+        return (row.published.depth if row.published and row.published.depth else 250) / 5
+    return FILE_SECONDS.get(item.path.name, 5.0 if item.path.name in SPREAD_FILES else 1.0)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name not in SPREAD_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    # The file that builds the shared trained run goes first, so that no worker waits on its lock for long.
+    items.sort(key=lambda item: (item.path.name != "test_service.py", -_estimated_seconds(item)))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def isolated_homes(tmp_path_factory):
@@ -34,6 +65,27 @@ def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subpro
         [sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, timeout=timeout,
         cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+
+
+def run_cli_here(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``transferkit ARGS`` in this process (parse, then :func:`transferkit.cli.run`), output captured: for the
+    commands that stop with a one-line error before any work, where a subprocess would only add its start-up.
+    A command that does real work, handles signals or needs the log router goes through :func:`run_cli`."""
+    from transferkit.cli import build_parser, run
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    previous = Path.cwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = run(build_parser().parse_args(list(args)))
+            except SystemExit as exc:  # argparse's usage errors and --help
+                code = exc.code if isinstance(exc.code, int) else 2
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(["transferkit", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def last_error_line(result: subprocess.CompletedProcess) -> str:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import last_error_line, run_cli
+from conftest import last_error_line, run_cli, run_cli_here
 
 
 def test_help_explains_every_command():
@@ -43,7 +43,7 @@ def test_bad_inputs_exit_non_zero_with_one_readable_line(tmp_path, digits_small)
         (["data", "digits", "--out", str(digits_small)], "already exists; pass --force"),
     ]
     for args, message in cases:
-        result = run_cli(*args)
+        result = run_cli_here(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in last_error_line(result), (args, result.stderr)
         assert "Traceback" not in result.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import last_error_line, run_cli
+from conftest import last_error_line, run_cli, run_cli_here
 from transferkit.core.errors import BundleError, ExportValidationError
 from transferkit.core.images import decode_image
 from transferkit.core.manifest import read_manifest
@@ -194,7 +194,7 @@ def test_export_errors_are_one_line_before_work(bundle, trained_run, tmp_path):
         (["predict", str(bundle), str(tmp_path / "missing.png")], "no such file"),
     ]
     for args, expected in cases:
-        result = run_cli(*args)
+        result = run_cli_here(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert expected in last_error_line(result), (args, result.stderr)
         assert "Traceback" not in result.stderr
@@ -209,7 +209,7 @@ def test_moved_dataset_needs_data_flag(trained_run, tmp_path):
     record = read_split(moved)
     record.root = str(tmp_path / "gone")
     write_split(moved, record)
-    result = run_cli("export", str(moved), "--out", str(tmp_path / "b"), "--no-register")
+    result = run_cli_here("export", str(moved), "--out", str(tmp_path / "b"), "--no-register")
     assert result.returncode == 2 and "--data DIR" in last_error_line(result)
 
 

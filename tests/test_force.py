@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import last_error_line, run_cli
+from conftest import last_error_line, run_cli, run_cli_here
 from transferkit.core.atomic import MARKER, mark_output, publish_dir
 
 SMALL = ["--classes", "0,1", "--per-class", "3", "--size", "32"]
@@ -14,7 +14,7 @@ def test_force_refuses_a_folder_transferkit_did_not_write(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    result = run_cli("data", "digits", "--out", str(mine), "--force", *SMALL)
+    result = run_cli_here("data", "digits", "--out", str(mine), "--force", *SMALL)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"transferkit did not write it (no {MARKER} file in it)" in last_error_line(result)
     assert sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
@@ -33,11 +33,11 @@ def test_force_replaces_its_own_output_and_leaves_nothing_beside_it(tmp_path):
 
 def test_force_never_replaces_the_current_directory_or_a_commands_input(tmp_path, bundle, digits_three):
     mark_output(tmp_path)  # even a folder transferkit wrote, when it is where the user stands
-    result = run_cli("data", "digits", "--out", ".", "--force", *SMALL, cwd=tmp_path)
+    result = run_cli_here("data", "digits", "--out", ".", "--force", *SMALL, cwd=tmp_path)
     assert result.returncode == 2 and "is or contains the current directory" in last_error_line(result)
     assert (tmp_path / MARKER).is_file()
     # The case: --report-dir pointed at the images (written by transferkit, so marked) with --force.
-    result = run_cli("predict", str(bundle), str(digits_three), "--evaluate", "--report-dir", str(digits_three),
+    result = run_cli_here("predict", str(bundle), str(digits_three), "--evaluate", "--report-dir", str(digits_three),
                      "--force", "--out", str(tmp_path / "rows.csv"))
     assert result.returncode == 2 and "an input of this command" in last_error_line(result), result.stderr[-2000:]
     assert (digits_three / MARKER).is_file() and not (tmp_path / "rows.csv").exists()
@@ -59,7 +59,7 @@ def test_predict_force_replaces_only_a_file_it_wrote(tmp_path, bundle, digits_th
     images = sorted((digits_three / "0").glob("*.png"))[:2]
     table = tmp_path / "measurements.csv"
     table.write_text("sample,value\na,1\n")
-    result = run_cli("predict", str(bundle), *map(str, images), "--out", str(table), "--force")
+    result = run_cli_here("predict", str(bundle), *map(str, images), "--out", str(table), "--force")
     assert result.returncode == 2 and "did not write it" in last_error_line(result), result.stderr[-2000:]
     assert table.read_text() == "sample,value\na,1\n"
     rows = tmp_path / "rows.jsonl"

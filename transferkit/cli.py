@@ -74,8 +74,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from transferkit.core import stopping
-    from transferkit.core.errors import TransferkitError
-    from transferkit.core.extras import missing_extra, require_command_extra
     from transferkit.core.logs import configure_logging
 
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
@@ -84,6 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     stopping.install()
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.log_file)  # before any TensorFlow import
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command: its exit status, every error turned into one line on stderr. The process-wide setup
+    (signal handlers, the log router) is :func:`main`'s, so that tests can run a command in their own process."""
+    from transferkit.core import stopping
+    from transferkit.core.errors import TransferkitError
+    from transferkit.core.extras import missing_extra, require_command_extra
 
     def stopped() -> int:
         print(f"transferkit {args.command}: stopped by {stopping.stop_signal_name()}; nothing was written",
