@@ -4,6 +4,7 @@ complete run with the failure recorded, and the run directory still appears all 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, train_run
+from transferkit.core.atomic import write_file_durably
+from transferkit.core.errors import RunDirectoryError
+from transferkit.training import workdir
 from transferkit.training.config import AugmentConfig
 from transferkit.training.rundir import read_metrics
 
@@ -31,9 +35,9 @@ def two_digits(tmp_path_factory) -> Path:
 
 
 def _interrupt_after(args: list[str], work: Path, epochs: int, signum: int) -> subprocess.CompletedProcess:
-    """Start ``transferkit ARGS``, send ``signum`` once ``epochs`` more epochs are logged in the work directory."""
-    log = work / "history.jsonl"
-    before = len(log.read_text().splitlines()) if log.exists() else 0
+    """Start ``transferkit ARGS``, send ``signum`` once ``epochs`` more epochs are saved in the work directory (in
+    its phase-1 backup, which is written after the epoch's history line: the state a resumed run continues from)."""
+    before = workdir.backup_epoch(work, 1)
     # SIGINT back to its default in the child: a test run started as a background job (`.ci/run &` in a script)
     # inherits SIGINT ignored, as POSIX shells set it for background jobs, and Python then keeps ignoring it. That
     # made this run finish untouched (exit 0, signal sent after epoch 1) in a clean-clone .ci/run started with `&`,
@@ -45,10 +49,10 @@ def _interrupt_after(args: list[str], work: Path, epochs: int, signum: int) -> s
     deadline = time.monotonic() + 300
     sent = "never"
     while time.monotonic() < deadline and process.poll() is None:
-        logged = len(log.read_text().splitlines()) if log.exists() else 0
-        if logged >= before + epochs:
+        saved = workdir.backup_epoch(work, 1)
+        if saved >= before + epochs:
             process.send_signal(signum)
-            sent = f"with {logged} epochs logged"
+            sent = f"with {saved} epochs saved"
             break
         time.sleep(0.05)
     stdout, stderr = process.communicate(timeout=300)
@@ -112,3 +116,87 @@ def test_a_failing_report_step_leaves_a_complete_run(tmp_path, two_digits, monke
     assert [(f.step, f.error) for f in failures] == [
         ("confusion matrix plot", "RuntimeError: no fonts on this machine")]
     assert "Failed step: confusion matrix plot" in (run_dir / "report.md").read_text()
+
+
+def test_a_history_line_cut_by_a_full_disk_is_dropped_on_resume(tmp_path, two_digits):
+    """A full disk during the write of epoch N's line leaves it cut off, and no backup of epoch N (the line is
+    written first): resume drops the line with a warning and trains epoch N again from epoch N-1's backup."""
+    out, work = tmp_path / "run", tmp_path / ".run.partial"
+    args = [*TRAIN, "--data", str(two_digits), "--out", str(out)]
+    args[args.index("--epochs") + 1] = "3"
+    first = _interrupt_after(args, work, 1, signal.SIGINT)
+    assert first.returncode == 130, first.stderr[-3000:]
+    saved = workdir.backup_epoch(work, 1)
+    assert saved >= 1
+    log = work / workdir.HISTORY_LOG
+    lines = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= saved]
+    cut = json.dumps({**json.loads(lines[-1]), "epoch": saved + 1})[:37]  # epoch N's line, cut mid-write
+    log.write_text("\n".join(lines) + "\n" + cut)
+
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"dropped {cut[:40]!r}" in resumed.stdout and f"last complete epoch ({saved})" in resumed.stdout
+    assert f"resuming after epoch {saved}" in resumed.stdout
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3]  # every epoch once, the cut one trained again
+
+
+def test_read_history_keeps_complete_lines_only(tmp_path):
+    """On real files: a cut last line (or a NUL tail a crash can leave) is dropped and the log rewritten whole; a
+    bad line before the last is corruption, refused with the line number; a whole row missing only its newline is
+    kept."""
+    row = {"epoch": 1, "phase": 1, "loss": 0.5, "val_loss": 0.6}
+    log = tmp_path / workdir.HISTORY_LOG
+    for tail in ('{"epoch": 2, "pha', "\0" * 24):
+        log.write_text(json.dumps(row) + "\n" + tail)
+        assert workdir.read_history(tmp_path) == [row]
+        assert "resumes after the last complete epoch (1)" in workdir.repair_history(tmp_path)
+        assert log.read_text() == json.dumps(row) + "\n" and workdir.repair_history(tmp_path) is None
+    log.write_text(json.dumps(row))
+    assert workdir.repair_history(tmp_path) is None and log.read_text() == json.dumps(row) + "\n"
+    workdir.append_history(tmp_path, {**row, "epoch": 2})
+    assert [r["epoch"] for r in workdir.read_history(tmp_path)] == [1, 2]
+    log.write_text(json.dumps(row) + "\nnot json\n" + json.dumps({**row, "epoch": 2}) + "\n")
+    with pytest.raises(RunDirectoryError, match="line 2 is not a history row"):
+        workdir.read_history(tmp_path)
+
+
+def test_state_files_are_replaced_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "config.json"
+    write_file_durably(path, '{"a": 1}\n')
+    assert path.read_text() == '{"a": 1}\n' and oct(path.stat().st_mode & 0o777) == "0o644"
+    with pytest.raises(TypeError):
+        write_file_durably(path, 12)  # fails mid-write: the old file stays, no temporary file is left
+    assert path.read_text() == '{"a": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_the_durable_backup_is_keras_backup_written_whole(tmp_path):
+    """The backup (a Keras BackupAndRestore whose save is replaced) leaves only whole files, and a new fit resumes
+    from it: a Keras upgrade that renamed what it overrides would fail here, not silently stop saving."""
+    import keras
+    import numpy as np
+
+    epochs_run: list[int] = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2 and not epochs_run[2:]:
+                raise KeyboardInterrupt  # the first fit stops after two saved epochs
+            epochs_run.append(epoch)
+
+    def fit() -> None:
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.compile("sgd", "mse")
+        backup = workdir.backup_callback(tmp_path / workdir.BACKUP_DIR / "phase1")
+        model.fit(np.zeros((8, 3), np.float32), np.zeros((8, 2), np.float32), epochs=4, verbose=0,
+                  callbacks=[backup, Record()])
+
+    assert "_save_model" in vars(keras.callbacks.BackupAndRestore)  # what DurableBackupAndRestore overrides
+    with pytest.raises(KeyboardInterrupt):
+        fit()
+    backup_dir = tmp_path / workdir.BACKUP_DIR / "phase1"
+    assert sorted(p.name for p in backup_dir.iterdir()) == ["latest.weights.h5", "training_metadata.json"]
+    assert workdir.backup_epoch(tmp_path, 1) == 2
+    epochs_run.append(-1)  # let the second fit run
+    fit()
+    assert epochs_run == [0, 1, -1, 2, 3]  # continued after the saved epoch 2

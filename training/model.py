@@ -107,7 +107,9 @@ def load_run_model(run_dir: Path) -> keras.Model:
     path = Path(run_dir) / "model.keras"
     if not path.is_file():
         raise RunDirectoryError(f"{run_dir} is not a transferkit run: {path.name} is missing")
-    return keras.models.load_model(path, compile=False)
+    # safe_mode=True (Keras's default, stated so it is never dropped): a model.keras holding a Python lambda is
+    # refused instead of running its code.
+    return keras.models.load_model(path, compile=False, safe_mode=True)
 
 
 def transfer_from_run(base: keras.Model, backbone: Backbone, run_dir: Path) -> None:

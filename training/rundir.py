@@ -9,13 +9,12 @@ consumer (export, demo, batch evaluation, tests) asks this module which files fo
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from transferkit.core.atomic import write_file_durably
 from transferkit.core.errors import RunDirectoryError
 from transferkit.training.config import PER_INVOCATION, RESUME_INVARIANT, TrainConfig
 
@@ -188,15 +187,11 @@ def read_labels(run_dir: Path) -> list[str]:
 
 
 def write_json(path: Path, content: BaseModel | list | dict, exclude_none: bool = False) -> None:
-    """Write JSON atomically (temporary file + rename): an interrupted write never leaves half a file."""
+    """Write JSON atomically and durably (temporary file, fsync, rename, fsync of the directory): an interrupted
+    write or a crash never leaves half a file, and a resumed run finds what was written before it."""
     if isinstance(content, BaseModel):
         content = content.model_dump(mode="json", exclude_none=exclude_none)
-    path = Path(path)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(content, indent=2) + "\n")
-    os.chmod(temporary, 0o644)  # mkstemp creates 0600
-    os.replace(temporary, path)
+    write_file_durably(Path(path), json.dumps(content, indent=2) + "\n")
 
 
 def write_config(run_dir: Path, config: RunConfig) -> None:

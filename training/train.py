@@ -11,8 +11,8 @@ The recipe follows the keras.io transfer-learning guide, with the optimizer and 
 from __future__ import annotations
 
 import csv
+import io
 import logging
-import os
 import sys
 import time
 import traceback
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from transferkit.core.atomic import mark_output
+from transferkit.core.atomic import mark_output, write_file_durably
 from transferkit.core.backbones import Backbone, get_backbone
 from transferkit.core.errors import TransferkitError, UsageError
 from transferkit.core.progress import Progress
@@ -181,7 +181,7 @@ def fit_model(
     if config.runs_phase2:
         _phase2(fit, result, best_phase1)
     if work is not None:
-        fit.model.save_weights(work / "checkpoints" / "best.weights.h5")
+        workdir.save_durably(work / "checkpoints" / "best.weights.h5", fit.model.save_weights)
     return result
 
 
@@ -213,16 +213,19 @@ def _prepare_fit(config: TrainConfig, backbone: Backbone, size: int, weights: st
     )
 
 
-def _callbacks(fit: _Fit, phase: int, peak: float, start_from_epoch: int) -> tuple[list, list[dict]]:
-    """The phase's callbacks ([backup,] epoch log, early stopping) and the list the epoch log fills."""
+def _callbacks(fit: _Fit, phase: int, peak: float, start_from_epoch: int, backup: bool = True
+               ) -> tuple[list, list[dict]]:
+    """The phase's callbacks (epoch log, [backup,] early stopping) and the list the epoch log fills."""
     import keras
 
     epoch_log, rows = _epoch_logger(fit.work, phase, peak)
-    callbacks = []
-    if fit.work is not None:
-        # First, so an epoch is logged only once its state is saved.
-        callbacks.append(keras.callbacks.BackupAndRestore(str(fit.work / workdir.BACKUP_DIR / f"phase{phase}")))
-    callbacks += [epoch_log, keras.callbacks.EarlyStopping(
+    callbacks = [epoch_log]
+    if fit.work is not None and backup:
+        # After the epoch log, so the backup never runs ahead of the log: an epoch whose line a full disk cut off
+        # was not saved either, and is trained again from the previous backup (workdir.repair_history). An epoch
+        # logged but not saved is trained again and logged again (the later line wins).
+        callbacks.append(workdir.backup_callback(fit.work / workdir.BACKUP_DIR / f"phase{phase}"))
+    callbacks += [keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=fit.config.patience, restore_best_weights=fit.config.restore_best, verbose=1,
         start_from_epoch=start_from_epoch)]
     return callbacks, rows
@@ -242,7 +245,7 @@ def _phase1(fit: _Fit, result: FitResult) -> float:
         _train_phase1(fit, result, title, start)
         if phase1_file is not None:
             phase1_file.parent.mkdir(parents=True, exist_ok=True)
-            fit.model.save_weights(phase1_file)
+            workdir.save_durably(phase1_file, fit.model.save_weights)
     result.timings["phase1_seconds"] = time.perf_counter() - start
     result.phase1_epochs = len(result.history)
     return min(row["val_loss"] for row in result.history)
@@ -252,8 +255,10 @@ def _train_phase1(fit: _Fit, result: FitResult, title: str, start: float) -> Non
     from transferkit.training import recipe
 
     config = fit.config
-    # Cached-feature training keeps no backup (it is quick to redo): it restarts, so drop its logged epochs.
-    resumed = [row for row in fit.done if row["phase"] == 1] if not config.cache_features else []
+    # Cached-feature training keeps no backup (it is quick to redo): it restarts, so drop its logged epochs. Else
+    # the backup says where training continues; rows logged beyond it are trained (and logged) again.
+    saved = 0 if config.cache_features else workdir.backup_epoch(fit.work, 1)
+    resumed = [row for row in fit.done if row["phase"] == 1 and row["epoch"] <= saved]
     lr = config.learning_rate
     fit.log(f"{title} ({config.epochs} epochs max, lr {lr:g}, {config.schedule} schedule, {config.optimizer})"
             + (f", resuming after epoch {len(resumed)}" if resumed else ""))
@@ -292,10 +297,10 @@ def _fit_head_on_features(fit: _Fit, result: FitResult, schedule, start: float) 
         x = layer(x)
     pooled_head = keras.Model(features_in, x, name="pooled_head")  # shares the head's weights
     recipe.compile_for_training(pooled_head, config, schedule)
-    callbacks, rows = _callbacks(fit, 1, config.learning_rate, config.resolved_early_stopping_start)
+    callbacks, rows = _callbacks(fit, 1, config.learning_rate, config.resolved_early_stopping_start, backup=False)
     pooled_head.fit(train_features, one_hot(train.labels, fit.num_classes), batch_size=config.batch_size,
                     epochs=config.epochs, validation_data=(val_features, one_hot(val.labels, fit.num_classes)),
-                    shuffle=True, class_weight=fit.class_weight, callbacks=callbacks[-2:], verbose=fit.verbose)
+                    shuffle=True, class_weight=fit.class_weight, callbacks=callbacks, verbose=fit.verbose)
     return rows
 
 
@@ -308,7 +313,8 @@ def _phase2(fit: _Fit, result: FitResult, best_phase1: float) -> None:
     phase1_weights = model.get_weights()
     result.trainable_layers_phase2 = unfreeze_top(fit.base, config.unfreeze)
     lr = config.resolved_fine_tune_lr
-    resumed = [row for row in fit.done if row["phase"] == 2]
+    saved = workdir.backup_epoch(fit.work, 2)  # epochs are counted from the run's start, phase 1 included
+    resumed = [row for row in fit.done if row["phase"] == 2 and row["epoch"] <= saved]
     fit.log(f"phase 2: fine-tuning the top {config.unfreeze} backbone layers "
             f"({result.trainable_layers_phase2} with weights, BatchNormalization frozen), "
             f"{config.fine_tune_epochs} epochs max, lr {lr:g}"
@@ -400,10 +406,11 @@ def run_kfold(config: TrainConfig, backbone: Backbone, size: int, weights: str, 
 def _write_history(path: Path, rows: list[dict]) -> None:
     fixed = ["epoch", "phase", "learning_rate", "epoch_end_lr"]
     columns = fixed + sorted({k for r in rows for k in r} - set(fixed))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_file_durably(path, text.getvalue())
 
 
 TRAINING_LIBRARIES = ("tensorflow", "keras", "numpy", "pillow", "scikit-learn")
@@ -454,6 +461,8 @@ def train(config: TrainConfig, log: Log = logger.info) -> TrainResult:
     if config.resume:
         _check_resumable(work, resolved)
         log(f"resuming the interrupted run kept in {work}")
+        if (cut := workdir.repair_history(work)) is not None:
+            log(f"warning: {cut}")
     else:
         _start_work_dir(work, config, resolved, dataset)
 
@@ -536,9 +545,7 @@ def _train_and_save(config, backbone, size, weights, dataset, work: Path, log: L
                         dataset.splits["val"], work, log)
         # float32 graph for inference and export, also after mixed_float16 training (weights are float32 anyway).
         model = float32_inference_model(fit.model)
-        temporary = work / ".model.keras.tmp.keras"
-        model.save(temporary)
-        os.replace(temporary, model_path)
+        workdir.save_durably(model_path, model.save)
         _write_history(work / "history.csv", fit.history)
     except KeyboardInterrupt:
         if workdir.discard_if_untrained(work):

@@ -4,6 +4,11 @@
 Keras ``BackupAndRestore`` state, then the saved model, then the reports. Only when everything is written is it
 renamed to ``<out>``, so a reader never sees a half-written run. It is *not* deleted when training is interrupted
 or fails after an epoch was saved: ``--resume`` continues it. A work directory with nothing trained in it is removed.
+
+The resume state survives a crash or a full disk: every state file is written durably (temporary file, fsync,
+rename, fsync of the directory: core/atomic.py), the history log is fsynced line by line, and an epoch is logged
+*before* its backup is saved, so the backup never runs ahead of the log. A history line cut off mid-write is
+dropped on resume (:func:`repair_history`) and that epoch is trained again from the previous epoch's backup.
 """
 
 from __future__ import annotations
@@ -11,10 +16,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-from transferkit.core.atomic import check_output_dir, publish_dir
-from transferkit.core.errors import OutputExistsError, TransferkitError, UsageError
+from transferkit.core.atomic import (
+    check_output_dir,
+    fsync_directory,
+    publish_dir,
+    replace_durably,
+    write_file_durably,
+)
+from transferkit.core.errors import OutputExistsError, RunDirectoryError, TransferkitError, UsageError
 
 HISTORY_LOG = "history.jsonl"
 BACKUP_DIR = "checkpoints/backup"
@@ -69,23 +81,111 @@ def discard_if_untrained(work: Path) -> bool:
 
 
 def append_history(work: Path, row: dict) -> None:
-    with (work / HISTORY_LOG).open("a") as handle:
+    """Log one finished epoch as a JSON line, on disk before training goes on (appending to a log is durable line by
+    line; a crash or a full disk can cut only the line being written, which :func:`read_history` drops)."""
+    path = work / HISTORY_LOG
+    created = not path.exists()
+    with path.open("a") as handle:
         handle.write(json.dumps(row) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+    if created:
+        fsync_directory(work)
+
+
+def _history_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    valid = isinstance(row, dict) and isinstance(row.get("epoch"), int) and "phase" in row
+    return row if valid else None
+
+
+def _parse_history(path: Path) -> tuple[list[dict], str | None, bool]:
+    """(every complete row in log order, the cut-off last line or None, whether the log ends with a newline).
+
+    Only the last line may be unreadable: it is the one a full disk or a crash interrupted (a tail of NUL bytes, left
+    by a crash on some filesystems, counts as such a line). An unreadable line before it is a corrupt log."""
+    text = path.read_bytes().decode("utf-8", "replace")
+    lines = [line for line in text.split("\n") if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        row = _history_row(line)
+        if row is not None:
+            rows.append(row)
+        elif number == len(lines):
+            return rows, line, text.endswith("\n")
+        else:
+            raise RunDirectoryError(f"{path}: line {number} is not a history row ({line[:60]!r}): the log is "
+                                    "corrupt, not interrupted; start the run over with --force")
+    return rows, None, text.endswith("\n") or not text
 
 
 def read_history(work: Path) -> list[dict]:
-    """Rows logged so far, one per epoch (the last row of an epoch wins: a resumed epoch is logged again)."""
+    """Rows logged so far, one per epoch (the last row of an epoch wins: a resumed epoch is logged again). A last
+    line cut off mid-write is left out (see :func:`repair_history`)."""
     path = work / HISTORY_LOG
     if not path.is_file():
         return []
     rows: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["epoch"]] = row
+    for row in _parse_history(path)[0]:
+        rows[row["epoch"]] = row
     return [rows[k] for k in sorted(rows)]
+
+
+def repair_history(work: Path) -> str | None:
+    """Before resuming: rewrite the history log without a cut-off last line (durably), so the next epoch's line does
+    not continue it. Returns the warning to show, or None when the log was whole."""
+    path = work / HISTORY_LOG
+    if not path.is_file():
+        return None
+    rows, cut, ends_cleanly = _parse_history(path)
+    if cut is None and ends_cleanly:
+        return None
+    write_file_durably(path, "".join(json.dumps(row) + "\n" for row in rows))
+    if cut is None:  # a whole last row that only lost its newline: nothing was dropped
+        return None
+    last = max((row["epoch"] for row in rows), default=0)
+    return (f"the last line of {path} was cut off while it was written (a full disk or a crash?): dropped "
+            f"{cut[:40]!r}...; the run resumes after the last complete epoch ({last}) and trains the next again")
+
+
+def save_durably(path: Path, save: Callable[[str], None]) -> None:
+    """``save(temporary)`` (a Keras save call), then rename it over ``path`` durably. The temporary name keeps the
+    suffix Keras checks (``.keras``, ``.weights.h5``)."""
+    suffix = ".weights.h5" if path.name.endswith(".weights.h5") else path.suffix
+    temporary = path.with_name(f".{path.name[:len(path.name) - len(suffix)]}.partial{suffix}")
+    save(str(temporary))
+    replace_durably(temporary, path)
+
+
+def backup_epoch(work: Path | None, phase: int) -> int:
+    """The epoch the phase's backup was saved after (Keras's ``training_metadata.json``), 0 when there is none: a
+    resumed phase continues from there, whatever the history log holds beyond it."""
+    if work is None:
+        return 0
+    try:
+        return int(json.loads((work / BACKUP_DIR / f"phase{phase}" / "training_metadata.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def backup_callback(directory: Path):
+    """Keras's ``BackupAndRestore`` saving durably. Keras writes its weights and its metadata in place, so a crash
+    or a full disk mid-save leaves a truncated file and no backup to resume from; here each goes to a temporary file
+    that is flushed and renamed. The weights are renamed first: a crash between the two renames makes a resumed run
+    train the last epoch once more on top of its weights, never skip one."""
+    import keras
+
+    class DurableBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def _save_model(self) -> None:  # Keras 3's one saving method (epoch end, or every save_freq batches)
+            os.makedirs(self.backup_dir, exist_ok=True)
+            save_durably(Path(self._weights_path), lambda path: self.model.save_weights(path, overwrite=True))
+            metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
+            write_file_durably(Path(self._training_metadata_path), json.dumps(metadata))
+
+    return DurableBackupAndRestore(str(directory))
 
 
 def finalize(work: Path, out: Path, force: bool) -> Path:

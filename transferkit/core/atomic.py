@@ -7,6 +7,9 @@ sees a half-written run or bundle.
 Every directory transferkit publishes carries a marker file (:data:`MARKER`). ``--force`` replaces an existing
 output only when it holds that marker, and never the current directory, the home directory, the filesystem root or
 one of the command's inputs, marker or not: one mistyped path must not cost a dataset or a home folder.
+
+Single files that a later run depends on (a training run's resume state) are written durably: to a temporary file,
+flushed, renamed, and the directory flushed (:func:`write_file_durably`, :func:`replace_durably`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,52 @@ def mark_output(directory: Path) -> None:
 
 def is_marked(directory: Path) -> bool:
     return (Path(directory) / MARKER).is_file()
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush ``directory``'s entries to disk: a rename or a new file is durable only once its directory is (POSIX).
+    Best effort where a system cannot open or fsync a directory (Windows, some network filesystems)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # EINVAL: this filesystem does not sync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def replace_durably(temporary: Path, path: Path) -> None:
+    """Rename the finished file ``temporary`` over ``path`` so that, after a crash or a power cut, ``path`` is the
+    old file or the whole new one: its data is flushed before the rename, the rename after it (for files another
+    library wrote, e.g. Keras weights)."""
+    fd = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    fsync_directory(Path(path).parent)
+
+
+def write_file_durably(path: Path, content: bytes | str, mode: int = 0o644) -> None:
+    """Write ``path`` whole or not at all, durably: a temporary file beside it, fsync, rename, fsync of the
+    directory. A full disk or a crash mid-write leaves the previous ``path`` intact (and no temporary file)."""
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content.encode() if isinstance(content, str) else content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)  # mkstemp creates 0600
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
 
 
 def _refuse_precious(out: Path, protected: Iterable[Path]) -> None:

@@ -70,9 +70,13 @@ def unavailable_reason(precision: str, capabilities: frozenset[str] | None = Non
 
 
 class OpenVinoPredictor:
-    """One compiled model; one infer request per calling thread (a request is not thread-safe, the model is)."""
+    """One compiled model; one infer request per calling thread (a request is not thread-safe, the model is).
+    ``model_bytes``: the ONNX file's content, already checked against the manifest; the model is read from them
+    (``Core.read_model`` takes bytes), and ``path`` only names the file in messages. Without them, the path is read
+    (export's validation, on the file it has just written)."""
 
-    def __init__(self, path: Path, backend: str, precision: str, size: int, threads: int, input_dtype: str):
+    def __init__(self, path: Path, backend: str, precision: str, size: int, threads: int, input_dtype: str,
+                 model_bytes: bytes | None = None):
         why = unavailable_reason(precision)
         if why:
             raise UsageError(f"--backend {backend}: {why}")
@@ -82,7 +86,8 @@ class OpenVinoPredictor:
                   # Pinned threads would fight the decode threads and HTTP workers that share these cores.
                   "ENABLE_CPU_PINNING": False}
         try:
-            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            model = core.read_model(model_bytes if model_bytes is not None else str(path))
+            self.compiled = core.compile_model(model, "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line C++ message
             raise BundleError(f"OpenVINO cannot load {path.name}: {str(exc).strip().splitlines()[0]}") from None
         self.backend, self.precision, self.size, self.threads = backend, precision, size, threads

@@ -1,7 +1,9 @@
 """Run a bundle: one loader that verifies checksums, and a predictor per backend.
 
 ``load_bundle`` accepts a bundle directory or a BentoML model tag, checks every file against the manifest's sha256
-before anything is loaded, and hands out predictors: ``onnx`` / ``onnx-fp16`` / ``onnx-int8`` through onnxruntime
+before anything is loaded (and refuses links, unlisted files and entries that leave the bundle: core/manifest.py),
+and hands out predictors, each built from bytes hashed again as they are read (ONNX and OpenVINO: the session is
+created from those bytes, not from the path): ``onnx`` / ``onnx-fp16`` / ``onnx-int8`` through onnxruntime
 (CUDA when it really loads, else CPU; the provider in use is reported) and ``savedmodel`` through TensorFlow, which
 is imported only for that backend. A predictor maps RGB pixels [N, H, W, 3] (0-255, uint8 or float) to
 probabilities [N, C], feeding each format the dtype its manifest entry records: uint8 for schema-2 bundles (the graph
@@ -21,7 +23,15 @@ from typing import Literal, Protocol
 import numpy as np
 
 from transferkit.core.errors import BundleError, UsageError
-from transferkit.core.manifest import MANIFEST_NAME, RUNTIME_BACKENDS, Manifest, read_manifest, verify_bundle
+from transferkit.core.manifest import (
+    MANIFEST_NAME,
+    RUNTIME_BACKENDS,
+    Manifest,
+    entry_path,
+    read_manifest,
+    verify_bundle,
+    verify_entry,
+)
 from transferkit.core.system import available_cores
 
 Device = Literal["auto", "cpu", "gpu"]
@@ -70,10 +80,13 @@ def as_batch(images: np.ndarray, size: int, dtype: np.dtype = np.dtype(np.float3
 
 
 class OnnxPredictor:
-    """An onnxruntime session. ``device="auto"`` tries CUDA and falls back to CPU; ``"gpu"`` insists on CUDA."""
+    """An onnxruntime session. ``device="auto"`` tries CUDA and falls back to CPU; ``"gpu"`` insists on CUDA.
+    ``model_bytes``: the file's content, already checked against the manifest (:meth:`Bundle.predictor`); the
+    session is made from them, and ``path`` only names the file in messages. Without them, the path is read."""
 
     def __init__(self, path: Path, backend: str, size: int, device: Device = "auto", threads: int | None = None,
-                 spin: bool = True, input_dtype: str = "float32", device_id: int = 0):
+                 spin: bool = True, input_dtype: str = "float32", device_id: int = 0,
+                 model_bytes: bytes | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -93,7 +106,8 @@ class OnnxPredictor:
             providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC",
                                                            "device_id": device_id}))
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            model = model_bytes if model_bytes is not None else str(path)
+            self.session = ort.InferenceSession(model, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
             raise BundleError(f"onnxruntime cannot load {path.name}: {str(exc).splitlines()[0]}") from None
         self.provider = self.session.get_providers()[0]
@@ -160,8 +174,15 @@ class Bundle:
         if entry is None:
             raise UsageError(f"bundle {self.manifest.name} has no {spec.format} format; it has "
                              f"{', '.join(self.manifest.formats)} (re-export with --formats ...,{spec.format})")
-        path = self.path / entry.file
+        path = entry_path(self.path, spec.format, entry.file)
+        # Read, hashed and checked here, just before use: the bytes an engine loads are the bytes that were hashed.
+        model_bytes = verify_entry(self.path, self.manifest, spec.format)
         if spec.engine == "tensorflow":
+            # Residual risk: TensorFlow loads a SavedModel only by path, so the directory just hashed is opened
+            # again by TF. A process that can write into the bundle between the two could swap a file; such a
+            # process could as well rewrite the manifest, so the checksum guards against corruption and mistakes,
+            # not against a writer. Links are refused by the hash walk, so TF reads nothing outside the bundle, and
+            # a SavedModel runs no Python code (graphs only). The ONNX backends leave no such window.
             return SavedModelPredictor(path, self.manifest.image_size, entry.input_name, entry.output_name, device,
                                        entry.input_dtype)
         if spec.engine == "openvino":
@@ -171,9 +192,9 @@ class Bundle:
                 raise UsageError(f"--backend {backend} runs on the CPU; use onnx for --device gpu")
             self.require_validated(backend)
             return OpenVinoPredictor(path, backend, spec.precision, self.manifest.image_size,
-                                     threads or available_cores(), entry.input_dtype)
+                                     threads or available_cores(), entry.input_dtype, model_bytes)
         return OnnxPredictor(path, backend, self.manifest.image_size, device, threads, spin, entry.input_dtype,
-                             device_id)
+                             device_id, model_bytes)
 
     def validation_of(self, backend: str):
         """The export-time validation row of ``backend`` (None when the export did not validate it)."""
@@ -218,7 +239,7 @@ def resolve_bundle_path(source: str | Path) -> Path:
 def load_bundle(source: str | Path, formats: list[str] | None = None) -> Bundle:
     """Read the manifest and verify checksums (of ``formats``, default all) before anything is loaded."""
     path = resolve_bundle_path(source)
-    if not (path / MANIFEST_NAME).is_file():
+    if not os.path.lexists(path / MANIFEST_NAME):  # a linked manifest is refused by read_manifest, with its reason
         raise BundleError(f"{source} is not a transferkit bundle: {MANIFEST_NAME} is missing")
     manifest = read_manifest(path)
     verify_bundle(path, manifest, formats)
