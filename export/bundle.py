@@ -29,6 +29,8 @@ from transferkit.core.manifest import (
     FORMAT_FILES,
     FORMAT_PRECISION,
     MANIFEST_NAME,
+    MODEL_CARD_NAME,
+    DocumentEntry,
     FormatEntry,
     Manifest,
     ResizeRule,
@@ -224,7 +226,8 @@ def export_model(
     tag = None
     try:
         with atomic_output_dir(out, force) as staging:
-            seconds.update(_write_formats(model, staging, formats, image_size, opset, calibration, log))
+            seconds.update(_write_formats(model, staging, formats, image_size, opset, calibration, log,
+                                          class_names))
             entries = {fmt: _format_entry(staging, fmt, opset) for fmt in BACKENDS if fmt in formats}
             start = time.perf_counter()
             report = _validate(model, staging, entries, validation, backbone)
@@ -232,7 +235,14 @@ def export_model(
             if "onnx" not in formats:  # written only as the source of fp16/int8
                 (staging / FORMAT_FILES["onnx"]).unlink(missing_ok=True)
             _check_report(report, entries, allow_mismatch, log)
-            manifest = _manifest(name, row, image_size, class_names, entries, training, report)
+            from transferkit.export.card import model_card
+
+            card = staging / MODEL_CARD_NAME
+            card.write_text(model_card(name, row, image_size, class_names, PREPROCESSING_TEXT[row.preprocessing],
+                                       training or {}, report, list(entries)), encoding="utf-8")
+            digest, size, _ = sha256_path(card)
+            documents = {"model_card": DocumentEntry(file=MODEL_CARD_NAME, sha256=digest, bytes=size)}
+            manifest = _manifest(name, row, image_size, class_names, entries, training, report, documents)
             (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
             raise_if_stop_requested()
             if register:
@@ -246,9 +256,11 @@ def export_model(
 
 
 def _write_formats(model, staging: Path, formats: list[str], image_size: int, opset: int,
-                   calibration: np.ndarray | None, log: Log) -> dict[str, float]:
-    """Write each of ``formats`` into ``staging`` (ONNX too when fp16 or int8 is asked for: their source); returns
-    the seconds each took."""
+                   calibration: np.ndarray | None, log: Log, class_names: list[str] | None = None
+                   ) -> dict[str, float]:
+    """Write each of ``formats`` into ``staging`` (ONNX too when fp16 or int8 is asked for: their source), and
+    record ``class_names`` in every ONNX file's metadata (before any checksum is taken); returns the seconds each
+    took."""
     from transferkit.export import convert
 
     onnx_path = staging / FORMAT_FILES["onnx"]
@@ -267,6 +279,10 @@ def _write_formats(model, staging: Path, formats: list[str], image_size: int, op
             write()
             raise_if_stop_requested()  # tf2onnx's garbage collection can swallow a SIGTERM (core/stopping.py)
             seconds[fmt] = round(time.perf_counter() - start, 2)
+    if class_names is not None:
+        for fmt in writers:
+            if fmt.startswith("onnx") and (staging / FORMAT_FILES[fmt]).is_file():
+                convert.label_onnx(staging / FORMAT_FILES[fmt], class_names)
     return seconds
 
 
@@ -300,11 +316,14 @@ def _check_report(report: ValidationReport, entries: dict[str, FormatEntry], all
 
 
 def _manifest(name: str, row: Backbone, image_size: int, class_names: list[str], entries: dict[str, FormatEntry],
-              training: dict | None, report: ValidationReport) -> Manifest:
+              training: dict | None, report: ValidationReport,
+              documents: dict[str, DocumentEntry] | None = None) -> Manifest:
     """The bundle's manifest; its version is the time and a digest of every file's checksum."""
     from transferkit.export.convert import INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
 
     created = datetime.now(UTC)
+    calibration_record = (training or {}).get("calibration")
+    calibrated = bool(calibration_record and calibration_record.get("applied"))
     combined = "".join(entries[f].sha256 for f in sorted(entries))
     version = f"{created:%Y%m%d-%H%M%S}-{hashlib.sha256(combined.encode()).hexdigest()[:8]}"
     return Manifest(
@@ -315,9 +334,11 @@ def _manifest(name: str, row: Backbone, image_size: int, class_names: list[str],
         input={"name": INPUT_NAME, "dtype": INPUT_DTYPE, "shape": [None, image_size, image_size, 3],
                "range": "RGB 0-255", "decoder": "transferkit.core.images.decode_image (see resize)"},
         output={"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, len(class_names)],
-                "meaning": "softmax probabilities, in class_names order"},
+                "meaning": "softmax probabilities, in class_names order"
+                + (" (calibrated: temperature scaling folded into the model)" if calibrated else "")},
         formats=entries, training=training or {}, validation=report,
         validation_overridden=not report.passed, versions=library_versions(),
+        documents=documents or {}, calibration=calibration_record,
     )
 
 
@@ -352,8 +373,8 @@ def export_run(
 
     log(f"loading {run_dir / 'model.keras'}")
     model = load_run_model(run_dir)
-    test = metrics.test.model_dump(include={"accuracy", "top5_accuracy", "loss", "samples"}, exclude_none=True) \
-        if metrics.test else {}
+    test = metrics.test.model_dump(include={"accuracy", "top5_accuracy", "loss", "samples", "ece", "nll"},
+                                   exclude_none=True) if metrics.test else {}
     training = {
         "run_dir": str(run_dir.absolute()),
         "strategy": config.strategy,
@@ -361,7 +382,11 @@ def export_run(
         "test": test,
         "val": metrics.val.model_dump() if metrics.val else {},
         "diagnosis": (metrics.diagnosis or {}).get("verdict"),
+        "counts": (metrics.data or {}).get("counts", {}),
+        "preprocessing": config.preprocessing,
     }
+    if metrics.calibration is not None:
+        training["calibration"] = metrics.calibration.model_dump(mode="json")
     return export_model(
         model, out=Path(out), backbone=config.backbone, image_size=size, class_names=class_names,
         validation=validation, calibration=calibration, formats=formats, opset=opset,

@@ -53,6 +53,11 @@ def run_export(args: argparse.Namespace) -> int:
         rows.append((fmt, f"{entry.file}  {entry.bytes / 1e6:.2f} MB  sha256 {entry.sha256[:12]}…"))
     verdict = "passed" if m.validation and m.validation.passed else "FAILED (published with --allow-mismatch)"
     rows.append(("validation", f"{verdict} on {m.validation.images} {m.validation.source} images"))
+    calibration = m.calibration or {}
+    rows.append(("calibration", f"temperature {calibration['temperature']:.4f} (in every format)"
+                 if calibration.get("applied") else f"none ({calibration.get('reason') or 'not recorded'})"))
+    if "model_card" in m.documents:
+        rows.append(("model card", m.documents["model_card"].file))
     rows.append(("BentoML tag", result.tag or "not registered (--no-register)"))
     rows.append(("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())))
     print_summary(rows)

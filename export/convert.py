@@ -223,3 +223,22 @@ def write_onnx_int8(source: Path, path: Path, calibration_images: np.ndarray) ->
     finally:
         if prepared.exists():
             os.remove(prepared)
+
+
+CLASS_NAMES_KEY = "class_names"
+
+
+def label_onnx(path: Path, class_names: list[str]) -> None:
+    """Record the class names in the ONNX file's ``metadata_props`` (key ``class_names``, a JSON list in output
+    order), so a consumer with only the ONNX file can label the probabilities. Run before the file is hashed."""
+    import json
+
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = [prop for prop in model.metadata_props if prop.key != CLASS_NAMES_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = CLASS_NAMES_KEY, json.dumps(list(class_names), ensure_ascii=False)
+    onnx.save(model, str(path))

@@ -37,7 +37,7 @@ def test_bundle_holds_every_format_and_a_manifest(bundle):
     assert manifest.preprocessing["mode"] == "tf"
     assert manifest.validation.passed and not manifest.validation_overridden
     assert manifest.validation.images >= 64  # test split topped up from val
-    assert manifest.schema_version == 2
+    assert manifest.schema_version == 3
     for entry in manifest.formats.values():
         assert (bundle / entry.file).exists()
         assert entry.input_name == "image" and entry.output_name == "probabilities"
@@ -463,9 +463,9 @@ def test_schema_1_bundles_stay_readable_and_newer_ones_are_refused(bundle, tmp_p
     assert manifest.schema_version == 1 and manifest.resize is None
     assert {entry.input_dtype for entry in manifest.formats.values()} == {"float32"}
 
-    raw["schema_version"] = 3
+    raw["schema_version"] = 4
     (copy / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(BundleError, match="schema version 3 was written by a newer transferkit"):
+    with pytest.raises(BundleError, match="schema version 4 was written by a newer transferkit"):
         load_bundle(copy)
 
 

@@ -22,7 +22,7 @@ from transferkit.training.config import AugmentConfig
 from transferkit.training.rundir import read_config, read_labels, read_metrics, split_files
 
 ARTIFACTS = ["model.keras", "labels.json", "config.json", "split.json", "history.csv", "metrics.json",
-             "learning_curves.png", "confusion_matrix.png", "misclassified.png", "report.md",
+             "learning_curves.png", "confusion_matrix.png", "reliability.png", "misclassified.png", "report.md",
              "checkpoints/best.weights.h5"]
 NO_AUGMENT = AugmentConfig(enabled=False)
 

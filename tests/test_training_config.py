@@ -157,7 +157,7 @@ def test_resume_compares_the_fields_marked_invariant_and_names_each_difference()
         "data", "backbone", "image_size", "weights_resolved", "strategy", "alpha", "epochs", "fine_tune_epochs",
         "batch_size", "learning_rate", "fine_tune_lr", "optimizer", "weight_decay", "momentum", "schedule",
         "warmup_epochs", "label_smoothing", "class_weight", "unfreeze", "head", "augment", "val_fraction",
-        "test_fraction", "seed", "cache_features", "mixed_precision"}
+        "test_fraction", "seed", "cache_features", "mixed_precision", "calibrate"}
     kept = resolved(TrainConfig(data="d", out="o"))
     assert changed_settings(kept, resolved(TrainConfig(data="d", out="o2", patience=1, force=True, kfold=3))) == []
     changed = resolved(TrainConfig(data="d", out="o", seed=7, head=HeadConfig(dropout=0.5)), image_size=96)

@@ -32,10 +32,11 @@ examples:
   transferkit train --config runs/flowers/config.json --out runs/flowers-s7 --seed 7   # the same run, one change
 
 The run directory holds model.keras, labels.json, config.json, split.json, history.csv, metrics.json,
-learning_curves.png, confusion_matrix.png, misclassified.png and report.md (with a fit diagnosis). It appears only
-when complete; while training, the run lives in .NAME.partial next to it, which Ctrl-C keeps for --resume.
-Decoded images are cached in $TRANSFERKIT_CACHE_DIR (default ~/.cache/transferkit) and reused while the files and
-the size are unchanged.
+learning_curves.png, confusion_matrix.png, reliability.png, misclassified.png and report.md (with a fit diagnosis).
+The saved model is calibrated by temperature scaling fitted on the validation split (--no-calibrate: not). The run
+directory appears only when complete; while training, the run lives in .NAME.partial next to it, which Ctrl-C keeps
+for --resume. Decoded images are cached in $TRANSFERKIT_CACHE_DIR (default ~/.cache/transferkit) and reused while
+the files and the size are unchanged.
 """
 
 
@@ -47,7 +48,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "training": ("strategy", "epochs", "fine_tune_epochs", "unfreeze", "batch_size", "learning_rate", "fine_tune_lr",
                  "optimizer", "weight_decay", "momentum", "schedule", "warmup_epochs", "label_smoothing",
                  "class_weight", "patience", "restore_best", "early_stopping_start", "seed", "cache_features",
-                 "kfold", "mixed_precision"),
+                 "calibrate", "kfold", "mixed_precision"),
     "augmentation (training split only)": ("augment.enabled", "augment.flip", "augment.rotation", "augment.shift",
                                            "augment.zoom", "augment.contrast"),
 }

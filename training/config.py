@@ -126,6 +126,9 @@ class TrainConfig(_Settings):
     strict: bool = Field(False, description="fail on the first unreadable image instead of skipping it")
     cache_features: bool = Field(False, description="phase 1 on features computed once by the frozen base (needs "
                                                     "--no-augment)", json_schema_extra=RESUME_INVARIANT)
+    calibrate: bool = Field(True, description="fit temperature scaling on the validation split and fold it into the "
+                            "saved model, so every format outputs calibrated probabilities; --no-calibrate turns it "
+                            "off", json_schema_extra=RESUME_INVARIANT)
     kfold: int = Field(0, ge=0, description="also run K-fold cross-validation and report mean ± std (0: off)")
     mixed_precision: bool = Field(False, description="float16 compute on GPU", json_schema_extra=RESUME_INVARIANT)
     force: bool = Field(False, description="replace --out (and any interrupted run of it)")

@@ -14,7 +14,7 @@ import numpy as np
 from transferkit.core.metrics import confusion_matrix, figure
 from transferkit.training.data import SplitData
 
-__all__ = ["confusion_matrix", "learning_curves", "misclassified"]
+__all__ = ["confusion_matrix", "learning_curves", "misclassified", "reliability"]
 
 
 def learning_curves(history: list[dict], phase1_epochs: int, path: Path) -> None:
@@ -65,4 +65,38 @@ def misclassified(
         fig.suptitle(f"Misclassified test images: {wrong_count} of "
                      f"{len(split)} (true → predicted)")
     fig.tight_layout(rect=(0, 0, 1, 0.95))  # leave room for the title
+    fig.savefig(path, dpi=100)
+
+
+def reliability(probabilities: dict, val_before: np.ndarray, test_before: np.ndarray, dataset, calibration: dict,
+                path: Path) -> None:
+    """Reliability diagrams of the validation and test splits: accuracy against mean top-1 confidence in 15
+    equal-width bins, before and after temperature scaling (one curve when calibration was skipped)."""
+    from transferkit.core.metrics import ECE_BINS, expected_calibration_error, reliability_bins
+
+    applied = bool(calibration.get("applied"))
+    fig = figure((11, 5))
+    axes = fig.subplots(1, 2)
+    for ax, name, before in zip(axes, ("val", "test"), (val_before, test_before)):
+        labels = dataset.splits[name].labels
+        curves = {"before calibration": before}
+        if applied:
+            curves[f"after (T = {calibration['temperature']:.3f})"] = probabilities[name]
+        ax.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfectly calibrated")
+        for (label, p), marker in zip(curves.items(), "os"):
+            if not len(labels):
+                continue
+            rows = [row for row in reliability_bins(p, labels, ECE_BINS) if row["count"]]
+            ece = expected_calibration_error(p, labels, ECE_BINS)
+            ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker=marker, linestyle="-",
+                    label=f"{label}: ECE {ece:.3f}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel(f"mean top-1 confidence ({ECE_BINS} bins)")
+        ax.set_ylabel("accuracy")
+        split = "validation" if name == "val" else "test"
+        ax.set_title(f"Reliability ({split} split, {len(labels)} images)"
+                     + ("" if applied else ": not calibrated"))
+        ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -82,6 +82,7 @@ def render(config: dict, metrics: dict, dataset: Dataset, fit: Any) -> str:
         "",
         f"**Diagnosis: {diagnosis['verdict']}.** {diagnosis['explanation']}",
         *_result(metrics),
+        *_calibration(metrics.get("calibration")),
         *_diagnosis(metrics),
         *_per_class(metrics["test"]),
         *_data(config, metrics, dataset),
@@ -110,6 +111,35 @@ def _result(metrics: dict) -> list[str]:
         lines.append(f"| {metrics['kfold']['k']}-fold accuracy | {summary['accuracy']['mean']:.4f} ± "
                      f"{summary['accuracy']['std']:.4f} |")
     return lines
+
+
+def calibration_lines(calibration: dict | None) -> list[str]:
+    """The calibration section (shared with the bundle's model card): T, or why none, and ECE/NLL before/after."""
+    if not calibration:
+        return []
+    lines = ["", "## Calibration", ""]
+    if calibration.get("applied"):
+        lines.append(f"Temperature scaling: T = {calibration['temperature']:.4f}, fitted on the validation split by "
+                     "minimising the negative log-likelihood and folded into the saved model's final layer, so "
+                     "`model.keras` and every exported format output the calibrated probabilities. The top-1 class "
+                     "is unchanged" + ("." if calibration.get("argmax_unchanged", True) else " (NOT: check).")
+                     + " See `reliability.png`.")
+    else:
+        lines.append(f"Not calibrated: {calibration.get('reason')}.")
+    rows = [(name, calibration.get(name)) for name in ("val", "test") if calibration.get(name)]
+    if rows:
+        lines += ["", "| split | images | ECE before | ECE after | NLL before | NLL after |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {'validation' if name == 'val' else name} | {row['samples']} | {row['before']['ece']:.4f} | "
+                  f"{row['after']['ece']:.4f} | {row['before']['nll']:.4f} | {row['after']['nll']:.4f} |"
+                  for name, row in rows]
+        lines += ["", f"ECE: expected calibration error over {calibration.get('bins', 15)} equal-width bins of the "
+                  "top-1 confidence; NLL: mean -log p(true class)."]
+    return lines
+
+
+def _calibration(calibration: dict | None) -> list[str]:
+    return calibration_lines(calibration)
 
 
 def _diagnosis(metrics: dict) -> list[str]:
@@ -183,6 +213,6 @@ def _files(config: dict) -> list[str]:
             "- `model.keras`: the inference-ready float32 model (takes RGB 0-255; preprocessing inside, built "
             "from standard Keras layers). Load it with `keras.models.load_model`.",
             "- `labels.json`, `config.json`, `split.json`, `history.csv`, `metrics.json`",
-            "- `learning_curves.png`, `confusion_matrix.png`, `misclassified.png`",
+            "- `learning_curves.png`, `confusion_matrix.png`, `reliability.png`, `misclassified.png`",
             f"- `checkpoints/best.weights.h5`: the final weights ({final}); "
             "`checkpoints/phase1.weights.h5`: the weights after phase 1", ""]

@@ -58,6 +58,8 @@ class SplitMetrics(BaseModel):
     accuracy: float
     loss: float
     samples: int
+    ece: float | None = None  # expected calibration error, 15 bins of the top-1 confidence (runs before issue 28: none)
+    nll: float | None = None  # mean -log p(true class)
 
 
 class ClassMetrics(BaseModel):
@@ -71,6 +73,33 @@ class TestMetrics(SplitMetrics):
     per_class: dict[str, ClassMetrics]
     macro_f1: float
     top5_accuracy: float | None = None  # more than 5 classes only
+
+
+class CalibrationScores(BaseModel):
+    ece: float
+    nll: float
+
+
+class SplitCalibration(BaseModel):
+    """One split's scores with the uncalibrated and the calibrated (saved) model."""
+
+    before: CalibrationScores
+    after: CalibrationScores
+    samples: int
+
+
+class Calibration(BaseModel):
+    """Temperature scaling: ``temperature`` is folded into the saved model (``applied``), or ``reason`` says why
+    not (then ``temperature`` is None and before equals after)."""
+
+    method: str = "temperature scaling (NLL on the validation split)"
+    applied: bool
+    temperature: float | None = None
+    reason: str | None = None
+    bins: int = 15
+    argmax_unchanged: bool | None = None  # checked on every split's images
+    val: SplitCalibration | None = None
+    test: SplitCalibration | None = None
 
 
 class Failure(BaseModel):
@@ -93,6 +122,7 @@ class RunMetrics(_Record):
     data: dict[str, Any]
     notes: list[str] = []
     kfold: dict[str, Any] | None = None
+    calibration: Calibration | None = None  # runs before issue 28: none
     failures: list[Failure] = []
 
 

@@ -48,6 +48,7 @@ class FitResult:
     phase1_epochs: int = 0
     phase2_epochs: int = 0
     trainable_layers_phase2: int = 0
+    calibration: dict = field(default_factory=dict)  # applied, temperature, reason (training/calibration.py)
 
 
 @dataclass
@@ -538,13 +539,16 @@ def _train_and_save(config, backbone, size, weights, dataset, work: Path, log: L
         model = load_run_model(work)
         fit = FitResult(model=model, history=history_rows,
                         phase1_epochs=sum(1 for r in history_rows if r["phase"] == 1),
-                        phase2_epochs=sum(1 for r in history_rows if r["phase"] == 2))
+                        phase2_epochs=sum(1 for r in history_rows if r["phase"] == 2),
+                        calibration=_read_calibration(work))
         return model, fit
     try:
         fit = fit_model(config, backbone, size, weights, len(dataset.class_names), dataset.splits["train"],
                         dataset.splits["val"], work, log)
         # float32 graph for inference and export, also after mixed_float16 training (weights are float32 anyway).
         model = float32_inference_model(fit.model)
+        fit.calibration = _calibrate(config, model, dataset.splits["val"], log)
+        rundir.write_json(work / CALIBRATION_FILE, fit.calibration)
         workdir.save_durably(model_path, model.save)
         _write_history(work / "history.csv", fit.history)
     except KeyboardInterrupt:
@@ -564,6 +568,68 @@ def _train_and_save(config, backbone, size, weights, dataset, work: Path, log: L
         raise
     log(f"saved {model_path.name} and checkpoints")
     return model, fit
+
+
+CALIBRATION_FILE = "checkpoints/calibration.json"
+
+
+def _calibrate(config: TrainConfig, model, val: SplitData, log: Log) -> dict:
+    """Fit temperature scaling on the validation split and fold T into ``model`` (in place), or say why not."""
+    from transferkit.training import calibration
+    from transferkit.training.evaluate import batched_forward
+
+    reason = calibration.skip_reason(model, len(val), config.calibrate)
+    if reason is not None:
+        log(f"calibration skipped: {reason}")
+        return {"applied": False, "temperature": None, "reason": reason}
+    temperature = calibration.fit_temperature(batched_forward(model, val.images), val.labels)
+    reason = calibration.boundary_reason(temperature)
+    if reason is not None:
+        log(f"calibration skipped: {reason}")
+        return {"applied": False, "temperature": None, "reason": reason}
+    calibration.fold_temperature(model, temperature)
+    log(f"calibration: temperature {temperature:.4f} fitted on {len(val)} validation images, folded into the model")
+    return {"applied": True, "temperature": temperature, "reason": None}
+
+
+def _read_calibration(work: Path) -> dict:
+    import json
+
+    path = work / CALIBRATION_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"applied": False, "temperature": None, "reason": "not recorded by the interrupted run"}
+
+
+def _calibration_record(calibration_info: dict, dataset: Dataset, probabilities: dict) -> dict:
+    """metrics.json's ``calibration``: ECE and NLL of the uncalibrated model (recovered from the saved model's
+    probabilities q as softmax(T log q)) and of the saved, calibrated one, on val and test; argmax unchanged."""
+    from transferkit.core.metrics import ECE_BINS, expected_calibration_error, negative_log_likelihood
+    from transferkit.training.calibration import apply_temperature
+
+    temperature = calibration_info.get("temperature") if calibration_info.get("applied") else None
+    record = {**calibration_info, "bins": ECE_BINS}
+    unchanged = True
+    for name in ("val", "test"):
+        after = probabilities[name]
+        labels = dataset.splits[name].labels
+        if not len(labels):
+            continue
+        before = apply_temperature(after, 1 / temperature) if temperature else after
+        unchanged = unchanged and bool(np.array_equal(before.argmax(axis=1), after.argmax(axis=1)))
+        record[name] = {"samples": int(len(labels)), **{
+            key: {"ece": expected_calibration_error(p, labels), "nll": negative_log_likelihood(p, labels)}
+            for key, p in (("before", before), ("after", after))}}
+    record["argmax_unchanged"] = unchanged
+    return record
+
+
+def uncalibrated(probabilities: np.ndarray, calibration_info: dict | None) -> np.ndarray:
+    """The probabilities of the model before temperature scaling, from the saved model's."""
+    from transferkit.training.calibration import apply_temperature
+
+    info = calibration_info or {}
+    return apply_temperature(probabilities, 1 / info["temperature"]) if info.get("applied") else probabilities
 
 
 class _OptionalSteps:
@@ -598,7 +664,9 @@ def _report(config, backbone, size, weights, dataset, work, model, fit, resolved
         if evaluations else None
     metrics = _metrics(fit, dataset, evaluations, diagnosis, kfold, timings, total_start)
     if probabilities is not None:
-        _plots(optional, fit, dataset, probabilities["test"], work)
+        metrics["calibration"] = optional.run("calibration scores", _calibration_record, fit.calibration, dataset,
+                                              probabilities)
+        _plots(optional, fit, dataset, probabilities, work)
     if evaluations and diagnosis:
         present = {k: v for k, v in metrics.items() if v is not None}
         text = optional.run("report", report.render, resolved.model_dump(mode="json"),
@@ -637,18 +705,22 @@ def _metrics(fit: FitResult, dataset: Dataset, evaluations: dict | None, diagnos
     }
     if evaluations:
         metrics["test"] = evaluations["test"]
-        metrics.update({name: {k: evaluations[name][k] for k in ("accuracy", "loss", "samples")}
+        metrics.update({name: {k: evaluations[name][k] for k in ("accuracy", "loss", "samples", "ece", "nll")}
                         for name in ("val", "train")})
     return metrics
 
 
-def _plots(optional: _OptionalSteps, fit: FitResult, dataset: Dataset, test_probabilities, work: Path) -> None:
+def _plots(optional: _OptionalSteps, fit: FitResult, dataset: Dataset, probabilities: dict, work: Path) -> None:
     from transferkit.training import plots
 
     test = dataset.splits["test"]
+    test_probabilities = probabilities["test"]
     optional.run("learning curves plot", plots.learning_curves, fit.history, fit.phase1_epochs,
                  work / "learning_curves.png")
     optional.run("confusion matrix plot", plots.confusion_matrix, test_probabilities, test.labels,
                  dataset.class_names, work / "confusion_matrix.png")
+    optional.run("reliability diagram", plots.reliability, probabilities,
+                 uncalibrated(probabilities["val"], fit.calibration), uncalibrated(test_probabilities, fit.calibration),
+                 dataset, fit.calibration, work / "reliability.png")
     optional.run("misclassified plot", plots.misclassified, test_probabilities, test, dataset.class_names,
                  work / "misclassified.png")

@@ -57,8 +57,9 @@ class Evaluation:
         return classification_metrics(probabilities, labels, self.class_names), probabilities, labels
 
     def write(self, report_dir: Path, force: bool, context: dict) -> dict:
-        """Write ``metrics.json``, ``metrics.md`` and ``confusion_matrix.png`` to ``report_dir`` (atomically)."""
-        from transferkit.core.metrics import confusion_matrix
+        """Write ``metrics.json``, ``metrics.md``, ``confusion_matrix.png`` and ``reliability.png`` to
+        ``report_dir`` (atomically)."""
+        from transferkit.core.metrics import confusion_matrix, reliability_diagram
 
         metrics, probabilities, labels = self.metrics()
         metrics["left_out_not_a_class"] = self.unknown
@@ -66,6 +67,8 @@ class Evaluation:
             (staging / "metrics.json").write_text(json.dumps({**context, **metrics}, indent=2) + "\n")
             (staging / "metrics.md").write_text(render_markdown(metrics, context))
             confusion_matrix(probabilities, labels, self.class_names, staging / "confusion_matrix.png")
+            reliability_diagram({"bundle": probabilities}, labels, staging / "reliability.png",
+                                f"Reliability ({len(labels)} images)")
         return metrics
 
 
@@ -83,6 +86,8 @@ def render_markdown(metrics: dict, context: dict) -> str:
         + ("" if "top5_accuracy" in metrics else " (5 classes or fewer: always 100 %)"),
         f"- macro F1: {metrics['macro_f1']:.4f}",
         f"- log loss: {metrics['loss']:.4f}",
+        f"- expected calibration error (15 bins, top-1 confidence): {metrics['ece']:.4f}",
+        f"- negative log-likelihood: {metrics['nll']:.4f}",
         "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|",
     ]
     for name, row in metrics["per_class"].items():

@@ -12,7 +12,9 @@ list may be in the bundle (an ONNX file's external data would be such a file, an
 refused too); and a file is read once, hashed, and handed to the engine as those same bytes (:func:`verify_entry`).
 
 Schema history: 1 - float32 input for every format, no resize rule; 2 - uint8 input (``FormatEntry.input_dtype``),
-``resize``. Both are read; ``FormatEntry.input_dtype`` defaults to float32, which is what a schema-1 file means.
+``resize``; 3 - ``documents`` (the model card, ``MODEL_CARD.md``, with its checksum) and ``calibration`` (the
+temperature folded into every format, ECE/NLL before and after). All are read; ``FormatEntry.input_dtype`` defaults
+to float32, which is what a schema-1 file means, and the schema-3 fields default to none.
 
 Pydantic and the standard library only: no TensorFlow, no onnxruntime, no onnx (the service reads manifests
 without them).
@@ -35,8 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transferkit.core.atomic import MARKER
 from transferkit.core.errors import BundleError
 
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMAS: tuple[int, ...] = (1, 2)
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMAS: tuple[int, ...] = (1, 2, 3)
+MODEL_CARD_NAME = "MODEL_CARD.md"
 MANIFEST_NAME = "manifest.json"
 
 BACKENDS: tuple[str, ...] = ("savedmodel", "onnx", "onnx-fp16", "onnx-int8")
@@ -87,6 +90,17 @@ class FormatEntry(BaseModel):
     output_dtype: Literal["float32"] = "float32"
     precision: Literal["fp32", "fp16", "int8"]
     opset: int | None = None
+
+
+class DocumentEntry(BaseModel):
+    """A file of the bundle that no engine reads (the model card), covered by a checksum like the formats."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    sha256: str
+    bytes: int
+    media_type: str = "text/markdown"
 
 
 class JpegDownscale(BaseModel):
@@ -194,6 +208,10 @@ class Manifest(BaseModel):
     validation: ValidationReport | None
     validation_overridden: bool = False  # --allow-mismatch published a bundle that failed a gate
     versions: dict[str, str]
+    # schema 3: the model card and other documents, by name; the calibration folded into every format (temperature,
+    # ECE/NLL before and after on the run's validation and test splits), None for an uncalibrated or older bundle
+    documents: dict[str, DocumentEntry] = Field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -359,6 +377,8 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         raise BundleError(f"{path} is not a valid bundle manifest: {' '.join(first[:3])}") from None
     for name, entry in manifest.formats.items():
         entry_path(bundle_dir, name, entry.file)
+    for name, document in manifest.documents.items():
+        entry_path(bundle_dir, f"documents:{name}", document.file)
     return manifest
 
 
@@ -366,7 +386,7 @@ def check_bundle_files(bundle_dir: Path, manifest: Manifest) -> None:
     """Every file in the bundle is a regular file that the manifest covers with a checksum (a format's file, or a
     file under a format's directory), or one of :data:`BUNDLE_EXTRAS`. This is also the rule for ONNX external
     data: a side file is an unlisted file (the manifest has no place for one), so such a bundle is refused."""
-    listed = {PurePosixPath(entry.file) for entry in manifest.formats.values()}
+    listed = {PurePosixPath(entry.file) for entry in [*manifest.formats.values(), *manifest.documents.values()]}
     for relative in regular_files(bundle_dir, f"bundle {manifest.name}"):
         extra = len(relative.parts) == 1 and relative.name in BUNDLE_EXTRAS
         if not extra and not any(p in listed for p in (relative, *relative.parents)):
@@ -413,13 +433,29 @@ def verify_entry(bundle_dir: Path, manifest: Manifest, name: str) -> bytes | Non
     return data
 
 
+def verify_document(bundle_dir: Path, manifest: Manifest, name: str) -> bytes:
+    """The bytes of document ``name`` (e.g. the model card), checked against its manifest checksum."""
+    document = manifest.documents[name]
+    entry_path(bundle_dir, f"documents:{name}", document.file)
+    data = read_inside(Path(bundle_dir), PurePosixPath(document.file), f"bundle {manifest.name}", document.bytes)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != document.sha256 or len(data) != document.bytes:
+        raise BundleError(f"bundle {manifest.name}: {document.file} does not match its manifest checksum (expected "
+                          f"sha256 {document.sha256[:12]}… and {document.bytes} bytes, found {digest[:12]}… and "
+                          f"{len(data)} bytes); the file was modified or truncated, re-export the bundle")
+    return data
+
+
 def verify_bundle(bundle_dir: Path, manifest: Manifest, formats: list[str] | None = None) -> None:
-    """Refuse links, special and unlisted files anywhere in the bundle, then check every listed format's sha256 and
-    size against the manifest (and ONNX files for external data); raise :class:`BundleError` on any mismatch."""
+    """Refuse links, special and unlisted files anywhere in the bundle, then check every listed format's and
+    document's sha256 and size against the manifest (and ONNX files for external data); raise :class:`BundleError`
+    on any mismatch."""
     bundle_dir = Path(bundle_dir)
     for name, entry in manifest.formats.items():
         entry_path(bundle_dir, name, entry.file)  # a Manifest built in memory was not checked by read_manifest
     check_bundle_files(bundle_dir, manifest)
+    for name in manifest.documents:
+        verify_document(bundle_dir, manifest, name)
     for name in formats or list(manifest.formats):
         if name not in manifest.formats:
             raise BundleError(f"bundle {manifest.name} has no {name} format (it has {', '.join(manifest.formats)})")

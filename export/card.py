@@ -1,0 +1,114 @@
+"""``MODEL_CARD.md``: the bundle's model card, written by export from the run's records and the validation report.
+
+What it was trained on (images per class and split), its metrics with calibration, the validation report, and the
+intended use and limits, in text generated from the manifest's facts; listed in the manifest with its checksum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transferkit.core.backbones import Backbone
+from transferkit.core.manifest import ValidationReport
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _counts(counts: dict[str, dict[str, int]], class_names: list[str]) -> list[str]:
+    if not counts:
+        return ["Not recorded (the bundle was not exported from a transferkit run directory)."]
+    splits = [s for s in ("train", "val", "test") if s in counts]
+    lines = ["| class | " + " | ".join(splits) + " | total |", "|---" * (len(splits) + 2) + "|"]
+    for name in class_names:
+        values = [counts[s].get(name, 0) for s in splits]
+        lines.append(f"| {name} | " + " | ".join(map(str, values)) + f" | {sum(values)} |")
+    totals = [sum(counts[s].values()) for s in splits]
+    lines.append("| **all** | " + " | ".join(map(str, totals)) + f" | {sum(totals)} |")
+    return lines
+
+
+def _metrics(training: dict) -> list[str]:
+    test, val = training.get("test") or {}, training.get("val") or {}
+    if not test and not val:
+        return ["Not recorded."]
+    lines = ["| split | images | accuracy | top-5 accuracy | ECE | NLL |", "|---|---|---|---|---|---|"]
+    for name, row in (("test", test), ("validation", val)):
+        if row:
+            lines.append(f"| {name} | {row.get('samples', 'n/a')} | {_number(row.get('accuracy'))} | "
+                         f"{_number(row.get('top5_accuracy'))} | "
+                         f"{_number(row.get('ece'))} | {_number(row.get('nll'))} |")
+    lines += ["", "Measured by training on its held-out splits with the saved (calibrated, where calibration was "
+              "applied) model. ECE: expected calibration error over 15 equal-width bins of the top-1 confidence; "
+              "NLL: mean -log p(true class)."]
+    return lines
+
+
+def _calibration(calibration: dict | None) -> list[str]:
+    if not calibration:
+        return ["Not calibrated (the run recorded no calibration): the scores are softmax outputs as trained, not "
+                "probabilities you can threshold on."]
+    if not calibration.get("applied"):
+        lines = [f"Not calibrated: {calibration.get('reason')}. The scores are softmax outputs as trained."]
+    else:
+        lines = [f"Temperature scaling, T = {calibration['temperature']:.4f}, fitted on the validation split "
+                 "(negative log-likelihood) and folded into the model's final layer: every format in this bundle "
+                 "outputs the calibrated probabilities, and the validation report below compares them. The top-1 "
+                 "class is the same as without calibration."]
+    rows = [(name, calibration.get(name)) for name in ("val", "test") if calibration.get(name)]
+    if rows:
+        lines += ["", "| split | images | ECE before | ECE after | NLL before | NLL after |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {'validation' if name == 'val' else name} | {row['samples']} | {row['before']['ece']:.4f} | "
+                  f"{row['after']['ece']:.4f} | {row['before']['nll']:.4f} | {row['after']['nll']:.4f} |"
+                  for name, row in rows]
+        lines += ["", "The validation split chose T, so its 'after' is optimistic; the test split is the fair check."]
+    return lines
+
+
+def model_card(name: str, row: Backbone, image_size: int, class_names: list[str], preprocessing: str,
+               training: dict, report: ValidationReport, formats: list[str]) -> str:
+    """The text of ``MODEL_CARD.md``."""
+    classes = ", ".join(f"`{c}`" for c in class_names)
+    lines = [
+        f"# Model card: {name}", "",
+        f"An image classifier of {len(class_names)} classes ({classes}): {row.name} ({row.family}) "
+        f"trained by transferkit (strategy: {training.get('strategy') or 'not recorded'}; backbone weights: "
+        f"{training.get('weights') or 'not recorded'}). Formats: {', '.join(formats)}.",
+        "", "## Input and output", "",
+        f"- input `image`: RGB pixels 0-255, shape [N, {image_size}, {image_size}, 3] (uint8), resized by "
+        "`transferkit.core.images.decode_image` (bilinear, squashed to the square, no crop; see `resize` in "
+        "`manifest.json`)",
+        f"- preprocessing inside the graph: {preprocessing}",
+        f"- output `probabilities`: [N, {len(class_names)}], in this class order: {classes} (also in every ONNX "
+        "file's metadata, key `class_names`)",
+        "", "## Training data", "",
+        f"Images per class and split (run: `{training.get('run_dir', 'not recorded')}`):", "",
+        *_counts(training.get("counts") or {}, class_names),
+        "", "## Metrics", "",
+        *_metrics(training),
+        "", "## Calibration", "",
+        *_calibration(training.get("calibration")),
+        "", "## Validation of the exported formats", "",
+        f"Every format against the Keras model on {report.images} images ({report.source}); "
+        f"{'all gates passed' if report.passed else 'A GATE FAILED (published with --allow-mismatch)'}.", "",
+        report.table(),
+        "", "## Intended use and limits", "",
+        f"- Intended use: sorting images into the {len(class_names)} classes above, for images like those it was "
+        "trained on (same kind of subject, camera, framing and lighting).",
+        "- Every input is assigned to one of these classes: the model has no 'none of these' answer, and an image "
+        "of something else still gets a confident-looking score.",
+        f"- Images are resized to {image_size}x{image_size} px without keeping the aspect ratio; detail smaller "
+        "than that resolution is lost.",
+        "- Not evaluated outside its data: the metrics above come from held-out images of the same dataset. "
+        "Measure accuracy and calibration on your own images (`transferkit predict --evaluate`) before relying on "
+        "it, and re-check when the images change.",
+        "- Scores: " + ("calibrated on the validation split, so a threshold on the score means roughly that share "
+                        "of correct answers on data like it; calibration does not carry over to other data."
+                        if (training.get("calibration") or {}).get("applied") else
+                        "not calibrated; a threshold on the score does not mean a probability of being right."),
+        "- Not for decisions about people or for safety-critical use without a separate evaluation.",
+        "",
+    ]
+    return "\n".join(lines)
