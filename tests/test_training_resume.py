@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, train_run
+from conftest import run_cli, run_cli_here, train_run
 from transferkit.core.atomic import write_file_durably
 from transferkit.core.errors import RunDirectoryError
 from transferkit.training import workdir
@@ -71,7 +71,7 @@ def test_interrupted_runs_keep_their_state_and_resume(tmp_path, two_digits):
     assert "--resume" in first.stderr and str(work) in first.stderr
     assert not out.exists() and (work / "checkpoints" / "backup").is_dir()  # nothing half-written at --out
 
-    refused = run_cli(*args)
+    refused = run_cli_here(*args)
     assert refused.returncode == 2 and "--resume" in refused.stderr
 
     second = _interrupt_after([*args, "--resume"], work, 2, signal.SIGTERM)
@@ -79,7 +79,7 @@ def test_interrupted_runs_keep_their_state_and_resume(tmp_path, two_digits):
     assert "terminated" in second.stderr and "resuming after epoch" in second.stdout
     assert not out.exists()
 
-    changed = run_cli(*args, "--resume", "--seed", "7")
+    changed = run_cli_here(*args, "--resume", "--seed", "7")
     assert changed.returncode == 2 and "seed" in changed.stderr
 
     last = run_cli(*args, "--resume")
@@ -94,7 +94,7 @@ def test_interrupted_runs_keep_their_state_and_resume(tmp_path, two_digits):
 
 
 def test_resume_without_a_kept_run_is_refused(tmp_path, two_digits):
-    result = run_cli(*TRAIN, "--data", str(two_digits), "--out", str(tmp_path / "nothing"), "--resume")
+    result = run_cli_here(*TRAIN, "--data", str(two_digits), "--out", str(tmp_path / "nothing"), "--resume")
     assert result.returncode == 2 and "no interrupted run" in result.stderr
 
 
