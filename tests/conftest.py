@@ -29,7 +29,8 @@ SPREAD_FILES = {"test_export_families.py", "test_backbones.py"}
 FILE_SECONDS = {"test_service.py": 240, "test_demo.py": 165, "test_export.py": 150, "test_packaging.py": 110,
                 "test_training_resume.py": 100, "test_benchmarks.py": 95, "test_training.py": 60,
                 "test_shutdown.py": 40, "test_cli.py": 35, "test_training_config.py": 30, "test_layouts.py": 25,
-                "test_force.py": 17, "test_ray.py": 17, "test_stopping.py": 17, "test_predict.py": 12}
+                "test_predict.py": 25, "test_force.py": 17, "test_ray.py": 17, "test_stopping.py": 17,
+                "test_images.py": 10}
 
 
 def _estimated_seconds(item: pytest.Item) -> float:

@@ -1,16 +1,36 @@
-"""The guarded decoder on real files of every supported kind, and on hostile bytes."""
+"""The guarded decoder on real files of every supported kind, on hostile bytes, and under a fuzzer."""
 
 from __future__ import annotations
 
 import io
+import os
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
-from hostile_images import png_bomb
+from hostile_images import (
+    gif_with_extensions,
+    gif_with_frames,
+    jpeg_with_fill,
+    jpeg_with_segments,
+    png_bomb,
+    png_text_bomb,
+    png_with_chunks,
+    progressive_jpeg,
+    webp_with_frames,
+)
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from transferkit.core.errors import ImageTooLargeError, InvalidImageError
-from transferkit.core.images import decode_image
+from transferkit.core.errors import ImageTooLargeError, InvalidImageError, TransferkitError
+from transferkit.core.images import (
+    MAX_JPEG_SCANS,
+    ImageTooCostlyError,
+    decode_image,
+    open_image_header,
+)
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -218,3 +238,183 @@ def test_importing_the_decoder_installs_no_warnings_filter():
     code = ("import warnings, numpy, PIL.Image; before = list(warnings.filters); import transferkit.core.images; "
             "assert warnings.filters == before, 'warnings filters changed on import'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# Decode cost: refusals from the structure or the CPU budget, each measured in process CPU time. The bound (5 s) is
+# generous on purpose (the refusals take milliseconds); without the guards these inputs cost 5 to 15 s each.
+
+CPU_BOUND_S = 5.0
+
+
+def cpu_seconds(call: Callable[[], object]) -> float:
+    start = time.process_time()
+    call()
+    return time.process_time() - start
+
+
+def refused(data: bytes, match: str, **options) -> Callable[[], None]:
+    def call() -> None:
+        with pytest.raises(ImageTooCostlyError, match=match) as caught:
+            decode_image(data, 32, **options)
+        assert caught.value.http_status == 413 and caught.value.reason == "image_too_costly"
+    return call
+
+
+def small(fmt: str) -> bytes:
+    return encode(gradient(), fmt)
+
+
+COSTLY = {
+    # 50 KB, 7000x7000 declared, 5,000 empty scans: 15 s of CPU in libjpeg without the cap.
+    "jpeg-empty-scans": (lambda: progressive_jpeg(7000, 7000, 5000), "more than 100 scans"),
+    "jpeg-one-scan-over": (lambda: progressive_jpeg(7000, 7000, MAX_JPEG_SCANS + 1), "more than 100 scans"),
+    "jpeg-segments": (lambda: jpeg_with_segments(small("JPEG"), 2_000_000), "marker segments"),
+    "jpeg-fill-bytes": (lambda: jpeg_with_fill(small("JPEG"), 8_000_000), "stray bytes"),
+    "png-text-chunks": (lambda: png_with_chunks(small("PNG"), 2_000_000), "more than 65536 chunks"),
+    "png-empty-idat": (lambda: png_with_chunks(small("PNG"), 2_500_000, b"IDAT", b""), "more than 65536 chunks"),
+    "png-unknown-chunks": (lambda: png_with_chunks(small("PNG"), 2_500_000, b"abCd", b""), "more than 65536 chunks"),
+    "png-ztxt-bomb": (lambda: png_text_bomb(small("PNG"), b"zTXt"), "text or ICC chunk"),
+    "png-itxt-bomb": (lambda: png_text_bomb(small("PNG"), b"iTXt"), "text or ICC chunk"),
+    "png-iccp-bomb": (lambda: png_text_bomb(small("PNG"), b"iCCP"), "text or ICC chunk"),
+    # 32 MB of empty GIF extensions before the first frame: 5 s of Pillow's Python without the cap.
+    "gif-extensions": (lambda: gif_with_extensions(small("GIF"), 10_000_000), "extension blocks"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COSTLY))
+def test_costly_structures_are_refused_in_milliseconds(case):
+    build, match = COSTLY[case]
+    data = build()
+    assert cpu_seconds(refused(data, match)) < CPU_BOUND_S, case
+    # The service estimates memory from the header before decoding: the same refusal, as early (the text-chunk
+    # bombs in PNG chunks after the header are met by the decoder only).
+    if "bomb" not in case:
+        with pytest.raises(ImageTooCostlyError):
+            open_image_header(data)
+
+
+def test_a_jpeg_at_the_scan_cap_still_decodes_in_bounded_time():
+    data = progressive_jpeg(7000, 7000, MAX_JPEG_SCANS)
+    assert cpu_seconds(lambda: decode_image(data, 32)) < CPU_BOUND_S
+
+
+def test_progressive_jpeg_decodes_like_pillow():
+    data = encode(gradient(640, 480), "JPEG", progressive=True, quality=90)
+    drafted = Image.open(io.BytesIO(data))
+    drafted.draft("RGB", (64, 64))
+    expected = np.asarray(drafted.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR))
+    assert np.array_equal(decode_image(data, 64), expected)
+
+
+@pytest.mark.parametrize("build", [gif_with_frames, webp_with_frames], ids=["gif", "webp"])
+def test_only_the_first_frame_of_a_long_animation_is_decoded(build):
+    data = build(200_000)  # 10 to 30 MB of frames after the first
+    pixels = None
+
+    def call() -> None:
+        nonlocal pixels
+        pixels = decode_image(data, 16)
+
+    assert cpu_seconds(call) < 1.0
+    assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50  # the red first frame
+
+
+def test_decoding_stops_at_its_cpu_budget():
+    noise = np.random.default_rng(0).integers(0, 256, (3000, 3000, 3), dtype=np.uint8)
+    for fmt in ("PNG", "BMP", "GIF"):  # decoded from Python-fed blocks: stopped mid-decode (WebP is one C call)
+        data = encode(Image.fromarray(noise).convert("P") if fmt == "GIF" else Image.fromarray(noise), fmt)
+        assert decode_image(data, 32).shape == (32, 32, 3)  # the default budget is far above a 9 MP decode
+        assert cpu_seconds(refused(data, "over its budget of 0.005 s of CPU", cpu_budget_s=0.005)) < 1.0, fmt
+
+
+def test_costly_error_is_a_413_invalid_image():
+    assert issubclass(ImageTooCostlyError, ImageTooLargeError) and issubclass(ImageTooCostlyError, InvalidImageError)
+    assert ImageTooCostlyError.http_status == 413
+
+
+# Fuzzing: whatever the bytes, the decoder answers pixels or a one-line TransferkitError refusal (a 4xx), never
+# another exception, within its budget. TRANSFERKIT_FUZZ_EXAMPLES runs a longer campaign with random seeds; the
+# suite's run is derandomized, so it is the same on every machine.
+
+FUZZ_EXAMPLES = int(os.environ.get("TRANSFERKIT_FUZZ_EXAMPLES", "0"))
+FUZZ = settings(max_examples=FUZZ_EXAMPLES or 3000, deadline=3000, database=None, derandomize=not FUZZ_EXAMPLES,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Mutated headers may declare anything up to the cap: 1 MP keeps every example a few milliseconds (the structure
+# caps and the budget do not depend on it); the budget is lowered so that an input that escapes them fails fast.
+FUZZ_OPTIONS = {"max_pixels": 1_000_000, "cpu_budget_s": 1.0}
+
+
+def _seeds() -> list[bytes]:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image = gradient(24, 16)
+    return [
+        encode(image, "JPEG", quality=80), encode(image, "JPEG", progressive=True, exif=exif.tobytes()),
+        encode(image.convert("CMYK"), "JPEG"), encode(image, "PNG"), encode(image.convert("P"), "PNG", transparency=0),
+        encode(Image.fromarray(np.arange(384, dtype=np.uint16).reshape(16, 24) * 170), "PNG"),
+        encode(image, "PNG", save_all=True, append_images=[image.rotate(90)]),  # APNG
+        encode(image, "GIF", save_all=True, append_images=[image.rotate(90)], duration=10),
+        encode(image, "WEBP", quality=80), encode(image, "WEBP", lossless=True, exif=exif.tobytes()),
+        encode(image, "WEBP", save_all=True, append_images=[image.rotate(90)], duration=10),
+        encode(image, "BMP"), encode(image.convert("P"), "BMP"),
+        progressive_jpeg(64, 48, 12),
+    ]
+
+
+SEEDS = _seeds()
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    """A valid seed with a few byte-level mutations: flips, overwrites, inserted and deleted runs, duplicated
+    slices, truncation (what a fuzzer does to reach the parsers' corners without starting from noise)."""
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 6))):
+        operation = draw(st.sampled_from(["flip", "set", "insert", "delete", "duplicate", "truncate"]))
+        # Past the magic number, mostly: test_fuzz_random_bytes fuzzes those bytes, and a broken one ends at open.
+        at = min(len(data), draw(st.integers(0, len(data))) + (0 if draw(st.integers(0, 9)) == 0 else 8))
+        if operation == "flip" and at < len(data):
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif operation == "set":
+            data[at:at + 4] = draw(st.sampled_from([b"\x00", b"\xff", b"\xff\xff\xff\xff", b"\x7f\xff", b"\x00\x01",
+                                                    b"\xff\xda", b"\xff\xd9", b"\x80\x00\x00\x00"]))
+        elif operation == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=64))
+        elif operation == "delete":
+            del data[at:at + draw(st.integers(1, 64))]
+        elif operation == "duplicate":
+            data[at:at] = data[at:at + draw(st.integers(1, 256))] * draw(st.integers(1, 50))
+        else:
+            del data[at:]
+    return bytes(data)
+
+
+def decodes_or_refuses(data: bytes) -> None:
+    try:
+        open_image_header(data, FUZZ_OPTIONS["max_pixels"], cpu_budget_s=FUZZ_OPTIONS["cpu_budget_s"])
+        pixels = decode_image(data, 16, **FUZZ_OPTIONS)
+    except TransferkitError as exc:
+        message = str(exc)
+        assert message and "\n" not in message and 400 <= exc.http_status < 500, (type(exc), message)
+        event(f"refused: {message.split(':')[0][:40]}")  # --hypothesis-show-statistics: how deep examples reach
+        return
+    event("decoded")
+    assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8
+
+
+# Pillow warns about the corrupt EXIF it skips, and about headers over its own pixel threshold (ours is lower).
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
+@FUZZ
+@given(mutated())
+def test_fuzz_mutated_images(data):
+    decodes_or_refuses(data)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
+@settings(FUZZ, max_examples=max(50, (FUZZ_EXAMPLES or 3000) // 3))
+@given(st.one_of(st.binary(max_size=2048),
+                 st.tuples(st.sampled_from([b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM",
+                                            b"RIFF\x00\x01\x00\x00WEBPVP8 "]),
+                           st.binary(max_size=2048)).map(b"".join)))
+def test_fuzz_random_bytes(data):
+    decodes_or_refuses(data)

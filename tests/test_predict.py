@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +139,154 @@ def test_resume_continues_an_interrupted_output(bundle, digits_three, tmp_path):
         assert all(r["label"] for r in rows if not r["error"])
 
 
+NOT_UTF8 = os.fsdecode(b"caf\xe9-\xff.png")  # bytes a Linux file name may hold; Python keeps them as surrogates
+
+
+def test_resume_keys_on_resolved_paths_and_survives_non_utf8_names(bundle, digits_three, tmp_path):
+    """Resumed from another directory, through a linked folder and a relative spelling: nothing classified twice;
+    a file name that is not UTF-8 is classified, written as \\xNN escapes (valid UTF-8) and skipped on resume."""
+    folder, images = make_inputs(digits_three, tmp_path / "in", per_class=2)
+    shutil.copy(images[0], folder / "0" / NOT_UTF8)
+    (tmp_path / "link").symlink_to(folder, target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    expected = len(images) + 2  # the corrupt file's row and the non-UTF-8 copy's
+    for suffix in (".csv", ".jsonl", ".parquet"):
+        out = tmp_path / f"rows{suffix}"
+        first = run_cli("predict", str(bundle), "in", "--out", out.name, "--backend", "onnx", cwd=tmp_path)
+        assert first.returncode == 0, first.stderr[-2000:]
+        rows = read_rows(out)
+        assert len(rows) == expected and all(Path(r["path"]).is_absolute() for r in rows), suffix
+        odd = [r for r in rows if "caf" in r["path"]]
+        assert [Path(r["path"]).name for r in odd] == ["caf\\xe9-\\xff.png"] and odd[0]["label"], odd
+        if suffix != ".parquet":
+            out.read_bytes().decode("utf-8")  # strict: the whole file is valid UTF-8 (Parquet: its strings are)
+        # Another directory, the folder through a link (CSV: a relative spelling with "." and ".." instead).
+        spelled = "../in/./0/.." if suffix == ".csv" else str(tmp_path / "link")
+        again = run_cli("predict", str(bundle), spelled, "--out", str(out), "--resume", "--backend", "onnx",
+                        cwd=tmp_path / "elsewhere")
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert f"{expected} images already in" in again.stdout and "classified          0 images" in again.stdout
+        assert read_rows(out) == rows, suffix
+
+
+def test_retry_failed_classifies_unreadable_files_again(bundle, digits_three, tmp_path):
+    """A file missing at the first run (a transient read error) is classified by --resume --retry-failed and its
+    row replaced; a corrupt file (not an image: not transient) keeps its row; plain --resume retries nothing."""
+    images = sorted((digits_three / "7").iterdir())[:3]
+    (tmp_path / "corrupt.png").write_bytes(images[0].read_bytes()[:60])
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in images) + "late.png\ncorrupt.png\n")
+    for suffix in (".csv", ".parquet"):
+        out = tmp_path / f"rows{suffix}"
+        out.unlink(missing_ok=True)
+        (tmp_path / "late.png").unlink(missing_ok=True)
+        assert run_cli("predict", str(bundle), str(listing), "--out", str(out), "--backend", "onnx").returncode == 0
+        errors = {Path(r["path"]).name: r["error"] for r in read_rows(out) if r["error"]}
+        assert errors["late.png"] == "no such file" and "corrupt or truncated" in errors["corrupt.png"]
+        shutil.copy(images[1], tmp_path / "late.png")
+        plain = run_cli("predict", str(bundle), str(listing), "--out", str(out), "--resume", "--backend", "onnx")
+        assert plain.returncode == 0 and "5 images already in" in plain.stdout, plain.stderr[-2000:]
+        retry = run_cli("predict", str(bundle), str(listing), "--out", str(out), "--resume", "--retry-failed",
+                        "--backend", "onnx")
+        assert retry.returncode == 0, retry.stderr[-2000:]
+        assert "4 images already in" in retry.stdout and "1 unreadable before were tried again" in retry.stdout
+        rows = read_rows(out)
+        assert sorted(Path(r["path"]).name for r in rows) == sorted([p.name for p in images] + ["late.png",
+                                                                                                "corrupt.png"])
+        late = next(r for r in rows if r["path"].endswith("late.png"))
+        assert late["error"] is None and late["label"] == "7", suffix
+        assert next(r for r in rows if r["path"].endswith("corrupt.png"))["error"]
+
+
+def test_parquet_rows_survive_sigkill_and_resume_reads_them(bundle, digits_three, tmp_path):
+    """Each batch is a fsynced part in FILE.parts/ as soon as it is classified: SIGTERM merges them into FILE before
+    the process ends; SIGKILL loses at most the batches in flight, and --resume skips every row the parts hold and
+    merges everything into one file, each image once."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "in"
+    sources = sorted((digits_three / "1").iterdir())
+    for index in range(400):  # enough batches of one that the run is still going when it is killed
+        (folder / str(index % 4)).mkdir(parents=True, exist_ok=True)
+        shutil.copy(sources[index % len(sources)], folder / str(index % 4) / f"{index:04d}.png")
+    out, parts = tmp_path / "rows.parquet", tmp_path / "rows.parquet.parts"
+
+    def start_and_stop(signal: int) -> tuple[int, str]:
+        command = [sys.executable, "-m", "transferkit", "predict", str(bundle), str(folder), "--out", str(out),
+                   "--batch-size", "1", "--workers", "1", "--backend", "onnx"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while len(list(parts.glob("part-*.parquet"))) < 5:
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before it was stopped"
+            time.sleep(0.01)
+        process.send_signal(signal)
+        _, errors = process.communicate(timeout=120)
+        return process.returncode, errors
+
+    # SIGTERM: the batches so far are merged into the file before the process ends.
+    code, errors = start_and_stop(15)
+    assert code == 143 and "stopped by SIGTERM after" in errors and "holds the rows so far" in errors, errors[-2000:]
+    assert 5 <= pq.read_table(out).num_rows < 400 and not parts.exists()
+    out.unlink()
+    assert start_and_stop(9)[0] == -9
+    assert not out.exists()  # killed: nothing merged, the parts hold every finished batch
+    kept = pq.read_table(parts).num_rows  # the folder reads as one dataset (temporary names start with a dot)
+    assert 5 <= kept < 400
+    again = run_cli("predict", str(bundle), str(folder), "--out", str(out), "--backend", "onnx")
+    assert again.returncode == 2 and "--resume continues it" in last_error_line(again)
+    result = run_cli("predict", str(bundle), str(folder), "--out", str(out), "--resume", "--batch-size", "64",
+                     "--backend", "onnx")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{kept} images already in" in result.stdout
+    rows = read_rows(out)
+    assert len(rows) == 400 and len({r["path"] for r in rows}) == 400
+    assert all(r["label"] for r in rows) and not parts.exists()
+    assert pq.ParquetFile(out).num_row_groups == 1  # merged into full row groups, not one per batch of one
+
+
+def test_parquet_merge_duplicates_nothing_after_a_crash_between_its_steps(tmp_path):
+    """The merged file records the last part it holds: parts left by a crash after the merge's rename (before they
+    were deleted) are not read twice, by --resume or by the next merge."""
+    from transferkit.core.outputs import done_rows, open_writer, parts_dir
+
+    out = tmp_path / "rows.parquet"
+
+    def rows(*names: str) -> list[dict]:
+        return [{"path": str(tmp_path / name), "label": "a", "score": 1.0, "top_k": [{"label": "a", "score": 1.0}],
+                 "error": None} for name in names]
+
+    writer = open_writer(out, append=False)
+    writer.write(rows("a.png", "b.png"))
+    writer.write(rows("c.png"))
+    shutil.copytree(parts_dir(out), tmp_path / "saved")
+    writer.close()
+    assert out.exists() and not parts_dir(out).exists()
+    shutil.copytree(tmp_path / "saved", parts_dir(out))  # the crash: the file replaced, its parts still there
+    assert len(done_rows(out, lambda error: False).keys) == 3
+    writer = open_writer(out, append=True)
+    writer.write(rows("d.png"))
+    writer.close()
+    assert [Path(r["path"]).name for r in read_rows(out)] == ["a.png", "b.png", "c.png", "d.png"]
+
+
+def test_escaped_names_read_back_as_the_files_they_name(tmp_path):
+    """An output's ``\\xNN`` text names the file again (--resume, and an output used as a later run's list); a real
+    name that holds a backslash sequence stays itself."""
+    from transferkit.core.inputs import expand_inputs
+    from transferkit.core.outputs import display_path, stored_path
+
+    odd = tmp_path / NOT_UTF8
+    odd.write_bytes(b"x")
+    text = display_path(str(odd))
+    assert text.endswith("caf\\xe9-\\xff.png") and text.encode("utf-8")
+    assert stored_path(text) == str(odd)
+    (tmp_path / "list.txt").write_text(text + "\n")
+    assert [item.path for item in expand_inputs([tmp_path / "list.txt"])] == [str(odd)]
+    literal = tmp_path / "lit\\x41.png"
+    literal.write_bytes(b"y")
+    assert stored_path(str(literal)) == str(literal) and display_path(str(literal)) == str(literal)
+
+
 def test_evaluate_reproduces_the_runs_test_accuracy(bundle, trained_run, tmp_path):
     from transferkit.training.rundir import split_files
 
@@ -203,6 +353,7 @@ def test_bad_arguments_are_one_line_before_work(bundle, tmp_path):
         (["--address", "127.0.0.1:6379"], "add --engine ray"),
         (["--out", str(tmp_path / "rows.xlsx")], "use .csv, .jsonl or .parquet"),
         (["--out", str(tmp_path / "r.csv"), "--resume", "--evaluate"], "without --resume"),
+        (["--out", str(tmp_path / "r.csv"), "--retry-failed"], "add --resume"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
     ]
     for extra, expected in cases:

@@ -6,6 +6,7 @@ both ways in are exercised with a single start-up.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -17,13 +18,18 @@ from conftest import last_error_line, run_cli
 pytest.importorskip("ray", reason='the Ray extra is part of the test extra: pip install -e ".[test]"')
 
 
+NOT_UTF8 = os.fsdecode(b"caf\xe9.png")  # Arrow strings must be UTF-8: the engine ships paths as bytes
+
+
 def make_inputs(digits: Path, root: Path, per_class: int = 7) -> Path:
-    """``root/<class>/*.png`` real images, a corrupt PNG and a text file (skipped)."""
+    """``root/<class>/*.png`` real images (one more in 7/, under a name that is not UTF-8), a corrupt PNG and a text
+    file (skipped)."""
     for folder in sorted(p for p in digits.iterdir() if p.is_dir()):
         (root / folder.name).mkdir(parents=True)
         for source in sorted(folder.iterdir())[:per_class]:
             shutil.copy(source, root / folder.name / source.name)
     first = next(root.rglob("*.png"))
+    shutil.copy(first, root / "7" / NOT_UTF8)
     (root / "0" / "corrupt.png").write_bytes(first.read_bytes()[:100])
     (root / "README.txt").write_text("not an image\n")
     return root
@@ -55,7 +61,7 @@ def test_ray_and_local_engines_agree(bundle, digits_three, tmp_path, ray_address
     assert [o.skipped for o in remote] == [o.skipped for o in local]
     assert sum(o.skipped for o in local) == 1 and sum(o.error is not None for o in local) == 1
     classified = [(a, b) for a, b in zip(local, remote) if a.probabilities is not None]
-    assert len(classified) == 3 * 7
+    assert len(classified) == 3 * 7 + 1 and any(o.path.endswith(NOT_UTF8) for o in remote)
     for a, b in classified:
         assert a.probabilities.argmax() == b.probabilities.argmax()
         assert np.abs(a.probabilities - b.probabilities).max() <= 1e-6
@@ -75,7 +81,7 @@ def test_cli_joins_a_cluster_and_writes_the_same_rows(bundle, digits_three, tmp_
         rows[engine] = pq.read_table(out).to_pylist()
     assert "ray (" + ray_address in result.stdout
     local, remote = rows["local"], rows["ray"]
-    assert len(local) == 3 * 4 + 1
+    assert len(local) == 3 * 4 + 2 and any(r["path"].endswith("caf\\xe9.png") and r["label"] for r in remote)
     assert [(r["path"], r["label"], r["error"]) for r in remote] == [(r["path"], r["label"], r["error"])
                                                                       for r in local]
     for a, b in zip(local, remote):

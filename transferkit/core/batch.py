@@ -38,16 +38,28 @@ class Outcome:
     skipped: bool = False
 
 
+# Errors of reading a file, which another try may not meet (a network share that hung, a file not copied yet, a
+# permission since fixed), as opposed to bytes that are not a valid image: `predict --resume --retry-failed` classifies
+# rows with these again. Output rows carry only the message, so the messages are the contract.
+MISSING, UNREADABLE = "no such file", "cannot read: "
+TRANSIENT_ERRORS = (MISSING, UNREADABLE)
+
+
+def is_transient(error: str | None) -> bool:
+    """Whether an output row's ``error`` was a read failure worth retrying (not an invalid image)."""
+    return bool(error) and error.startswith(TRANSIENT_ERRORS)
+
+
 def read_and_decode(item: Item, size: int) -> tuple[np.ndarray | None, str | None, bool]:
     """``(pixels, error, skipped)`` for one input: uint8 pixels [size, size, 3], or why not."""
     try:
         data = Path(item.path).read_bytes()
     except FileNotFoundError:
-        return None, "no such file", False
+        return None, MISSING, False
     except IsADirectoryError:
         return None, "is a directory, not an image", False
     except OSError as exc:
-        return None, f"cannot read: {exc.strerror or exc}", False
+        return None, f"{UNREADABLE}{exc.strerror or exc}", False
     if not item.named and not looks_like_image(data[:16]):
         return None, None, True
     try:

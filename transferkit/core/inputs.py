@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from transferkit.core.atomic import MARKER
 from transferkit.core.errors import UsageError
+from transferkit.core.outputs import stored_path
 
 LIST_SUFFIXES = frozenset({".txt", ".csv", ".lst", ".list", ".tsv"})
 CSV_PATH_COLUMNS = ("path", "file", "filename", "image", "filepath")
@@ -61,7 +62,8 @@ def _walk(directory: Path) -> Iterator[str]:
 
 def _read_list(path: Path) -> Iterator[str]:
     """Paths in a text list (one per line, ``#`` comments) or a CSV (a ``path``/``file``/... column, else the first
-    column). Relative paths are relative to the list's folder."""
+    column). Relative paths are relative to the list's folder. A name that is not UTF-8 is read back from its
+    ``\\xNN`` escapes (how predict's outputs write it), so an output can be a later run's list."""
     base = path.parent
     try:
         with path.open(newline="", encoding="utf-8") as handle:
@@ -77,12 +79,12 @@ def _read_list(path: Path) -> Iterator[str]:
                     column, rows = 0, [first, *reader]
                 for row in rows:
                     if len(row) > column and row[column].strip():
-                        yield str(base / row[column].strip())
+                        yield stored_path(str(base / row[column].strip()))
             else:
                 for line in handle:
                     line = line.strip()
                     if line and not line.startswith("#"):
-                        yield str(base / line)
+                        yield stored_path(str(base / line))
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not a text list of paths (not UTF-8)") from None
 

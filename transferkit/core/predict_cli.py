@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import textwrap
 import time
@@ -18,13 +17,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from transferkit.core import stopping
 from transferkit.core.atomic import check_output_dir
 from transferkit.core.console import print_summary
 from transferkit.core.errors import OutputExistsError, UsageError
 from transferkit.core.extras import require_module
 from transferkit.core.inputs import Item, expand_inputs
 from transferkit.core.manifest import RUNTIME_BACKENDS
-from transferkit.core.outputs import COLUMNS, RowWriter, done_paths, open_writer, output_format, written_by_transferkit
+from transferkit.core.outputs import (
+    COLUMNS,
+    PathKey,
+    RowWriter,
+    absolute_path,
+    display_path,
+    done_rows,
+    has_output,
+    open_writer,
+    output_format,
+    parts_dir,
+    stored_path,
+    written_by_transferkit,
+)
 from transferkit.core.system import available_cores
 
 # The runtime (numpy, Pillow, onnxruntime, tqdm) is imported where it runs: every `transferkit` command imports this
@@ -58,9 +71,14 @@ def add_predict_parser(subparsers) -> None:
                     "Images are decoded in parallel by the guarded decoder shared with training and serving and "
                     "classified in batches of --batch-size, in bounded memory whatever the number of files, with a "
                     "progress bar on stderr and a summary at the end.\n\n"
-                    "With --out FILE.csv|.jsonl|.parquet: one row per image (path, label, score, top_k, error), "
-                    "written as batches finish; unreadable files get a row with an error (exit status 0: the "
-                    "errors are in the file and the summary). --resume skips the paths already in FILE. Without "
+                    "With --out FILE.csv|.jsonl|.parquet: one row per image (path, label, score, top_k, error; "
+                    "path absolute, a name that is not UTF-8 with \\xNN escapes), written and fsynced as batches "
+                    "finish (Parquet: each batch a part in FILE.parts/, merged into FILE at the end), so a killed "
+                    "run loses at most its batches in flight; unreadable files get a row with an error (exit status "
+                    "0: the errors are in the file and the summary). --resume skips the files already in FILE, "
+                    "whatever the working directory or the spelling of the inputs (paths are compared resolved); "
+                    "--retry-failed also classifies again the files that could not be read (not those that are not "
+                    "valid images). Without "
                     "--out: a JSON list on stdout (up to 1000 images); exit status 2 if any image is unreadable. "
                     "Either way, exit status 2 when nothing could be classified (every input unreadable or not an "
                     "image).\n\n"
@@ -73,7 +91,10 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("bundle", metavar="BUNDLE", help="bundle directory or BentoML model tag")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, directory, glob or .txt/.csv list")
     p.add_argument("--out", type=Path, metavar="FILE", help="write rows to FILE (.csv, .jsonl or .parquet)")
-    p.add_argument("--resume", action="store_true", help="continue --out FILE: skip the paths already in it")
+    p.add_argument("--resume", action="store_true", help="continue --out FILE: skip the files already in it")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: classify again the files whose row says they could not be read "
+                        "(no such file, cannot read: ...), replacing those rows")
     p.add_argument("--force", action="store_true", help="replace an existing --out FILE / --report-dir")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     p.add_argument("--workers", type=int, default=None,
@@ -109,6 +130,8 @@ def _check_arguments(args: argparse.Namespace) -> Path | None:
         raise UsageError("--address joins a Ray cluster: add --engine ray")
     if args.resume and not args.out:
         raise UsageError("--resume continues an output file: give it with --out")
+    if args.retry_failed and not args.resume:
+        raise UsageError("--retry-failed classifies again the unreadable files of an output: add --resume")
     if args.resume and args.evaluate:
         raise UsageError("--evaluate needs every image's probabilities: run it without --resume")
     if args.out:
@@ -117,6 +140,9 @@ def _check_arguments(args: argparse.Namespace) -> Path | None:
             raise UsageError(f"--out {args.out} is a directory; give a file name ending in .csv/.jsonl/.parquet")
         if args.out.exists() and not (args.resume or args.force):
             raise OutputExistsError(f"{args.out} exists: --resume continues it, --force replaces it")
+        if has_output(args.out) and not (args.resume or args.force):
+            raise OutputExistsError(f"{parts_dir(args.out)} holds the rows of a run that was stopped before its "
+                                    "end: --resume continues it, --force starts over")
         if args.out.exists() and args.force and not written_by_transferkit(args.out):
             raise OutputExistsError(f"{args.out} exists and transferkit predict did not write it (its first row does "
                                     f"not name the columns {', '.join(COLUMNS)}): --force replaces only "
@@ -165,12 +191,13 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.evaluate:
         require_module("sklearn", "--evaluate")
     classifier = load_bundle(args.bundle, args.backend, args.device)
-    items, already = _pending(args)
-    results = _classify(args, classifier, items)
+    pending = _pending(args)
+    results = _classify(args, classifier, pending)
     if results.interrupted:
         where = f"; {args.out} holds the rows so far: --resume continues" if args.out else ""
-        print(f"transferkit predict: interrupted after {results.progress.done} images{where}", file=sys.stderr)
-        return 130
+        how = "interrupted" if stopping.stop_exit_code() in (None, 130) else f"stopped by {stopping.stop_signal_name()}"
+        print(f"transferkit predict: {how} after {results.progress.done} images{where}", file=sys.stderr)
+        return stopping.stop_exit_code() or 130
     metrics = None
     if results.evaluation:
         context = {"bundle": f"{classifier.manifest.name} {classifier.manifest.version}",
@@ -180,50 +207,79 @@ def run_predict(args: argparse.Namespace) -> int:
     if not args.out:
         json.dump(results.printed, sys.stdout, indent=2)
         print()
-    rows = _summary_rows(args, classifier, results, already)
+    rows = _summary_rows(args, classifier, results, pending)
     if metrics:
         rows += _metric_rows(metrics, classifier.manifest, results.evaluation, report_dir)
     # stdout carries the JSON when there is no --out: the summary goes to stderr then.
     with contextlib.redirect_stdout(sys.stdout if args.out else sys.stderr):
         print_summary(rows, title="transferkit predict")
-    return _exit_status(args, results, already)
+    return _exit_status(args, results, pending.already)
 
 
-def _pending(args: argparse.Namespace) -> tuple[list[Item], int]:
-    """The inputs still to classify (all of them, or those not yet in --out with --resume), and how many were."""
+@dataclass
+class _Pending:
+    """The inputs to classify, how many were already in --out, and the keys of the rows --retry-failed replaces."""
+
+    items: list[Item]
+    already: int = 0
+    retried: set[str] = field(default_factory=set)
+
+
+def _pending(args: argparse.Namespace) -> _Pending:
+    """The inputs still to classify (all of them, or with --resume those not yet in --out, and with --retry-failed
+    those whose row says they could not be read)."""
+    from transferkit.core.batch import is_transient
+
     items = list(expand_inputs(args.inputs))  # paths only (~100 bytes each): the total for the progress bar
-    already = 0
+    if args.out:  # rows name files absolutely: the output means the same from any directory
+        items = [Item(absolute_path(item.path), item.named) for item in items]
+    pending = _Pending(items)
     if args.resume:
-        done = done_paths(args.out)
-        remaining = [item for item in items if os.path.abspath(item.path) not in done]
-        already, items = len(items) - len(remaining), remaining
+        key = PathKey()
+        done = done_rows(args.out, is_transient, key)
+        keys = {item.path: key(item.path) for item in items}
+        if args.retry_failed:
+            pending.retried = done.transient & set(keys.values())  # rows of inputs not given this time stay
+        skip = done.keys - pending.retried
+        pending.items = [item for item in items if keys[item.path] not in skip]
+        pending.already = len(items) - len(pending.items)
+    _check_pending(args, pending)
+    return pending
+
+
+def _check_pending(args: argparse.Namespace, pending: _Pending) -> None:
+    items, already = pending.items, pending.already
     if not items and not already:
         raise UsageError(f"no files to classify in {' '.join(args.inputs)}")
     if not args.out and len(items) > STDOUT_LIMIT:
         raise UsageError(f"{len(items)} images: write them to a file with --out FILE.csv|.jsonl|.parquet "
                          f"(JSON on stdout is for up to {STDOUT_LIMIT})")
-    return items, already
 
 
-def _classify(args: argparse.Namespace, classifier: BundleClassifier, items: list[Item]) -> _Results:
-    """Classify ``items`` batch by batch into --out (or the JSON list), with the progress bar; Ctrl-C stops it with
-    the rows so far written."""
+def _classify(args: argparse.Namespace, classifier: BundleClassifier, pending: _Pending) -> _Results:
+    """Classify the pending items batch by batch into --out (or the JSON list), with the progress bar; Ctrl-C stops
+    it with the rows so far written."""
     from transferkit.core.evaluation import Evaluation
     from transferkit.core.progress import Progress
 
+    items = pending.items
     started_ray = False
     if args.engine == "ray" and items:  # nothing left after --resume: no Ray to start
         from transferkit.core.ray_engine import start_ray
 
         started_ray = start_ray(args.address, args.workers)
     columns = COLUMNS + (("true_label",) if args.evaluate else ())
-    writer = open_writer(args.out, append=args.resume, columns=columns) if args.out else None
+    writer = open_writer(args.out, append=args.resume, columns=columns, drop=_retried(pending)) if args.out else None
     results = _Results(Progress(len(items), enabled=bool(args.out) or len(items) > args.batch_size),
                        Evaluation(classifier.manifest.class_names) if args.evaluate else None)
     try:
         for outcomes in classifier.outcomes(items, args.engine, args.batch_size, args.workers):
             _record(outcomes, results, writer, classifier.manifest.class_names, args.top_k)
     except KeyboardInterrupt:
+        results.interrupted = True
+    except SystemExit as exc:  # SIGTERM (core/stopping.py): like Ctrl-C, the rows so far are kept and merged
+        if stopping.stop_exit_code() is None or exc.code != stopping.stop_exit_code():
+            raise
         results.interrupted = True
     finally:
         if writer:
@@ -234,6 +290,14 @@ def _classify(args: argparse.Namespace, classifier: BundleClassifier, items: lis
             ray.shutdown()
     results.progress.close()
     return results
+
+
+def _retried(pending: _Pending):
+    """For open_writer: whether a stored row is one that --retry-failed classifies again (its row is replaced)."""
+    if not pending.retried:
+        return None
+    key = PathKey()
+    return lambda stored: key(stored_path(stored)) in pending.retried
 
 
 def _record(outcomes: list[Outcome], results: _Results, writer: RowWriter | None, class_names: list[str],
@@ -247,20 +311,21 @@ def _record(outcomes: list[Outcome], results: _Results, writer: RowWriter | None
         results.evaluation.add(outcomes)
         for row in rows:
             row["true_label"] = true_label(row["path"])
-    errors = [(row["path"], row["error"]) for row in rows if row["error"]]
-    skips = [outcome.path for outcome in outcomes if outcome.skipped]
+    # Names for the summary and stdout as they are written (a name that is not UTF-8 cannot be printed as is).
+    errors = [(display_path(row["path"]), row["error"]) for row in rows if row["error"]]
+    skips = [display_path(outcome.path) for outcome in outcomes if outcome.skipped]
     results.failed += errors[:LISTED - len(results.failed)]
     results.skipped += skips[:LISTED - len(results.skipped)]
     if writer:
         writer.write(rows)
     else:
-        results.printed += [{"file": r["path"], **({"error": r["error"]} if r["error"] else
+        results.printed += [{"file": display_path(r["path"]), **({"error": r["error"]} if r["error"] else
                                                     {k: r[k] for k in ("label", "score", "top_k")})} for r in rows]
     results.progress.update(len(outcomes), len(errors), len(skips))
 
 
 def _summary_rows(args: argparse.Namespace, classifier: BundleClassifier, results: _Results,
-                  already: int) -> list[tuple[str, str]]:
+                  pending: _Pending) -> list[tuple[str, str]]:
     progress = results.progress
     engine = (f"ray ({args.address or 'local Ray'})" if args.engine == "ray"
               else f"local, {args.workers or available_cores()} threads")
@@ -276,7 +341,8 @@ def _summary_rows(args: argparse.Namespace, classifier: BundleClassifier, result
                                                         if results.skipped else "")),
     ]
     if args.resume:
-        rows.append(("resumed", f"{already} images already in {args.out} were skipped"))
+        retried = f"; {len(pending.retried)} unreadable before were tried again" if args.retry_failed else ""
+        rows.append(("resumed", f"{pending.already} images already in {args.out} were skipped{retried}"))
     if args.out:
         rows.append(("output", f"{args.out} ({progress.done - progress.skipped} rows written)"))
     return rows

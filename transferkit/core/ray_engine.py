@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,7 +92,7 @@ def _decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarr
     pixels = np.zeros((count, size, size, 3), np.uint8)
     errors, skipped = [""] * count, np.zeros(count, bool)
     for index, (path, named) in enumerate(zip(batch["path"], batch["named"])):
-        decoded, error, skip = read_and_decode(Item(str(path), bool(named)), size)
+        decoded, error, skip = read_and_decode(Item(os.fsdecode(bytes(path)), bool(named)), size)
         if decoded is not None:
             pixels[index] = decoded
         errors[index], skipped[index] = error or "", skip
@@ -151,7 +152,8 @@ def ray_outcomes(items: list[Item], bundle_path: Path, backend: str, size: int, 
         actor_resources, threads = {"num_cpus": 1}, 1
         actors = workers or max(1, int(resources.get("CPU", 1)))
     blocks = max(1, min(math.ceil(len(items) / batch_size), 10_000))
-    dataset = ray.data.from_items([{"path": item.path, "named": item.named} for item in items],
+    # Paths travel as the file system's bytes: Arrow strings must be UTF-8, and a file name need not be.
+    dataset = ray.data.from_items([{"path": os.fsencode(item.path), "named": item.named} for item in items],
                                   override_num_blocks=blocks)
     dataset = dataset.map_batches(_decode_batch, fn_kwargs={"size": size}, batch_size=batch_size,
                                   batch_format="numpy", num_cpus=1)
@@ -166,7 +168,8 @@ def ray_outcomes(items: list[Item], bundle_path: Path, backend: str, size: int, 
             for path, probabilities, error, skipped in zip(batch["path"], batch["probabilities"], batch["error"],
                                                            batch["skipped"]):
                 classified = not error and not skipped
-                outcomes.append(Outcome(str(path), np.asarray(probabilities, np.float32) if classified else None,
+                outcomes.append(Outcome(os.fsdecode(bytes(path)),
+                                        np.asarray(probabilities, np.float32) if classified else None,
                                         str(error) or None, bool(skipped)))
             yield outcomes
     except ray.exceptions.RayError as exc:
