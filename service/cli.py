@@ -108,13 +108,14 @@ def _check_port_free(host: str, port: int) -> None:
             raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror} (choose another --port)") from None
 
 
-def _running(url: str) -> str:
+def _running(url: str, token: bytes | None = None) -> str:
     """What the ready server runs, from its /metadata: the backend `auto` resolved to, why, and the layout."""
     import json
     import urllib.request
 
+    headers = {"Authorization": "Bearer " + token.decode()} if token else {}
     try:
-        with urllib.request.urlopen(url + "/metadata", timeout=10) as response:
+        with urllib.request.urlopen(urllib.request.Request(url + "/metadata", headers=headers), timeout=10) as response:
             meta = json.load(response)
     except (OSError, ValueError) as exc:
         return f"(could not read /metadata: {exc})"
@@ -132,6 +133,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = chosen_settings(args)
     effective = ServiceSettings(**settings)  # environment + options: what the server will run with
+    token = effective.bearer_token()  # a missing token file: one line here, not a server that never starts
     model = args.model
     if Path(model).is_dir():
         model = str(Path(model).resolve())
@@ -149,9 +151,10 @@ def run_serve(args: argparse.Namespace) -> int:
           f"{len(bundle.manifest.class_names)} classes) with {effective.backend} on {server.url}", flush=True)
 
     def ready(server: BentoServer) -> None:
-        print(f"ready: {server.url}  (try: curl -F images=@photo.jpg {server.url}/predict; Ctrl-C or SIGTERM "
-              f"drains for up to {effective.drain_timeout_s} s and stops)", flush=True)
-        print(f"running: {_running(server.url)}", flush=True)
+        credentials = ' -H "Authorization: Bearer <token>"' if token else ""
+        print(f"ready: {server.url}  (try: curl{credentials} -F images=@photo.jpg {server.url}/predict; Ctrl-C or "
+              f"SIGTERM drains for up to {effective.drain_timeout_s} s and stops)", flush=True)
+        print(f"running: {_running(server.url, token)}", flush=True)
 
     code = serve_in_foreground(server, on_ready=ready)
     print(f"stopped (bentoml serve exit code {code})", flush=True)

@@ -6,6 +6,9 @@ classifies in whichever layout runs, and through the same error contract (:mod:`
 by the middleware): JSON ``{"error", "reason"}``, 4xx for the client's mistakes, 503 with ``Retry-After`` when retrying
 helps, 500 only for a server fault, with a generic message.
 
+Outside both, the route guard (service/guard.py) answers 401/404/405/431 before BentoML's middleware runs, and
+uvicorn's protocol (service/connections.py) 400/408/431 before a request exists.
+
 Why not a ``@bentoml.api`` taking ``list[Path]``: BentoML's multipart parser turns a *text* value in a file field into
 a URL and downloads it, and its image types trust the part's Content-Type. Here every part is checked to be a real
 file upload, read into memory (the body is already capped by :mod:`transferkit.service.middleware`), and decoded from
@@ -72,6 +75,12 @@ class _Metrics:
                                           buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
             )
         return self._counters
+
+    def prepare(self, reasons: tuple[str, ...]) -> None:
+        """Create the counters, and a zero series for each of ``reasons``: the series /metrics lists do not change
+        when a client first provokes one (and ``rate()`` has a starting point)."""
+        for reason in reasons:
+            self._get()[0].labels(reason=reason)
 
     def rejected(self, reason: str) -> None:
         self._get()[0].labels(reason=reason).inc()

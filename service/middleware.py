@@ -1,10 +1,11 @@
 """ASGI middleware of the entry service: admission (drain, concurrency) and a request-body cap.
 
-:class:`Admission` runs first. Probes and /metrics always pass. While the process drains after SIGTERM every other
-request is answered 503 ``shutting_down`` with ``Retry-After`` (never a 500, never a dropped connection); past the
-worker's share of ``max_concurrency`` it is 429 ``overloaded``; otherwise the request is counted as in flight
-(:func:`track_request`) so that the drain waits for it. This replaces BentoML's own limiter, which would also
-refuse the Open Inference Protocol's health probes under load.
+Both run inside BentoML's middleware, which runs inside the route guard (service/guard.py: unknown paths, wrong
+methods and missing tokens never get here). :class:`Admission` runs first. Probes and /metrics always pass. While
+the process drains after SIGTERM every other request is answered 503 ``shutting_down`` with ``Retry-After`` (never a
+500, never a dropped connection); past the worker's share of ``max_concurrency`` it is 429 ``overloaded``;
+otherwise the request is counted as in flight (:func:`track_request`) so that the drain waits for it. This replaces
+BentoML's own limiter, which would also refuse the Open Inference Protocol's health probes under load.
 
 :class:`BodySizeLimit`: BentoML's server has no body limit. A declared Content-Length over the cap is refused before
 one byte of the body is read; a chunked body is counted as it arrives and refused as soon as it passes the cap (the

@@ -24,8 +24,10 @@ import json
 import math
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -34,6 +36,7 @@ from starlette.routing import Route
 import transferkit
 from transferkit.core.errors import ServiceError
 from transferkit.core.manifest import RUNTIME_BACKENDS
+from transferkit.service import strictjson
 from transferkit.service.errors import error_response
 from transferkit.service.http import checked_probabilities, error_for, metrics, unavailable
 from transferkit.service.settings import ServiceSettings
@@ -45,52 +48,122 @@ EXTENSIONS = ["binary_tensor_data", "classification"]
 PLATFORM = {"tensorflow": "tensorflow_savedmodel", "onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}
 
 
+MAX_ID_CHARS = 1024  # the request id is echoed back: a bounded, valid string only
+MAX_DIMS = 8
+STRUCTURE_VALUES = 1024  # JSON values a request holds besides its tensor data (shape, parameters, outputs)
+OFFLOAD_BYTES = 1 << 20  # bodies past this are parsed on a thread: the event loop keeps answering probes
+
+
 def _bad(message: str, reason: str = "bad_tensor", status: int = 400) -> ServiceError:
     return ServiceError(status, reason, message)
 
 
-def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
-    """Split a request into its JSON header and the binary tensor data that follows it (binary-data extension)."""
+def _kind(value: Any) -> str:
+    """The JSON type of a parsed value, for messages."""
+    if isinstance(value, bool):
+        return "a boolean"
+    for types, name in ((dict, "an object"), (list, "an array"), (str, "a string"), ((int, float), "a number")):
+        if isinstance(value, types):
+            return name
+    return "null"
+
+
+def _show(value: Any) -> str:
+    """A client's value in a message: short, ASCII, never a whole structure (nothing unbounded is echoed)."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        text = ascii(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return _kind(value)
+
+
+def _object(value: Any, where: str) -> dict:
+    """An optional JSON object (absent or null: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad(f"{where} must be a JSON object, got {_kind(value)}", "bad_request")
+    return value
+
+
+def _flag(parameters: dict, key: str, where: str, default: bool = False) -> bool:
+    """A boolean parameter: JSON true or false only (the string "false" is not false's spelling)."""
+    value = parameters.get(key, default)
+    if not isinstance(value, bool):
+        raise _bad(f"{where} '{key}' must be true or false, got {_show(value)}", "bad_request")
+    return value
+
+
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_infer_request(body: bytes, header_length: str | None, max_values: int | None = None) -> tuple[dict, bytes]:
+    """Split a request into its JSON header and the binary tensor data that follows it (binary-data extension).
+
+    ``max_values``: the most JSON values (counted by their separators, before parsing) a request may hold. Parsing
+    holds the GIL, off the event loop or not: 14 million one-digit values took 1.1 s and stalled the probes, where
+    the largest request a model takes (``pixels`` as JSON) has N x S x S x 3."""
     if header_length is not None:
-        try:
-            size = int(header_length)
-        except ValueError:
-            raise _bad(f"{HEADER_LENGTH} must be an integer, got {header_length[:20]!r}", "bad_request") from None
+        if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 12):
+            raise _bad(f"{HEADER_LENGTH} must be an integer, got {_show(header_length)}", "bad_request")
+        size = int(header_length)
         if not 0 < size <= len(body):
             raise _bad(f"{HEADER_LENGTH}={size} does not fit a body of {len(body)} bytes", "bad_request")
         head, binary = body[:size], body[size:]
     else:
         head, binary = body, b""
-    try:
-        request = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _bad(f"the inference request is not valid JSON: {exc}", "bad_request") from None
+    if max_values is not None and head.count(b",") >= max_values:
+        raise _bad(f"the inference request holds more than {max_values} JSON values, more than the largest request "
+                   f"this model takes", "too_many_values", 413)
+    request = strictjson.loads(head, "the inference request")
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise _bad("the inference request must be a JSON object with an 'inputs' list", "bad_request")
     return request, binary
 
 
-def _shape(tensor: dict) -> list[int]:
+def request_id(request: dict) -> str | None:
+    """The request's ``id``, echoed in the answer: a string of valid Unicode (the parser saw to that), bounded."""
+    value = request.get("id")
+    if value is not None and not isinstance(value, str):
+        raise _bad(f"'id' must be a string, got {_kind(value)}", "bad_request")
+    if value is not None and len(value) > MAX_ID_CHARS:
+        raise _bad(f"'id' is longer than {MAX_ID_CHARS} characters", "bad_request")
+    return value
+
+
+def _shape(tensor: dict, name: str) -> list[int]:
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise _bad(f"input {tensor.get('name')!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_natural(d) for d in shape):
+        raise _bad(f"input {_show(name)}: 'shape' must be a list of at most {MAX_DIMS} non-negative integers, got "
+                   f"{_show(shape) if not isinstance(shape, list) else [_show(d) for d in shape[:MAX_DIMS + 1]]}")
     return shape
 
 
-def _flatten(data: Any) -> list:
-    if not isinstance(data, list):
-        return [data]
+def _flatten(data: Any, limit: int) -> list:
+    """The scalars of (nested) JSON arrays, in order; stops once past ``limit`` (a flood is refused, not walked).
+    Recursion is safe: the parser bounds the depth."""
     flat: list = []
-    for item in data:
-        flat.extend(_flatten(item))
+
+    def visit(node: Any) -> None:
+        if len(flat) > limit:
+            return
+        if not isinstance(node, list):
+            flat.append(node)
+        elif node and not isinstance(node[0], list):  # an innermost row: one C-level extend (a stray list in it
+            flat.extend(node)                        # fails the caller's element type check)
+        else:
+            for item in node:
+                visit(item)
+
+    visit(data)
     return flat
 
 
 def _split_bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
-    """BYTES tensor in binary form: each element a 4-byte little-endian length, then its bytes."""
+    """BYTES tensor in binary form: each element a 4-byte little-endian length, then its bytes. Reads ``count``
+    elements at most: 32 MB of zero-length elements is refused after ``count``, not split into 8 million."""
     elements, offset = [], 0
-    while offset < len(raw):
+    while offset < len(raw) and len(elements) < count:
         if offset + 4 > len(raw):
             raise _bad(f"input {name!r}: truncated BYTES element length at offset {offset}")
         (length,) = struct.unpack_from("<I", raw, offset)
@@ -100,27 +173,28 @@ def _split_bytes_elements(raw: bytes, count: int, name: str) -> list[bytes]:
                        f"{len(raw) - offset} remain")
         elements.append(raw[offset:offset + length])
         offset += length
+    if offset < len(raw):
+        raise _bad(f"input {name!r}: shape says {count} elements, the data holds more")
     if len(elements) != count:
         raise _bad(f"input {name!r}: shape says {count} elements, the data holds {len(elements)}")
     return elements
 
 
-def _declared_binary(tensor: dict, binary: bytes) -> bytes | None:
+def _declared_binary(tensor: dict, name: str, binary: bytes) -> bytes | None:
     """The input's binary data (binary-data extension), None when it comes as JSON ``data``; the two must agree."""
-    name = tensor.get("name")
-    parameters = tensor.get("parameters") or {}
-    binary_size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    parameters = _object(tensor.get("parameters"), f"input {_show(name)}: 'parameters'")
+    binary_size = parameters.get("binary_data_size")
     if binary_size is not None:
-        if not isinstance(binary_size, int) or binary_size < 0 or binary_size != len(binary):
-            raise _bad(f"input {name!r}: binary_data_size {binary_size!r} does not match the {len(binary)} bytes "
-                       f"after the JSON header")
+        if not _natural(binary_size) or binary_size != len(binary):
+            raise _bad(f"input {_show(name)}: binary_data_size {_show(binary_size)} does not match the {len(binary)} "
+                       f"bytes after the JSON header")
         if "data" in tensor:
-            raise _bad(f"input {name!r}: give either 'data' or binary data, not both")
+            raise _bad(f"input {_show(name)}: give either 'data' or binary data, not both")
         return binary
     if binary:
         raise _bad(f"{len(binary)} bytes follow the JSON header but no input declares binary_data_size")
     if "data" not in tensor:
-        raise _bad(f"input {name!r} has no 'data' and no binary data")
+        raise _bad(f"input {_show(name)} has no 'data' and no binary data")
     return None
 
 
@@ -133,7 +207,7 @@ def _image_files(tensor: dict, count: int, binary: bytes | None) -> list[bytes]:
     """The encoded files of an ``images`` input: length-prefixed binary elements, or base64 strings in JSON."""
     if binary is not None:
         return _split_bytes_elements(binary, count, "images")
-    elements = _flatten(tensor["data"])
+    elements = _flatten(tensor["data"], count)
     if len(elements) != count or not all(isinstance(e, str) for e in elements):
         raise _bad(f"input 'images': expected {count} base64 strings in 'data'")
     try:
@@ -146,10 +220,10 @@ def _images_input(tensor: dict, shape: list[int], binary: bytes | None, max_imag
     """``images`` (BYTES [N] or [N, 1]): [(label, file bytes)], none of them empty."""
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
         raise _bad(f"input 'images': expected BYTES [N] (or [N,1]), got shape {shape}")
-    count = math.prod(shape)
+    count = shape[0]
     if count == 0:
         raise _bad("input 'images' is empty: send at least one image")
-    _at_most(shape[0], max_images)
+    _at_most(count, max_images)
     images = []
     for index, data in enumerate(_image_files(tensor, count, binary)):
         if not data:
@@ -170,12 +244,19 @@ def _pixels_input(tensor: dict, shape: list[int], binary: bytes | None, size: in
         if len(binary) != count:
             raise _bad(f"input 'pixels': shape {shape} needs {count} bytes, got {len(binary)}")
         return np.frombuffer(binary, np.uint8).reshape(shape)
-    values = _flatten(tensor["data"])
+    values = _flatten(tensor["data"], count)
     if len(values) != count:
-        raise _bad(f"input 'pixels': shape {shape} needs {count} values, 'data' holds {len(values)}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in values):
+        held = "more" if len(values) > count else len(values)
+        raise _bad(f"input 'pixels': shape {shape} needs {count} values, 'data' holds {held}")
+    if set(map(type, values)) != {int}:  # bool, float, str, null, array: not a UINT8 (one C-level pass)
         raise _bad("input 'pixels': UINT8 values must be integers 0-255")
-    return np.asarray(values, np.uint8).reshape(shape)
+    try:
+        array = np.asarray(values, np.int64)
+    except OverflowError:  # an integer past 64 bits
+        array = None
+    if array is None or array.min() < 0 or array.max() > 255:
+        raise _bad("input 'pixels': UINT8 values must be integers 0-255")
+    return array.astype(np.uint8).reshape(shape)
 
 
 def read_input(request: dict, binary: bytes, size: int, max_images: int) -> tuple[str, Any]:
@@ -185,19 +266,23 @@ def read_input(request: dict, binary: bytes, size: int, max_images: int) -> tupl
     if len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise _bad(f"expected exactly one input, {expected}; got {len(inputs)}")
     tensor = inputs[0]
-    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), _shape(tensor)
-    data = _declared_binary(tensor, binary)
+    name, datatype = tensor.get("name"), tensor.get("datatype")
+    for field, value in (("name", name), ("datatype", datatype)):
+        if not isinstance(value, str):
+            raise _bad(f"input '{field}' must be a string, got {_kind(value)}")
+    shape = _shape(tensor, name)
+    data = _declared_binary(tensor, name, binary)
     if name == "images" and datatype == "BYTES":
         return "images", _images_input(tensor, shape, data, max_images)
     if name == "pixels" and datatype == "UINT8":
         return "pixels", _pixels_input(tensor, shape, data, size, max_images)
-    raise _bad(f"expected {expected}; got {name!r} ({datatype} {shape})")
+    raise _bad(f"expected {expected}; got {_show(name)} ({_show(datatype)} {shape})")
 
 
 def requested_outputs(request: dict, num_classes: int) -> tuple[int, bool]:
     """(classification k or 0, binary?) from the request's ``outputs`` and ``parameters``."""
-    parameters = request.get("parameters") or {}
-    binary = bool(isinstance(parameters, dict) and parameters.get("binary_data_output"))
+    parameters = _object(request.get("parameters"), "the request's 'parameters'")
+    binary = _flag(parameters, "binary_data_output", "the request's parameter")
     outputs = request.get("outputs")
     if outputs is None:
         return 0, binary
@@ -205,21 +290,50 @@ def requested_outputs(request: dict, num_classes: int) -> tuple[int, bool]:
         raise _bad(f"expected at most one requested output, {OUTPUT!r}")
     output = outputs[0]
     if output.get("name") != OUTPUT:
-        raise _bad(f"unknown output {output.get('name')!r}: this model has one output, {OUTPUT!r}")
-    options = output.get("parameters") or {}
+        raise _bad(f"unknown output {_show(output.get('name'))}: this model has one output, {OUTPUT!r}")
+    options = _object(output.get("parameters"), f"output {OUTPUT!r}: 'parameters'")
     k = options.get("classification", 0)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        raise _bad(f"'classification' must be a non-negative integer, got {k!r}")
-    return min(k, num_classes), bool(options.get("binary_data", binary))
+    if not _natural(k):
+        raise _bad(f"'classification' must be a non-negative integer, got {_show(k)}")
+    return min(k, num_classes), _flag(options, "binary_data", f"output {OUTPUT!r}: parameter", binary)
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A parsed, checked ``/v2/.../infer`` request: its one input, the outputs asked for, the id to echo."""
+
+    kind: str  # "images": [(label, file bytes)]; "pixels": uint8 [N, S, S, 3]
+    value: Any
+    k: int  # classification extension: top-k labels, 0 for probabilities
+    binary: bool  # binary-data extension for the output
+    id: str | None
+
+
+def parse_infer(body: bytes, header_length: str | None, image_size: int, max_images: int,
+                num_classes: int) -> InferRequest:
+    """The whole request, checked; only :class:`ServiceError` escapes (tests/test_hostile_http.py fuzzes it)."""
+    max_values = max_images * image_size * image_size * 3 + STRUCTURE_VALUES
+    request, binary = parse_infer_request(body, header_length, max_values)
+    kind, value = read_input(request, binary, image_size, max_images)
+    k, binary_out = requested_outputs(request, num_classes)
+    return InferRequest(kind, value, k, binary_out, request_id(request))
+
+
+async def parse_infer_off_loop(body: bytes, *args: Any) -> InferRequest:
+    """:func:`parse_infer`, on a worker thread for a large body: a 30 MB JSON body took 3.7 s to parse, and the
+    event loop answered nothing meanwhile, probes included."""
+    if len(body) <= OFFLOAD_BYTES:
+        return parse_infer(body, *args)
+    return await anyio.to_thread.run_sync(parse_infer, body, *args)
 
 
 def _bytes_tensor(elements: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def infer_response(model: str, version: str, request_id: Any, probabilities: np.ndarray, classes: list[str],
-                   k: int, binary: bool) -> Response:
-    n = len(probabilities)
+def infer_response(model: str, version: str, request: InferRequest, probabilities: np.ndarray,
+                   classes: list[str]) -> Response:
+    n, k = len(probabilities), request.k
     if k:
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
         labels = [f"{probabilities[i, j]:f}:{j}:{classes[j]}" for i in range(n) for j in order[i]]
@@ -231,9 +345,9 @@ def infer_response(model: str, version: str, request_id: Any, probabilities: np.
         payload = np.ascontiguousarray(probabilities, "<f4").tobytes()
         data = probabilities.ravel().tolist()
     head: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": [output]}
-    if request_id is not None:
-        head["id"] = request_id
-    if not binary:
+    if request.id is not None:
+        head["id"] = request.id
+    if not request.binary:
         output["data"] = data
         return JSONResponse(head)
     output["parameters"] = {"binary_data_size": len(payload)}
@@ -259,19 +373,23 @@ class OpenInferenceProtocol:
         return routes
 
     @staticmethod
-    def model(entry, request: Request) -> Any:
-        """The manifest of the model the path names; 503 when there is none, 404 for another name or version."""
+    def model_for(entry, name: str, version: str | None) -> Any:
+        """The manifest of the model a path names; 503 when there is none, 404 for another name or version (also
+        the route guard's check, service/guard.py, before any metric is labelled with the path)."""
         manifest = entry.manifest
         if manifest is None:
             raise unavailable(entry)
-        name, version = request.path_params["name"], request.path_params.get("version")
         if name != manifest.name:
-            raise ServiceError(404, "unknown_model", f"unknown model {name[:80]!r}: this server serves "
+            raise ServiceError(404, "unknown_model", f"unknown model {_show(name)}: this server serves "
                                                      f"{manifest.name!r}")
         if version is not None and version != manifest.version:
             raise ServiceError(404, "unknown_version", f"model {manifest.name!r} has version {manifest.version!r} "
-                                                       f"only, not {version[:80]!r}")
+                                                       f"only, not {_show(version)}")
         return manifest
+
+    @classmethod
+    def model(cls, entry, request: Request) -> Any:
+        return cls.model_for(entry, request.path_params["name"], request.path_params.get("version"))
 
     @staticmethod
     async def serving(entry) -> bool:
@@ -317,15 +435,14 @@ class OpenInferenceProtocol:
         except ServiceError as exc:
             return error_response(exc)
         try:
-            parsed, binary = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
-            kind, value = read_input(parsed, binary, manifest.image_size, self.settings.max_images)
-            k, binary_out = requested_outputs(parsed, len(manifest.class_names))
-            probabilities = checked_probabilities(await self.classify(entry, kind, value))
+            body = await request.body()
+            parsed = await parse_infer_off_loop(body, request.headers.get(HEADER_LENGTH), manifest.image_size,
+                                                self.settings.max_images, len(manifest.class_names))
+            probabilities = checked_probabilities(await self.classify(entry, parsed.kind, parsed.value))
         except Exception as exc:
             return error_for(exc)
         metrics.predicted(len(probabilities))
-        return infer_response(manifest.name, manifest.version, parsed.get("id"), probabilities,
-                              manifest.class_names, k, binary_out)
+        return infer_response(manifest.name, manifest.version, parsed, probabilities, manifest.class_names)
 
     @staticmethod
     async def classify(entry, kind: str, value: Any) -> np.ndarray:

@@ -14,6 +14,11 @@ Both serve ``POST /predict``, ``GET /metadata`` and the Open Inference Protocol 
 service/oip.py). On SIGTERM a worker drains (service/lifecycle.py): ``/readyz`` turns 503, new requests are answered
 503 ``shutting_down``, requests already received complete, and the model processes stop after the entry.
 TensorFlow is imported only by the ``savedmodel`` backend, inside the process that runs the model.
+
+In the entry workers, uvicorn gets a deadline and a size cap for request heads, and BentoML's whole app sits inside
+the route guard: unknown paths, wrong methods and missing bearer tokens are refused before BentoML labels a metric
+or a body is read (service/connections.py, service/guard.py). ``NAME:latest`` is resolved once, by the arbiter, so
+every worker serves the same version (:func:`_pinned`).
 """
 
 from __future__ import annotations
@@ -28,22 +33,25 @@ import numpy as np
 
 from transferkit.core.backends import Choice, choose_backend
 from transferkit.core.errors import ModelUnavailable, TransferkitError
-from transferkit.service import lifecycle
+from transferkit.service import connections, guard, lifecycle
 from transferkit.service.balance import WorkerLoads
 from transferkit.service.decoding import DecodeGate, decode_all, estimate_all
 from transferkit.service.errors import mask_paths
+from transferkit.service.guard import RouteGuard, collect_routes
 from transferkit.service.http import build_app, metrics
 from transferkit.service.middleware import Admission, BodySizeLimit
+from transferkit.service.oip import OpenInferenceProtocol
 from transferkit.service.runtime import ModelRuntime, resolve_bundle, warmup_sizes
-from transferkit.service.settings import ServiceSettings
+from transferkit.service.settings import ServiceSettings, env_name
 
 logger = logging.getLogger("transferkit.service")
 SETTINGS = ServiceSettings.from_env()
+TOKEN = SETTINGS.bearer_token()  # read now: a missing token file stops the service instead of serving it open
 STORE_LABEL = "transferkit-bundle"
 WARMING_WAIT_S = min(5.0, SETTINGS.timeout_s / 2)  # a warming worker holds a request this long, then 503
 DECODE_WAIT_S = SETTINGS.timeout_s / 2  # waiting for a decode slot past this: 503 busy, before the 504 timeout
 
-lifecycle.install_worker_lifecycle(SETTINGS.drain_timeout_s)
+ROLE = lifecycle.install_worker_lifecycle(SETTINGS.drain_timeout_s)
 
 
 def _no_tracing_unless_exported() -> dict:
@@ -68,16 +76,40 @@ def _no_tracing_unless_exported() -> dict:
 TRACING = _no_tracing_unless_exported()
 
 
+def _exact_tag(tag: str) -> str:
+    """``NAME:latest`` (or ``NAME``) as the exact ``NAME:VERSION`` the store holds now; unchanged when the store
+    has no such model (the runtime then reports it, the service stays unready with the reason)."""
+    try:
+        return str(bentoml.models.get(tag).tag)
+    except Exception:  # bentoml's NotFound, a malformed tag
+        return tag
+
+
+def _pinned(tag: str) -> bentoml.models.BentoModel:
+    """The reference to serve, resolved once for the whole server.
+
+    Every worker imports this module and would resolve ``latest`` on its own: a worker respawned after a new export
+    served the new version beside siblings serving the old one. The arbiter (``bentoml serve``, which imports this
+    before it starts any worker) resolves it and exports the exact tag; circus copies the arbiter's environment into
+    every worker it spawns, respawned ones included, so they all read the same version."""
+    exact = _exact_tag(tag)
+    if ROLE == "arbiter":
+        os.environ[env_name("model")] = exact
+        if exact != tag:
+            logger.info("transferkit: serving %s (%s resolved once, for every worker)", exact, tag)
+    return bentoml.models.BentoModel(exact)
+
+
 def _store_model(settings: ServiceSettings) -> bentoml.models.BentoModel | None:
     """The model-store reference, so that ``bentoml build`` packs the bundle; None for a bundle directory."""
     if settings.model and (Path(settings.model).is_dir() or "/" in settings.model):
         return None
     if settings.model:
-        return bentoml.models.BentoModel(settings.model)
+        return _pinned(settings.model)
     # Not configured: inside a built bento (or a store with a single bundle) the choice is unambiguous.
     candidates = sorted({m.tag.name for m in bentoml.models.list() if m.info.labels.get("stage") == STORE_LABEL})
     if len(candidates) == 1:
-        return bentoml.models.BentoModel(f"{candidates[0]}:latest")
+        return _pinned(f"{candidates[0]}:latest")
     logger.error("TRANSFERKIT_MODEL is not set and the model store holds %s transferkit bundles (%s); set it to a "
                  "model tag or a bundle directory", len(candidates), ", ".join(candidates) or "none")
     return None
@@ -132,6 +164,7 @@ class _Entry:
         self.manifest = None
         self.load_error: str | None = None
         self.gate = DecodeGate(SETTINGS.decode_concurrency, SETTINGS.decode_memory_bytes)
+        metrics.prepare(guard.REASONS)  # BentoML's Prometheus is set up by the time a service is instantiated
         try:
             self.manifest = read_manifest(_bundle_path())
         except TransferkitError as exc:
@@ -321,3 +354,27 @@ ImageClassifier.add_asgi_middleware(
 ImageClassifier.add_asgi_middleware(
     BodySizeLimit, max_bytes=SETTINGS.max_body_bytes, on_reject=lambda: metrics.rejected("body_too_large"),
 )
+
+
+def _check_model_params(params: dict[str, str]) -> None:
+    """The route guard's check of ``/v2/models/{name}[/versions/{version}]``: the served model's, or the route's own
+    404 (503 when no model could be read)."""
+    OpenInferenceProtocol.model_for(bentoml.get_current_service(), params["name"], params.get("version"))
+
+
+def guarded(app):
+    """BentoML's whole app inside the route guard (service/guard.py): unknown paths, wrong methods, oversized heads
+    and missing tokens are refused before BentoML's middleware (its metrics label paths) or a body is read."""
+    return RouteGuard(app, collect_routes(app.routes), check_params=_check_model_params,
+                      max_head_bytes=SETTINGS.max_header_bytes, token=TOKEN, protect_metrics=SETTINGS.protect_metrics,
+                      on_reject=metrics.rejected)
+
+
+def _is_entry_worker() -> bool:
+    from bentoml._internal.context import server_context
+
+    return server_context.service_type == "entry_service"
+
+
+if ROLE == "worker":  # the entry's uvicorn gets the head deadline, the head cap and the guard (service/connections.py)
+    connections.install(SETTINGS.header_timeout_s, SETTINGS.max_header_bytes, guarded, _is_entry_worker)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, SecretStr, TypeAdapter, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from transferkit.core.backends import BATCH_SCALING_MIN
@@ -109,6 +109,16 @@ class ServiceSettings(BaseSettings):
     timeout_s: int = Field(30, ge=1, description="per request: 504 past it")
     max_concurrency: int = Field(64, ge=1, description="requests in flight (whole service): 429 past it")
     drain_timeout_s: int = Field(30, ge=1, description="on SIGTERM: time allowed to finish requests in flight")
+    header_timeout_s: int = Field(10, ge=1, description="seconds a request's line and headers may take from "
+                                                        "their first byte (a new connection: from its opening); "
+                                                        "past it 408 and the connection closes")
+    max_header_kb: int = Field(16, ge=1, le=1024, description="request line and headers, in KiB: 431 past it")
+    api_token: SecretStr | None = Field(None, description="bearer token every route but the probes requires "
+                                                          "(`Authorization: Bearer ...`, else 401); unset: no "
+                                                          "access control")
+    api_token_file: Path | None = Field(None, description="file holding that token (a container secret), "
+                                                          "instead of `TRANSFERKIT_API_TOKEN`")
+    protect_metrics: bool = Field(False, description="`true`: `/metrics` requires the token too")
 
     @classmethod
     def from_env(cls) -> ServiceSettings:
@@ -118,6 +128,32 @@ class ServiceSettings(BaseSettings):
         except ValidationError as exc:
             problems = "; ".join(f"{env_name('_'.join(map(str, e['loc'])))}: {e['msg']}" for e in exc.errors())
             raise UsageError(f"invalid service settings: {problems}") from None
+
+    @property
+    def max_header_bytes(self) -> int:
+        return self.max_header_kb * 1024
+
+    def bearer_token(self) -> bytes | None:
+        """The token requests must present (UTF-8), from the variable or the file; None when neither is set.
+
+        Read when the service starts, so that a missing file or an empty token stops it with the reason instead of
+        serving unprotected."""
+        if self.api_token is not None and self.api_token_file is not None:
+            raise UsageError(f"set {env_name('api_token')} or {env_name('api_token_file')}, not both")
+        if self.api_token_file is not None:
+            try:
+                token = self.api_token_file.read_text(encoding="utf-8").strip()  # secrets end with a newline
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UsageError(f"{env_name('api_token_file')}: cannot read the token file "
+                                 f"({type(exc).__name__})") from None
+            source = env_name("api_token_file")
+        elif self.api_token is not None:
+            token, source = self.api_token.get_secret_value(), env_name("api_token")
+        else:
+            return None
+        if not token or not token.isprintable() or " " in token:
+            raise UsageError(f"{source}: the token must be non-empty printable text without spaces")
+        return token.encode("utf-8")
 
     @property
     def max_body_bytes(self) -> int:
@@ -165,8 +201,9 @@ class ServiceSettings(BaseSettings):
         return {"gpu": plan.gpus} if plan.gpus else {}
 
     def public(self) -> dict:
-        """What /metadata may show: the settings without the model's location (a path on the server)."""
-        return self.model_dump(exclude={"model"})
+        """What /metadata may show: the settings without the model's location (a path on the server) or the
+        token's."""
+        return self.model_dump(exclude={"model", "api_token", "api_token_file"})
 
 
 def settings_table() -> str:

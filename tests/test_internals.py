@@ -40,6 +40,12 @@ def test_the_installed_bentoml_is_the_pinned_one():
     ("bentoml._internal.utils.circus", "Arbiter", ["stop", "start"]),
     # lifecycle.py: the drain before uvicorn stops serving
     ("uvicorn.server", "Server", ["handle_exit"]),
+    # connections.py: the head deadline mixed into uvicorn's HTTP protocols
+    ("uvicorn.protocols.http.h11_impl", "H11Protocol", ["connection_made", "data_received", "connection_lost",
+                                                        "on_response_complete", "send_400_response"]),
+    ("uvicorn.protocols.http.h11_impl", "RequestResponseCycle", ["send"]),
+    # guard.py: the routes of BentoML's app, walked into the fixed set of paths
+    ("_bentoml_impl.server.mount", "PassiveMount", ["matches"]),
 ])
 def test_private_symbols_the_service_uses_exist(module, name, needs):
     import importlib
@@ -70,3 +76,28 @@ def test_the_worker_entry_point_the_lifecycle_recognises_exists():
 
     # lifecycle.process_role tells a worker by its argv[0]: _bentoml_impl/worker/service.py
     assert (Path(_bentoml_impl.__file__).parent / "worker" / "service.py").is_file()
+
+
+def test_what_the_connection_guard_relies_on_in_uvicorn_and_bentoml():
+    """service/connections.py replaces uvicorn's protocol and wraps the app through ``uvicorn.Config``'s arguments,
+    for the config BentoML's worker builds; service/guard.py exists because BentoML's metrics label the raw path."""
+    import _bentoml_impl.worker.service as worker
+    import bentoml._internal.server.http.instruments as instruments
+    import uvicorn.config
+    import uvicorn.protocols.http.h11_impl as h11_impl
+    from _bentoml_impl.server.mount import PassiveMount
+    from starlette.routing import Mount
+
+    parameters = inspect.signature(uvicorn.config.Config.__init__).parameters
+    assert {"app", "http", "h11_max_incomplete_event_size"} <= set(parameters)
+    assert {"auto", "h11", "httptools"} <= set(uvicorn.config.HTTP_PROTOCOLS)
+    worker_source = inspect.getsource(worker)
+    assert "uvicorn.Config(" in worker_source and "http=" not in worker_source  # BentoML leaves `http` at auto
+    assert 'server_context.service_type = "entry_service"' in worker_source
+    protocol, cycle = _source(h11_impl.H11Protocol), _source(h11_impl.RequestResponseCycle)
+    for attribute in ("self.cycle", "self.transport", "self.loop", "self.conn = h11.Connection"):
+        assert attribute in protocol, f"uvicorn's H11Protocol no longer sets {attribute}"
+    for attribute in ("self.response_complete", "self.more_body"):
+        assert attribute in cycle, f"uvicorn's RequestResponseCycle no longer sets {attribute}"
+    assert 'endpoint = scope["path"]' in _source(instruments.RunnerTrafficMetricsMiddleware)
+    assert issubclass(PassiveMount, Mount)

@@ -135,6 +135,7 @@ def test_bad_input_gets_the_same_4xx_contract_as_predict(client, server, files):
         assert error.status() == status and fragment in error.message(), (status, fragment, error)
     # Hand-made requests for what tritonclient would never send.
     url = server.url + "/v2/models/digits-test/infer"
+    pixels = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 32, 32, 3], "data": [0] * 3072}]}
     mismatched = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
                                          "parameters": {"binary_data_size": 99}}]}).encode()
     for body, headers, fragment in [
@@ -145,6 +146,12 @@ def test_bad_input_gets_the_same_4xx_contract_as_predict(client, server, files):
         (mismatched + b"abc", {"Inference-Header-Content-Length": str(len(mismatched))}, "does not match"),
         (json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
                                  "data": ["@@not base64@@"]}]}).encode(), {}, "base64"),
+        # What reached a 500, a reset or a wrong 200 before (issue 25); tests/test_hostile_http.py has the rest.
+        (b'{"id": Infinity, "inputs": []}', {}, "Infinity"),
+        (b'{"id": "\\ud800", "inputs": []}', {}, "surrogate"),
+        (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}, "more than 32 deep"),
+        (json.dumps({**pixels, "parameters": {"binary_data_output": "false"}}).encode(), {}, "true or false"),
+        (json.dumps({**pixels, "parameters": [1]}).encode(), {}, "must be a JSON object"),
     ]:
         response = requests.post(url, data=body, headers=headers, timeout=30)
         assert response.status_code == 400, response.text
