@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from conftest import last_error_line, run_cli, run_cli_here
@@ -67,3 +68,16 @@ def test_predict_force_replaces_only_a_file_it_wrote(tmp_path, bundle, digits_th
         result = run_cli("predict", str(bundle), *map(str, images), "--out", str(rows), "--force")
         assert result.returncode == 0, result.stderr[-2000:]
     assert len(rows.read_text().splitlines()) == 2
+
+
+def test_what_an_interrupted_write_left_is_reported_and_kept(tmp_path, caplog):
+    """A SIGKILL between mkdtemp and publishing leaves the staging directory: the next write says so, deletes
+    nothing (another command may own it) and still publishes."""
+    left = tmp_path / ".digits.partial-k1ll3d"
+    left.mkdir()
+    (left / "half.png").write_bytes(b"half")
+    with caplog.at_level(logging.WARNING, logger="transferkit.core.atomic"):
+        result = run_cli_here("data", "digits", "--out", str(tmp_path / "digits"), *SMALL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{left} was left by an interrupted write of digits" in caplog.text
+    assert (left / "half.png").read_bytes() == b"half" and (tmp_path / "digits" / MARKER).is_file()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import logging
 import os
 import shutil
 import sys
@@ -31,6 +32,7 @@ from transferkit.core.errors import OutputExistsError
 from transferkit.core.stopping import raise_if_stop_requested
 
 MARKER = ".transferkit-output"
+logger = logging.getLogger(__name__)
 
 
 def mark_output(directory: Path) -> None:
@@ -154,11 +156,26 @@ def publish_dir(staging: Path, out: Path) -> Path:
     return out
 
 
+def leftovers(out: Path) -> list[Path]:
+    """Staging and set-aside directories of earlier writes of ``out`` that a SIGKILL or a power cut left beside it."""
+    return sorted(path for pattern in (f".{out.name}.partial-*", f".{out.name}.old-*")
+                  for path in out.parent.glob(pattern) if path.is_dir())
+
+
+def report_leftovers(out: Path) -> None:
+    """Say where an interrupted write left its directory. Reported, not deleted: another transferkit command may be
+    writing ``out`` at this moment, and its staging directory looks the same."""
+    for path in leftovers(out):
+        logger.warning("%s was left by an interrupted write of %s; delete it unless another transferkit command is "
+                       "writing there now", path, out.name)
+
+
 @contextmanager
 def atomic_output_dir(out: Path, force: bool = False, protected: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block succeeds (see :func:`check_output_dir`)."""
     out = check_output_dir(out, force, protected)
     out.parent.mkdir(parents=True, exist_ok=True)
+    report_leftovers(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield staging
