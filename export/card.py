@@ -10,6 +10,7 @@ from typing import Any
 
 from transferkit.core.backbones import Backbone
 from transferkit.core.manifest import ValidationReport
+from transferkit.training.report import calibration_table
 
 
 def _number(value: Any, digits: int = 4) -> str:
@@ -56,14 +57,10 @@ def _calibration(calibration: dict | None) -> list[str]:
                  "(negative log-likelihood) and folded into the model's final layer: every format in this bundle "
                  "outputs the calibrated probabilities, and the validation report below compares them. The top-1 "
                  "class is the same as without calibration."]
-    rows = [(name, calibration.get(name)) for name in ("val", "test") if calibration.get(name)]
-    if rows:
-        lines += ["", "| split | images | ECE before | ECE after | NLL before | NLL after |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {'validation' if name == 'val' else name} | {row['samples']} | {row['before']['ece']:.4f} | "
-                  f"{row['after']['ece']:.4f} | {row['before']['nll']:.4f} | {row['after']['nll']:.4f} |"
-                  for name, row in rows]
-        lines += ["", "The validation split chose T, so its 'after' is optimistic; the test split is the fair check."]
+    table = calibration_table(calibration)
+    if table:
+        lines += table + ["", "The validation split chose T, so its 'after' is optimistic; the test split is the fair "
+                          "check."]
     return lines
 
 

@@ -72,7 +72,7 @@ def reliability(probabilities: dict, val_before: np.ndarray, test_before: np.nda
                 path: Path) -> None:
     """Reliability diagrams of the validation and test splits: accuracy against mean top-1 confidence in 15
     equal-width bins, before and after temperature scaling (one curve when calibration was skipped)."""
-    from transferkit.core.metrics import ECE_BINS, expected_calibration_error, reliability_bins
+    from transferkit.core.metrics import draw_reliability
 
     applied = bool(calibration.get("applied"))
     fig = figure((11, 5))
@@ -82,21 +82,8 @@ def reliability(probabilities: dict, val_before: np.ndarray, test_before: np.nda
         curves = {"before calibration": before}
         if applied:
             curves[f"after (T = {calibration['temperature']:.3f})"] = probabilities[name]
-        ax.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfectly calibrated")
-        for (label, p), marker in zip(curves.items(), "os"):
-            if not len(labels):
-                continue
-            rows = [row for row in reliability_bins(p, labels, ECE_BINS) if row["count"]]
-            ece = expected_calibration_error(p, labels, ECE_BINS)
-            ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker=marker, linestyle="-",
-                    label=f"{label}: ECE {ece:.3f}")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel(f"mean top-1 confidence ({ECE_BINS} bins)")
-        ax.set_ylabel("accuracy")
         split = "validation" if name == "val" else "test"
-        ax.set_title(f"Reliability ({split} split, {len(labels)} images)"
-                     + ("" if applied else ": not calibrated"))
-        ax.legend(loc="upper left", fontsize="small")
+        draw_reliability(ax, curves, labels, f"Reliability ({split} split, {len(labels)} images)"
+                         + ("" if applied else ": not calibrated"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -126,16 +126,21 @@ def calibration_lines(calibration: dict | None) -> list[str]:
                      + " See `reliability.png`.")
     else:
         lines.append(f"Not calibrated: {calibration.get('reason')}.")
-    rows = [(name, calibration.get(name)) for name in ("val", "test") if calibration.get(name)]
-    if rows:
-        lines += ["", "| split | images | ECE before | ECE after | NLL before | NLL after |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {'validation' if name == 'val' else name} | {row['samples']} | {row['before']['ece']:.4f} | "
-                  f"{row['after']['ece']:.4f} | {row['before']['nll']:.4f} | {row['after']['nll']:.4f} |"
-                  for name, row in rows]
-        lines += ["", f"ECE: expected calibration error over {calibration.get('bins', 15)} equal-width bins of the "
-                  "top-1 confidence; NLL: mean -log p(true class)."]
+    table = calibration_table(calibration)
+    if table:
+        lines += table + ["", f"ECE: expected calibration error over {calibration.get('bins', 15)} equal-width bins "
+                          "of the top-1 confidence; NLL: mean -log p(true class)."]
     return lines
+
+
+def calibration_table(calibration: dict) -> list[str]:
+    """ECE and NLL before and after calibration on each split that has them (the report's and the model card's)."""
+    rows = [(name, calibration.get(name)) for name in ("val", "test") if calibration.get(name)]
+    if not rows:
+        return []
+    return ["", "| split | images | ECE before | ECE after | NLL before | NLL after |", "|---|---|---|---|---|---|"] + [
+        f"| {'validation' if name == 'val' else name} | {row['samples']} | {row['before']['ece']:.4f} | "
+        f"{row['after']['ece']:.4f} | {row['before']['nll']:.4f} | {row['after']['nll']:.4f} |" for name, row in rows]
 
 
 def _calibration(calibration: dict | None) -> list[str]:

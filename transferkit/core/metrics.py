@@ -94,21 +94,27 @@ def reliability_diagram(curves: dict[str, np.ndarray], labels: np.ndarray, path:
     """Accuracy against mean top-1 confidence per bin, one line per entry of ``curves`` (e.g. before and after
     calibration), with the diagonal of perfect calibration and the ECE of each in the legend."""
     fig = figure((5.5, 5.5))
-    ax = fig.subplots()
+    draw_reliability(fig.subplots(), curves, labels, title, bins)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def draw_reliability(ax, curves: dict[str, np.ndarray], labels: np.ndarray, title: str, bins: int = ECE_BINS) -> None:
+    """One reliability diagram on ``ax`` (matplotlib axes): the diagonal, and a line per entry of ``curves``."""
     ax.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfectly calibrated")
     for (name, probabilities), marker in zip(curves.items(), "os^v"):
+        if not len(labels):
+            continue
         rows = [row for row in reliability_bins(probabilities, labels, bins) if row["count"]]
         ece = expected_calibration_error(probabilities, labels, bins)
         ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker=marker, linestyle="-",
-                label=f"{name} (ECE {ece:.3f})")
+                label=f"{name}: ECE {ece:.3f}")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(f"mean top-1 confidence ({bins} equal-width bins)")
     ax.set_ylabel("accuracy")
     ax.set_title(title)
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    ax.legend(loc="upper left", fontsize="small")
 
 
 def figure(figsize: tuple[float, float]) -> Figure:
