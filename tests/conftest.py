@@ -174,3 +174,13 @@ def bundle(trained_run, tmp_path_factory) -> Path:
     out = built_once(tmp_path_factory, "bundle", build)
     register_bundle(out, read_manifest(out))
     return out
+
+
+def include_top_parameters(row, features: int) -> int:
+    """What ``include_top=True`` adds to the headless network in keras.applications: the 1000-way classifier on the
+    pooled features (a Dense layer, or MobileNet's 1x1 Conv2D: the same count), after VGG's two 4096-unit layers on
+    the flattened 7x7x512 map of a 224 px input. A headless build plus this is the published count: one build per
+    backbone instead of two, the full one at 224-331 px being the slower."""
+    if row.family in ("vgg16", "vgg19"):
+        return (7 * 7 * 512 + 1) * 4096 + (4096 + 1) * 4096 + (4096 + 1) * 1000
+    return (features + 1) * 1000

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import include_top_parameters
 from transferkit.core.backbones import get_backbone, parse_backbones, published_table, registry
 from transferkit.core.errors import UsageError
 
@@ -72,9 +73,10 @@ def _free():
 
 
 # Each family's first row is built headless at this size, and its outputs checked finite, by its export in
-# test_export_families.py: built here too, it would only add minutes.
+# test_export_families.py (which checks its parameter count too): built here as well, it would only add minutes.
 FAMILY_FIRSTS = {next(r for r in ROWS if r.family == family).name for family in {row.family for row in ROWS}}
 OTHER_ROWS = [row for row in ROWS if row.name not in FAMILY_FIRSTS]
+EXACT = [row for row in ROWS if row.published and row.published.parameters]
 
 
 @pytest.mark.parametrize("row", OTHER_ROWS, ids=[row.name for row in OTHER_ROWS])
@@ -85,20 +87,29 @@ def test_every_backbone_builds_headless_and_gives_finite_features(row):
                                training=False))
     assert features.ndim == 4 and features.shape[0] == 1
     assert np.isfinite(features).all()
+    if row in EXACT:
+        assert base.count_params() + include_top_parameters(row, features.shape[-1]) == row.published.parameters
     del base
     _free()
 
 
-EXACT = [row for row in ROWS if row.published and row.published.parameters]
+class _SizeSeen(Exception):
+    pass
 
 
 @pytest.mark.parametrize("row", EXACT, ids=[row.name for row in EXACT])
-def test_include_top_parameter_count_matches_published_table(row):
-    model = row.constructor()(include_top=True, weights=None)
-    assert model.count_params() == row.published.parameters
-    assert model.input_shape[1:3] == (row.default_size, row.default_size)
-    del model
-    _free()
+def test_default_size_is_the_one_keras_builds_at(row, monkeypatch):
+    """The registry's default size is the input keras.applications builds ``include_top=True`` at (where the
+    ImageNet weights fit): read from the size Keras asks for, stopped before anything is built."""
+    from keras.src.applications import imagenet_utils
+
+    def seen(*args, **kwargs):
+        raise _SizeSeen(kwargs["default_size"])
+
+    monkeypatch.setattr(imagenet_utils, "obtain_input_shape", seen)
+    with pytest.raises(_SizeSeen) as asked:
+        row.constructor()(include_top=True, weights=None)
+    assert asked.value.args[0] == row.default_size
 
 
 def test_exact_counts_cover_every_row_the_table_gives_exactly():

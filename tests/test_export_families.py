@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import include_top_parameters
 from transferkit.core.backbones import registry
 
 
@@ -32,13 +33,15 @@ from transferkit.core.backbones import get_backbone
 from transferkit.core.images import decode_image
 from transferkit.export.bundle import ValidationImages, export_model
 from transferkit.training.config import HeadConfig
-from transferkit.training.model import build_classifier
+from transferkit.training.model import build_classifier, find_backbone_layer
 
 name, size, data, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 files = sorted(data.rglob("*.png"))[::4]  # 75 images, every class
 images = np.stack([decode_image(f, size) for f in files])
 labels = np.array([int(f.parent.name) for f in files])
 model = build_classifier(get_backbone(name), 10, size, "none", HeadConfig(dropout=0.0))
+base = find_backbone_layer(model)
+print("BACKBONE", base.count_params(), base.output.shape[-1])  # parameters, feature channels
 export_model(model, out=out, backbone=name, image_size=size, class_names=[str(d) for d in range(10)],
              validation=ValidationImages(images, labels, "digits"), calibration=images[:4],
              formats=["onnx", "onnx-fp16", "onnx-int8"], register=False, allow_mismatch=True)
@@ -58,6 +61,9 @@ def test_every_family_exports_within_the_gates(row, digits_small, tmp_path):
     exported = subprocess.run([sys.executable, "-c", EXPORT, row.name, str(size), str(digits_small),
                                str(tmp_path / "b")], capture_output=True, text=True, timeout=900)
     assert exported.returncode == 0, exported.stderr[-3000:]
+    if row.published and row.published.parameters:  # the family's first row is built here only (test_backbones.py)
+        parameters, channels = (int(n) for n in exported.stdout.split("BACKBONE ")[1].split()[:2])
+        assert parameters + include_top_parameters(row, channels) == row.published.parameters
     manifest = read_manifest(tmp_path / "b")
     report = {f.format: f for f in manifest.validation.formats}
     assert report["onnx"].passed, report["onnx"].failures
