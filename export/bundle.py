@@ -1,4 +1,5 @@
-"""Export a training run (or any transferkit classifier) as a validated bundle, atomically.
+"""Export a training run (or any transferkit classifier, or a Keras model file wrapped like one by
+:mod:`transferkit.export.foreign`) as a validated bundle, atomically.
 
 Order matters: every format is written into a hidden staging directory, validated against the Keras model, the
 manifest is written, the bundle is registered in the BentoML model store, and only then is the staging directory
@@ -52,6 +53,9 @@ PREPROCESSING_TEXT = {
     "tf": "x / 127.5 - 1",
     "torch": "x / 255, minus mean (0.485, 0.456, 0.406), divided by std (0.229, 0.224, 0.225)",
     "builtin": "none outside the backbone: it rescales 0-255 input itself",
+    # Modes of a Keras model file that transferkit did not train (export/foreign.py).
+    "none": "none: the model takes RGB 0-255 as float32",
+    "scale": "x / 255 (to [0, 1])",
 }
 # Optional progress callback (the CLI prints); without one, progress goes to this module's logger.
 Log = Callable[[str], None]
@@ -192,11 +196,19 @@ def _delete_store_entry(tag: str) -> None:
         logger.warning("could not remove %s from the BentoML model store", tag)
 
 
+def _row_and_mode(backbone: str | Backbone, preprocessing: str | None) -> tuple[Backbone, str]:
+    row = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
+    mode = preprocessing or row.preprocessing
+    if mode not in PREPROCESSING_TEXT:
+        raise UsageError(f"unknown preprocessing mode {mode!r}; expected one of {', '.join(PREPROCESSING_TEXT)}")
+    return row, mode
+
+
 def export_model(
     model,
     *,
     out: Path,
-    backbone: str,
+    backbone: str | Backbone,
     image_size: int,
     class_names: list[str],
     validation: ValidationImages,
@@ -209,18 +221,22 @@ def export_model(
     allow_mismatch: bool = False,
     force: bool = False,
     log: Log | None = None,
+    preprocessing: str | None = None,
 ) -> ExportResult:
     """Write, validate, describe and register a bundle for a transferkit classifier (see the module docstring).
 
+    ``backbone`` is a registry name, or a row describing a model outside the registry (a Keras file transferkit did
+    not train, export/foreign.py); ``preprocessing`` (a key of :data:`PREPROCESSING_TEXT`) then says what the
+    model's graph does to the pixels, by default the row's mode.
     ``validation.images`` and ``calibration`` are uint8 pixels from the decoder. Progress goes to ``log`` if given,
     else to this module's logger; the validation table is logged too (a failing gate raises after logging it).
     """
     log = log or logger.info
-    row = get_backbone(backbone)  # an unknown name fails before the slow part
+    row, mode = _row_and_mode(backbone, preprocessing)  # an unknown name fails before the slow part
     formats = list(formats)
     if "onnx-int8" in formats and (calibration is None or len(calibration) == 0):
         raise UsageError("onnx-int8 needs calibration images (the run's training split)")
-    name = store_name(name or f"{backbone}-{out.name}")
+    name = store_name(name or f"{row.name}-{out.name}")
     check_output_dir(out, force)
     seconds: dict[str, float] = {}
     tag = None
@@ -230,7 +246,7 @@ def export_model(
                                           class_names))
             entries = {fmt: _format_entry(staging, fmt, opset) for fmt in BACKENDS if fmt in formats}
             start = time.perf_counter()
-            report = _validate(model, staging, entries, validation, backbone)
+            report = _validate(model, staging, entries, validation, row.name)
             seconds["validation"] = round(time.perf_counter() - start, 2)
             if "onnx" not in formats:  # written only as the source of fp16/int8
                 (staging / FORMAT_FILES["onnx"]).unlink(missing_ok=True)
@@ -238,11 +254,11 @@ def export_model(
             from transferkit.export.card import model_card
 
             card = staging / MODEL_CARD_NAME
-            card.write_text(model_card(name, row, image_size, class_names, PREPROCESSING_TEXT[row.preprocessing],
+            card.write_text(model_card(name, row, image_size, class_names, PREPROCESSING_TEXT[mode],
                                        training or {}, report, list(entries)), encoding="utf-8")
             digest, size, _ = sha256_path(card)
             documents = {"model_card": DocumentEntry(file=MODEL_CARD_NAME, sha256=digest, bytes=size)}
-            manifest = _manifest(name, row, image_size, class_names, entries, training, report, documents)
+            manifest = _manifest(name, row, image_size, class_names, entries, training, report, documents, mode)
             (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
             raise_if_stop_requested()
             if register:
@@ -317,19 +333,20 @@ def _check_report(report: ValidationReport, entries: dict[str, FormatEntry], all
 
 def _manifest(name: str, row: Backbone, image_size: int, class_names: list[str], entries: dict[str, FormatEntry],
               training: dict | None, report: ValidationReport,
-              documents: dict[str, DocumentEntry] | None = None) -> Manifest:
+              documents: dict[str, DocumentEntry] | None = None, mode: str | None = None) -> Manifest:
     """The bundle's manifest; its version is the time and a digest of every file's checksum."""
     from transferkit.export.convert import INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
 
     created = datetime.now(UTC)
     calibration_record = (training or {}).get("calibration")
     calibrated = bool(calibration_record and calibration_record.get("applied"))
+    mode = mode or row.preprocessing
     combined = "".join(entries[f].sha256 for f in sorted(entries))
     version = f"{created:%Y%m%d-%H%M%S}-{hashlib.sha256(combined.encode()).hexdigest()[:8]}"
     return Manifest(
         name=name, version=version, created=created, backbone=row.name, family=row.family,
         image_size=image_size, class_names=list(class_names),
-        preprocessing={"mode": row.preprocessing, "in_graph": PREPROCESSING_TEXT[row.preprocessing]},
+        preprocessing={"mode": mode, "in_graph": PREPROCESSING_TEXT[mode]},
         resize=resize_rule(),
         input={"name": INPUT_NAME, "dtype": INPUT_DTYPE, "shape": [None, image_size, image_size, 3],
                "range": "RGB 0-255", "decoder": "transferkit.core.images.decode_image (see resize)"},

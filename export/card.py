@@ -2,6 +2,8 @@
 
 What it was trained on (images per class and split), its metrics with calibration, the validation report, and the
 intended use and limits, in text generated from the manifest's facts; listed in the manifest with its checksum.
+A Keras model file that transferkit did not train (``training["source"] == FOREIGN_SOURCE``) has no run records:
+its card says so where a training fact would be, instead of leaving a blank that reads like "none".
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from typing import Any
 from transferkit.core.backbones import Backbone
 from transferkit.core.manifest import ValidationReport
 from transferkit.training.report import calibration_table
+
+FOREIGN_SOURCE = "keras_file"  # training["source"] of a bundle made from a Keras model file (export/foreign.py)
+NOT_TRAINED_HERE = "Not known: this model was not trained by transferkit"
 
 
 def _number(value: Any, digits: int = 4) -> str:
@@ -64,15 +69,51 @@ def _calibration(calibration: dict | None) -> list[str]:
     return lines
 
 
+def _origin(row: Backbone, training: dict) -> str:
+    """Where the model came from, for the card's first paragraph."""
+    if training.get("source") != FOREIGN_SOURCE:
+        return (f"{row.name} ({row.family}) trained by transferkit (strategy: "
+                f"{training.get('strategy') or 'not recorded'}; backbone weights: "
+                f"{training.get('weights') or 'not recorded'})")
+    softmax = ", with a softmax appended to its logits" if training.get("outputs") == "logits" else ""
+    return (f"the Keras model `{training.get('model_name', 'n/a')}` from `{training.get('model_file', 'n/a')}` "
+            f"(sha256 {str(training.get('model_sha256', 'n/a'))[:12]}…), not trained by transferkit: bundled as it "
+            f"is{softmax}")
+
+
+def _foreign_sections(training: dict) -> dict[str, list[str]]:
+    """The training-dependent sections of a card for a model transferkit did not train."""
+    return {
+        "data": [f"{NOT_TRAINED_HERE}. The export was validated on images from `{training.get('data', 'n/a')}` "
+                 "(see below), which may or may not overlap its training data."],
+        "metrics": ["Not recorded: transferkit did not train this model, so it has no held-out metrics for it. "
+                    "The Keras accuracy in the validation table below is measured on the --data images given at "
+                    "export."],
+        "calibration": ["Not calibrated by transferkit (the model was not trained by transferkit): the scores are "
+                        "the model's softmax outputs, not probabilities you can threshold on unless its author "
+                        "calibrated them."],
+    }
+
+
+def _run_sections(training: dict, class_names: list[str]) -> dict[str, list[str]]:
+    return {
+        "data": [f"Images per class and split (run: `{training.get('run_dir', 'not recorded')}`):", "",
+                 *_counts(training.get("counts") or {}, class_names)],
+        "metrics": _metrics(training),
+        "calibration": _calibration(training.get("calibration")),
+    }
+
+
 def model_card(name: str, row: Backbone, image_size: int, class_names: list[str], preprocessing: str,
                training: dict, report: ValidationReport, formats: list[str]) -> str:
     """The text of ``MODEL_CARD.md``."""
     classes = ", ".join(f"`{c}`" for c in class_names)
+    foreign = training.get("source") == FOREIGN_SOURCE
+    sections = _foreign_sections(training) if foreign else _run_sections(training, class_names)
     lines = [
         f"# Model card: {name}", "",
-        f"An image classifier of {len(class_names)} classes ({classes}): {row.name} ({row.family}) "
-        f"trained by transferkit (strategy: {training.get('strategy') or 'not recorded'}; backbone weights: "
-        f"{training.get('weights') or 'not recorded'}). Formats: {', '.join(formats)}.",
+        f"An image classifier of {len(class_names)} classes ({classes}): {_origin(row, training)}. "
+        f"Formats: {', '.join(formats)}.",
         "", "## Input and output", "",
         f"- input `image`: RGB pixels 0-255, shape [N, {image_size}, {image_size}, 3] (uint8), resized by "
         "`transferkit.core.images.decode_image` (bilinear, squashed to the square, no crop; see `resize` in "
@@ -81,12 +122,11 @@ def model_card(name: str, row: Backbone, image_size: int, class_names: list[str]
         f"- output `probabilities`: [N, {len(class_names)}], in this class order: {classes} (also in every ONNX "
         "file's metadata, key `class_names`)",
         "", "## Training data", "",
-        f"Images per class and split (run: `{training.get('run_dir', 'not recorded')}`):", "",
-        *_counts(training.get("counts") or {}, class_names),
+        *sections["data"],
         "", "## Metrics", "",
-        *_metrics(training),
+        *sections["metrics"],
         "", "## Calibration", "",
-        *_calibration(training.get("calibration")),
+        *sections["calibration"],
         "", "## Validation of the exported formats", "",
         f"Every format against the Keras model on {report.images} images ({report.source}); "
         f"{'all gates passed' if report.passed else 'A GATE FAILED (published with --allow-mismatch)'}.", "",
@@ -98,8 +138,10 @@ def model_card(name: str, row: Backbone, image_size: int, class_names: list[str]
         "of something else still gets a confident-looking score.",
         f"- Images are resized to {image_size}x{image_size} px without keeping the aspect ratio; detail smaller "
         "than that resolution is lost.",
-        "- Not evaluated outside its data: the metrics above come from held-out images of the same dataset. "
-        "Measure accuracy and calibration on your own images (`transferkit predict --evaluate`) before relying on "
+        ("- Not evaluated by transferkit: it did not train this model and knows nothing of its training data. "
+         if foreign else
+         "- Not evaluated outside its data: the metrics above come from held-out images of the same dataset. ")
+        + "Measure accuracy and calibration on your own images (`transferkit predict --evaluate`) before relying on "
         "it, and re-check when the images change.",
         "- Scores: " + ("calibrated on the validation split, so a threshold on the score means roughly that share "
                         "of correct answers on data like it; calibration does not carry over to other data."
