@@ -4,7 +4,9 @@
 
 Images: benchmarks/workload.py (small PNGs, ~1 MP and ~6 MP JPEGs, or $TRANSFERKIT_LOADTEST_IMAGES), weighted by
 $TRANSFERKIT_LOADTEST_MIX ("small,1mp,6mp", default "6,3,1").
-Overload answers (429/503) are reported under their own name, not as failures; a low-weight task sends bad input
+Overload answers (429/503) are reported under their own name, not as failures, and the user honours their
+Retry-After before its next request, as a well-behaved client does (one without Retry-After is a failure, so is a
+Retry-After past 60 s); a low-weight task sends bad input
 that must be answered 4xx with the error JSON. Any other answer is a reported failure with its status and the start
 of its body, whatever the body is (empty, an HTML page from a proxy, JSON of another shape): never an exception in
 the user, which locust would log instead of counting the request.
@@ -61,6 +63,21 @@ def describe(response) -> str:
     return f"HTTP {response.status_code}: {(response.text or '(empty body)')[:200]}"
 
 
+def overloaded(response) -> None:
+    """Count a 429/503 under its own name and wait as its Retry-After says (a missing or absurd one fails)."""
+    response.request_meta["name"] = f"overloaded {response.status_code}"
+    try:
+        wait = float(response.headers.get("Retry-After") or "nan")
+    except ValueError:
+        wait = math.nan
+    if not 0 <= wait <= 60:
+        response.failure(f"HTTP {response.status_code} without a usable Retry-After "
+                         f"({response.headers.get('Retry-After')!r})")
+        return
+    response.success()
+    gevent.sleep(wait)
+
+
 def check_answer(answer: object, classes: list[str], count: int) -> str | None:
     """Why a 200 answer (its parsed JSON, None when it was not JSON) is wrong, or None."""
     if answer is None:
@@ -101,8 +118,7 @@ class ImageClient(FastHttpUser):
         with self.client.post("/predict", data=body, headers=headers, name=f"/predict {kind}",
                               catch_response=True) as response:
             if response.status_code in OVERLOAD:
-                response.request_meta["name"] = f"overloaded {response.status_code}"
-                response.success()
+                overloaded(response)
             elif response.status_code != 200:
                 response.failure(describe(response))
             else:
@@ -116,8 +132,7 @@ class ImageClient(FastHttpUser):
         with self.client.post("/predict", data=body, headers=headers, name="bad input (expects 4xx)",
                               catch_response=True) as response:
             if response.status_code in OVERLOAD:
-                response.request_meta["name"] = f"overloaded {response.status_code}"
-                response.success()
+                overloaded(response)
             elif 400 <= response.status_code < 500 and isinstance(answer := json_body(response), dict) \
                     and "error" in answer:
                 response.success()

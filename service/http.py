@@ -18,8 +18,9 @@ its bytes alone by :func:`transferkit.core.images.decode_image`, so one bad imag
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from starlette.applications import Starlette
@@ -35,6 +36,8 @@ from transferkit.service.settings import Plan, ServiceSettings
 
 logger = logging.getLogger("transferkit.service")
 FIELD = "images"
+TOP_K = "top_k"  # per request: a query parameter or a form field
+T = TypeVar("T")
 
 
 class Entry(Protocol):
@@ -49,11 +52,24 @@ class Entry(Protocol):
     def is_ready(self) -> bool: ...
 
 
+# Histogram buckets. Seconds: from a 1 ms decode of a thumbnail to the 30 s default request timeout. Images (per
+# request, per model call): powers of two up to 128 (TRANSFERKIT_MAX_IMAGES is 16, TRANSFERKIT_MAX_BATCH_SIZE 32).
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+IMAGES_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+STAGES = ("decode", "queue", "inference")  # what :meth:`_Metrics.observe` times, each its own histogram
+
+
 class _Metrics:
-    """Our counters, beside BentoML's own on /metrics (created lazily: BentoML sets up Prometheus first)."""
+    """Our metrics, beside BentoML's own on /metrics (created lazily: BentoML sets up Prometheus first, and in
+    multiprocess mode, so that /metrics adds up every worker's and the model processes' values).
+
+    Names follow Prometheus' conventions: a unit suffix (``_seconds``), ``_total`` on counters (the client adds it),
+    an ``_info`` gauge of value 1 whose labels say what is deployed. Every label value comes from a fixed set (the
+    refusal reasons) or from the one bundle and settings the server runs, so no client can add a series."""
 
     def __init__(self) -> None:
         self._counters: tuple | None = None
+        self._stages: dict[str, Any] = {}
 
     def _get(self) -> tuple:
         if self._counters is None:
@@ -72,12 +88,24 @@ class _Metrics:
                                                       "another (service/balance.py)"),
                 bentoml.metrics.Histogram(name="transferkit_microbatch_size",
                                           documentation="Images per model call in the microbatch layout",
-                                          buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
+                                          buckets=IMAGES_BUCKETS),
+                bentoml.metrics.Histogram(name="transferkit_request_images",
+                                          documentation="Images per answered request (/predict and /v2 infer)",
+                                          buckets=IMAGES_BUCKETS),
+                # max: every worker sets the same labels to 1; one series for the server, no pid label.
+                bentoml.metrics.Gauge(name="transferkit_model_info",
+                                      documentation="The model served (value 1): name, version, backend, layout",
+                                      labelnames=["model", "version", "backend", "layout"],
+                                      multiprocess_mode="max"),
             )
+            self._stages = {stage: bentoml.metrics.Histogram(name=f"transferkit_{stage}_seconds",
+                                                             documentation=STAGE_DOCUMENTATION[stage],
+                                                             buckets=SECONDS_BUCKETS)
+                            for stage in STAGES}
         return self._counters
 
     def prepare(self, reasons: tuple[str, ...]) -> None:
-        """Create the counters, and a zero series for each of ``reasons``: the series /metrics lists do not change
+        """Create the metrics, and a zero series for each of ``reasons``: the series /metrics lists do not change
         when a client first provokes one (and ``rate()`` has a starting point)."""
         for reason in reasons:
             self._get()[0].labels(reason=reason)
@@ -86,7 +114,9 @@ class _Metrics:
         self._get()[0].labels(reason=reason).inc()
 
     def predicted(self, count: int) -> None:
+        """An answered request of ``count`` images."""
         self._get()[1].inc(count)
+        self._get()[5].observe(count)
 
     def nonfinite(self, count: int) -> None:
         self._get()[2].inc(count)
@@ -96,6 +126,36 @@ class _Metrics:
 
     def microbatch(self, images: int) -> None:
         self._get()[4].observe(images)
+
+    def model_info(self, model: str, version: str, backend: str, layout: str) -> None:
+        """Say which model runs (set once per worker, from the bundle's manifest and the server's settings)."""
+        self._get()[6].labels(model=model, version=version, backend=backend, layout=layout).set(1)
+
+    def observe(self, stage: str, seconds: float) -> None:
+        """One duration of ``stage`` (one of :data:`STAGES`); called from compute and model threads too
+        (prometheus_client's metrics are thread-safe)."""
+        self._get()
+        self._stages[stage].observe(seconds)
+
+    def timed(self, stage: str, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn`` that observes its duration as ``stage`` when it returns (not when it raises: a refused image
+        says nothing about how long decoding takes)."""
+
+        def timed_call(*args: Any, **kwargs: Any) -> T:
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            self.observe(stage, time.perf_counter() - start)
+            return result
+
+        return timed_call
+
+
+STAGE_DOCUMENTATION = {
+    "decode": "Seconds to decode one request's images into pixels (requests whose images all decode)",
+    "queue": "Seconds a request waited before its model work started: inprocess, for a decode slot and a compute "
+             "thread; microbatch, in the micro-batch queue; not observed in the batched layout",
+    "inference": "Seconds per model call (one request in inprocess, a merged batch in microbatch and batched)",
+}
 
 
 metrics = _Metrics()
@@ -146,12 +206,12 @@ async def _read_form(request: Request, settings: ServiceSettings) -> FormData:
 
 
 def _image_parts(form: FormData, max_images: int) -> list:
-    """The form's ``images`` parts, refusing any other field, none, or too many."""
-    unexpected = sorted(set(form.keys()) - {FIELD})
+    """The form's ``images`` parts, refusing any other field (``top_k`` aside), none, or too many."""
+    unexpected = sorted(set(form.keys()) - {FIELD, TOP_K})
     if unexpected:
         raise ServiceError(400, "unexpected_field",
                            f"unexpected form field(s) {', '.join(map(repr, unexpected[:5]))}: send images as "
-                           f"'{FIELD}' file fields")
+                           f"'{FIELD}' file fields (and optionally one '{TOP_K}' text field)")
     parts = form.getlist(FIELD)
     if not parts:
         raise ServiceError(400, "missing_field", f"no '{FIELD}' file field in the request")
@@ -160,7 +220,32 @@ def _image_parts(form: FormData, max_images: int) -> list:
     return parts
 
 
-async def _read_images(request: Request, settings: ServiceSettings) -> list[tuple[str, bytes]]:
+def requested_top_k(values: list[Any], num_classes: int, default: int) -> int:
+    """The labels per image a request asks for. ``values``: its ``top_k`` query parameters and form fields
+    together; none gives the server's setting (TRANSFERKIT_TOP_K, capped at the classes as it always was).
+
+    A request's own value must be one plain decimal integer from 1 to the number of classes: asking for more labels
+    than exist, or for none, is a mistake the client should hear about (400 ``bad_top_k``), not one to repair
+    silently. (``/v2``'s classification extension keeps Triton's reading instead: 0 asks for probabilities and a
+    larger count is capped, which tritonclient users rely on.)"""
+    if not values:
+        return max(1, min(default, num_classes))
+    if len(values) > 1:
+        raise ServiceError(400, "bad_top_k", f"'{TOP_K}' given {len(values)} times (query and form together); "
+                                             f"give it once")
+    value = values[0]
+    if not isinstance(value, str):
+        raise ServiceError(400, "bad_top_k", f"'{TOP_K}' must be a text field, not a file upload")
+    # isdigit() alone admits other scripts' digits ('٣'); isascii() keeps it to 0-9. Nine digits: int() stays cheap.
+    if not (value.isascii() and value.isdigit() and len(value) <= 9) or not 1 <= int(value) <= num_classes:
+        shown = ascii(value) if len(value) <= 20 else ascii(value[:17]) + "..."
+        raise ServiceError(400, "bad_top_k", f"'{TOP_K}' must be an integer from 1 to {num_classes} (the model's "
+                                             f"classes), got {shown}")
+    return int(value)
+
+
+async def _read_images(request: Request, settings: ServiceSettings) -> tuple[list[tuple[str, bytes]], list[Any]]:
+    """The request's images as (label, bytes), and the values of its ``top_k`` form field (usually none)."""
     form = await _read_form(request, settings)
     try:
         images = []
@@ -173,7 +258,7 @@ async def _read_images(request: Request, settings: ServiceSettings) -> list[tupl
             if not data:
                 raise ServiceError(400, "empty_file", f"{name} is empty (0 bytes)")
             images.append((name, data))
-        return images
+        return images, form.getlist(TOP_K)
     finally:
         await form.close()
 
@@ -188,20 +273,24 @@ def _safe_name(filename: str | None, index: int) -> str:
 
 
 def predict_endpoint(get_entry: Callable[[], Entry], settings: ServiceSettings) -> Callable:
-    """``POST /predict``: multipart images in, top-k labels per image out."""
+    """``POST /predict``: multipart images in, top-k labels per image out (``top_k`` per request or the server's)."""
     from transferkit.core.predictors import top_k
 
     async def predict(request: Request) -> JSONResponse:
         entry = get_entry()
         if entry.manifest is None:
             return error_response(unavailable(entry))
+        classes = entry.manifest.class_names
         try:
-            images = await _read_images(request, settings)
+            query = request.query_params.getlist(TOP_K)
+            requested_top_k(query, len(classes), settings.top_k)  # a bad query value: refused before the body
+            images, form_values = await _read_images(request, settings)
+            k = requested_top_k(query + form_values, len(classes), settings.top_k)
             probabilities = checked_probabilities(await entry.infer_encoded(images))
         except Exception as exc:
             return error_for(exc)
         metrics.predicted(len(probabilities))
-        return JSONResponse(top_k(probabilities, entry.manifest.class_names, settings.top_k))
+        return JSONResponse(top_k(probabilities, classes, k))
 
     return predict
 
@@ -211,7 +300,10 @@ def metadata_document(manifest: Any, runtime: dict, settings: ServiceSettings, p
     return {
         "name": manifest.name, "version": manifest.version, "backbone": manifest.backbone,
         "classes": manifest.class_names, "image_size": manifest.image_size,
-        "input": "multipart/form-data, one or more 'images' file fields (JPEG, PNG, BMP, GIF, WebP)",
+        "input": "multipart/form-data, one or more 'images' file fields (JPEG, PNG, BMP, GIF, WebP); labels per "
+                 f"image: 'top_k' (query parameter or form field, 1 to {len(manifest.class_names)}; default: "
+                 f"'top_k' below)",
+        "openapi": "/docs.json",
         "protocols": {"predict": "/predict", "open_inference_protocol": f"/v2/models/{manifest.name}"},
         "backend": choice.backend,
         "backend_choice": {"setting": settings.backend, "reason": choice.reason, "cpu": choice.cpu,
@@ -261,12 +353,16 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 def build_app(get_entry: Callable[[], Entry], settings: ServiceSettings, plan: Plan, choice) -> Starlette:
     """The Starlette app; ``get_entry`` returns the running entry service instance, ``choice`` is the backend
-    decision (:class:`transferkit.core.backends.Choice`)."""
+    decision (:class:`transferkit.core.backends.Choice`). Its routes are in BentoML's OpenAPI document
+    (service/openapi.py)."""
+    from transferkit.service import openapi
     from transferkit.service.oip import oip_routes
 
-    return Starlette(
+    app = Starlette(
         routes=[Route("/predict", predict_endpoint(get_entry, settings), methods=["POST"]),
                 Route("/metadata", metadata_endpoint(get_entry, settings, plan, choice), methods=["GET"]),
                 *oip_routes(get_entry, settings, choice.backend)],
         exception_handlers={HTTPException: http_error},
     )
+    openapi.attach(app, lambda: openapi.document(get_entry, settings))
+    return app

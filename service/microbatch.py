@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -22,14 +23,15 @@ import numpy as np
 class _Job:
     pixels: np.ndarray
     future: Future = field(default_factory=Future)
+    queued: float = field(default_factory=time.perf_counter)
 
 
 class MicroBatcher:
     """``submit(pixels)`` returns a future of ``predict``'s rows for those pixels, computed with other requests'."""
 
     def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int,
-                 on_batch: Callable[[int], None] | None = None):
-        self.predict, self.max_batch, self.on_batch = predict, max_batch, on_batch
+                 on_batch: Callable[[int], None] | None = None, on_wait: Callable[[float], None] | None = None):
+        self.predict, self.max_batch, self.on_batch, self.on_wait = predict, max_batch, on_batch, on_wait
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._held: _Job | None = None  # a job that did not fit in the previous batch goes first next time
         threading.Thread(target=self._loop, name="microbatch", daemon=True).start()
@@ -58,6 +60,10 @@ class MicroBatcher:
     def _loop(self) -> None:
         while True:
             jobs = self._next_batch()
+            if self.on_wait:  # each request's time in the queue, until the call that carries it starts
+                started = time.perf_counter()
+                for job in jobs:
+                    self.on_wait(started - job.queued)
             try:
                 pixels = jobs[0].pixels if len(jobs) == 1 else np.concatenate([job.pixels for job in jobs])
                 rows = self.predict(pixels)

@@ -4,8 +4,10 @@ Both run inside BentoML's middleware, which runs inside the route guard (service
 methods and missing tokens never get here). :class:`Admission` runs first. Probes and /metrics always pass. While
 the process drains after SIGTERM every other request is answered 503 ``shutting_down`` with ``Retry-After`` (never a
 500, never a dropped connection); past the worker's share of ``max_concurrency`` it is 429 ``overloaded``;
-otherwise the request is counted as in flight (:func:`track_request`) so that the drain waits for it. This replaces
-BentoML's own limiter, which would also refuse the Open Inference Protocol's health probes under load.
+otherwise, when the requests already in flight would keep it from being answered within the latency budget
+(:class:`LatencyBudget`), it is 503 ``overloaded`` with a Retry-After derived from that queue; otherwise the request is
+counted as in flight (:func:`track_request`) so that the drain waits for it. This replaces BentoML's own limiter,
+which would also refuse the Open Inference Protocol's health probes under load.
 
 :class:`BodySizeLimit`: BentoML's server has no body limit. A declared Content-Length over the cap is refused before
 one byte of the body is read; a chunked body is counted as it arrives and refused as soon as it passes the cap (the
@@ -14,6 +16,9 @@ rest is never buffered). Bodies under the cap are buffered here and replayed to 
 
 from __future__ import annotations
 
+import math
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -33,6 +38,62 @@ async def refuse(scope: Scope, receive, send, error: ServiceError, headers: Mapp
 PROBES = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
+class LatencyBudget:
+    """Predicts when a request admitted now would be answered: the requests in flight plus this one, divided by the
+    rate at which this worker completes requests *while it has work* (a clock that runs only while something is in
+    flight, so that idle time between light traffic does not read as slowness). The rate is measured, never
+    configured: the same budget holds for a 10 ms and a 1 s model, on any CPU or GPU.
+
+    Shedding at admission is what keeps the accepted requests' latency bounded: a request refused here costs no body
+    read, no decode and no inference, so the work the server does is all work it can finish in time, and a load
+    balancer or client can go elsewhere at once (Retry-After: when the queue ahead should have drained). A worker with
+    nothing in flight always admits (a model slower than the budget still answers one request at a time)."""
+
+    def __init__(self, budget_s: float, window: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget_s = budget_s
+        self._clock = clock
+        self._busy = 0.0  # seconds with at least one request in flight
+        self._since: float | None = None  # when in-flight last changed, while it is > 0
+        self._done: deque[float] = deque(maxlen=window)  # the busy clock at each of the last completions
+
+    def _advance(self, in_flight: int) -> float:
+        now = self._clock()
+        if self._since is not None:
+            self._busy += now - self._since
+        self._since = now if in_flight > 0 else None
+        return self._busy
+
+    def started(self, in_flight: int) -> None:
+        """A request was admitted; ``in_flight`` counts it."""
+        self._advance(in_flight)
+
+    def finished(self, in_flight: int) -> None:
+        """A request was answered; ``in_flight`` no longer counts it."""
+        self._done.append(self._advance(in_flight))
+
+    def rate(self) -> float | None:
+        """Completions per busy second over the last ``window`` (None until 8 are known)."""
+        if len(self._done) < 8 or self._done[-1] <= self._done[0]:
+            return None
+        return (len(self._done) - 1) / (self._done[-1] - self._done[0])
+
+    def wait_s(self, in_flight: int) -> float:
+        """Seconds until a request admitted now would be answered (0 while nothing is in flight or while the rate
+        is still unknown)."""
+        rate = self.rate()
+        return 0.0 if in_flight == 0 or rate is None else (in_flight + 1) / rate
+
+    def refusal(self, in_flight: int) -> ServiceError | None:
+        """The 503 for a request that would miss the budget, else None."""
+        wait = self.wait_s(in_flight)
+        if wait <= self.budget_s:
+            return None
+        retry = min(30, max(1, math.ceil(wait - self.budget_s)))
+        return ServiceError(503, "overloaded", f"the server could not answer within its latency budget "
+                                               f"({self.budget_s:g} s; about {wait:.1f} s of requests are ahead); "
+                                               f"retry after {retry} s or elsewhere", retry_after=retry)
+
+
 class Admission:
     """Drain-aware admission: 503 while draining, 429 past ``max_in_flight``, else tracked as in flight.
 
@@ -42,8 +103,9 @@ class Admission:
 
     def __init__(self, app: ASGIApp, max_in_flight: int, is_draining: Callable[[], bool], track_request,
                  on_reject: Callable[[str], None] | None = None, loads: Callable[[], Any] | None = None,
-                 on_hand_back: Callable[[], None] | None = None):
+                 on_hand_back: Callable[[], None] | None = None, latency_budget_s: float = 0.0):
         self.app = app
+        self.budget = LatencyBudget(latency_budget_s) if latency_budget_s > 0 else None
         self.on_hand_back = on_hand_back or (lambda: None)
         self.max_in_flight = max_in_flight
         self.is_draining = is_draining
@@ -68,6 +130,11 @@ class Admission:
                 429, "overloaded", f"too many requests in flight (at most {self.max_in_flight} per worker); retry "
                                    f"with backoff", retry_after=1))
             return
+        refusal = self.budget.refusal(self.in_flight) if self.budget is not None else None
+        if refusal is not None:
+            self.on_reject("overloaded")
+            await refuse(scope, receive, send, refusal)
+            return
         if self._make_loads is not None and self._loads is None:
             self._loads = self._make_loads()
         self._count(+1)
@@ -79,6 +146,8 @@ class Admission:
 
     def _count(self, change: int) -> None:
         self.in_flight += change
+        if self.budget is not None:
+            (self.budget.started if change > 0 else self.budget.finished)(self.in_flight)
         if self._loads is not None:
             self._loads.set(self.in_flight)
 

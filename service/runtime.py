@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ class ModelRuntime:
 
     def __init__(self, bundle_path, backend: str, device: str, threads: int, batch_sizes: list[int],
                  compute_threads: int = 1, device_id: int = 0, max_batch: int | None = None,
-                 on_batch=None):
+                 on_batch=None, observe: Callable[[str, float], None] | None = None):
         self.backend, self.device, self.threads, self.device_id = backend, device, threads, device_id
         self.batch_sizes = batch_sizes
         self.state = "loading"
@@ -51,8 +52,11 @@ class ModelRuntime:
         # The threads that run decoding and inference: one per session thread keeps a worker from running more
         # work at once than its share of the cores (a queue on the event loop is cheaper than preempted threads).
         self.executor = ThreadPoolExecutor(compute_threads, thread_name_prefix="compute")
+        # /metrics' histograms: observe("queue" | "inference", seconds), from the compute and model threads.
+        self.observe = observe or (lambda stage, seconds: None)
         # microbatch layout: requests' decoded pixels merge into one model call (service/microbatch.py).
-        self.batcher = MicroBatcher(self.predict, max_batch, self._batched) if max_batch else None
+        self.batcher = MicroBatcher(self.predict, max_batch, self._batched,
+                                    on_wait=lambda seconds: self.observe("queue", seconds)) if max_batch else None
         self.batch_images: list[int] = [0, 0]  # model calls, images: this worker's, shown by /metadata
         self.on_batch = on_batch  # the whole service's figure: /metrics' histogram
         threading.Thread(target=self._load, args=(bundle_path,), name="load-bundle", daemon=True).start()
@@ -102,9 +106,20 @@ class ModelRuntime:
             await asyncio.get_running_loop().run_in_executor(None, self.settled.wait, timeout)
         self.check()
 
-    async def run(self, fn, *args):
-        """``fn(*args)`` on this runtime's compute threads."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def run(self, fn, *args, since: float | None = None):
+        """``fn(*args)`` on this runtime's compute threads. Without a micro-batcher these threads are where work
+        waits for the model, so the wait is observed as ``queue``: from ``since`` (when the request began waiting,
+        e.g. for a decode slot) or from now, until a thread takes the job."""
+        loop = asyncio.get_running_loop()
+        if self.batcher is not None:
+            return await loop.run_in_executor(self.executor, fn, *args)
+        queued = time.perf_counter() if since is None else since
+
+        def job():
+            self.observe("queue", time.perf_counter() - queued)
+            return fn(*args)
+
+        return await loop.run_in_executor(self.executor, job)
 
     def _batched(self, images: int) -> None:
         self.batch_images[0] += 1
@@ -118,9 +133,13 @@ class ModelRuntime:
         return await asyncio.wrap_future(self.batcher.submit(pixels))
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [N, H, W, 3] -> float32 [N, C] (the graph or the predictor casts)."""
+        """uint8 [N, H, W, 3] -> float32 [N, C] (the graph or the predictor casts); each call's duration is
+        observed as ``inference`` (a call that raises is not)."""
         self.check()
-        return self.predictor(pixels)
+        start = time.perf_counter()
+        probabilities = self.predictor(pixels)
+        self.observe("inference", time.perf_counter() - start)
+        return probabilities
 
     def describe(self) -> dict:
         """The runtime part of /metadata (no filesystem paths)."""

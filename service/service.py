@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from pathlib import Path
 
 import bentoml
@@ -35,7 +36,8 @@ from transferkit.core.backends import Choice, choose_backend
 from transferkit.core.errors import ModelUnavailable, TransferkitError
 from transferkit.service import connections, guard, lifecycle
 from transferkit.service.balance import WorkerLoads
-from transferkit.service.decoding import DecodeGate, decode_all, estimate_all
+from transferkit.service.decoding import DecodeGate, estimate_all
+from transferkit.service.decoding import decode_all as _decode_all
 from transferkit.service.errors import mask_paths
 from transferkit.service.guard import RouteGuard, collect_routes
 from transferkit.service.http import build_app, metrics
@@ -52,6 +54,7 @@ WARMING_WAIT_S = min(5.0, SETTINGS.timeout_s / 2)  # a warming worker holds a re
 DECODE_WAIT_S = SETTINGS.timeout_s / 2  # waiting for a decode slot past this: 503 busy, before the 504 timeout
 
 ROLE = lifecycle.install_worker_lifecycle(SETTINGS.drain_timeout_s)
+decode_all = metrics.timed("decode", _decode_all)  # every layout's decoding, observed on /metrics
 
 
 def _no_tracing_unless_exported() -> dict:
@@ -167,6 +170,7 @@ class _Entry:
         metrics.prepare(guard.REASONS)  # BentoML's Prometheus is set up by the time a service is instantiated
         try:
             self.manifest = read_manifest(_bundle_path())
+            metrics.model_info(self.manifest.name, self.manifest.version, BACKEND, PLAN.layout)
         except TransferkitError as exc:
             self.load_error = mask_paths(str(exc))
             logger.error("transferkit: refusing to serve: %s", exc)
@@ -192,7 +196,8 @@ if PLAN.layout == "batched":
         def __init__(self) -> None:
             gpus = max(1, PLAN.gpus)
             self.runtime = ModelRuntime(_bundle_path, BACKEND, SETTINGS.device, PLAN.threads,
-                                        warmup_sizes(SETTINGS.max_batch_size), device_id=_worker_index() % gpus)
+                                        warmup_sizes(SETTINGS.max_batch_size), device_id=_worker_index() % gpus,
+                                        observe=metrics.observe)
 
         def __is_ready__(self) -> bool:
             return self.runtime.ready
@@ -284,7 +289,7 @@ else:  # inprocess and microbatch: the model runs in the HTTP worker
             self.runtime = ModelRuntime(_bundle_path, BACKEND, SETTINGS.device, PLAN.threads, sizes,
                                         compute_threads=PLAN.threads, device_id=_worker_index() % max(1, PLAN.gpus),
                                         max_batch=SETTINGS.max_batch_size if batching else None,
-                                        on_batch=metrics.microbatch)
+                                        on_batch=metrics.microbatch, observe=metrics.observe)
 
         def __is_ready__(self) -> bool:
             return self._entry_ready() and self.runtime.ready
@@ -298,11 +303,12 @@ else:  # inprocess and microbatch: the model runs in the HTTP worker
         async def infer_encoded(self, images: list[tuple[str, bytes]]) -> np.ndarray:
             cost = estimate_all(images, self.manifest.image_size, SETTINGS.max_pixels)
             await self.runtime.wait_ready(WARMING_WAIT_S)
+            arrived = time.perf_counter()  # its queue time: for a decode slot, then for a compute thread
             async with self.gate.admit(cost, DECODE_WAIT_S):
                 if self.runtime.batcher is None:
                     # Decode and inference as one job on this worker's compute thread(s): a request never waits
                     # behind another request's decode between its own decode and its inference.
-                    return await self.runtime.run(self._decode_and_predict, images)
+                    return await self.runtime.run(self._decode_and_predict, images, since=arrived)
                 pixels = await self.runtime.run(decode_all, images, self.manifest.image_size, SETTINGS.max_pixels)
             return await self.runtime.predict_batched(pixels)
 
@@ -346,7 +352,7 @@ ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service
 ImageClassifier.add_asgi_middleware(
     Admission, max_in_flight=-(-SETTINGS.max_concurrency // PLAN.entry_workers),
     is_draining=lifecycle.is_draining, track_request=lifecycle.track_request, on_reject=metrics.rejected,
-    on_hand_back=metrics.handed_back,
+    on_hand_back=metrics.handed_back, latency_budget_s=SETTINGS.latency_budget_ms / 1000,
     # Several workers computing behind one socket: the busier hands keep-alive clients back (service/balance.py).
     loads=(lambda: WorkerLoads(PLAN.entry_workers, _worker_index()))
     if PLAN.layout in ("inprocess", "microbatch") and PLAN.entry_workers > 1 else None,

@@ -108,6 +108,10 @@ class ServiceSettings(BaseSettings):
                                                            "when its estimated peak fits (larger: 413)")
     timeout_s: int = Field(30, ge=1, description="per request: 504 past it")
     max_concurrency: int = Field(64, ge=1, description="requests in flight (whole service): 429 past it")
+    latency_budget_ms: int = Field(2000, ge=0, description="a request that would not be answered within this, "
+                                                           "predicted from the requests ahead of it and the "
+                                                           "worker's measured rate, is refused at once (503 "
+                                                           "`overloaded`, Retry-After); 0: no budget")
     drain_timeout_s: int = Field(30, ge=1, description="on SIGTERM: time allowed to finish requests in flight")
     header_timeout_s: int = Field(10, ge=1, description="seconds a request's line and headers may take from "
                                                         "their first byte (a new connection: from its opening); "

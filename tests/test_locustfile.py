@@ -28,6 +28,7 @@ BAD_ANSWERS = [
     (500, b"[1, 2, 3]", "application/json"),
     (400, b"plain refusal, not JSON", "text/plain"),
     (200, b"garbage that is not JSON", "application/json"),
+    (503, b'{"error": "busy", "reason": "overloaded"}', "application/json"),  # no Retry-After: the client can't wait
 ]
 
 
@@ -96,5 +97,6 @@ def test_the_locustfile_reports_any_bad_answer_as_a_failure_without_an_exception
     with open(f"{prefix}_failures.csv") as handle:
         errors = "\n".join(row["Error"] for row in csv.DictReader(handle))
     for expected in ("HTTP 500: (empty body)", "HTTP 500: <html><body>upstream oops", 'HTTP 500: {"detail"',
-                     "HTTP 500: [1, 2, 3]", "HTTP 400: plain refusal", "the answer is not JSON"):
+                     "HTTP 500: [1, 2, 3]", "HTTP 400: plain refusal", "the answer is not JSON",
+                     "HTTP 503 without a usable Retry-After (None)"):
         assert expected in errors, errors
