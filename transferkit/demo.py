@@ -59,28 +59,39 @@ class DemoPlan:
     alpha: float | None
     size: int
     epochs_a: int
-    epochs_b_phase1: int  # frozen base: the new head learns to read A's features
+    epochs_b_phase1: int  # frozen base: the new head learns to read A's features (one epoch: a start for phase 2)
     epochs_b_phase2: int  # every layer fine-tuned (BatchNormalization statistics frozen)
     train_per_class: int  # task B has few labels: the situation transfer learning is for
     val_per_class: int
     bench_repeats: int
     batch_size: int = 8  # small batches: more updates per epoch for networks trained on a few hundred images
     learning_rate: float = 5e-3  # model A, B's head, and the scratch baseline (one recipe for all)
-    fine_tune_lr: float = 2e-3
+    fine_tune_lr: float = 1e-3  # 3e-3 wrecked A's features on one split (0.737): a factor of 3 below that
 
     @property
     def budget_b(self) -> int:
         return self.epochs_b_phase1 + self.epochs_b_phase2
 
 
-QUICK = DemoPlan(backbone="MobileNetV2", alpha=0.35, size=48, epochs_a=10, epochs_b_phase1=2, epochs_b_phase2=6,
+QUICK = DemoPlan(backbone="MobileNetV2", alpha=0.35, size=48, epochs_a=10, epochs_b_phase1=1, epochs_b_phase2=7,
                  train_per_class=40, val_per_class=10, bench_repeats=5)
 # 48 px, not 32: at 32 px MobileNetV2's last blocks see a 1x1 map; model A reached 0.81-0.98 on task A over four
 # seeds, its features gave a linear probe on task B only 0.39-0.57 (raw pixels: 0.92), and transfer 0.86-0.96. At
-# 48 px model A reaches 0.99-1.0 in 10 epochs and transfer 0.94-0.97 over the same seeds, with 2 + 6 epochs for
-# task B. With 14 epochs the baseline closes most of the gap (transfer 0.96-0.98, scratch 0.92-0.96 over the same
-# seeds), so what transfer buys here is that accuracy within a short budget; step 7 says so (BENCHMARKS.md, "The
-# demo's results on another CPU"). The default mode trains exactly as --quick does and benchmarks with more repeats.
+# 48 px model A reaches 0.99-1.0 in 10 epochs (BENCHMARKS.md, "The demo's results on another CPU").
+# Task B: 1 epoch frozen + 7 fine-tuning at 1e-3, measured on a 2-core AMD EPYC (AVX-512, no AMX; oneDNN rounds
+# differently there than on the Intel AMX Xeon where the earlier 2 + 6 at 2e-3 gave 0.961 vs 0.878). Model A seed 42
+# (the demo's; 0.993 on task A) and 43 (0.985), task-B split seeds 0-3 (the demo's is 0), scratch 8 epochs:
+#   2 + 6, 2e-3: transfer 0.903 / 0.941 / 0.941 (A 42, splits 0-2) vs scratch 0.904 / 0.827 / 0.865: a tie on the
+#                demo's own split, the CI failure;
+#   1 + 7, 2e-3: transfer 0.916-0.957, but 3e-3 collapses (0.737 on split 0): 2e-3 sits next to a cliff;
+#   1 + 7, 1e-3 (the plan): transfer 0.940 / 0.938 / 0.933 / 0.935 (A 42, splits 0-3) and 0.941 / 0.951 (A 43, splits
+#                0 and 3) vs scratch 0.904 / 0.827 / 0.865 / 0.933: transfer - scratch +0.036 on the demo's split,
+#                +0.002 to +0.111 over all six.
+# The frozen phase buys little (A's pooled features: head alone 0.48-0.78 on validation after 2-6 epochs), the
+# fine-tuning epochs do. Scratch varies with the split (0.827-0.933 over splits 0-3), transfer much less, so the
+# margin over scratch is not the same on every split: 4 + 4, 6 + 2, a 5- or 6-epoch budget, 20 or 60 labels per digit,
+# --unfreeze 50 and a 2e-2 head rate were measured too (most on the demo's split only) and none did better there
+# without doing worse elsewhere. The default mode trains exactly as --quick does and benchmarks with more repeats.
 FULL = replace(QUICK, bench_repeats=20)
 
 
@@ -319,7 +330,8 @@ def _train_models(out: Path, plan: DemoPlan, data_a: Path, data_b: Path) -> Task
         run_a, _ = _train(TrainConfig(data=str(data_a), out=str(out / "runs" / "A_scratch"), weights="none",
                                       strategy="scratch", epochs=plan.epochs_a, **common), "model A")
 
-        _step(3, f"model B: transfer A's backbone to task B ({plan.epochs_b_phase1} epochs frozen + "
+        _step(3, f"model B: transfer A's backbone to task B ({plan.epochs_b_phase1} "
+                 f"epoch{'s' if plan.epochs_b_phase1 != 1 else ''} frozen + "
                  f"{plan.epochs_b_phase2} fine-tuning), then compare with the baseline")
         run_b, seconds_b = _train(TrainConfig(
             data=str(data_b), out=str(out / "runs" / "B_transfer"), weights=str(run_a.run_dir),
@@ -362,8 +374,9 @@ def _show_verdicts(plan: DemoPlan, runs: TaskB, served: dict) -> None:
         + (" (chance level: too few labels to learn features from)" if runs.scratch_acc <= chance + 0.1 else ""),
         f"over HTTP, {served['test_correct']} of {served['test_sent']} test images came back right "
         f"({served['test_correct'] / served['test_sent']:.1%}); of the ten shown, {served['correct']}",
-        f"what transfer buys here is a good model within a short budget: given 14 epochs instead of {plan.budget_b}, "
-        "the baseline closes most of the gap (BENCHMARKS.md, \"The demo's results on another CPU\")",
+        f"what transfer buys here is a good model within a short budget, steadily: on a 2-core AMD EPYC, over "
+        f"other label draws, the baseline ranged 0.83-0.93 in {plan.budget_b} epochs, transfer 0.93-0.95; given 14 "
+        "epochs the baseline closes most of the gap (BENCHMARKS.md, \"The demo's results on another CPU\")",
     ]
     for line in verdicts:
         logger.info("  - %s", line)
