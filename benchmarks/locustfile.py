@@ -104,12 +104,17 @@ class ImageClient(FastHttpUser):
     wait_time = between(0, 0.01)
 
     def on_start(self) -> None:
-        with self.client.get("/metadata", name="/metadata", catch_response=True) as response:
-            meta = json_body(response)
-            self.classes = meta.get("classes") if isinstance(meta, dict) else None
-            if response.status_code != 200 or not isinstance(self.classes, list):
-                response.failure(f"no class list in /metadata: {describe(response)}")
-                self.classes = []  # every answer then fails as "not a class": counted, not raised
+        while True:  # users that start together may find the server overloaded: they wait and ask again
+            with self.client.get("/metadata", name="/metadata", catch_response=True) as response:
+                if response.status_code in OVERLOAD and response.headers.get("Retry-After"):
+                    overloaded(response)
+                    continue
+                meta = json_body(response)
+                self.classes = meta.get("classes") if isinstance(meta, dict) else None
+                if response.status_code != 200 or not isinstance(self.classes, list):
+                    response.failure(f"no class list in /metadata: {describe(response)}")
+                    self.classes = []  # every answer then fails as "not a class": counted, not raised
+                return
 
     @task(20)
     def predict(self) -> None:

@@ -40,16 +40,29 @@ def estimate_decode_bytes(data: bytes, side: int, max_pixels: int) -> int:
 
 
 class DecodeGate:
-    """At most ``slots`` requests decoding at once, and at most ``budget`` estimated bytes among them."""
+    """At most ``slots`` requests decoding at once, and at most ``budget`` estimated bytes among them, admitted in
+    arrival order: a request that arrives while others wait queues behind them even if it would fit now. Without
+    that, a new arrival could take a slot freed for a waiter, again and again: in the ``inprocess`` layout this gate
+    is the queue for the compute threads, and under overload such barging left a few requests waiting 3x the median
+    (BENCHMARKS.md, "Overload")."""
 
     def __init__(self, slots: int, budget: int):
         self.slots, self.budget = slots, budget
         self.busy_slots = 0
         self.busy_bytes = 0
         self._changed: asyncio.Condition | None = None  # made inside the worker's event loop
+        self._issued = 0  # tickets handed out, in arrival order
+        self._serving = 0  # the ticket whose turn it is
+        self._abandoned: set[int] = set()  # tickets whose request gave up waiting (timeout, disconnect)
 
     def _fits(self, cost: int) -> bool:
         return self.busy_slots < self.slots and self.busy_bytes + cost <= self.budget
+
+    def _next_turn(self) -> None:
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
 
     @asynccontextmanager
     async def admit(self, cost: int, wait_s: float) -> AsyncIterator[None]:
@@ -60,13 +73,24 @@ class DecodeGate:
         if self._changed is None:
             self._changed = asyncio.Condition()
         async with self._changed:
+            ticket, self._issued = self._issued, self._issued + 1
             try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self._fits(cost)), wait_s)
-            except TimeoutError:
-                raise ServiceError(503, "busy", "the server is decoding as many large images as it can hold; "
-                                                "retry shortly", retry_after=1) from None
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self._serving == ticket and self._fits(cost)), wait_s)
+            except BaseException as exc:  # a timeout, or the client gone: the queue moves past this ticket
+                if self._serving == ticket:
+                    self._next_turn()
+                else:
+                    self._abandoned.add(ticket)
+                self._changed.notify_all()
+                if isinstance(exc, TimeoutError):
+                    raise ServiceError(503, "busy", "the server is decoding as many large images as it can "
+                                                    "hold; retry shortly", retry_after=1) from None
+                raise
+            self._next_turn()
             self.busy_slots += 1
             self.busy_bytes += cost
+            self._changed.notify_all()  # the next in line may fit too
         try:
             yield
         finally:

@@ -38,6 +38,14 @@ async def refuse(scope: Scope, receive, send, error: ServiceError, headers: Mapp
 PROBES = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
+MEAN_SHARE_OF_BUDGET = 0.5  # see LatencyBudget._refusal
+# Requests a worker admits at once before it has measured its rate (8 answers): enough for a burst of 16 clients on a
+# worker, ~1.5 s of ResNet50 on 2 cores. Without a cap, 128 users arriving together were all admitted up to
+# max_concurrency and waited 3 s: 7 % of a 40 s run's answers, its p95 and p99 (BENCHMARKS.md, "Overload"); with 4,
+# 16 users arriving together saw a few 503s.
+UNMEASURED_IN_FLIGHT = 16
+
+
 class LatencyBudget:
     """Predicts when a request admitted now would be answered: the requests in flight plus this one, divided by the
     rate at which this worker completes requests *while it has work* (a clock that runs only while something is in
@@ -63,13 +71,15 @@ class LatencyBudget:
         self._since = now if in_flight > 0 else None
         return self._busy
 
-    def started(self, in_flight: int) -> None:
+    def started(self, in_flight: int, answered: bool = False) -> None:
         """A request was admitted; ``in_flight`` counts it."""
         self._advance(in_flight)
 
-    def finished(self, in_flight: int) -> None:
-        """A request was answered; ``in_flight`` no longer counts it."""
-        self._done.append(self._advance(in_flight))
+    def finished(self, in_flight: int, answered: bool = True) -> None:
+        """A request ended; ``in_flight`` no longer counts it. Only ``answered`` ones (200) count as completions."""
+        busy = self._advance(in_flight)
+        if answered:
+            self._done.append(busy)
 
     def rate(self) -> float | None:
         """Completions per busy second over the last ``window`` (None until 8 are known)."""
@@ -79,16 +89,27 @@ class LatencyBudget:
 
     def wait_s(self, in_flight: int) -> float:
         """Seconds until a request admitted now would be answered (0 while nothing is in flight or while the rate
-        is still unknown)."""
+        is still unknown: see :meth:`refusal`)."""
         rate = self.rate()
         return 0.0 if in_flight == 0 or rate is None else (in_flight + 1) / rate
 
     def refusal(self, in_flight: int) -> ServiceError | None:
-        """The 503 for a request that would miss the budget, else None."""
+        if self.rate() is None:  # a new worker under a burst: a few at a time until its rate is measured
+            return None if in_flight < UNMEASURED_IN_FLIGHT else ServiceError(
+                503, "overloaded", "the server is measuring its speed under a burst of requests; retry after 1 s "
+                                   "or elsewhere", retry_after=1)
+        return self._refusal(in_flight)
+
+    def _refusal(self, in_flight: int) -> ServiceError | None:
+        """The 503 for a request that would miss the budget, else None. Requests are not served strictly in arrival
+        order (the decode gate wakes its waiters together, a compute thread takes whichever job is next), so the
+        slowest wait well past the mean: admission aims the mean at half the budget (ResNet50, 128 users: p99 at
+        1.5x the median when aiming at the whole budget; BENCHMARKS.md, "Overload")."""
         wait = self.wait_s(in_flight)
-        if wait <= self.budget_s:
+        target = self.budget_s * MEAN_SHARE_OF_BUDGET
+        if wait <= target:
             return None
-        retry = min(30, max(1, math.ceil(wait - self.budget_s)))
+        retry = min(30, max(1, math.ceil(wait - target)))
         return ServiceError(503, "overloaded", f"the server could not answer within its latency budget "
                                                f"({self.budget_s:g} s; about {wait:.1f} s of requests are ahead); "
                                                f"retry after {retry} s or elsewhere", retry_after=retry)
@@ -114,6 +135,7 @@ class Admission:
         self._make_loads = loads  # built on the first request: the worker's index is known by then
         self._loads: Any = None
         self.in_flight = 0
+        self.work_in_flight = 0  # POSTs: what the latency budget is about
 
     async def __call__(self, scope: Scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] in PROBES:
@@ -130,26 +152,41 @@ class Admission:
                 429, "overloaded", f"too many requests in flight (at most {self.max_in_flight} per worker); retry "
                                    f"with backoff", retry_after=1))
             return
-        refusal = self.budget.refusal(self.in_flight) if self.budget is not None else None
+        # The budget is about model work: POSTs (/predict, /v2 infer). /metadata and the like are answered in
+        # microseconds and would make the worker's rate look many times what it is.
+        work = self.budget is not None and scope.get("method") == "POST"
+        refusal = self.budget.refusal(self.work_in_flight) if work else None
         if refusal is not None:
             self.on_reject("overloaded")
             await refuse(scope, receive, send, refusal)
             return
         if self._make_loads is not None and self._loads is None:
             self._loads = self._make_loads()
-        self._count(+1)
+        self._count(+1, work)
+        status = {"code": 500}
         try:
             with self.track_request():
-                await self.app(scope, receive, send if self._loads is None else self._balancing(send))
+                await self.app(scope, receive, self._observing(send if self._loads is None else self._balancing(send),
+                                                               status))
         finally:
-            self._count(-1)
+            self._count(-1, work, answered=status["code"] == 200)
 
-    def _count(self, change: int) -> None:
+    def _count(self, change: int, work: bool, answered: bool = False) -> None:
         self.in_flight += change
-        if self.budget is not None:
-            (self.budget.started if change > 0 else self.budget.finished)(self.in_flight)
+        if work:  # only answers count as completions: a refused image costs the model nothing
+            self.work_in_flight += change
+            (self.budget.started if change > 0 else self.budget.finished)(self.work_in_flight, answered)
         if self._loads is not None:
             self._loads.set(self.in_flight)
+
+    @staticmethod
+    def _observing(send, status: dict):
+        async def send_observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        return send_observed
 
     def _balancing(self, send):
         async def send_balanced(message: Message) -> None:

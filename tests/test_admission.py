@@ -30,16 +30,17 @@ def _serve_one_at_a_time(budget: LatencyBudget, clock: Clock, count: int, second
 def test_the_rate_counts_only_busy_time():
     clock = Clock()
     budget = LatencyBudget(2.0, clock=clock)
-    assert budget.rate() is None and budget.wait_s(50) == 0.0  # nothing measured yet: admit
+    assert budget.rate() is None and budget.wait_s(50) == 0.0
+    assert budget.refusal(15) is None and budget.refusal(16).retry_after == 1  # unmeasured: a few at a time
     for _ in range(20):  # 0.1 s of work, then 10 s idle each time: the rate is 10/s, not 0.1/s
         _serve_one_at_a_time(budget, clock, 1, 0.1)
         clock.now += 10
     assert budget.rate() == pytest.approx(10.0)
     assert budget.wait_s(0) == 0.0  # an idle worker always admits
     assert budget.wait_s(9) == pytest.approx(1.0)
-    assert budget.refusal(18) is None  # 1.9 s: within the budget
+    assert budget.refusal(8) is None  # 0.9 s: within half the budget, where admission aims the mean
     refusal = budget.refusal(30)  # 3.1 s predicted
-    assert (refusal.status, refusal.reason, refusal.retry_after) == (503, "overloaded", 2)
+    assert (refusal.status, refusal.reason, refusal.retry_after) == (503, "overloaded", 3)
 
 
 def test_requests_in_parallel_raise_the_rate():
@@ -59,7 +60,7 @@ def test_a_model_slower_than_the_budget_still_answers_one_at_a_time():
     budget = LatencyBudget(2.0, clock=clock)
     _serve_one_at_a_time(budget, clock, 10, 3.0)
     assert budget.refusal(0) is None
-    assert budget.refusal(1).retry_after == 4  # (1 + 1) × 3 s − 2 s
+    assert budget.refusal(1).retry_after == 5  # (1 + 1) × 3 s − 1 s (half the budget)
 
 
 def _admission(budget_s: float, release: asyncio.Event, seen: list) -> Admission:
@@ -92,7 +93,7 @@ async def _call(admission: Admission, path: str = "/predict") -> tuple[int, dict
 def test_the_middleware_sheds_past_the_budget_and_never_the_probes():
     async def scenario():
         release, seen = asyncio.Event(), []
-        admission = _admission(0.55, release, seen)
+        admission = _admission(1.1, release, seen)  # the mean aimed at 0.55 s
         clock = Clock()
         admission.budget._clock = clock
         _serve_one_at_a_time(admission.budget, clock, 10, 0.1)  # measured: 10 requests per busy second
@@ -113,3 +114,69 @@ def test_the_middleware_sheds_past_the_budget_and_never_the_probes():
     assert status == 503 and body["reason"] == "overloaded" and "latency budget" in body["error"]
     assert headers[b"retry-after"] == b"1"
     assert seen.count("/predict") == 5  # the shed request never reached the application
+
+
+def test_the_decode_gate_admits_in_arrival_order_and_skips_who_gave_up():
+    """The gate is the in-process layout's queue for the compute threads: first come, first served (a newcomer
+    never takes a slot freed for a waiter), and a waiter that times out or disconnects leaves no hole."""
+    from transferkit.core.errors import ServiceError
+    from transferkit.service.decoding import DecodeGate
+
+    async def scenario():
+        gate, order = DecodeGate(slots=1, budget=10**9), []
+
+        async def request(name: str, hold: asyncio.Event, wait_s: float = 5.0):
+            try:
+                async with gate.admit(1, wait_s):
+                    order.append(name)
+                    await hold.wait()
+            except ServiceError as exc:
+                order.append(f"{name}: {exc.reason}")
+
+        release = {name: asyncio.Event() for name in "abcde"}
+        tasks = [asyncio.create_task(request("a", release["a"]))]
+        await asyncio.sleep(0.01)
+        tasks += [asyncio.create_task(request("b", release["b"]))]
+        await asyncio.sleep(0.01)
+        tasks += [asyncio.create_task(request("c", release["c"], wait_s=0.05))]  # gives up while "a" holds
+        await asyncio.sleep(0.01)
+        tasks += [asyncio.create_task(request("d", release["d"]))]
+        gone = asyncio.create_task(request("e", release["e"]))  # its client disconnects while it waits
+        await asyncio.sleep(0.1)
+        gone.cancel()
+        release["a"].set()  # frees the slot; a newcomer arriving now must queue behind "b" and "d"
+        tasks += [asyncio.create_task(request("f", asyncio.Event()))]
+        await asyncio.sleep(0.01)
+        release["b"].set()
+        await asyncio.sleep(0.01)
+        release["d"].set()
+        await asyncio.sleep(0.01)
+        return order
+
+    assert asyncio.run(scenario()) == ["a", "c: busy", "b", "d", "f"]
+
+
+def test_a_newcomer_that_would_fit_still_queues_behind_a_waiter():
+    from transferkit.service.decoding import DecodeGate
+
+    async def scenario():
+        gate, order, hold = DecodeGate(slots=2, budget=10), [], asyncio.Event()
+
+        async def request(name: str, cost: int):
+            async with gate.admit(cost, 5.0):
+                order.append(name)
+                await hold.wait()
+
+        tasks = [asyncio.create_task(request("big", 6))]
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(request("second big", 6)))  # waits: 12 of 10 bytes
+        await asyncio.sleep(0.01)
+        tasks.append(asyncio.create_task(request("small", 1)))  # would fit now, beside "big"
+        await asyncio.sleep(0.05)
+        admitted_before_release = list(order)
+        hold.set()
+        await asyncio.gather(*tasks)
+        return admitted_before_release, order
+
+    before, order = asyncio.run(scenario())
+    assert before == ["big"] and order == ["big", "second big", "small"]

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +25,30 @@ GPU_WHEEL_PLATFORMS = {"linux-x86_64", "windows-x86_64"}  # where onnxruntime-gp
 BASE_MB_LIMIT = 700  # issue 24's target for the base install with onnxruntime-gpu
 
 
-def resolve(platform: str, python: str, extra: str | None) -> subprocess.CompletedProcess:
+RESOLUTIONS = [(platform, python, "train") for platform in sorted(PLATFORMS) for python in PYTHONS]
+RESOLUTIONS += [(platform, PYTHONS[-1], None) for platform in sorted(PLATFORMS)]
+
+
+def start_resolution(platform: str, python: str, extra: str | None) -> subprocess.Popen:
     """`uv pip compile` of pyproject.toml for a platform, wheels only (--no-build: nothing compiles from source)."""
     command = [sys.executable, "-m", "uv", "pip", "compile", str(REPO / "pyproject.toml"), "--no-build", "-q",
                "--no-header", "--python-platform", PLATFORMS[platform], "--python-version", python]
     env = {**os.environ, "MACOSX_DEPLOYMENT_TARGET": "14.0"}
-    return subprocess.run(command + (["--extra", extra] if extra else []), capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.Popen(command + (["--extra", extra] if extra else []), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def resolutions() -> Iterator[dict[tuple, subprocess.Popen]]:
+    """Every resolution starts with the module and runs while its tests build and use the base virtualenv: a
+    resolution mostly waits on the package index, and that wait overlaps the module's CPU work (checked by the last
+    test of the file)."""
+    started = {case: start_resolution(*case) for case in RESOLUTIONS}
+    yield started
+    for process in started.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 def pinned(output: str) -> dict[str, str]:
@@ -38,12 +56,13 @@ def pinned(output: str) -> dict[str, str]:
     return dict(line.split("==") for line in lines if "==" in line)
 
 
-def check_resolution(platform: str, python: str, extra: str | None) -> None:
+def check_resolution(case: tuple, process: subprocess.Popen) -> None:
     """One wheels-only resolution: exactly one of the two onnxruntime wheels, the right one for the platform; the
     base without TensorFlow or any other extra's packages, `[train]` with them."""
-    result = resolve(platform, python, extra)
-    assert result.returncode == 0, (platform, python, extra, result.stderr[-2000:])
-    versions = pinned(result.stdout)
+    platform, python, extra = case
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, (platform, python, extra, stderr[-2000:])
+    versions = pinned(stdout)
     runtime = "onnxruntime-gpu" if platform in GPU_WHEEL_PLATFORMS else "onnxruntime"
     other = "onnxruntime" if runtime == "onnxruntime-gpu" else "onnxruntime-gpu"
     assert runtime in versions and other not in versions, (platform, extra, versions)
@@ -52,19 +71,6 @@ def check_resolution(platform: str, python: str, extra: str | None) -> None:
         assert training <= set(versions), (platform, python, versions)
     else:
         assert not (training | {"locust", "scipy", "ray"}) & set(versions), (platform, versions)
-
-
-def test_base_and_train_resolve_on_every_platform():
-    """Linux x86_64 and aarch64, Windows x86_64, macOS arm64: `[train]` for Python 3.11 and 3.12, the base for 3.12
-    (a `[train]` resolution also satisfies the base, whose requirements it contains). Resolutions run side by side:
-    each mostly waits on the package index."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    cases = [(platform, python, "train") for platform in sorted(PLATFORMS) for python in PYTHONS]
-    cases += [(platform, PYTHONS[-1], None) for platform in sorted(PLATFORMS)]
-    with ThreadPoolExecutor(len(cases)) as pool:
-        for future in [pool.submit(check_resolution, *case) for case in cases]:
-            future.result()
 
 
 # ---- a virtualenv with the base install only ------------------------------------------------------------------------
@@ -239,3 +245,11 @@ def test_the_base_install_builds_a_cpu_bento_without_the_checkout(base_venv, bun
     assert "onnxruntime==1.31.1" in requirements and "onnxruntime-gpu" not in requirements
     assert "tensorflow" not in requirements and not (bento / "src" / "transferkit" / "export").exists()
     assert (bento / "src" / "transferkit" / "core" / "predictors.py").is_file()
+
+
+def test_base_and_train_resolve_on_every_platform(resolutions):
+    """Linux x86_64 and aarch64, Windows x86_64, macOS arm64: `[train]` for Python 3.11 and 3.12, the base for 3.12
+    (a `[train]` resolution also satisfies the base, whose requirements it contains). Last in the file: the
+    resolutions started with the module."""
+    for case, process in resolutions.items():
+        check_resolution(case, process)
