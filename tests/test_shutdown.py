@@ -127,9 +127,10 @@ def drain_under_load(srv: Server) -> Drain:
 def drained(request, bundle, tmp_path_factory) -> Drain:
     """One loaded server per layout, SIGTERMed (``batched`` is the GPU layout, forced on CPU)."""
     log = tmp_path_factory.mktemp("shutdown") / f"{request.param}.log"
-    # One decode at a time per worker and a long timeout: requests queue (in flight) instead of being refused busy.
+    # One decode at a time per worker, a long timeout and no latency budget: requests queue (in flight) instead of
+    # being refused busy or overloaded.
     srv = Server(bundle, log, layout=request.param, max_concurrency=256, decode_concurrency=1, timeout_s=120,
-                 drain_timeout_s=DRAIN_TIMEOUT_S)
+                 drain_timeout_s=DRAIN_TIMEOUT_S, latency_budget_ms=0)
     try:
         yield drain_under_load(srv)
     finally:
@@ -160,7 +161,7 @@ def test_readiness_turns_503_while_liveness_stays_200_during_the_drain(drained):
 def test_kill_9_of_a_model_worker_under_load_gives_no_500_and_readiness_returns(bundle, tmp_path):
     # As inside a bento's container (BENTOML_CONTAINERIZED, where BentoML alone would not respawn a dead worker).
     srv = Server(bundle, tmp_path / "kill9.log", env={"BENTOML_CONTAINERIZED": "true"}, layout="batched",
-                 model_workers=2, max_concurrency=256)
+                 model_workers=2, max_concurrency=256, latency_budget_ms=0)  # the load is held, never shed
     try:
         srv.wait_ready()
         model_workers = srv.workers("transferkit-model")
