@@ -101,10 +101,10 @@ class LatencyBudget:
         return self._refusal(in_flight)
 
     def _refusal(self, in_flight: int) -> ServiceError | None:
-        """The 503 for a request that would miss the budget, else None. Requests are not served strictly in arrival
-        order (the decode gate wakes its waiters together, a compute thread takes whichever job is next), so the
-        slowest wait well past the mean: admission aims the mean at half the budget (ResNet50, 128 users: p99 at
-        1.5x the median when aiming at the whole budget; BENCHMARKS.md, "Overload")."""
+        """The 503 for a request that would miss the budget, else None. The prediction is a mean, and requests do
+        not all take the mean (the images they carry, the event loop answering refusals between them), so admission
+        aims the mean at half the budget (ResNet50, 128 users: p99 at 1.5x the median when aiming at the whole
+        budget; BENCHMARKS.md, "Overload")."""
         wait = self.wait_s(in_flight)
         target = self.budget_s * MEAN_SHARE_OF_BUDGET
         if wait <= target:
