@@ -71,7 +71,7 @@ class LatencyBudget:
         self._since = now if in_flight > 0 else None
         return self._busy
 
-    def started(self, in_flight: int, answered: bool = False) -> None:
+    def started(self, in_flight: int) -> None:
         """A request was admitted; ``in_flight`` counts it."""
         self._advance(in_flight)
 
@@ -175,7 +175,10 @@ class Admission:
         self.in_flight += change
         if work:  # only answers count as completions: a refused image costs the model nothing
             self.work_in_flight += change
-            (self.budget.started if change > 0 else self.budget.finished)(self.work_in_flight, answered)
+            if change > 0:
+                self.budget.started(self.work_in_flight)
+            else:
+                self.budget.finished(self.work_in_flight, answered)
         if self._loads is not None:
             self._loads.set(self.in_flight)
 
