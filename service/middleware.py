@@ -38,12 +38,8 @@ async def refuse(scope: Scope, receive, send, error: ServiceError, headers: Mapp
 PROBES = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
-MEAN_SHARE_OF_BUDGET = 0.5  # see LatencyBudget._refusal
-# Requests a worker admits at once before it has measured its rate (8 answers): enough for a burst of 16 clients on a
-# worker, ~1.5 s of ResNet50 on 2 cores. Without a cap, 128 users arriving together were all admitted up to
-# max_concurrency and waited 3 s: 7 % of a 40 s run's answers, its p95 and p99 (BENCHMARKS.md, "Overload"); with 4,
-# 16 users arriving together saw a few 503s.
-UNMEASURED_IN_FLIGHT = 16
+MEAN_SHARE_OF_BUDGET = 0.5  # see LatencyBudget.refusal
+MEASURED_AFTER = 8  # answers before the measured rate replaces the warm-up's estimate
 
 
 class LatencyBudget:
@@ -55,11 +51,17 @@ class LatencyBudget:
     Shedding at admission is what keeps the accepted requests' latency bounded: a request refused here costs no body
     read, no decode and no inference, so the work the server does is all work it can finish in time, and a load
     balancer or client can go elsewhere at once (Retry-After: when the queue ahead should have drained). A worker with
-    nothing in flight always admits (a model slower than the budget still answers one request at a time)."""
+    nothing in flight always admits (a model slower than the budget still answers one request at a time).
 
-    def __init__(self, budget_s: float, window: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
+    Until :data:`MEASURED_AFTER` answers are known, ``estimate()`` stands in: the rate the worker's model showed when
+    it was warmed (inference alone, so an optimistic figure: a burst on a new worker is admitted rather than guessed
+    away). Without an estimate (the model runs in another process) nothing is refused until the rate is measured."""
+
+    def __init__(self, budget_s: float, window: int = 64, clock: Callable[[], float] = time.monotonic,
+                 estimate: Callable[[], float | None] = lambda: None) -> None:
         self.budget_s = budget_s
         self._clock = clock
+        self._estimate = estimate
         self._busy = 0.0  # seconds with at least one request in flight
         self._since: float | None = None  # when in-flight last changed, while it is > 0
         self._done: deque[float] = deque(maxlen=window)  # the busy clock at each of the last completions
@@ -82,25 +84,19 @@ class LatencyBudget:
             self._done.append(busy)
 
     def rate(self) -> float | None:
-        """Completions per busy second over the last ``window`` (None until 8 are known)."""
-        if len(self._done) < 8 or self._done[-1] <= self._done[0]:
-            return None
+        """Completions per busy second over the last ``window``; until :data:`MEASURED_AFTER` are known, the
+        warm-up's estimate (None without one)."""
+        if len(self._done) < MEASURED_AFTER or self._done[-1] <= self._done[0]:
+            return self._estimate()
         return (len(self._done) - 1) / (self._done[-1] - self._done[0])
 
     def wait_s(self, in_flight: int) -> float:
-        """Seconds until a request admitted now would be answered (0 while nothing is in flight or while the rate
-        is still unknown: see :meth:`refusal`)."""
+        """Seconds until a request admitted now would be answered (0 while nothing is in flight or while no rate is
+        known)."""
         rate = self.rate()
-        return 0.0 if in_flight == 0 or rate is None else (in_flight + 1) / rate
+        return 0.0 if in_flight == 0 or not rate else (in_flight + 1) / rate
 
     def refusal(self, in_flight: int) -> ServiceError | None:
-        if self.rate() is None:  # a new worker under a burst: a few at a time until its rate is measured
-            return None if in_flight < UNMEASURED_IN_FLIGHT else ServiceError(
-                503, "overloaded", "the server is measuring its speed under a burst of requests; retry after 1 s "
-                                   "or elsewhere", retry_after=1)
-        return self._refusal(in_flight)
-
-    def _refusal(self, in_flight: int) -> ServiceError | None:
         """The 503 for a request that would miss the budget, else None. The prediction is a mean, and requests do
         not all take the mean (the images they carry, the event loop answering refusals between them), so admission
         aims the mean at half the budget (ResNet50, 128 users: p99 at 1.5x the median when aiming at the whole
@@ -124,9 +120,10 @@ class Admission:
 
     def __init__(self, app: ASGIApp, max_in_flight: int, is_draining: Callable[[], bool], track_request,
                  on_reject: Callable[[str], None] | None = None, loads: Callable[[], Any] | None = None,
-                 on_hand_back: Callable[[], None] | None = None, latency_budget_s: float = 0.0):
+                 on_hand_back: Callable[[], None] | None = None, latency_budget_s: float = 0.0,
+                 estimated_rate: Callable[[], float | None] = lambda: None):
         self.app = app
-        self.budget = LatencyBudget(latency_budget_s) if latency_budget_s > 0 else None
+        self.budget = LatencyBudget(latency_budget_s, estimate=estimated_rate) if latency_budget_s > 0 else None
         self.on_hand_back = on_hand_back or (lambda: None)
         self.max_in_flight = max_in_flight
         self.is_draining = is_draining

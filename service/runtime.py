@@ -48,6 +48,7 @@ class ModelRuntime:
         self.predictor: Any = None
         self.manifest: Any = None
         self.load_seconds: float | None = None
+        self.warm_seconds: float | None = None  # one image's inference once warm: admission's first estimate
         self.settled = threading.Event()  # set once loading has succeeded or failed
         # The threads that run decoding and inference: one per session thread keeps a worker from running more
         # work at once than its share of the cores (a queue on the event loop is cheaper than preempted threads).
@@ -74,6 +75,7 @@ class ModelRuntime:
                 probabilities = predictor(np.zeros((batch, size, size, 3), np.uint8))
                 if not np.isfinite(probabilities).all():
                     raise TransferkitError(f"the {self.backend} model returns non-finite probabilities")
+            self.warm_seconds = _fastest_call(predictor, np.zeros((1, size, size, 3), np.uint8))
         except Exception as exc:  # any failure must keep the service unready, with the reason in the log
             self.error = str(exc) if isinstance(exc, TransferkitError) else f"{type(exc).__name__}: {exc}"
             self.state = "failed"
@@ -91,6 +93,11 @@ class ModelRuntime:
     @property
     def ready(self) -> bool:
         return self.state == "ready"
+
+    def estimated_rate(self) -> float | None:
+        """Requests per second this worker could answer, from the warm inference time and its compute threads (an
+        upper bound: decoding is not counted); None until warm."""
+        return self.executor._max_workers / self.warm_seconds if self.warm_seconds else None
 
     def check(self) -> None:
         """Raise :class:`ModelUnavailable` unless the model can answer now."""
@@ -150,10 +157,21 @@ class ModelRuntime:
                 "input_dtype": str(getattr(self.predictor, "input_dtype", "float32")),
                 "cuda": getattr(self.predictor, "cuda_note", "n/a") or "loaded",
                 "warmup_batch_sizes": self.batch_sizes, "load_seconds": self.load_seconds,
+                "warm_inference_seconds": round(self.warm_seconds, 5),
                 **({"microbatch": {"max_batch": self.batcher.max_batch, "model_calls": self.batch_images[0],
                                    "images": self.batch_images[1],
                                    "mean_batch": round(self.batch_images[1] / max(1, self.batch_images[0]), 2)}}
                    if self.batcher else {})}
+
+
+def _fastest_call(predictor, pixels: np.ndarray, calls: int = 3) -> float:
+    """The fastest of a few calls, in seconds: the warm time without a scheduler's hiccup."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        predictor(pixels)
+        times.append(time.perf_counter() - start)
+    return max(min(times), 1e-6)
 
 
 def resolve_bundle(model_ref, configured: str | None) -> Path:

@@ -347,12 +347,23 @@ async def _classify(model, pixels: np.ndarray, attempts: int = 3):
     raise AssertionError("unreachable")
 
 
+def _estimated_rate() -> float | None:
+    """The worker's own model's rate once warm (in-process layouts); None where the model runs in another process
+    or before the service is built."""
+    try:
+        runtime = getattr(bentoml.get_current_service(), "runtime", None)
+    except bentoml.exceptions.BentoMLException:
+        return None
+    return runtime.estimated_rate() if runtime is not None else None
+
+
 ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service(), SETTINGS, PLAN, CHOICE),
                                    path="/")(ImageClassifier)
 ImageClassifier.add_asgi_middleware(
     Admission, max_in_flight=-(-SETTINGS.max_concurrency // PLAN.entry_workers),
     is_draining=lifecycle.is_draining, track_request=lifecycle.track_request, on_reject=metrics.rejected,
     on_hand_back=metrics.handed_back, latency_budget_s=SETTINGS.latency_budget_ms / 1000,
+    estimated_rate=_estimated_rate,
     # Several workers computing behind one socket: the busier hands keep-alive clients back (service/balance.py).
     loads=(lambda: WorkerLoads(PLAN.entry_workers, _worker_index()))
     if PLAN.layout in ("inprocess", "microbatch") and PLAN.entry_workers > 1 else None,

@@ -31,7 +31,7 @@ def test_the_rate_counts_only_busy_time():
     clock = Clock()
     budget = LatencyBudget(2.0, clock=clock)
     assert budget.rate() is None and budget.wait_s(50) == 0.0
-    assert budget.refusal(15) is None and budget.refusal(16).retry_after == 1  # unmeasured: a few at a time
+    assert budget.refusal(60) is None  # no estimate and nothing measured: nothing to refuse on
     for _ in range(20):  # 0.1 s of work, then 10 s idle each time: the rate is 10/s, not 0.1/s
         _serve_one_at_a_time(budget, clock, 1, 0.1)
         clock.now += 10
@@ -41,6 +41,17 @@ def test_the_rate_counts_only_busy_time():
     assert budget.refusal(8) is None  # 0.9 s: within half the budget, where admission aims the mean
     refusal = budget.refusal(30)  # 3.1 s predicted
     assert (refusal.status, refusal.reason, refusal.retry_after) == (503, "overloaded", 3)
+
+
+def test_the_warm_up_estimate_stands_in_until_eight_answers_are_measured():
+    clock = Clock()
+    budget = LatencyBudget(2.0, clock=clock, estimate=lambda: 20.0)  # warm inference: 50 ms a request
+    assert budget.rate() == 20.0 and budget.refusal(18) is None  # (18 + 1) / 20 = 0.95 s: within half the budget
+    assert budget.refusal(21).retry_after == 1  # 1.1 s
+    _serve_one_at_a_time(budget, clock, 7, 0.5)  # the real rate is 2/s: 7 answers are not yet a measurement
+    assert budget.rate() == 20.0
+    _serve_one_at_a_time(budget, clock, 1, 0.5)
+    assert budget.rate() == pytest.approx(2.0) and budget.refusal(1) is None and budget.refusal(2) is not None
 
 
 def test_requests_in_parallel_raise_the_rate():
