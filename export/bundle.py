@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from transferkit.core.manifest import (
 )
 from transferkit.core.stopping import raise_if_stop_requested
 from transferkit.core.system import library_versions
+from transferkit.export.quantize import METHODS as INT8_METHODS
 from transferkit.export.validate import MIN_IMAGES, engine_backends, validate_bundle
 from transferkit.training.rundir import read_config, read_labels, read_metrics, split_files
 
@@ -161,13 +162,13 @@ def resize_rule() -> ResizeRule:
     return ResizeRule(library_version=importlib.metadata.version("pillow"))
 
 
-def _format_entry(bundle_dir: Path, name: str, opset: int) -> FormatEntry:
+def _format_entry(bundle_dir: Path, name: str, opset: int, quantization: dict | None = None) -> FormatEntry:
     from transferkit.export.convert import INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
 
     digest, size, count = sha256_path(bundle_dir / FORMAT_FILES[name])
     return FormatEntry(file=FORMAT_FILES[name], sha256=digest, bytes=size, files=count, input_name=INPUT_NAME,
                        input_dtype=INPUT_DTYPE, output_name=OUTPUT_NAME, precision=FORMAT_PRECISION[name],
-                       opset=None if name == "savedmodel" else opset)
+                       opset=None if name == "savedmodel" else opset, quantization=quantization)
 
 
 def register_bundle(bundle_dir: Path, manifest: Manifest) -> str:
@@ -222,6 +223,7 @@ def export_model(
     force: bool = False,
     log: Log | None = None,
     preprocessing: str | None = None,
+    int8_method: str = "minmax",
 ) -> ExportResult:
     """Write, validate, describe and register a bundle for a transferkit classifier (see the module docstring).
 
@@ -236,15 +238,19 @@ def export_model(
     formats = list(formats)
     if "onnx-int8" in formats and (calibration is None or len(calibration) == 0):
         raise UsageError("onnx-int8 needs calibration images (the run's training split)")
+    if int8_method not in INT8_METHODS:
+        raise UsageError(f"--int8-calibration {int8_method!r}: choose one of {', '.join(INT8_METHODS)}")
     name = store_name(name or f"{row.name}-{out.name}")
     check_output_dir(out, force)
     seconds: dict[str, float] = {}
     tag = None
     try:
         with atomic_output_dir(out, force) as staging:
-            seconds.update(_write_formats(model, staging, formats, image_size, opset, calibration, log,
-                                          class_names))
-            entries = {fmt: _format_entry(staging, fmt, opset) for fmt in BACKENDS if fmt in formats}
+            written = _write_formats(model, staging, formats, image_size, opset, calibration, log, class_names,
+                                     int8_method)
+            seconds.update(written.seconds)
+            entries = {fmt: _format_entry(staging, fmt, opset, written.quantization.get(fmt))
+                       for fmt in BACKENDS if fmt in formats}
             start = time.perf_counter()
             report = _validate(model, staging, entries, validation, row.name)
             seconds["validation"] = round(time.perf_counter() - start, 2)
@@ -271,35 +277,43 @@ def export_model(
     return ExportResult(bundle_dir=Path(out).absolute(), manifest=manifest, tag=tag, seconds=seconds)
 
 
+@dataclass
+class Written:
+    seconds: dict[str, float] = field(default_factory=dict)  # per format
+    quantization: dict[str, dict] = field(default_factory=dict)  # how the int8 file was made (export/quantize.py)
+
+
 def _write_formats(model, staging: Path, formats: list[str], image_size: int, opset: int,
-                   calibration: np.ndarray | None, log: Log, class_names: list[str] | None = None
-                   ) -> dict[str, float]:
+                   calibration: np.ndarray | None, log: Log, class_names: list[str] | None = None,
+                   int8_method: str = "minmax") -> Written:
     """Write each of ``formats`` into ``staging`` (ONNX too when fp16 or int8 is asked for: their source), and
-    record ``class_names`` in every ONNX file's metadata (before any checksum is taken); returns the seconds each
-    took."""
+    record ``class_names`` in every ONNX file's metadata (before any checksum is taken)."""
     from transferkit.export import convert
+    from transferkit.export.quantize import write_onnx_int8
+
+    written = Written()
 
     onnx_path = staging / FORMAT_FILES["onnx"]
     writers = {
         "savedmodel": lambda: convert.write_saved_model(model, image_size, staging / "saved_model"),
         "onnx": lambda: convert.write_onnx(model, image_size, onnx_path, opset),
         "onnx-fp16": lambda: convert.write_onnx_fp16(onnx_path, staging / FORMAT_FILES["onnx-fp16"]),
-        "onnx-int8": lambda: convert.write_onnx_int8(onnx_path, staging / FORMAT_FILES["onnx-int8"], calibration),
+        "onnx-int8": lambda: written.quantization.setdefault("onnx-int8", write_onnx_int8(
+            onnx_path, staging / FORMAT_FILES["onnx-int8"], calibration, int8_method).describe()),
     }
     onnx_needed = any(f.startswith("onnx") for f in formats)
-    seconds = {}
     for fmt, write in writers.items():
         if fmt in formats or (fmt == "onnx" and onnx_needed):
             log(f"writing {fmt} ({FORMAT_FILES[fmt]})")
             start = time.perf_counter()
             write()
             raise_if_stop_requested()  # tf2onnx's garbage collection can swallow a SIGTERM (core/stopping.py)
-            seconds[fmt] = round(time.perf_counter() - start, 2)
+            written.seconds[fmt] = round(time.perf_counter() - start, 2)
     if class_names is not None:
         for fmt in writers:
             if fmt.startswith("onnx") and (staging / FORMAT_FILES[fmt]).is_file():
                 convert.label_onnx(staging / FORMAT_FILES[fmt], class_names)
-    return seconds
+    return written
 
 
 def _validate(model, staging: Path, entries: dict[str, FormatEntry], validation: ValidationImages,
@@ -370,6 +384,7 @@ def export_run(
     force: bool = False,
     data_root: Path | None = None,
     log: Log | None = None,
+    int8_method: str = "minmax",
 ) -> ExportResult:
     """Export the model of a training run directory; validation images come from the run's ``split.json``."""
     log = log or logger.info
@@ -408,5 +423,5 @@ def export_run(
         model, out=Path(out), backbone=config.backbone, image_size=size, class_names=class_names,
         validation=validation, calibration=calibration, formats=formats, opset=opset,
         name=name or run_dir.name, training=training, register=register, allow_mismatch=allow_mismatch,
-        force=force, log=log,
+        force=force, log=log, int8_method=int8_method,
     )

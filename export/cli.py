@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transferkit.core.console import print_summary
 from transferkit.core.manifest import BACKENDS
+from transferkit.export.quantize import METHODS as INT8_METHODS
 
 MODEL_FLAGS = ("labels", "image_size", "preprocessing", "outputs")  # a model file's; a run directory records them
 
@@ -61,6 +62,11 @@ def add_export_parser(subparsers) -> None:
                         "split.json). MODEL.keras (required): a folder of class sub-folders of images (or "
                         "train/val/test of them) to validate on; up to 512 images are taken evenly across classes")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--int8-calibration", choices=INT8_METHODS, default="minmax",
+                   help="how onnx-int8 sets each activation's range from the calibration images: minmax (every "
+                        "value seen; default), entropy or percentile (clip long tails). The file is uint8 "
+                        "activations x int8 per-channel weights, the form x86 int8 kernels run fastest; nodes that "
+                        "quantize worst stay float until int8 agrees with fp32 (see the manifest's quantization)")
     model = p.add_argument_group("a Keras model file (MODEL.keras) only")
     model.add_argument("--labels", type=Path, metavar="LABELS.json",
                        help="a JSON list of class names in the order of the model's outputs (default: the sorted "
@@ -96,7 +102,7 @@ def run_export(args: argparse.Namespace) -> int:
     from transferkit.export.bundle import export_run
 
     result = export_run(args.source, args.out, formats, args.opset, args.name, not args.no_register,
-                        args.allow_mismatch, args.force, args.data)
+                        args.allow_mismatch, args.force, args.data, int8_method=args.int8_calibration)
     _print_result(result)
     return 0
 
@@ -128,7 +134,7 @@ def _export_model_file(args: argparse.Namespace, formats: list[str]) -> int:
     spec = ForeignModel(path=args.source, data=args.data, labels=args.labels, image_size=args.image_size,
                         preprocessing=args.preprocessing or "none", outputs=args.outputs or "auto")
     result = export_foreign(spec, args.out, formats, args.opset, args.name, not args.no_register,
-                            args.allow_mismatch, args.force)
+                            args.allow_mismatch, args.force, int8_method=args.int8_calibration)
     _print_result(result)
     return 0
 
@@ -143,6 +149,13 @@ def _print_result(result) -> None:
                                f"{m.training['outputs']}, preprocessing: {m.preprocessing['mode']})"))
     for fmt, entry in m.formats.items():
         rows.append((fmt, f"{entry.file}  {entry.bytes / 1e6:.2f} MB  sha256 {entry.sha256[:12]}…"))
+    int8 = m.formats["onnx-int8"].quantization if "onnx-int8" in m.formats else None
+    if int8:
+        kept = len(int8["excluded_nodes"])
+        rows.append(("int8", f"{int8['activations']} activations x {int8['weights']} weights, {int8['method']} "
+                             f"ranges{', 7-bit weights (no VNNI here)' if int8['reduce_range'] else ''}; "
+                             f"{kept} node(s) kept in float; agrees with fp32 on "
+                             f"{int8['calibration_agreement']:.1%} of the calibration images' decisive answers"))
     verdict = "passed" if m.validation and m.validation.passed else "FAILED (published with --allow-mismatch)"
     rows.append(("validation", f"{verdict} on {m.validation.images} {m.validation.source} images"))
     keras_accuracy = m.validation.formats[0].keras_accuracy if m.validation.formats else None

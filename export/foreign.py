@@ -280,6 +280,7 @@ def export_foreign(
     allow_mismatch: bool = False,
     force: bool = False,
     log: Log | None = None,
+    int8_method: str = "minmax",
 ) -> ExportResult:
     """Export the Keras model file ``spec.path`` as a bundle, validated on the images of ``spec.data``."""
     from transferkit.core.atomic import check_output_dir
@@ -318,5 +319,5 @@ def export_foreign(
         wrapped, out=Path(out), backbone=row, image_size=size, class_names=class_names, validation=validation,
         calibration=calibration, formats=formats, opset=opset, name=name or spec.path.stem,
         training=_training_record(spec, model, kind), register=register, allow_mismatch=allow_mismatch,
-        force=force, log=log, preprocessing=mode,
+        force=force, log=log, preprocessing=mode, int8_method=int8_method,
     )

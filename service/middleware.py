@@ -38,7 +38,7 @@ async def refuse(scope: Scope, receive, send, error: ServiceError, headers: Mapp
 PROBES = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
 
-MEAN_SHARE_OF_BUDGET = 0.5  # see LatencyBudget.refusal
+MEAN_SHARE_OF_BUDGET = 0.7  # see LatencyBudget.refusal
 MEASURED_AFTER = 8  # answers before the measured rate replaces the warm-up's estimate
 
 

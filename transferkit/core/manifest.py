@@ -90,6 +90,7 @@ class FormatEntry(BaseModel):
     output_dtype: Literal["float32"] = "float32"
     precision: Literal["fp32", "fp16", "int8"]
     opset: int | None = None
+    quantization: dict[str, Any] | None = None  # int8: method, signedness, excluded nodes (export/quantize.py)
 
 
 class DocumentEntry(BaseModel):
