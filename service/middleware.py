@@ -99,8 +99,9 @@ class LatencyBudget:
     def refusal(self, in_flight: int) -> ServiceError | None:
         """The 503 for a request that would miss the budget, else None. The prediction is a mean, and requests do
         not all take the mean (the images they carry, the event loop answering refusals between them), so admission
-        aims the mean at half the budget (ResNet50, 128 users: p99 at 1.5x the median when aiming at the whole
-        budget; BENCHMARKS.md, "Overload")."""
+        aims the mean at 0.7 of the budget (ResNet50, 128 users: p99 1.7 s with a 2 s budget; aiming at the whole
+        budget put p99 at 1.5x the median, at half of it a 16-user load saw a request shed; BENCHMARKS.md,
+        "Overload")."""
         wait = self.wait_s(in_flight)
         target = self.budget_s * MEAN_SHARE_OF_BUDGET
         if wait <= target:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from transferkit.service.middleware import Admission, LatencyBudget
+from transferkit.service.middleware import MEAN_SHARE_OF_BUDGET, Admission, LatencyBudget
 
 
 class Clock:
@@ -38,16 +38,17 @@ def test_the_rate_counts_only_busy_time():
     assert budget.rate() == pytest.approx(10.0)
     assert budget.wait_s(0) == 0.0  # an idle worker always admits
     assert budget.wait_s(9) == pytest.approx(1.0)
-    assert budget.refusal(8) is None  # 0.9 s: within half the budget, where admission aims the mean
-    refusal = budget.refusal(30)  # 3.1 s predicted
-    assert (refusal.status, refusal.reason, refusal.retry_after) == (503, "overloaded", 3)
+    assert budget.refusal(12) is None  # 1.3 s: within 0.7 of the budget (1.4 s), where admission aims the mean
+    assert budget.refusal(14) is not None  # 1.5 s
+    refusal = budget.refusal(30)  # 3.1 s predicted: 1.7 s past the aim
+    assert (refusal.status, refusal.reason, refusal.retry_after) == (503, "overloaded", 2)
 
 
 def test_the_warm_up_estimate_stands_in_until_eight_answers_are_measured():
     clock = Clock()
     budget = LatencyBudget(2.0, clock=clock, estimate=lambda: 20.0)  # warm inference: 50 ms a request
-    assert budget.rate() == 20.0 and budget.refusal(18) is None  # (18 + 1) / 20 = 0.95 s: within half the budget
-    assert budget.refusal(21).retry_after == 1  # 1.1 s
+    assert budget.rate() == 20.0 and budget.refusal(26) is None  # (26 + 1) / 20 = 1.35 s: within 0.7 of the budget
+    assert budget.refusal(28).retry_after == 1  # 1.45 s
     _serve_one_at_a_time(budget, clock, 7, 0.5)  # the real rate is 2/s: 7 answers are not yet a measurement
     assert budget.rate() == 20.0
     _serve_one_at_a_time(budget, clock, 1, 0.5)
@@ -71,7 +72,7 @@ def test_a_model_slower_than_the_budget_still_answers_one_at_a_time():
     budget = LatencyBudget(2.0, clock=clock)
     _serve_one_at_a_time(budget, clock, 10, 3.0)
     assert budget.refusal(0) is None
-    assert budget.refusal(1).retry_after == 5  # (1 + 1) × 3 s − 1 s (half the budget)
+    assert budget.refusal(1).retry_after == 5  # (1 + 1) × 3 s − 1.4 s (0.7 of the budget), rounded up
 
 
 def _admission(budget_s: float, release: asyncio.Event, seen: list) -> Admission:
@@ -104,7 +105,7 @@ async def _call(admission: Admission, path: str = "/predict") -> tuple[int, dict
 def test_the_middleware_sheds_past_the_budget_and_never_the_probes():
     async def scenario():
         release, seen = asyncio.Event(), []
-        admission = _admission(1.1, release, seen)  # the mean aimed at 0.55 s
+        admission = _admission(0.55 / MEAN_SHARE_OF_BUDGET, release, seen)  # the mean aimed at 0.55 s
         clock = Clock()
         admission.budget._clock = clock
         _serve_one_at_a_time(admission.budget, clock, 10, 0.1)  # measured: 10 requests per busy second

@@ -2,7 +2,8 @@
 
 Why a second engine: on a CPU with AMX or AVX-512 BF16, OpenVINO computes convolutions in bfloat16 on the matrix
 engine (ResNet50 at batch 8: 282 images/s against onnxruntime fp32's 46 on two Xeon cores, BENCHMARKS.md), and
-runs the int8 file's quantized operations with VNNI/AMX kernels (not faster than f32 here yet: BENCHMARKS.md).
+runs the int8 file's quantized operations with VNNI/AMX kernels (ResNet50 on an AMD EPYC with AVX-512 VNNI: 2.6x
+its own f32, a little behind onnxruntime's int8 there; BENCHMARKS.md, "int8").
 The bundle needs no new file: OpenVINO reads the same ONNX graphs, uint8 input and preprocessing included.
 
 OpenVINO is an optional extra (``transferkit[openvino]``), imported only through :func:`openvino_module`, which keeps
