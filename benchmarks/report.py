@@ -19,11 +19,32 @@ def _fmt(value, digits: int = 2) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+FP32_REFERENCE = "onnx"  # what int8, fp16 and bf16 rows are compared with: the same model's fp32 ONNX
+
+
+def versus_fp32(rows: list[Row], batch_sizes: list[int]) -> dict[int, dict]:
+    """Per row (by ``id``): images/s ÷ the same model's fp32 ONNX row per batch size, and the top-1 change in points
+    (what a lower precision buys and costs, side by side); empty where that row was not measured."""
+    reference = {r.model: r for r in rows if r.backend == FP32_REFERENCE and not r.error}
+    compared: dict[int, dict] = {}
+    for r in rows:
+        base = reference.get(r.model)
+        if base is None or r is base:
+            compared[id(r)] = {"speed": {}, "top1_points": None}
+            continue
+        speed = {b: r.images_per_s[b] / base.images_per_s[b] for b in batch_sizes
+                 if r.images_per_s.get(b) and base.images_per_s.get(b)}
+        points = 100 * (r.accuracy - base.accuracy) if r.accuracy is not None and base.accuracy is not None else None
+        compared[id(r)] = {"speed": speed, "top1_points": points}
+    return compared
+
+
 def markdown(rows: list[Row], batch_sizes: list[int]) -> str:
     header = ["model", "backend", "provider", "input", "size MB", "params", "depth"]
     for b in batch_sizes:
-        header += [f"ms/step b{b} (p90, min-max)", f"img/s b{b}", f"× keras b{b}"]
-    header += ["top-1", "top-5", "keras predict() b1 ms", "error"]
+        header += [f"ms/step b{b} (p90, min-max)", f"img/s b{b}", f"× keras b{b}", f"× fp32 b{b}"]
+    header += ["top-1", "Δ top-1 vs fp32 (points)", "top-5", "keras predict() b1 ms", "error"]
+    compared = versus_fp32(rows, batch_sizes)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r.model, r.backend, r.provider or "-", f"{r.input_size}²", _fmt(r.size_mb), _fmt(r.parameters),
@@ -32,8 +53,11 @@ def markdown(rows: list[Row], batch_sizes: list[int]) -> str:
             t = r.latency.get(b)
             cells.append(f"{t['median_ms']:.2f} ({t['p90_ms']:.2f}, {t['min_ms']:.2f}–{t['max_ms']:.2f})"
                          if t else "-")
-            cells += [_fmt(r.images_per_s.get(b), 1), _fmt(r.speedup_vs_keras.get(b))]
-        cells += [_fmt(r.accuracy, 4), _fmt(r.top5_accuracy, 4), _fmt(r.predict_b1_ms, 1), r.error or ""]
+            cells += [_fmt(r.images_per_s.get(b), 1), _fmt(r.speedup_vs_keras.get(b)),
+                      _fmt(compared[id(r)]["speed"].get(b))]
+        points = compared[id(r)]["top1_points"]
+        cells += [_fmt(r.accuracy, 4), "-" if points is None else f"{points:+.2f}", _fmt(r.top5_accuracy, 4),
+                  _fmt(r.predict_b1_ms, 1), r.error or ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -54,17 +78,18 @@ def write_results(out: Path, rows: list[Row], batch_sizes: list[int], env: dict)
                   "depth"]
         for b in batch_sizes:
             header += [f"b{b}_median_ms", f"b{b}_p90_ms", f"b{b}_min_ms", f"b{b}_max_ms", f"b{b}_images_per_s",
-                       f"b{b}_speedup_vs_keras"]
-        header += ["top1", "top5", "keras_predict_b1_ms", "error"]
+                       f"b{b}_speedup_vs_keras", f"b{b}_speedup_vs_fp32"]
+        header += ["top1", "top1_change_vs_fp32_points", "top5", "keras_predict_b1_ms", "error"]
         writer.writerow(header)
+        compared = versus_fp32(rows, batch_sizes)
         for r in rows:
             line = [r.model, r.backend, r.provider, r.input_size, r.size_mb, r.parameters, r.published_params,
                     r.depth]
             for b in batch_sizes:
                 t = r.latency.get(b, {})
                 line += [t.get("median_ms"), t.get("p90_ms"), t.get("min_ms"), t.get("max_ms"),
-                         r.images_per_s.get(b), r.speedup_vs_keras.get(b)]
-            line += [r.accuracy, r.top5_accuracy, r.predict_b1_ms, r.error]
+                         r.images_per_s.get(b), r.speedup_vs_keras.get(b), compared[id(r)]["speed"].get(b)]
+            line += [r.accuracy, compared[id(r)]["top1_points"], r.top5_accuracy, r.predict_b1_ms, r.error]
             writer.writerow(line)
     paths["json"].write_text(json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
     _latency_plot(rows, batch_sizes, paths["latency_plot"])

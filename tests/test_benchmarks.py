@@ -127,3 +127,20 @@ def test_loadtest_compares_the_service_with_the_baseline_and_the_in_process_pipe
     assert f"per round: {ratios[0]:.2f}, {ratios[1]:.2f}" in comparison
     assert "served ÷ pipeline" in result.stdout and "baseline images/s" in result.stdout
     assert "over 2 rounds" in result.stdout
+
+
+def test_lower_precisions_are_shown_against_the_same_models_fp32_onnx():
+    from transferkit.benchmarks.report import markdown, versus_fp32
+    from transferkit.benchmarks.sweep import Row
+
+    rows = [Row("r50", "onnx", 64, images_per_s={1: 100.0, 32: 300.0}, accuracy=0.96),
+            Row("r50", "onnx-int8", 64, images_per_s={1: 290.0, 32: 900.0}, accuracy=0.955),
+            Row("mnv2", "onnx-int8", 64, images_per_s={1: 50.0}, accuracy=0.9),  # no fp32 row for this model
+            Row("r50", "openvino-int8", 64, error="crashed")]
+    compared = versus_fp32(rows, [1, 32])
+    assert compared[id(rows[1])]["speed"] == {1: 2.9, 32: 3.0}
+    assert compared[id(rows[1])]["top1_points"] == pytest.approx(-0.5)
+    assert compared[id(rows[0])] == compared[id(rows[2])] == {"speed": {}, "top1_points": None}
+    assert compared[id(rows[3])] == {"speed": {}, "top1_points": None}
+    table = markdown(rows, [1, 32])
+    assert "| × fp32 b32 |" in table.splitlines()[0] and "| 2.90 |" in table and "| -0.50 |" in table
