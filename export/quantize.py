@@ -25,12 +25,12 @@ import numpy as np
 
 from transferkit.core.errors import TransferkitError
 from transferkit.core.system import matrix_engine_flags
+from transferkit.export.validate import GATES, compare
 
 METHODS = ("minmax", "entropy", "percentile")
-INPUT_NAME = "image"
+INPUT_NAME = "image"  # convert.INPUT_NAME: that module imports TensorFlow, which this one (and the CLI) need not
 AGREEMENT_TARGET = 0.98  # decisive top-1 agreement with fp32 on the calibration images (the gate asks 0.97 on others)
 EXCLUDE_ROUNDS = (4, 12, 32)  # nodes kept in float after each failed round, most sensitive first
-DECISIVE_MARGIN = 0.1  # top-1 margin under which a disagreement is a near-tie, not a quantization error
 
 
 class QuantizationError(TransferkitError):
@@ -40,7 +40,7 @@ class QuantizationError(TransferkitError):
 
 @dataclass
 class Int8Recipe:
-    """How a bundle's int8 file was made: recorded in the manifest's training block and shown by the export."""
+    """How a bundle's int8 file was made: the manifest's ``formats["onnx-int8"].quantization``, shown by the export."""
 
     method: str = "minmax"
     activations: str = "uint8"
@@ -93,14 +93,11 @@ def _probabilities(path: Path, images: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(None, {INPUT_NAME: images[i:i + 32]})[0] for i in range(0, len(images), 32)])
 
 
-def decisive_agreement(reference: np.ndarray, candidate: np.ndarray, margin: float = DECISIVE_MARGIN) -> float:
-    """Share of the images whose reference top-1 is decisive (margin over the runner-up > ``margin``) on which the
-    candidate picks the same class (1.0 when none is decisive)."""
-    ordered = np.sort(reference, axis=1)
-    decisive = (ordered[:, -1] - ordered[:, -2]) > margin
-    if not decisive.any():
-        return 1.0
-    return float((reference.argmax(1) == candidate.argmax(1))[decisive].mean())
+def calibration_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Decisive top-1 agreement of int8 with fp32, judged as the int8 gate judges it (export/validate.py: near-ties
+    set aside); 1.0 when no image is decisive."""
+    agreement = compare(candidate, reference, None, GATES["int8"].tolerance).decisive_agreement
+    return 1.0 if agreement is None else agreement
 
 
 def most_sensitive_nodes(source: Path, quantized: Path, images: np.ndarray, count: int) -> list[str]:
@@ -144,8 +141,8 @@ def write_onnx_int8(source: Path, path: Path, calibration_images: np.ndarray, me
             reference = _probabilities(source, calibration_images)
             for round_ in range(len(EXCLUDE_ROUNDS) + 1):
                 _quantize(prepared, path, calibration_images, recipe)
-                recipe.calibration_agreement = decisive_agreement(reference,
-                                                                  _probabilities(path, calibration_images))
+                recipe.calibration_agreement = calibration_agreement(reference,
+                                                                     _probabilities(path, calibration_images))
                 if recipe.calibration_agreement >= AGREEMENT_TARGET or round_ == len(EXCLUDE_ROUNDS):
                     break
                 more = EXCLUDE_ROUNDS[round_] - len(recipe.excluded_nodes)  # the excluded ones are float now
