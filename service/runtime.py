@@ -52,6 +52,7 @@ class ModelRuntime:
         self.settled = threading.Event()  # set once loading has succeeded or failed
         # The threads that run decoding and inference: one per session thread keeps a worker from running more
         # work at once than its share of the cores (a queue on the event loop is cheaper than preempted threads).
+        self.compute_threads = compute_threads
         self.executor = ThreadPoolExecutor(compute_threads, thread_name_prefix="compute")
         # /metrics' histograms: observe("queue" | "inference", seconds), from the compute and model threads.
         self.observe = observe or (lambda stage, seconds: None)
@@ -97,7 +98,7 @@ class ModelRuntime:
     def estimated_rate(self) -> float | None:
         """Requests per second this worker could answer, from the warm inference time and its compute threads (an
         upper bound: decoding is not counted); None until warm."""
-        return self.executor._max_workers / self.warm_seconds if self.warm_seconds else None
+        return self.compute_threads / self.warm_seconds if self.warm_seconds else None
 
     def check(self) -> None:
         """Raise :class:`ModelUnavailable` unless the model can answer now."""
