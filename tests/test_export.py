@@ -388,6 +388,21 @@ def test_int8_gate_passes_a_model_that_quantizes_well(tmp_path):
     assert (predictor(images).argmax(1) == labels).all()
 
 
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_int8_calibration_methods_other_than_minmax_quantize_and_pass(tmp_path, method):
+    from transferkit.core.manifest import read_manifest
+    from transferkit.export.bundle import ValidationImages, export_model
+
+    images, labels = _colour_images()
+    result = export_model(_channel_classifier(np.eye(3) * 8, np.zeros(3)), out=tmp_path / "bundle",
+                          backbone="MobileNetV2", image_size=8, class_names=["red", "green", "blue"],
+                          validation=ValidationImages(images, labels, "colours"), calibration=images,
+                          formats=["onnx-int8"], register=False, int8_method=method)
+    int8 = {f.format: f for f in result.manifest.validation.formats}["onnx-int8"]
+    assert int8.passed and int8.accuracy == 1.0, int8.failures
+    assert read_manifest(tmp_path / "bundle").formats["onnx-int8"].quantization["method"] == method
+
+
 def _loud_channel_classifier():
     """One activation of the classifier's input reaches 1e4 (blue mean * 1e4, weighted by zero): per-tensor int8
     then has a step of about 40, and the red/green/blue means (0-1) that decide the class all round to zero."""
