@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from transferkit.core.backends import measure
 from transferkit.core.errors import ModelUnavailable, TransferkitError
 from transferkit.service.errors import mask_paths
 from transferkit.service.microbatch import MicroBatcher
@@ -76,7 +77,7 @@ class ModelRuntime:
                 probabilities = predictor(np.zeros((batch, size, size, 3), np.uint8))
                 if not np.isfinite(probabilities).all():
                     raise TransferkitError(f"the {self.backend} model returns non-finite probabilities")
-            self.warm_seconds = _fastest_call(predictor, np.zeros((1, size, size, 3), np.uint8))
+            self.warm_seconds = 1 / measure(predictor, size, batch=1, seconds=0)  # three timed calls' median
         except Exception as exc:  # any failure must keep the service unready, with the reason in the log
             self.error = str(exc) if isinstance(exc, TransferkitError) else f"{type(exc).__name__}: {exc}"
             self.state = "failed"
@@ -163,16 +164,6 @@ class ModelRuntime:
                                    "images": self.batch_images[1],
                                    "mean_batch": round(self.batch_images[1] / max(1, self.batch_images[0]), 2)}}
                    if self.batcher else {})}
-
-
-def _fastest_call(predictor, pixels: np.ndarray, calls: int = 3) -> float:
-    """The fastest of a few calls, in seconds: the warm time without a scheduler's hiccup."""
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        predictor(pixels)
-        times.append(time.perf_counter() - start)
-    return max(min(times), 1e-6)
 
 
 def resolve_bundle(model_ref, configured: str | None) -> Path:
