@@ -54,9 +54,8 @@ class Int8Recipe:
 
 
 def recipe_for_this_cpu(method: str = "minmax") -> Int8Recipe:
-    """U8S8 everywhere; 7-bit weights where no VNNI instruction keeps the products from saturating."""
-    if method not in METHODS:
-        raise TransferkitError(f"unknown int8 calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    """U8S8 everywhere; 7-bit weights where no VNNI instruction keeps the products from saturating. ``method`` is
+    one of :data:`METHODS` (export_model refuses others before the slow part)."""
     vnni = any(flag in matrix_engine_flags() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
     return Int8Recipe(method=method, reduce_range=not vnni)
 
