@@ -32,6 +32,7 @@ from transferkit.core.manifest import (
     MANIFEST_NAME,
     MODEL_CARD_NAME,
     DocumentEntry,
+    ExplainInfo,
     FormatEntry,
     Manifest,
     ResizeRule,
@@ -162,13 +163,15 @@ def resize_rule() -> ResizeRule:
     return ResizeRule(library_version=importlib.metadata.version("pillow"))
 
 
-def _format_entry(bundle_dir: Path, name: str, opset: int, quantization: dict | None = None) -> FormatEntry:
+def _format_entry(bundle_dir: Path, name: str, opset: int, quantization: dict | None = None,
+                  cam_output: str | None = None) -> FormatEntry:
     from transferkit.export.convert import INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
 
     digest, size, count = sha256_path(bundle_dir / FORMAT_FILES[name])
     return FormatEntry(file=FORMAT_FILES[name], sha256=digest, bytes=size, files=count, input_name=INPUT_NAME,
                        input_dtype=INPUT_DTYPE, output_name=OUTPUT_NAME, precision=FORMAT_PRECISION[name],
-                       opset=None if name == "savedmodel" else opset, quantization=quantization)
+                       opset=None if name == "savedmodel" else opset, quantization=quantization,
+                       cam_output=cam_output)
 
 
 def register_bundle(bundle_dir: Path, manifest: Manifest) -> str:
@@ -242,17 +245,18 @@ def export_model(
         raise UsageError(f"--int8-calibration {int8_method!r}: choose one of {', '.join(INT8_METHODS)}")
     name = store_name(name or f"{row.name}-{out.name}")
     check_output_dir(out, force)
+    cam, explain = _explain_info(model, log)
     seconds: dict[str, float] = {}
     tag = None
     try:
         with atomic_output_dir(out, force) as staging:
             written = _write_formats(model, staging, formats, image_size, opset, calibration, log, class_names,
-                                     int8_method)
+                                     int8_method, cam)
             seconds.update(written.seconds)
-            entries = {fmt: _format_entry(staging, fmt, opset, written.quantization.get(fmt))
+            entries = {fmt: _format_entry(staging, fmt, opset, written.quantization.get(fmt), explain.output)
                        for fmt in BACKENDS if fmt in formats}
             start = time.perf_counter()
-            report = _validate(model, staging, entries, validation, row.name)
+            report = _validate(model, staging, entries, validation, row.name, cam)
             seconds["validation"] = round(time.perf_counter() - start, 2)
             if "onnx" not in formats:  # written only as the source of fp16/int8
                 (staging / FORMAT_FILES["onnx"]).unlink(missing_ok=True)
@@ -264,7 +268,8 @@ def export_model(
                                        training or {}, report, list(entries)), encoding="utf-8")
             digest, size, _ = sha256_path(card)
             documents = {"model_card": DocumentEntry(file=MODEL_CARD_NAME, sha256=digest, bytes=size)}
-            manifest = _manifest(name, row, image_size, class_names, entries, training, report, documents, mode)
+            manifest = _manifest(name, row, image_size, class_names, entries, training, report, documents, mode,
+                                 explain)
             (staging / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
             raise_if_stop_requested()
             if register:
@@ -277,6 +282,20 @@ def export_model(
     return ExportResult(bundle_dir=Path(out).absolute(), manifest=manifest, tag=tag, seconds=seconds)
 
 
+def _explain_info(model, log: Log) -> tuple:
+    """(where the class activation map comes from or None, the manifest's record of it), logged either way."""
+    from transferkit.export.convert import CAM_OUTPUT_NAME
+    from transferkit.training.cam import find_cam
+
+    cam, reason = find_cam(model)
+    if cam is None:
+        log(f"no class activation map: {reason}")
+        return None, ExplainInfo(available=False, reason=reason)
+    log(f"class activation map of the top class: output {CAM_OUTPUT_NAME!r}, {cam.resolution[0]}x{cam.resolution[1]} "
+        f"(the feature map's resolution)")
+    return cam, ExplainInfo(available=True, output=CAM_OUTPUT_NAME, resolution=list(cam.resolution))
+
+
 @dataclass
 class Written:
     seconds: dict[str, float] = field(default_factory=dict)  # per format
@@ -285,7 +304,7 @@ class Written:
 
 def _write_formats(model, staging: Path, formats: list[str], image_size: int, opset: int,
                    calibration: np.ndarray | None, log: Log, class_names: list[str] | None = None,
-                   int8_method: str = "minmax") -> Written:
+                   int8_method: str = "minmax", cam=None) -> Written:
     """Write each of ``formats`` into ``staging`` (ONNX too when fp16 or int8 is asked for: their source), and
     record ``class_names`` in every ONNX file's metadata (before any checksum is taken)."""
     from transferkit.export import convert
@@ -295,8 +314,8 @@ def _write_formats(model, staging: Path, formats: list[str], image_size: int, op
 
     onnx_path = staging / FORMAT_FILES["onnx"]
     writers = {
-        "savedmodel": lambda: convert.write_saved_model(model, image_size, staging / "saved_model"),
-        "onnx": lambda: convert.write_onnx(model, image_size, onnx_path, opset),
+        "savedmodel": lambda: convert.write_saved_model(model, image_size, staging / "saved_model", cam),
+        "onnx": lambda: convert.write_onnx(model, image_size, onnx_path, opset, cam),
         "onnx-fp16": lambda: convert.write_onnx_fp16(onnx_path, staging / FORMAT_FILES["onnx-fp16"]),
         "onnx-int8": lambda: written.quantization.setdefault("onnx-int8", write_onnx_int8(
             onnx_path, staging / FORMAT_FILES["onnx-int8"], calibration, int8_method).describe()),
@@ -317,16 +336,22 @@ def _write_formats(model, staging: Path, formats: list[str], image_size: int, op
 
 
 def _validate(model, staging: Path, entries: dict[str, FormatEntry], validation: ValidationImages,
-              backbone: str) -> ValidationReport:
-    """Every written format, and the OpenVINO backends this CPU runs, against the Keras model's answers."""
+              backbone: str, cam=None) -> ValidationReport:
+    """Every written format, and the OpenVINO backends this CPU runs, against the Keras model's answers (and its
+    class activation maps, where the graphs compute them)."""
     import tensorflow as tf
 
+    from transferkit.training.cam import keras_maps
     from transferkit.training.evaluate import batched_forward
 
+    maps = None
     with tf.device("/CPU:0"):  # the reference; on a GPU, TF32 would blur the comparison
-        reference = batched_forward(model, validation.images.astype(np.float32))
+        if cam is None:
+            reference = batched_forward(model, validation.images.astype(np.float32))
+        else:
+            reference, maps = keras_maps(cam, validation.images.astype(np.float32))
     return validate_bundle(staging, entries, reference, validation.images.astype(np.uint8), validation.labels,
-                           validation.source, backbone, engine_backends(entries))
+                           validation.source, backbone, engine_backends(entries), maps)
 
 
 def _check_report(report: ValidationReport, entries: dict[str, FormatEntry], allow_mismatch: bool, log: Log) -> None:
@@ -347,7 +372,8 @@ def _check_report(report: ValidationReport, entries: dict[str, FormatEntry], all
 
 def _manifest(name: str, row: Backbone, image_size: int, class_names: list[str], entries: dict[str, FormatEntry],
               training: dict | None, report: ValidationReport,
-              documents: dict[str, DocumentEntry] | None = None, mode: str | None = None) -> Manifest:
+              documents: dict[str, DocumentEntry] | None = None, mode: str | None = None,
+              explain: ExplainInfo | None = None) -> Manifest:
     """The bundle's manifest; its version is the time and a digest of every file's checksum."""
     from transferkit.export.convert import INPUT_DTYPE, INPUT_NAME, OUTPUT_NAME
 
@@ -369,7 +395,7 @@ def _manifest(name: str, row: Backbone, image_size: int, class_names: list[str],
                 + (" (calibrated: temperature scaling folded into the model)" if calibrated else "")},
         formats=entries, training=training or {}, validation=report,
         validation_overridden=not report.passed, versions=library_versions(),
-        documents=documents or {}, calibration=calibration_record,
+        documents=documents or {}, calibration=calibration_record, explain=explain,
     )
 
 

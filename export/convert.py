@@ -22,9 +22,11 @@ import numpy as np
 import tensorflow as tf
 
 from transferkit.core.errors import TransferkitError
+from transferkit.training.cam import CamSource
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+CAM_OUTPUT_NAME = "cam"  # the top class's activation map [N, h, w], where the head has an exact one (training/cam.py)
 INPUT_DTYPE = "uint8"  # every format of a schema-2 bundle (manifest FormatEntry.input_dtype)
 DEFAULT_OPSET = 17
 
@@ -38,18 +40,33 @@ def input_spec(image_size: int) -> tf.TensorSpec:
     return tf.TensorSpec((None, image_size, image_size, 3), tf.dtypes.as_dtype(INPUT_DTYPE), name=INPUT_NAME)
 
 
-def serving_function(model: keras.Model) -> Callable:
-    def serve(image):
-        return {OUTPUT_NAME: model(tf.cast(image, tf.float32), training=False)}
+def serving_function(model: keras.Model, cam: CamSource | None = None) -> Callable:
+    """``image -> {"probabilities"}``, and ``"cam"`` (the top class's map) when ``cam`` says where it comes from.
 
-    return serve
+    One forward pass gives both; the map adds h·w·k multiply-adds (7·7·1280 for a 224-px MobileNetV2), so every
+    format carries it: onnxruntime computes every output of a graph whichever are fetched."""
+    if cam is None:
+        def serve(image):
+            return {OUTPUT_NAME: model(tf.cast(image, tf.float32), training=False)}
+
+        return serve
+    explainer = cam.explainer
+    kernel = cam.dense.kernel.value  # the variable: frozen into the ONNX graph, tracked by the SavedModel
+
+    def serve_explained(image):
+        probabilities, features = explainer(tf.cast(image, tf.float32), training=False)
+        weights = tf.gather(tf.transpose(kernel), tf.argmax(probabilities, axis=1))  # [N, k]: each top class's
+        maps = tf.reduce_sum(features * weights[:, tf.newaxis, tf.newaxis, :], axis=-1)
+        return {OUTPUT_NAME: probabilities, CAM_OUTPUT_NAME: maps}
+
+    return serve_explained
 
 
-def write_saved_model(model: keras.Model, image_size: int, path: Path) -> None:
+def write_saved_model(model: keras.Model, image_size: int, path: Path, cam: CamSource | None = None) -> None:
     """A forward-only SavedModel with ``serve`` and ``serving_default`` signatures (keras ExportArchive)."""
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(name="serve", fn=serving_function(model), input_signature=[input_spec(image_size)])
+    archive.add_endpoint(name="serve", fn=serving_function(model, cam), input_signature=[input_spec(image_size)])
     archive.write_out(str(path), verbose=False)
 
 
@@ -135,7 +152,8 @@ def _optimizer_errors_raised():
             os.environ[CATCH_ERRORS] = previous
 
 
-def write_onnx(model: keras.Model, image_size: int, path: Path, opset: int = DEFAULT_OPSET) -> None:
+def write_onnx(model: keras.Model, image_size: int, path: Path, opset: int = DEFAULT_OPSET,
+               cam: CamSource | None = None) -> None:
     """fp32 ONNX through ``tf2onnx.convert.from_function``.
 
     ``from_keras`` is not used: with Keras 3 it fails on auto-named tensors (onnx/tensorflow-onnx#2448).
@@ -143,7 +161,7 @@ def write_onnx(model: keras.Model, image_size: int, path: Path, opset: int = DEF
     import tf2onnx
 
     _register_erfc()
-    function = tf.function(serving_function(model), input_signature=[input_spec(image_size)])
+    function = tf.function(serving_function(model, cam), input_signature=[input_spec(image_size)])
 
     def convert() -> None:
         tf2onnx.convert.from_function(function, input_signature=[input_spec(image_size)], opset=opset,
@@ -161,26 +179,42 @@ def write_onnx(model: keras.Model, image_size: int, path: Path, opset: int = DEF
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     with _without_forced_xla():
         concrete = function.get_concrete_function()
-    _fold_captured_constants(path, concrete)
+    _tidy_graph(path, concrete)
 
 
-def _fold_captured_constants(path: Path, concrete) -> None:
-    """Turn graph inputs that are really captured constants into initializers (or drop them when unused).
+def _tidy_graph(path: Path, concrete) -> None:
+    """Fold captured constants (below) and put ``probabilities`` first among the outputs: tf2onnx orders a dict's
+    outputs by name ("cam" before "probabilities"), and a consumer that takes output 0 expects the probabilities."""
+    import onnx
+
+    model = onnx.load(str(path))
+    changed = _fold_captured_constants(model, concrete)
+    outputs = sorted(model.graph.output, key=lambda output: output.name != OUTPUT_NAME)
+    if [o.name for o in outputs] != [o.name for o in model.graph.output]:
+        copies = [onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in outputs]
+        del model.graph.output[:]
+        model.graph.output.extend(copies)
+        changed = True
+    if changed:
+        onnx.save(model, str(path))
+
+
+def _fold_captured_constants(model, concrete) -> bool:
+    """Turn graph inputs that are really captured constants into initializers (or drop them when unused); True when
+    the graph changed.
 
     tf2onnx freezes captured *variables* but leaves captured eager *tensors* as graph inputs. Keras'
     ``Normalization`` layer (inside every EfficientNet) keeps its mean and variance as such tensors, so the exported
     model would demand two extra inputs besides "image".
     """
-    import onnx
     from onnx import numpy_helper
 
     captured = {placeholder.name: value for value, placeholder in zip(concrete.captured_inputs,
                                                                      concrete.graph.internal_captures)
                 if value.dtype != tf.resource}
-    model = onnx.load(str(path))
     extra = [i for i in model.graph.input if i.name != INPUT_NAME]
     if not extra:
-        return
+        return False
     unknown = [i.name for i in extra if i.name not in captured]
     if unknown:
         raise ConversionError(f"the ONNX model has inputs besides {INPUT_NAME!r} that are not captured constants: "
@@ -191,7 +225,7 @@ def _fold_captured_constants(path: Path, concrete) -> None:
             model.graph.initializer.append(numpy_helper.from_array(captured[graph_input.name].numpy(),
                                                                    graph_input.name))
         model.graph.input.remove(graph_input)
-    onnx.save(model, str(path))
+    return True
 
 
 def write_onnx_fp16(source: Path, path: Path) -> None:

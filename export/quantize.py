@@ -29,6 +29,7 @@ from transferkit.export.validate import GATES, compare
 
 METHODS = ("minmax", "entropy", "percentile")
 INPUT_NAME = "image"  # convert.INPUT_NAME: that module imports TensorFlow, which this one (and the CLI) need not
+OUTPUT_NAME = "probabilities"  # convert.OUTPUT_NAME
 AGREEMENT_TARGET = 0.98  # decisive top-1 agreement with fp32 on the calibration images (the gate asks 0.97 on others)
 EXCLUDE_ROUNDS = (4, 12, 32)  # nodes kept in float after each failed round, most sensitive first
 
@@ -74,14 +75,32 @@ def _reader(images: np.ndarray, batch_size: int = 16):
     return Reader()
 
 
-def _quantize(prepared: Path, path: Path, images: np.ndarray, recipe: Int8Recipe) -> None:
+def beside_the_probabilities(path: Path) -> list[str]:
+    """Nodes the probabilities do not depend on (the class activation map's few): kept in float, so that the map
+    is computed from the quantized model's features without a quantization step of its own."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    producer = {output: node for node in graph.node for output in node.output}
+    needed, pending = set(), [OUTPUT_NAME]
+    while pending:
+        node = producer.get(pending.pop())
+        if node is not None and node.name not in needed:
+            needed.add(node.name)
+            pending.extend(node.input)
+    return [node.name for node in graph.node if node.name not in needed]
+
+
+def _quantize(prepared: Path, path: Path, images: np.ndarray, recipe: Int8Recipe,
+              keep_float: list[str] | None = None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[recipe.method]
     quantize_static(str(prepared), str(path), _reader(images), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method,
-                    reduce_range=recipe.reduce_range, nodes_to_exclude=list(recipe.excluded_nodes),
+                    reduce_range=recipe.reduce_range,
+                    nodes_to_exclude=[*recipe.excluded_nodes, *(keep_float or [])],
                     extra_options={"CalibMaxIntermediateOutputs": 8} if recipe.method != "minmax" else None)
 
 
@@ -89,7 +108,8 @@ def _probabilities(path: Path, images: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, {INPUT_NAME: images[i:i + 32]})[0] for i in range(0, len(images), 32)])
+    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: images[i:i + 32]})[0]
+                           for i in range(0, len(images), 32)])
 
 
 def calibration_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
@@ -138,8 +158,9 @@ def write_onnx_int8(source: Path, path: Path, calibration_images: np.ndarray, me
         with quiet_converters():
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
             reference = _probabilities(source, calibration_images)
+            keep_float = beside_the_probabilities(prepared)
             for round_ in range(len(EXCLUDE_ROUNDS) + 1):
-                _quantize(prepared, path, calibration_images, recipe)
+                _quantize(prepared, path, calibration_images, recipe, keep_float)
                 recipe.calibration_agreement = calibration_agreement(reference,
                                                                      _probabilities(path, calibration_images))
                 if recipe.calibration_agreement >= AGREEMENT_TARGET or round_ == len(EXCLUDE_ROUNDS):

@@ -62,15 +62,34 @@ GATES: dict[str, Gate] = {
     "bf16": Gate(0.2, True, 1.0, 0.005, 5e-2),
     "int8": Gate(5e-2, False, 0.97, 0.015, 1e-2),
 }
+# The class activation map's max |Δ| against Keras' (relative to the largest |value| of the Keras maps, on the
+# decisive images whose top-1 agrees), per precision. A map sums ~1000 products of features and weights that largely
+# cancel, so the features' rounding shows more in it than in the probabilities: measured on a 96-px MobileNetV2
+# (tests/test_explain.py) fp32 < 1e-5, fp16 0.04, OpenVINO bf16 0.28, int8 0.58 (BENCHMARKS.md). A map beyond its
+# bound is refused by that backend; the format's probabilities are judged by their own gate.
+CAM_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-1, "bf16": 5e-1, "int8": 5e-1}
 MIN_IMAGES = 64
 BATCH_SIZE = 32
 BATCH_ONE_IMAGES = 8
 
 Predict = Callable[[np.ndarray], np.ndarray]
+Explain = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def _batched(predict: Predict, images: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([predict(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def cam_difference(probabilities: np.ndarray, maps: np.ndarray, reference: np.ndarray,
+                   reference_maps: np.ndarray, decisive: np.ndarray) -> tuple[float, int]:
+    """(max |Δ| of the maps relative to the largest |value| of the Keras maps, images compared): only decisive
+    images (a near-tie's map explains an answer the model barely made) whose top-1 agrees (another class, another
+    map). One scale for all images: a map that is nearly flat would otherwise turn rounding into a large ratio."""
+    same = (probabilities.argmax(1) == reference.argmax(1)) & decisive
+    scale = float(np.abs(reference_maps).max()) if reference_maps.size else 0.0
+    if not same.any() or scale == 0:
+        return 0.0, int(same.sum())
+    return float(np.abs(maps[same] - reference_maps[same]).max() / scale), int(same.sum())
 
 
 def _checker(path: Path) -> tuple[str, bool]:
@@ -152,19 +171,31 @@ def validate_format(
     backbone: str,
     bundle_dir: Path,
     batch_size: int = BATCH_SIZE,
+    explain: Explain | None = None,
+    reference_maps: np.ndarray | None = None,
 ) -> FormatValidation:
-    """Compare one format's answers with the Keras ``reference`` probabilities for the same ``images``."""
+    """Compare one format's answers with the Keras ``reference`` probabilities for the same ``images``, and its
+    class activation maps with ``reference_maps`` when ``explain`` gives them."""
     precision = RUNTIME_BACKENDS[name].precision
-    probabilities = _batched(predict, images, batch_size)
+    maps = None
+    if explain is not None and reference_maps is not None:
+        answers = [explain(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        probabilities, maps = np.concatenate([a[0] for a in answers]), np.concatenate([a[1] for a in answers])
+    else:
+        probabilities = _batched(predict, images, batch_size)
     singles = np.concatenate([predict(images[i : i + 1]) for i in range(min(BATCH_ONE_IMAGES, len(images)))])
     consistency = float(np.abs(singles - probabilities[: len(singles)]).max())
     limit = FP32_MAX_ABS_DIFF_OVERRIDES.get(backbone) if precision == "fp32" else None
     comparison = compare(probabilities, reference, labels, GATES[precision].tolerance if limit is None else limit)
     gate, failures = judge(comparison, precision, limit)
+    cam = None if maps is None else cam_difference(probabilities, maps, reference, reference_maps,
+                                                   comparison.decisive)
     if not np.isfinite(probabilities).all():
         failures.insert(0, f"non-finite probabilities in {int((~np.isfinite(probabilities)).any(1).sum())} images")
     if not consistency <= GATES[precision].batch_consistency:
         failures.append(f"batch 1 vs {batch_size} differ by {consistency:.2e}")
+    if cam is not None:
+        gate += f"; its map: Δ ≤ {CAM_TOLERANCE[precision]:.0e} or refused"
     checker = "n/a"
     if entry.file.endswith(".onnx"):
         checker, ok = _checker(bundle_dir / entry.file)
@@ -178,13 +209,15 @@ def validate_format(
         keras_accuracy=comparison.reference_accuracy, decisive_images=int(comparison.decisive.sum()),
         decisive_agreement=comparison.decisive_agreement, accuracy_change=comparison.accuracy_change,
         batch_consistency_max_diff=consistency, checker=checker, gate=gate, passed=not failures, failures=failures,
+        cam_max_rel_diff=None if cam is None else cam[0], cam_images=None if cam is None else cam[1],
+        cam_passed=None if cam is None else cam[0] <= CAM_TOLERANCE[precision],
     )
 
 
 class _OnnxRunner:
     """A plain CPU onnxruntime session fed the file's declared input dtype (independent of the serving code)."""
 
-    def __init__(self, path: Path, dtype: str):
+    def __init__(self, path: Path, entry: FormatEntry):
         import onnxruntime as ort
 
         from transferkit.core.system import available_cores
@@ -194,11 +227,19 @@ class _OnnxRunner:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
-        self.dtype = np.dtype(dtype)
+        self.dtype = np.dtype(entry.input_dtype)
+        self.outputs = [entry.output_name, *([entry.cam_output] if entry.cam_output else [])]
+
+    def _run(self, images: np.ndarray) -> list[np.ndarray]:
+        batch = np.ascontiguousarray(images, dtype=self.dtype)
+        return [out.astype(np.float32, copy=False) for out in self.session.run(self.outputs, {self.input_name: batch})]
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(images, dtype=self.dtype)
-        return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
+        return self._run(images)[0]
+
+    def explain(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probabilities, maps = self._run(images)
+        return probabilities, maps
 
 
 class _SavedModelRunner:
@@ -211,11 +252,18 @@ class _SavedModelRunner:
             self._signature = tf.saved_model.load(str(path)).signatures["serving_default"]
         self._tf, self._entry = tf, entry
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def _run(self, images: np.ndarray) -> dict:
         batch = self._tf.constant(np.asarray(images, dtype=np.dtype(self._entry.input_dtype)))
         with self._tf.device("/CPU:0"):
-            outputs = self._signature(**{self._entry.input_name: batch})
-        return outputs[self._entry.output_name].numpy().astype(np.float32, copy=False)
+            return self._signature(**{self._entry.input_name: batch})
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self._run(images)[self._entry.output_name].numpy().astype(np.float32, copy=False)
+
+    def explain(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outputs = self._run(images)
+        return (outputs[self._entry.output_name].numpy().astype(np.float32, copy=False),
+                outputs[self._entry.cam_output].numpy().astype(np.float32, copy=False))
 
 
 def _runner(backend: str, path: Path, entry: FormatEntry, size: int) -> Predict:
@@ -227,14 +275,17 @@ def _runner(backend: str, path: Path, entry: FormatEntry, size: int) -> Predict:
         from transferkit.core.system import available_cores
 
         return OpenVinoPredictor(path, backend, RUNTIME_BACKENDS[backend].precision, size, available_cores(),
-                                 entry.input_dtype)
-    return _OnnxRunner(path, entry.input_dtype)
+                                 entry.input_dtype, outputs=(entry.output_name, entry.cam_output))
+    return _OnnxRunner(path, entry)
 
 
 def _validate_here(name: str, entry: FormatEntry, reference: np.ndarray, images: np.ndarray,
-                   labels: np.ndarray | None, backbone: str, bundle_dir: Path) -> FormatValidation:
+                   labels: np.ndarray | None, backbone: str, bundle_dir: Path,
+                   reference_maps: np.ndarray | None = None) -> FormatValidation:
     runner = _runner(name, bundle_dir / entry.file, entry, images.shape[1])
-    return validate_format(name, entry, runner, reference, images, labels, backbone, bundle_dir)
+    explain = runner.explain if entry.cam_output else None
+    return validate_format(name, entry, runner, reference, images, labels, backbone, bundle_dir,
+                           explain=explain, reference_maps=reference_maps)
 
 
 def _failed_row(name: str, images: int, reason: str) -> FormatValidation:
@@ -245,13 +296,13 @@ def _failed_row(name: str, images: int, reason: str) -> FormatValidation:
 
 def _validate_engine_rows(names: list[str], formats: dict[str, FormatEntry], reference: np.ndarray,
                           images: np.ndarray, labels: np.ndarray | None, backbone: str,
-                          bundle_dir: Path) -> list[FormatValidation]:
+                          bundle_dir: Path, reference_maps: np.ndarray | None = None) -> list[FormatValidation]:
     """Engine rows in turn (in a child process); an engine that refuses the graph gives a failed row."""
     rows = []
     for name in names:
         try:
             rows.append(_validate_here(name, formats[RUNTIME_BACKENDS[name].format], reference, images, labels,
-                                       backbone, bundle_dir))
+                                       backbone, bundle_dir, reference_maps))
         except Exception as exc:  # OpenVINO raises its own untyped errors: the row fails with the first line
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             rows.append(_failed_row(name, len(images), f"{RUNTIME_BACKENDS[name].engine} cannot run it: {text}"))
@@ -294,6 +345,7 @@ def validate_bundle(
     source: str,
     backbone: str,
     engines: list[str] | None = None,
+    reference_maps: np.ndarray | None = None,
 ) -> ValidationReport:
     """Validate every format in ``formats`` (files under ``bundle_dir``), then every backend of ``engines`` (engine
     rows on those files, see the module docstring), against the Keras ``reference``.
@@ -303,9 +355,11 @@ def validate_bundle(
     results = []
     for name in formats:
         logger.info("validating %s on %d images", name, len(images))
-        results.append(_validate_here(name, formats[name], reference, images, labels, backbone, bundle_dir))
+        results.append(_validate_here(name, formats[name], reference, images, labels, backbone, bundle_dir,
+                                      reference_maps))
     if engines:
         logger.info("validating %s on %d images", ", ".join(engines), len(images))
-        results += _validate_isolated(list(engines), formats, reference, images, labels, backbone, bundle_dir)
+        results += _validate_isolated(list(engines), formats, reference, images, labels, backbone, bundle_dir,
+                                      reference_maps)
     return ValidationReport(source=source, images=len(images), batch_size=BATCH_SIZE,
                             passed=all(r.passed for r in results if r.format in formats), formats=results)

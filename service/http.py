@@ -48,6 +48,9 @@ class Entry(Protocol):
 
     async def infer_encoded(self, images: list[tuple[str, bytes]]) -> np.ndarray: ...
     async def infer_pixels(self, pixels: np.ndarray) -> np.ndarray: ...
+    # (probabilities, top-class activation maps [N, h, w], the decoded pixels) / (probabilities, maps)
+    async def explain_encoded(self, images: list[tuple[str, bytes]]) -> tuple: ...
+    async def explain_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
     async def describe(self) -> dict: ...
     def is_ready(self) -> bool: ...
 
@@ -295,6 +298,65 @@ def predict_endpoint(get_entry: Callable[[], Entry], settings: ServiceSettings) 
     return predict
 
 
+EXPLAIN_FORMATS = ("png", "json")
+
+
+def require_cam(manifest: Any, backend: str) -> None:
+    """404 ``no_class_activation_map``, with the reason, where the served backend answers no map for this bundle
+    (core/predictors.py's :func:`map_refusal`)."""
+    from transferkit.core.predictors import map_refusal
+
+    why = map_refusal(manifest, backend)
+    if why:
+        raise ServiceError(404, "no_class_activation_map", f"model {manifest.name!r} has no class activation map "
+                                                          f"on {backend}: {why}")
+
+
+def _explain_format(request: Request) -> str:
+    values = request.query_params.getlist("format")
+    if len(values) > 1 or (values and values[0] not in EXPLAIN_FORMATS):
+        raise ServiceError(400, "bad_format", f"'format' must be one of {', '.join(EXPLAIN_FORMATS)} (once), got "
+                                              f"{ascii(values[:2])[:60]}")
+    return values[0] if values else "png"
+
+
+def explain_endpoint(get_entry: Callable[[], Entry], settings: ServiceSettings, backend: str) -> Callable:
+    """``POST /explain``: where the model looked. One image -> a PNG overlay of its top class's activation map
+    (``X-Label``/``X-Score`` headers); ``?format=json`` -> per image ``{label, score, cam}``, any number of images."""
+    from starlette.responses import Response
+
+    from transferkit.core.explain import cam_payload, overlay_png
+
+    async def explain(request: Request) -> Response:
+        entry = get_entry()
+        if entry.manifest is None:
+            return error_response(unavailable(entry))
+        classes = entry.manifest.class_names
+        try:
+            require_cam(entry.manifest, backend)
+            kind = _explain_format(request)
+            images, form_values = await _read_images(request, settings)
+            if form_values:
+                raise ServiceError(400, "unexpected_field", f"/explain takes no '{TOP_K}': it maps the top class")
+            if kind == "png" and len(images) != 1:
+                raise ServiceError(400, "one_image_per_png", f"a PNG answer holds one image's map, got {len(images)} "
+                                                             "images: send one, or ask ?format=json")
+            probabilities, maps, pixels = await entry.explain_encoded(images)
+            probabilities = checked_probabilities(probabilities)
+        except Exception as exc:
+            return error_for(exc)
+        metrics.predicted(len(probabilities))
+        best = probabilities.argmax(1)
+        if kind == "json":
+            return JSONResponse([{"label": classes[b], "score": float(p[b]), "cam": cam_payload(m)}
+                                 for b, p, m in zip(best, probabilities, maps)])
+        return Response(overlay_png(pixels[0], maps[0]), media_type="image/png",
+                        headers={"X-Label": ascii(classes[best[0]])[1:-1],
+                                 "X-Score": f"{probabilities[0, best[0]]:.6f}"})
+
+    return explain
+
+
 def metadata_document(manifest: Any, runtime: dict, settings: ServiceSettings, plan: Plan, choice) -> dict:
     """``GET /metadata``'s answer: the bundle, the backend and layout chosen and why, the limits, the runtime."""
     return {
@@ -304,7 +366,9 @@ def metadata_document(manifest: Any, runtime: dict, settings: ServiceSettings, p
                  f"image: 'top_k' (query parameter or form field, 1 to {len(manifest.class_names)}; default: "
                  f"'top_k' below)",
         "openapi": "/docs.json",
-        "protocols": {"predict": "/predict", "open_inference_protocol": f"/v2/models/{manifest.name}"},
+        "protocols": {"predict": "/predict", "open_inference_protocol": f"/v2/models/{manifest.name}",
+                      "explain": "/explain"},
+        "explain": _explain_document(manifest, choice.backend),
         "backend": choice.backend,
         "backend_choice": {"setting": settings.backend, "reason": choice.reason, "cpu": choice.cpu,
                            "batch_scaling": choice.batch_scaling, "images_per_second": choice.images_per_second,
@@ -322,6 +386,15 @@ def metadata_document(manifest: Any, runtime: dict, settings: ServiceSettings, p
         "checksums": {name: entry.sha256 for name, entry in manifest.formats.items()},
         "validation_passed": bool(manifest.validation and manifest.validation.passed),
     }
+
+
+def _explain_document(manifest: Any, backend: str) -> dict:
+    """Whether ``/explain`` and ``/v2``'s ``cam`` answer on the served backend, how the map is made, or why not."""
+    from transferkit.core.predictors import map_refusal
+
+    why = map_refusal(manifest, backend)
+    described = manifest.explain.model_dump() if manifest.explain else {}
+    return {**described, "available": not why, "reason": why}
 
 
 def _batching(settings: ServiceSettings, plan: Plan) -> dict | None:
@@ -360,6 +433,7 @@ def build_app(get_entry: Callable[[], Entry], settings: ServiceSettings, plan: P
 
     app = Starlette(
         routes=[Route("/predict", predict_endpoint(get_entry, settings), methods=["POST"]),
+                Route("/explain", explain_endpoint(get_entry, settings, choice.backend), methods=["POST"]),
                 Route("/metadata", metadata_endpoint(get_entry, settings, plan, choice), methods=["GET"]),
                 *oip_routes(get_entry, settings, choice.backend)],
         exception_handlers={HTTPException: http_error},

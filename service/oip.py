@@ -9,9 +9,10 @@ Endpoints: ``GET /v2`` (server metadata), ``/v2/health/live``, ``/v2/health/read
   base64 text (JSON strings cannot hold raw bytes);
 - ``pixels``: ``UINT8 [N, S, S, 3]`` RGB at the model's input size S, already decoded.
 
-The output ``probabilities`` is ``FP32 [N, C]`` (class order as in the metadata). The classification extension
-(``"parameters": {"classification": k}`` on the requested output) returns ``BYTES [N, k]`` elements
-``"score:index:label"`` instead. Outputs come as JSON unless the binary-data extension is asked for (per output
+The output ``probabilities`` is ``FP32 [N, C]`` (class order as in the metadata); a model whose graphs compute class
+activation maps also has ``cam``, ``FP32 [N, h, w]`` (the top class's map), returned when requested by name. The
+classification extension (``"parameters": {"classification": k}`` on the requested output) returns ``BYTES [N, k]``
+elements ``"score:index:label"`` instead. Outputs come as JSON unless the binary-data extension is asked for (per output
 ``"binary_data": true`` or the request's ``"binary_data_output": true``). Errors: the same statuses and reasons as
 ``/predict``, as ``{"error", "reason"}``.
 """
@@ -43,6 +44,7 @@ from transferkit.service.settings import ServiceSettings
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUT = "probabilities"
+CAM = "cam"  # the top class's activation map, FP32 [N, h, w]: requested by name, for a model that has one
 EXTENSIONS = ["binary_tensor_data", "classification"]
 # KServe/Triton platform names by engine (transferkit/core/backends.py's choice decides which runs).
 PLATFORM = {"tensorflow": "tensorflow_savedmodel", "onnxruntime": "onnxruntime_onnx", "openvino": "openvino"}
@@ -279,23 +281,39 @@ def read_input(request: dict, binary: bytes, size: int, max_images: int) -> tupl
     raise _bad(f"expected {expected}; got {_show(name)} ({_show(datatype)} {shape})")
 
 
-def requested_outputs(request: dict, num_classes: int) -> tuple[int, bool]:
-    """(classification k or 0, binary?) from the request's ``outputs`` and ``parameters``."""
+def _requested(output: Any, names: tuple[str, ...], binary: bool, num_classes: int) -> tuple[str, bool, int]:
+    """One entry of ``outputs``: (name, binary?, classification k or 0)."""
+    if not isinstance(output, dict):
+        raise _bad(f"each requested output must be an object, got {_kind(output)}")
+    name = output.get("name")
+    if name not in names:
+        raise _bad(f"unknown output {_show(name)}: this model has {', '.join(map(repr, names))}")
+    options = _object(output.get("parameters"), f"output {name!r}: 'parameters'")
+    k = options.get("classification", 0)
+    if not _natural(k):
+        raise _bad(f"'classification' must be a non-negative integer, got {_show(k)}")
+    if k and name != OUTPUT:
+        raise _bad(f"'classification' applies to {OUTPUT!r} only, not {name!r}")
+    return name, _flag(options, "binary_data", f"output {name!r}: parameter", binary), min(k, num_classes)
+
+
+def requested_outputs(request: dict, num_classes: int, has_cam: bool = False) -> tuple[tuple[tuple[str, bool], ...],
+                                                                                         int]:
+    """((name, binary?) per requested output, in request order; classification k or 0) from the request's
+    ``outputs`` and ``parameters``. ``cam`` is an output only of a model whose graphs compute the map."""
     parameters = _object(request.get("parameters"), "the request's 'parameters'")
     binary = _flag(parameters, "binary_data_output", "the request's parameter")
     outputs = request.get("outputs")
     if outputs is None:
-        return 0, binary
-    if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict):
-        raise _bad(f"expected at most one requested output, {OUTPUT!r}")
-    output = outputs[0]
-    if output.get("name") != OUTPUT:
-        raise _bad(f"unknown output {_show(output.get('name'))}: this model has one output, {OUTPUT!r}")
-    options = _object(output.get("parameters"), f"output {OUTPUT!r}: 'parameters'")
-    k = options.get("classification", 0)
-    if not _natural(k):
-        raise _bad(f"'classification' must be a non-negative integer, got {_show(k)}")
-    return min(k, num_classes), _flag(options, "binary_data", f"output {OUTPUT!r}: parameter", binary)
+        return ((OUTPUT, binary),), 0
+    names = (OUTPUT, CAM) if has_cam else (OUTPUT,)
+    if not isinstance(outputs, list) or not 1 <= len(outputs) <= len(names):
+        raise _bad(f"expected at most {'one requested output' if len(names) == 1 else 'two requested outputs'}, "
+                   f"of {', '.join(map(repr, names))}")
+    chosen = [_requested(output, names, binary, num_classes) for output in outputs]
+    if len({name for name, _, _ in chosen}) < len(chosen):
+        raise _bad("an output is requested twice")
+    return tuple((name, flag) for name, flag, _ in chosen), max(k for _, _, k in chosen)
 
 
 @dataclass(frozen=True)
@@ -305,18 +323,26 @@ class InferRequest:
     kind: str  # "images": [(label, file bytes)]; "pixels": uint8 [N, S, S, 3]
     value: Any
     k: int  # classification extension: top-k labels, 0 for probabilities
-    binary: bool  # binary-data extension for the output
+    outputs: tuple[tuple[str, bool], ...]  # (name, binary-data extension?) per output, in the request's order
     id: str | None
+
+    @property
+    def binary(self) -> bool:
+        return any(flag for _, flag in self.outputs)
+
+    @property
+    def cam(self) -> bool:
+        return any(name == CAM for name, _ in self.outputs)
 
 
 def parse_infer(body: bytes, header_length: str | None, image_size: int, max_images: int,
-                num_classes: int) -> InferRequest:
+                num_classes: int, has_cam: bool = False) -> InferRequest:
     """The whole request, checked; only :class:`ServiceError` escapes (tests/test_hostile_http.py fuzzes it)."""
     max_values = max_images * image_size * image_size * 3 + STRUCTURE_VALUES
     request, binary = parse_infer_request(body, header_length, max_values)
     kind, value = read_input(request, binary, image_size, max_images)
-    k, binary_out = requested_outputs(request, num_classes)
-    return InferRequest(kind, value, k, binary_out, request_id(request))
+    outputs, k = requested_outputs(request, num_classes, has_cam)
+    return InferRequest(kind, value, k, outputs, request_id(request))
 
 
 async def parse_infer_off_loop(body: bytes, *args: Any) -> InferRequest:
@@ -331,29 +357,48 @@ def _bytes_tensor(elements: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def infer_response(model: str, version: str, request: InferRequest, probabilities: np.ndarray,
-                   classes: list[str]) -> Response:
-    n, k = len(probabilities), request.k
+def _tensor(name: str, k: int, probabilities: np.ndarray, maps: np.ndarray | None,
+            classes: list[str]) -> tuple[dict[str, Any], bytes, list]:
+    """One output: its description, its binary payload and its JSON data."""
+    n = len(probabilities)
+    if name == CAM:
+        return ({"name": CAM, "datatype": "FP32", "shape": list(maps.shape)},
+                np.ascontiguousarray(maps, "<f4").tobytes(), maps.ravel().tolist())
     if k:
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
         labels = [f"{probabilities[i, j]:f}:{j}:{classes[j]}" for i in range(n) for j in order[i]]
-        output: dict[str, Any] = {"name": OUTPUT, "datatype": "BYTES", "shape": [n, k]}
-        payload = _bytes_tensor([label.encode() for label in labels])
-        data: list = labels
-    else:
-        output = {"name": OUTPUT, "datatype": "FP32", "shape": [n, probabilities.shape[1]]}
-        payload = np.ascontiguousarray(probabilities, "<f4").tobytes()
-        data = probabilities.ravel().tolist()
-    head: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": [output]}
+        return ({"name": OUTPUT, "datatype": "BYTES", "shape": [n, k]},
+                _bytes_tensor([label.encode() for label in labels]), labels)
+    return ({"name": OUTPUT, "datatype": "FP32", "shape": [n, probabilities.shape[1]]},
+            np.ascontiguousarray(probabilities, "<f4").tobytes(), probabilities.ravel().tolist())
+
+
+def infer_response(model: str, version: str, request: InferRequest, probabilities: np.ndarray,
+                   classes: list[str], maps: np.ndarray | None = None) -> Response:
+    """The outputs in the request's order; binary ones after the JSON header, in that order (Triton's layout)."""
+    head: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": []}
     if request.id is not None:
         head["id"] = request.id
-    if not request.binary:
-        output["data"] = data
+    blobs = []
+    for name, binary in request.outputs:
+        output, payload, data = _tensor(name, request.k, probabilities, maps, classes)
+        if binary:
+            output["parameters"] = {"binary_data_size": len(payload)}
+            blobs.append(payload)
+        else:
+            output["data"] = data
+        head["outputs"].append(output)
+    if not blobs:
         return JSONResponse(head)
-    output["parameters"] = {"binary_data_size": len(payload)}
     header = json.dumps(head).encode()
-    return Response(header + payload, media_type="application/octet-stream",
+    return Response(header + b"".join(blobs), media_type="application/octet-stream",
                     headers={HEADER_LENGTH: str(len(header))})
+
+
+def _has_cam(manifest: Any, backend: str) -> bool:
+    from transferkit.core.predictors import map_refusal
+
+    return not map_refusal(manifest, backend)
 
 
 class OpenInferenceProtocol:
@@ -416,7 +461,9 @@ class OpenInferenceProtocol:
             "platform": PLATFORM[RUNTIME_BACKENDS[self.backend].engine],
             "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
                        {"name": "pixels", "datatype": "UINT8", "shape": [-1, size, size, 3]}],
-            "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(manifest.class_names)]}],
+            "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(manifest.class_names)]},
+                        *([{"name": CAM, "datatype": "FP32", "shape": [-1, *manifest.explain.resolution]}]
+                          if _has_cam(manifest, self.backend) else [])],
             "parameters": {"classes": manifest.class_names, "one_input_of": ["images", "pixels"]},
         })
 
@@ -437,12 +484,18 @@ class OpenInferenceProtocol:
         try:
             body = await request.body()
             parsed = await parse_infer_off_loop(body, request.headers.get(HEADER_LENGTH), manifest.image_size,
-                                                self.settings.max_images, len(manifest.class_names))
-            probabilities = checked_probabilities(await self.classify(entry, parsed.kind, parsed.value))
+                                                self.settings.max_images, len(manifest.class_names),
+                                                _has_cam(manifest, self.backend))
+            maps = None
+            if parsed.cam:
+                probabilities, maps = await self.explain(entry, parsed.kind, parsed.value)
+            else:
+                probabilities = await self.classify(entry, parsed.kind, parsed.value)
+            probabilities = checked_probabilities(probabilities)
         except Exception as exc:
             return error_for(exc)
         metrics.predicted(len(probabilities))
-        return infer_response(manifest.name, manifest.version, parsed, probabilities, manifest.class_names)
+        return infer_response(manifest.name, manifest.version, parsed, probabilities, manifest.class_names, maps)
 
     @staticmethod
     async def classify(entry, kind: str, value: Any) -> np.ndarray:
@@ -450,6 +503,13 @@ class OpenInferenceProtocol:
         if kind == "images":
             return await entry.infer_encoded(value)
         return await entry.infer_pixels(value)
+
+    @staticmethod
+    async def explain(entry, kind: str, value: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, maps) of the request's one input (``cam`` requested)."""
+        if kind == "images":
+            return (await entry.explain_encoded(value))[:2]
+        return await entry.explain_pixels(value)
 
 
 def oip_routes(get_entry: Callable, settings: ServiceSettings, backend: str) -> list[Route]:

@@ -148,6 +148,26 @@ def _predict_operation(settings: ServiceSettings, classes: int | None) -> dict:
                       **_errors(400, 413, 415, 429, 503, 504)}}}
 
 
+def _explain_operation(settings: ServiceSettings) -> dict:
+    form = {"type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "minItems": 1, "maxItems": settings.max_images,
+                   "description": "Image files; one for the PNG answer, any number (to the limit) for JSON",
+                   "items": {"type": "string", "format": "binary"}}}}
+    return {"post": {
+        "tags": [TAG], "operationId": "transferkit__explain",
+        "summary": "Where the model looked (class activation map)",
+        "description": "The top class's activation map: a PNG overlay on the image the model saw (one image; the "
+                       "label and score in X-Label and X-Score), or with format=json per image the label, score and "
+                       "the map (raw and normalised to 0-1). 404 no_class_activation_map for a head without one.",
+        "parameters": [{"name": "format", "in": "query", "required": False,
+                        "schema": {"type": "string", "enum": ["png", "json"], "default": "png"}}],
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}},
+        "responses": {"200": {"description": "The overlay (png) or the maps (json)", "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"type": "array", "items": _ref("ExplainAnswer")}}}},
+            **_errors(400, 404, 413, 415, 429, 503, 504)}}}
+
+
 def _metadata_operation() -> dict:
     return {"get": {"tags": [TAG], "operationId": "transferkit__metadata", "summary": "The served bundle and setup",
                     "description": "The bundle (name, version, classes, checksums), the backend and layout chosen "
@@ -227,7 +247,8 @@ def document(get_entry: Callable[[], Any], settings: ServiceSettings) -> dict:
     except Exception:  # no service instance in this process (the build, the arbiter)
         model = None
     classes = len(model.class_names) if model is not None else None
-    return {"paths": {"/predict": _predict_operation(settings, classes), "/metadata": _metadata_operation(),
+    return {"paths": {"/predict": _predict_operation(settings, classes), "/explain": _explain_operation(settings),
+                      "/metadata": _metadata_operation(),
                       **_v2_paths(model)},
             "components": {"schemas": schemas(settings)}}
 
@@ -253,6 +274,12 @@ def schemas(settings: ServiceSettings) -> dict:
         "TransferkitError": {"type": "object", "required": ["error", "reason"], "properties": {
             "error": {"type": "string", "description": "One line for a person"},
             "reason": {"type": "string", "description": "Machine-readable, e.g. invalid_image, bad_top_k"}}},
+        "ExplainAnswer": {"type": "object", "required": ["label", "score", "cam"], "properties": {
+            "label": {"type": "string"}, "score": {"type": "number"},
+            "cam": {"type": "object", "required": ["resolution", "values", "normalized"], "properties": {
+                "resolution": {"type": "array", "items": {"type": "integer"}},
+                "values": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                "normalized": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}}},
         "PredictAnswer": {"type": "object", "required": ["label", "score", "top_k"], "properties": {
             "label": {"type": "string"}, "score": {"type": "number"},
             "top_k": {"type": "array", "items": label}}},
@@ -266,7 +293,7 @@ def schemas(settings: ServiceSettings) -> dict:
         "ModelMetadata": {"type": "object", "required": ["name", "platform", "inputs", "outputs"], "properties": {
             "name": {"type": "string"}, "versions": string_list, "platform": {"type": "string"},
             "inputs": {"type": "array", "items": _tensor(["images", "pixels"], ["BYTES", "UINT8"], False)},
-            "outputs": {"type": "array", "items": _tensor(["probabilities"], ["FP32"], False)},
+            "outputs": {"type": "array", "items": _tensor(["probabilities", "cam"], ["FP32"], False)},
             "parameters": {"type": "object", "additionalProperties": True}}},
         "InferRequest": {"type": "object", "required": ["inputs"], "properties": {
             "id": {"type": "string", "maxLength": 1024},
@@ -282,5 +309,5 @@ def schemas(settings: ServiceSettings) -> dict:
                         "binary_data": {"type": "boolean"}}}}}}}},
         "InferResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
             "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
-            "outputs": {"type": "array", "items": _tensor(["probabilities"], ["FP32", "BYTES"], True)}}},
+            "outputs": {"type": "array", "items": _tensor(["probabilities", "cam"], ["FP32", "BYTES"], True)}}},
     }

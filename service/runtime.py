@@ -150,6 +150,15 @@ class ModelRuntime:
         self.observe("inference", time.perf_counter() - start)
         return probabilities
 
+    def explain(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [N, H, W, 3] -> (probabilities [N, C], the top class's activation maps [N, h, w]); one model call,
+        never micro-batched (a batch's graph output is the same, but the batcher carries probabilities only)."""
+        self.check()
+        start = time.perf_counter()
+        answer = self.predictor.explain(pixels)
+        self.observe("inference", time.perf_counter() - start)
+        return answer
+
     def describe(self) -> dict:
         """The runtime part of /metadata (no filesystem paths)."""
         if self.state != "ready":

@@ -213,6 +213,16 @@ if PLAN.layout == "batched":
             return self.runtime.predict(pixels)
 
         @bentoml.api
+        def explain(self, pixels: np.ndarray) -> np.ndarray:
+            """uint8 RGB [N, H, W, 3] -> [N, C + h*w]: the probabilities, then each top class's activation map
+            flattened (one array: what BentoML's inter-service call carries best; the entry splits it)."""
+            self.runtime.settled.wait(WARMING_WAIT_S)
+            if not self.runtime.ready:
+                raise bentoml.exceptions.ServiceUnavailable(f"model {self.runtime.state}")
+            probabilities, maps = self.runtime.explain(pixels)
+            return np.concatenate([probabilities, maps.reshape(len(maps), -1)], axis=1)
+
+        @bentoml.api
         def describe(self) -> dict:
             return self.runtime.describe()
 
@@ -243,10 +253,25 @@ if PLAN.layout == "batched":
             return await self.infer_pixels(pixels)
 
         async def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
+            return await self._call_model(_classify, pixels)
+
+        async def explain_encoded(self, images: list[tuple[str, bytes]]) -> tuple:
+            side = self.manifest.image_size
+            async with self.gate.admit(estimate_all(images, side, SETTINGS.max_pixels), DECODE_WAIT_S):
+                pixels = await asyncio.to_thread(decode_all, images, side, SETTINGS.max_pixels)
+            return (*await self.explain_pixels(pixels), pixels)
+
+        async def explain_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            joined = await self._call_model(lambda model, batch: model.to_async.explain(batch), pixels)
+            classes = len(self.manifest.class_names)
+            height, width = self.manifest.explain.resolution
+            return joined[:, :classes], joined[:, classes:].reshape(-1, height, width)
+
+        async def _call_model(self, call, pixels: np.ndarray) -> np.ndarray:
             from bentoml.exceptions import BentoMLException
 
             try:
-                return np.asarray(await _classify(self.model, pixels))
+                return np.asarray(await call(self.model, pixels))
             except BentoMLException as exc:
                 status = int(getattr(getattr(exc, "error_code", None), "value", 500))
                 if status not in (429, 503, 504):
@@ -317,6 +342,21 @@ else:  # inprocess and microbatch: the model runs in the HTTP worker
             if self.runtime.batcher is not None:
                 return await self.runtime.predict_batched(pixels)
             return await self.runtime.run(self.runtime.predict, pixels)
+
+        def _decode_and_explain(self, images: list[tuple[str, bytes]]) -> tuple:
+            pixels = decode_all(images, self.manifest.image_size, SETTINGS.max_pixels)
+            return (*self.runtime.explain(pixels), pixels)
+
+        async def explain_encoded(self, images: list[tuple[str, bytes]]) -> tuple:
+            cost = estimate_all(images, self.manifest.image_size, SETTINGS.max_pixels)
+            await self.runtime.wait_ready(WARMING_WAIT_S)
+            arrived = time.perf_counter()
+            async with self.gate.admit(cost, DECODE_WAIT_S):
+                return await self.runtime.run(self._decode_and_explain, images, since=arrived)
+
+        async def explain_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            await self.runtime.wait_ready(WARMING_WAIT_S)
+            return await self.runtime.run(self.runtime.explain, pixels)
 
         async def describe(self) -> dict:
             return {**self.runtime.describe(), "worker": _worker_index() + 1}

@@ -37,7 +37,7 @@ def test_bundle_holds_every_format_and_a_manifest(bundle):
     assert manifest.preprocessing["mode"] == "tf"
     assert manifest.validation.passed and not manifest.validation_overridden
     assert manifest.validation.images >= 64  # test split topped up from val
-    assert manifest.schema_version == 3
+    assert manifest.schema_version == 4
     for entry in manifest.formats.values():
         assert (bundle / entry.file).exists()
         assert entry.input_name == "image" and entry.output_name == "probabilities"
@@ -72,7 +72,8 @@ def test_independent_runtimes_reproduce_keras(bundle, trained_run):
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image"]
     assert session.get_inputs()[0].type == "tensor(uint8)"  # the cast to float32 is inside the graph
-    assert [o.name for o in session.get_outputs()] == ["probabilities"]
+    # The probabilities first; then the top class's activation map (tests/test_explain.py), at 32 px one position.
+    assert [(o.name, o.shape[1:]) for o in session.get_outputs()] == [("probabilities", [3]), ("cam", [1, 1])]
     assert session.get_inputs()[0].shape[0] != 1  # dynamic batch axis
     onnx_p = session.run(None, {"image": images})[0]
     assert np.abs(onnx_p - keras_p).max() <= 1e-4
@@ -501,9 +502,9 @@ def test_schema_1_bundles_stay_readable_and_newer_ones_are_refused(bundle, tmp_p
     assert manifest.schema_version == 1 and manifest.resize is None
     assert {entry.input_dtype for entry in manifest.formats.values()} == {"float32"}
 
-    raw["schema_version"] = 4
+    raw["schema_version"] = 5
     (copy / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(BundleError, match="schema version 4 was written by a newer transferkit"):
+    with pytest.raises(BundleError, match="schema version 5 was written by a newer transferkit"):
         load_bundle(copy)
 
 

@@ -57,7 +57,7 @@ class StandInEntry:
     """What the routes need from the entry, answering a uniform distribution without a model."""
 
     manifest = SimpleNamespace(name=MODEL, version="v1", image_size=SIDE, class_names=CLASSES, backbone="MobileNetV2",
-                               formats={}, validation=None)
+                               formats={}, validation=None, explain=None)
     load_error = None
 
     async def infer_encoded(self, images: list[tuple[str, bytes]]) -> np.ndarray:

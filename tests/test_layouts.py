@@ -146,6 +146,26 @@ def test_batched_layout_speaks_the_open_inference_protocol(batched, trained_run)
     assert answer["score"] == pytest.approx(float(probabilities.max()), abs=1e-6)
 
 
+def test_batched_layout_explains_through_the_model_service(batched, bundle, trained_run):
+    """The map comes from the model process (its explain API), for /v2's cam output and for /explain."""
+    from transferkit.core.predictors import load_bundle
+
+    path = split_files(trained_run.run_dir, "test")[0][0]
+    pixels = decode_image(path.read_bytes(), 32)[None]
+    expected, maps = load_bundle(bundle).predictor("onnx").explain(pixels)
+    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    client = triton.InferenceServerClient(batched.url.removeprefix("http://"))
+    result = client.infer("digits-test", [tensor], outputs=[triton.InferRequestedOutput("cam")])
+    np.testing.assert_allclose(result.as_numpy("cam"), maps, rtol=1e-5, atol=1e-6)
+    answer = batched.post("/explain?format=json", files=[("images", ("a.png", path.read_bytes(), "image/png"))])
+    assert answer.status_code == 200, answer.text
+    np.testing.assert_allclose(answer.json()[0]["cam"]["values"], maps[0], rtol=1e-5, atol=1e-5)
+    assert answer.json()[0]["score"] == pytest.approx(float(expected.max()), abs=1e-6)
+    png = batched.post("/explain", files=[("images", ("a.png", path.read_bytes(), "image/png"))])
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_batched_layout_with_a_failed_model_says_model_unavailable(bundle, tmp_path):
     copy = tampered_copy(bundle, tmp_path / "tampered", position=0.5)
     srv = Server(copy, tmp_path / "tampered.log", layout="batched", timeout_s=10)

@@ -75,7 +75,8 @@ def test_health_and_metadata(client, server, bundle):
     assert meta["versions"] == [manifest.version]
     assert {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]} == {
         "images": ("BYTES", [-1]), "pixels": ("UINT8", [-1, 32, 32, 3])}
-    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]
+    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
+                               {"name": "cam", "datatype": "FP32", "shape": [-1, 1, 1]}]
     error = triton_error(lambda: client.get_model_metadata("no-such-model"))
     assert error.status() == "404" and "digits-test" in error.message()
 
@@ -96,6 +97,20 @@ def test_pixels_as_uint8_tensor_binary_and_json(client, files, expected):
         tensor.set_data_from_numpy(pixels, binary_data=binary)
         result = client.infer("digits-test", [tensor])
         np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
+
+
+def test_the_cam_output_comes_when_requested_by_name(client, files, bundle):
+    """tritonclient asks for the class activation map beside the probabilities (binary and JSON)."""
+    from transferkit.core.predictors import load_bundle
+
+    probabilities, maps = load_bundle(bundle).predictor("onnx").explain(
+        np.stack([decode_image(f, 32) for f in files]))
+    outputs = [triton.InferRequestedOutput("cam", binary_data=True),
+               triton.InferRequestedOutput("probabilities", binary_data=False)]
+    result = client.infer("digits-test", [images_input(files)], outputs=outputs)
+    np.testing.assert_allclose(result.as_numpy("cam"), maps, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), probabilities, atol=1e-6)
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["cam", "probabilities"]
 
 
 def test_classification_extension_returns_top_k_labels(client, files, expected):

@@ -273,9 +273,10 @@ def documented_operations(document: dict) -> set[tuple[str, str]]:
 def assert_complete_and_valid(document: dict, app) -> None:
     validate_spec(document)  # raises with the first violation of OpenAPI 3.0
     routes = app_operations(app)
-    assert len(routes) == 11, routes
+    assert len(routes) == 12, routes
     assert routes <= documented_operations(document), routes - documented_operations(document)
-    ours = {path for path in document["paths"] if path in ("/predict", "/metadata") or path.startswith("/v2")}
+    ours = {path for path in document["paths"] if path in ("/predict", "/explain", "/metadata")
+            or path.startswith("/v2")}
     assert ours == {path for path, _ in routes}  # and nothing documented that the app does not serve
 
 
@@ -294,8 +295,10 @@ def test_the_openapi_document_has_every_route_and_is_valid(app):
                                                                                      "InferRequest"}
     assert {"name": "name", "in": "path", "required": True, "description": "The model's name",
             "schema": {"type": "string"}, "example": "digits-test"} in infer["parameters"]
-    assert {"InferRequest", "InferResponse", "TransferkitError", "PredictAnswer"} <= set(
+    assert {"InferRequest", "InferResponse", "TransferkitError", "PredictAnswer", "ExplainAnswer"} <= set(
         document["components"]["schemas"])
+    explain = document["paths"]["/explain"]["post"]["responses"]["200"]["content"]
+    assert set(explain) == {"image/png", "application/json"}
 
 
 def schema_validator(document: dict, name: str) -> OAS30Validator:

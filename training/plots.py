@@ -37,14 +37,28 @@ def learning_curves(history: list[dict], phase1_epochs: int, path: Path) -> None
     fig.savefig(path, dpi=100)
 
 
+def _maps_of(model, images: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """The top class's activation maps of ``images`` (training/cam.py), or None and why the model has none."""
+    from transferkit.training.cam import find_cam, keras_maps
+
+    if model is None or len(images) == 0:
+        return None, ""
+    source, why = find_cam(model)
+    if source is None:
+        return None, why
+    return keras_maps(source, np.asarray(images, np.float32))[1], ""
+
+
 def misclassified(
-    probabilities: np.ndarray, split: SplitData, class_names: list[str], path: Path, limit: int = 25
+    probabilities: np.ndarray, split: SplitData, class_names: list[str], path: Path, limit: int = 25, model=None
 ) -> None:
-    """A grid of wrongly predicted test images, titled true -> predicted (confidence), most confident first."""
+    """A grid of wrongly predicted test images, titled true -> predicted (confidence), most confident first; with
+    ``model``, each overlaid with the class activation map of the predicted class (where the model looked)."""
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != split.labels)
     wrong_count = len(wrong)
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:limit]
+    maps, no_map = _maps_of(model, split.images[wrong])
     if len(wrong) == 0:
         fig = figure((5, 2))
         ax = fig.subplots()
@@ -58,12 +72,21 @@ def misclassified(
         axes = fig.subplots(rows, cols, squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
-        for ax, index in zip(axes.flat, wrong):
-            ax.imshow(split.images[index])
+        for position, (ax, index) in enumerate(zip(axes.flat, wrong)):
+            image = split.images[index]
+            ax.imshow(image)
+            if maps is not None:
+                from transferkit.core.explain import normalized
+
+                side = image.shape[0]
+                ax.imshow(normalized(maps[position]), cmap="turbo", alpha=0.45, vmin=0, vmax=1,
+                          interpolation="bilinear", extent=(-0.5, side - 0.5, side - 0.5, -0.5))
             ax.set_title(f"{class_names[split.labels[index]]} → {class_names[predicted[index]]}\n"
                          f"({probabilities[index, predicted[index]]:.0%})", fontsize=9)
+        shown = ("; colour: where the model looked for the predicted class (class activation map)" if maps is not None
+                 else f"; no class activation map: {no_map}" if no_map else "")
         fig.suptitle(f"Misclassified test images: {wrong_count} of "
-                     f"{len(split)} (true → predicted)")
+                     f"{len(split)} (true → predicted){shown}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))  # leave room for the title
     fig.savefig(path, dpi=100)
 

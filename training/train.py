@@ -11,6 +11,7 @@ The recipe follows the keras.io transfer-learning guide, with the optimizer and 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import sys
@@ -722,5 +723,5 @@ def _plots(optional: _OptionalSteps, fit: FitResult, dataset: Dataset, probabili
     optional.run("reliability diagram", plots.reliability, probabilities,
                  uncalibrated(probabilities["val"], fit.calibration), uncalibrated(test_probabilities, fit.calibration),
                  dataset, fit.calibration, work / "reliability.png")
-    optional.run("misclassified plot", plots.misclassified, test_probabilities, test, dataset.class_names,
-                 work / "misclassified.png")
+    optional.run("misclassified plot", functools.partial(plots.misclassified, model=fit.model), test_probabilities,
+                 test, dataset.class_names, work / "misclassified.png")

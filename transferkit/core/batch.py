@@ -68,15 +68,25 @@ def read_and_decode(item: Item, size: int) -> tuple[np.ndarray | None, str | Non
         return None, str(exc), False
 
 
-def classify_items(predictor: Predictor, items: list[Item], size: int) -> list[Outcome]:
-    """Read, decode and classify one batch; unreadable inputs become outcomes with an error."""
+def classify_items(predictor: Predictor, items: list[Item], size: int,
+                   explain_dir: Path | None = None) -> list[Outcome]:
+    """Read, decode and classify one batch; unreadable inputs become outcomes with an error. With ``explain_dir``,
+    each classified image's class activation map is written there as an overlay (core/explain.py)."""
     decoded = [read_and_decode(item, size) for item in items]
     outcomes = [Outcome(item.path, error=error, skipped=skipped)
                 for item, (_, error, skipped) in zip(items, decoded)]
     ready = [index for index, (pixels, _, _) in enumerate(decoded) if pixels is not None]
     if ready:
         # uint8 pixels: the predictor casts to whatever its graph takes (the manifest's input dtype).
-        probabilities = predictor(np.stack([decoded[index][0] for index in ready]))
+        pixels = np.stack([decoded[index][0] for index in ready])
+        if explain_dir is None:
+            probabilities = predictor(pixels)
+        else:
+            from transferkit.core.explain import write_overlay
+
+            probabilities, maps = predictor.explain(pixels)
+            for index, image, cam in zip(ready, pixels, maps):
+                write_overlay(explain_dir, items[index].path, image, cam)
         for index, row in zip(ready, probabilities):
             outcomes[index].probabilities = row
     return outcomes
@@ -89,13 +99,13 @@ def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
 
 
 def local_outcomes(items: Iterable[Item], predictor: Predictor, size: int, batch_size: int,
-                   workers: int) -> Iterator[list[Outcome]]:
+                   workers: int, explain_dir: Path | None = None) -> Iterator[list[Outcome]]:
     """Classify ``items`` on ``workers`` threads, yielding each batch's outcomes in input order."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="transferkit-predict")
     pending: deque[Future] = deque()
     try:
         for chunk in batched(items, batch_size):
-            pending.append(pool.submit(classify_items, predictor, chunk, size))
+            pending.append(pool.submit(classify_items, predictor, chunk, size, explain_dir))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:

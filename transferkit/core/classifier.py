@@ -115,6 +115,13 @@ class BundleClassifier:
                                                               spin=threads is None)
         return self._predictors[threads]
 
+    def explain(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities [N, C], the top class's activation maps [N, h, w]) for a list of images (or an
+        [N, H, W, 3] array); UsageError when the bundle's graphs compute no map (``manifest.explain`` says why)."""
+        sources = list(images) if not isinstance(images, np.ndarray) or images.ndim == 4 else [images]
+        pixels = np.stack([to_pixels(s, self.image_size) for s in sources])
+        return self.predictor().explain(pixels)
+
     def probabilities(self, images: Any, batch_size: int = 32) -> np.ndarray:
         """Class probabilities [N, C] for a list of images (or an [N, H, W, 3] array)."""
         sources = list(images) if not isinstance(images, np.ndarray) or images.ndim == 4 else [images]
@@ -135,14 +142,18 @@ class BundleClassifier:
         return answers[0] if single else answers
 
     def outcomes(self, items: Iterable[Item], engine: str = "local", batch_size: int = 32,
-                 workers: int | None = None) -> Iterator[list[Outcome]]:
+                 workers: int | None = None, explain_dir: Path | None = None) -> Iterator[list[Outcome]]:
         """Stream the outcomes of ``items`` batch by batch, in input order (what ``transferkit predict`` writes).
-        The Ray engine uses the Ray this process is connected to (:func:`transferkit.core.ray_engine.start_ray`)."""
+        The Ray engine uses the Ray this process is connected to (:func:`transferkit.core.ray_engine.start_ray`).
+        ``explain_dir`` (local engine): write each image's class activation map overlay there."""
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        if explain_dir is not None and engine != "local":
+            raise UsageError("--explain writes overlays with the local engine only")
         if engine == "local":
             predictor = self.predictor(threads=1)
-            return local_outcomes(items, predictor, self.image_size, batch_size, workers or available_cores())
+            return local_outcomes(items, predictor, self.image_size, batch_size, workers or available_cores(),
+                                  explain_dir)
         if engine == "ray":
             from transferkit.core.ray_engine import ray_outcomes
 

@@ -23,6 +23,13 @@ class UsageError(TransferkitError):
     reason = "bad_argument"
 
 
+class NoClassActivationMap(UsageError):
+    """The bundle, or the backend running it, has no trustworthy class activation map (the message says why)."""
+
+    http_status = 404
+    reason = "no_class_activation_map"
+
+
 class DatasetError(TransferkitError):
     """A dataset directory that cannot be trained on (missing, too few classes, an empty class...)."""
 

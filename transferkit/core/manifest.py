@@ -37,8 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transferkit.core.atomic import MARKER
 from transferkit.core.errors import BundleError
 
-SCHEMA_VERSION = 3
-SUPPORTED_SCHEMAS: tuple[int, ...] = (1, 2, 3)
+SCHEMA_VERSION = 4
+SUPPORTED_SCHEMAS: tuple[int, ...] = (1, 2, 3, 4)
 MODEL_CARD_NAME = "MODEL_CARD.md"
 MANIFEST_NAME = "manifest.json"
 
@@ -91,6 +91,7 @@ class FormatEntry(BaseModel):
     precision: Literal["fp32", "fp16", "int8"]
     opset: int | None = None
     quantization: dict[str, Any] | None = None  # int8: method, signedness, excluded nodes (export/quantize.py)
+    cam_output: str | None = None  # schema 4: the output holding the top class's activation map [N, h, w]
 
 
 class DocumentEntry(BaseModel):
@@ -161,6 +162,25 @@ class FormatValidation(BaseModel):
     gate: str  # the rule applied, in words
     passed: bool
     failures: list[str] = Field(default_factory=list)
+    # schema 4: the class activation map against Keras', max |Δ| over the decisive images whose top-1 agrees,
+    # relative to the largest |value| of the Keras maps (export/validate.py); None where the format has no map.
+    # A map beyond its bound is refused (that backend answers no /explain); the format's answers are not.
+    cam_max_rel_diff: float | None = None
+    cam_images: int | None = None
+    cam_passed: bool | None = None
+
+
+class ExplainInfo(BaseModel):
+    """Whether the bundle's graphs compute class activation maps (training/cam.py), and where."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    available: bool
+    output: str | None = None  # the graphs' output name
+    resolution: list[int] | None = None  # [h, w] of the feature map
+    method: str = ("CAM: the last feature maps weighted by the class layer's weights for the top class "
+                   "(exact for a global-average-pooling head)")
+    reason: str = ""  # why not, when not available
 
 
 class ValidationReport(BaseModel):
@@ -174,16 +194,18 @@ class ValidationReport(BaseModel):
         """The report as a Markdown table (printed by the CLI and stored in the manifest)."""
         lines = [
             "| format | images | max abs diff | mean abs diff | top-1 agreement (decisive) | accuracy (keras) | "
-            "batch 1 vs N | checker | gate | result |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "batch 1 vs N | map Δ (relative) | checker | gate | result |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for f in self.formats:
             accuracy = "-" if f.accuracy is None else f"{f.accuracy:.4f} ({f.keras_accuracy:.4f})"
             decisive = "" if f.decisive_agreement is None else (
                 f" ({f.decisive_agreement:.2%} of {f.decisive_images})")
+            cam = "-" if f.cam_max_rel_diff is None else f"{f.cam_max_rel_diff:.1e}" + (
+                "" if f.cam_passed else " (map refused)")
             lines.append(
                 f"| {f.format} | {f.images} | {f.max_abs_diff:.2e} | {f.mean_abs_diff:.2e} | "
-                f"{f.top1_agreement:.2%}{decisive} | {accuracy} | {f.batch_consistency_max_diff:.2e} | "
+                f"{f.top1_agreement:.2%}{decisive} | {accuracy} | {f.batch_consistency_max_diff:.2e} | {cam} | "
                 f"{f.checker} | {f.gate} | {'pass' if f.passed else 'FAIL: ' + '; '.join(f.failures)} |"
             )
         return "\n".join(lines)
@@ -213,6 +235,7 @@ class Manifest(BaseModel):
     # ECE/NLL before and after on the run's validation and test splits), None for an uncalibrated or older bundle
     documents: dict[str, DocumentEntry] = Field(default_factory=dict)
     calibration: dict[str, Any] | None = None
+    explain: ExplainInfo | None = None  # schema 4; None: exported before class activation maps
 
     @property
     def num_classes(self) -> int:

@@ -77,7 +77,7 @@ class OpenVinoPredictor:
     (export's validation, on the file it has just written)."""
 
     def __init__(self, path: Path, backend: str, precision: str, size: int, threads: int, input_dtype: str,
-                 model_bytes: bytes | None = None):
+                 model_bytes: bytes | None = None, outputs: tuple[str, str | None] = ("probabilities", None)):
         why = unavailable_reason(precision)
         if why:
             raise UsageError(f"--backend {backend}: {why}")
@@ -96,6 +96,10 @@ class OpenVinoPredictor:
         ran = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # what really runs: f32, bf16
         self.provider = f"OpenVINO:CPU:{ran}"
         self._local = threading.local()
+        # By name: a graph with a class activation map has two outputs (probabilities, cam).
+        names = {name for port in self.compiled.outputs for name in port.get_names()}
+        self._probabilities = self.compiled.output(outputs[0] if outputs[0] in names else 0)
+        self._cam = self.compiled.output(outputs[1]) if outputs[1] in names else None
 
     def _request(self):
         request = getattr(self._local, "request", None)
@@ -103,10 +107,24 @@ class OpenVinoPredictor:
             request = self._local.request = self.compiled.create_infer_request()
         return request
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def _infer(self, images: np.ndarray):
         from transferkit.core.predictors import as_batch
 
-        batch = as_batch(images, self.size, self.input_dtype)
         request = self._request()
-        request.infer({0: batch})
-        return np.array(request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the tensor is reused
+        request.infer({0: as_batch(images, self.size, self.input_dtype)})
+        return request
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        request = self._infer(images)
+        return np.array(request.get_tensor(self._probabilities).data, dtype=np.float32)  # a copy: tensors are reused
+
+    def explain(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, the top class's activation maps [N, h, w]) from one inference."""
+        if self._cam is None:
+            from transferkit.core.errors import NoClassActivationMap
+
+            raise NoClassActivationMap(f"no class activation map from {self.backend}: "
+                                       f"{getattr(self, 'cam_refusal', '') or 'this bundle has none'}")
+        request = self._infer(images)
+        return (np.array(request.get_tensor(self._probabilities).data, dtype=np.float32),
+                np.array(request.get_tensor(self._cam).data, dtype=np.float32))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transferkit.core import stopping
-from transferkit.core.atomic import check_output_dir
+from transferkit.core.atomic import atomic_output_dir, check_output_dir
 from transferkit.core.console import print_summary
 from transferkit.core.errors import OutputExistsError, UsageError
 from transferkit.core.extras import require_module
@@ -115,6 +115,10 @@ def add_predict_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
                    help="auto: CUDA if it loads, else CPU (default auto)")
     p.add_argument("--top-k", type=int, default=5, help="labels to list per image (default 5)")
+    p.add_argument("--explain", type=Path, metavar="DIR",
+                   help="also write each image's class activation map (where the model looked for its top class) "
+                        "as an overlay PNG under DIR, mirroring the inputs' paths (local engine; bundles whose "
+                        "head has a map: see the manifest's 'explain')")
     p.set_defaults(handler=run_predict)
 
 
@@ -134,6 +138,11 @@ def _check_arguments(args: argparse.Namespace) -> Path | None:
         raise UsageError("--retry-failed classifies again the unreadable files of an output: add --resume")
     if args.resume and args.evaluate:
         raise UsageError("--evaluate needs every image's probabilities: run it without --resume")
+    if args.explain and (args.resume or args.engine == "ray"):
+        raise UsageError("--explain writes a new folder of overlays with the local engine: run it without "
+                         + ("--resume" if args.resume else "--engine ray"))
+    if args.explain:
+        check_output_dir(args.explain, args.force, protected=[Path(args.bundle), *map(Path, args.inputs)])
     if args.out:
         output_format(args.out)
         if args.out.is_dir():
@@ -191,8 +200,17 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.evaluate:
         require_module("sklearn", "--evaluate")
     classifier = load_bundle(args.bundle, args.backend, args.device)
+    explain = classifier.manifest.explain
+    if args.explain and not (explain and explain.available):
+        raise UsageError(f"--explain: bundle {classifier.manifest.name} has no class activation map ("
+                         + (explain.reason if explain else "exported before transferkit added them: export it again")
+                         + ")")
     pending = _pending(args)
-    results = _classify(args, classifier, pending)
+    if args.explain:
+        with atomic_output_dir(args.explain, args.force) as staging:
+            results = _classify(args, classifier, pending, staging)
+    else:
+        results = _classify(args, classifier, pending)
     if results.interrupted:
         where = f"; {args.out} holds the rows so far: --resume continues" if args.out else ""
         how = "interrupted" if stopping.stop_exit_code() in (None, 130) else f"stopped by {stopping.stop_signal_name()}"
@@ -256,7 +274,8 @@ def _check_pending(args: argparse.Namespace, pending: _Pending) -> None:
                          f"(JSON on stdout is for up to {STDOUT_LIMIT})")
 
 
-def _classify(args: argparse.Namespace, classifier: BundleClassifier, pending: _Pending) -> _Results:
+def _classify(args: argparse.Namespace, classifier: BundleClassifier, pending: _Pending,
+              explain_dir: Path | None = None) -> _Results:
     """Classify the pending items batch by batch into --out (or the JSON list), with the progress bar; Ctrl-C stops
     it with the rows so far written."""
     from transferkit.core.evaluation import Evaluation
@@ -273,7 +292,7 @@ def _classify(args: argparse.Namespace, classifier: BundleClassifier, pending: _
     results = _Results(Progress(len(items), enabled=bool(args.out) or len(items) > args.batch_size),
                        Evaluation(classifier.manifest.class_names) if args.evaluate else None)
     try:
-        for outcomes in classifier.outcomes(items, args.engine, args.batch_size, args.workers):
+        for outcomes in classifier.outcomes(items, args.engine, args.batch_size, args.workers, explain_dir):
             _record(outcomes, results, writer, classifier.manifest.class_names, args.top_k)
     except KeyboardInterrupt:
         results.interrupted = True
@@ -345,6 +364,10 @@ def _summary_rows(args: argparse.Namespace, classifier: BundleClassifier, result
         rows.append(("resumed", f"{pending.already} images already in {args.out} were skipped{retried}"))
     if args.out:
         rows.append(("output", f"{args.out} ({progress.done - progress.skipped} rows written)"))
+    if args.explain:
+        explain = classifier.manifest.explain
+        rows.append(("class activation maps", f"{results.classified} overlays in {args.explain} (top class, "
+                                              f"{explain.resolution[0]}x{explain.resolution[1]} map)"))
     return rows
 
 

@@ -22,7 +22,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from transferkit.core.errors import BundleError, UsageError
+from transferkit.core.errors import BundleError, NoClassActivationMap, UsageError
 from transferkit.core.manifest import (
     MANIFEST_NAME,
     RUNTIME_BACKENDS,
@@ -42,6 +42,29 @@ class Predictor(Protocol):
     provider: str  # what actually runs it, e.g. "CUDAExecutionProvider", "CPUExecutionProvider", "TF:CPU"
 
     def __call__(self, images: np.ndarray) -> np.ndarray: ...
+
+    # (probabilities, the top class's activation maps [N, h, w]); UsageError when the bundle has no map
+    def explain(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def map_refusal(manifest: Manifest, backend: str) -> str:
+    """Why ``backend`` answers no class activation map for this bundle ("" when it does): the head has none, the
+    bundle predates them, or that backend's map failed its bound at export (export/validate.py)."""
+    explain = manifest.explain
+    if explain is None:
+        return "the bundle was exported before transferkit added class activation maps: export it again"
+    if not explain.available:
+        return explain.reason
+    spec = RUNTIME_BACKENDS.get(backend)
+    row = next((r for r in manifest.validation.formats if r.format == backend), None) if manifest.validation else None
+    if row is not None and row.cam_passed is False:
+        return (f"the {backend} map differed from Keras's by {row.cam_max_rel_diff:.2f} of its range at export "
+                f"({spec.precision if spec else backend} rounding); explain with the fp32 backend (onnx)")
+    return ""
+
+
+def _no_map(backend: str, why: str) -> NoClassActivationMap:
+    return NoClassActivationMap(f"no class activation map from {backend}: {why or 'this bundle has none'}")
 
 
 @functools.cache
@@ -86,7 +109,7 @@ class OnnxPredictor:
 
     def __init__(self, path: Path, backend: str, size: int, device: Device = "auto", threads: int | None = None,
                  spin: bool = True, input_dtype: str = "float32", device_id: int = 0,
-                 model_bytes: bytes | None = None):
+                 model_bytes: bytes | None = None, output_name: str | None = None, cam_output: str | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -120,18 +143,27 @@ class OnnxPredictor:
         self.threads = options.intra_op_num_threads
         self.input_dtype = np.dtype(input_dtype)
         self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_name = output_name or self.session.get_outputs()[0].name
+        self.cam_output = cam_output
+        self.cam_refusal = ""  # why cam_output is None (Bundle.predictor sets it)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         batch = as_batch(images, self.size, self.input_dtype)
         return self.session.run([self.output_name], {self.input_name: batch})[0].astype(np.float32, copy=False)
+
+    def explain(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self.cam_output:
+            raise _no_map(self.backend, self.cam_refusal)
+        batch = as_batch(images, self.size, self.input_dtype)
+        probabilities, maps = self.session.run([self.output_name, self.cam_output], {self.input_name: batch})
+        return probabilities.astype(np.float32, copy=False), maps.astype(np.float32, copy=False)
 
 
 class SavedModelPredictor:
     """The SavedModel's ``serving_default`` signature through TensorFlow (imported only here)."""
 
     def __init__(self, path: Path, size: int, input_name: str, output_name: str, device: Device = "auto",
-                 input_dtype: str = "float32"):
+                 input_dtype: str = "float32", cam_output: str | None = None):
         import tensorflow as tf
 
         gpus = tf.config.list_physical_devices("GPU")
@@ -147,13 +179,24 @@ class SavedModelPredictor:
         self.size = size
         self.input_name = input_name
         self.output_name = output_name
+        self.cam_output = cam_output
+        self.cam_refusal = ""
         self.input_dtype = np.dtype(input_dtype)
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def _run(self, images: np.ndarray) -> dict:
         batch = as_batch(images, self.size, self.input_dtype)
         with self._tf.device(self._device):
-            outputs = self._signature(**{self.input_name: self._tf.constant(batch)})
-        return outputs[self.output_name].numpy().astype(np.float32, copy=False)
+            return self._signature(**{self.input_name: self._tf.constant(batch)})
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self._run(images)[self.output_name].numpy().astype(np.float32, copy=False)
+
+    def explain(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self.cam_output:
+            raise _no_map(self.backend, self.cam_refusal)
+        outputs = self._run(images)
+        return (outputs[self.output_name].numpy().astype(np.float32, copy=False),
+                outputs[self.cam_output].numpy().astype(np.float32, copy=False))
 
 
 @dataclass
@@ -177,6 +220,14 @@ class Bundle:
         path = entry_path(self.path, spec.format, entry.file)
         # Read, hashed and checked here, just before use: the bytes an engine loads are the bytes that were hashed.
         model_bytes = verify_entry(self.path, self.manifest, spec.format)
+        refusal = map_refusal(self.manifest, backend)
+        entry = entry.model_copy(update={"cam_output": None}) if refusal else entry
+        predictor = self._engine_predictor(backend, spec, entry, path, model_bytes, device, threads, spin, device_id)
+        predictor.cam_refusal = refusal
+        return predictor
+
+    def _engine_predictor(self, backend: str, spec, entry, path: Path, model_bytes: bytes, device: Device,
+                          threads: int | None, spin: bool, device_id: int) -> Predictor:
         if spec.engine == "tensorflow":
             # Residual risk: TensorFlow loads a SavedModel only by path, so the directory just hashed is opened
             # again by TF. A process that can write into the bundle between the two could swap a file; such a
@@ -184,7 +235,7 @@ class Bundle:
             # not against a writer. Links are refused by the hash walk, so TF reads nothing outside the bundle, and
             # a SavedModel runs no Python code (graphs only). The ONNX backends leave no such window.
             return SavedModelPredictor(path, self.manifest.image_size, entry.input_name, entry.output_name, device,
-                                       entry.input_dtype)
+                                       entry.input_dtype, entry.cam_output)
         if spec.engine == "openvino":
             from transferkit.core.openvino import OpenVinoPredictor
 
@@ -192,9 +243,10 @@ class Bundle:
                 raise UsageError(f"--backend {backend} runs on the CPU; use onnx for --device gpu")
             self.require_validated(backend)
             return OpenVinoPredictor(path, backend, spec.precision, self.manifest.image_size,
-                                     threads or available_cores(), entry.input_dtype, model_bytes)
+                                     threads or available_cores(), entry.input_dtype, model_bytes,
+                                     outputs=(entry.output_name, entry.cam_output))
         return OnnxPredictor(path, backend, self.manifest.image_size, device, threads, spin, entry.input_dtype,
-                             device_id, model_bytes)
+                             device_id, model_bytes, entry.output_name, entry.cam_output)
 
     def validation_of(self, backend: str):
         """The export-time validation row of ``backend`` (None when the export did not validate it)."""
