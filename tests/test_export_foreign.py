@@ -71,6 +71,9 @@ def test_a_keras_file_exports_with_the_same_gates_and_manifest(exported, digits_
     assert manifest.validation.passed and manifest.validation.images == 300 and manifest.validation.source == "data"
     assert manifest.training["source"] == "keras_file" and manifest.training["outputs"] == "probabilities"
     assert manifest.training["model_name"] == "tiny_net"
+    # Its head (global average pooling -> dense softmax) has an exact class activation map, found inside the model.
+    assert manifest.explain.available and manifest.explain.resolution == [15, 15]
+    assert all(row.cam_passed for row in manifest.validation.formats if row.format in manifest.formats)
     card = (out / MODEL_CARD_NAME).read_text()
     assert "not trained by transferkit" in card and "tiny_net" in card
     assert "BentoML tag" in result.stdout and "foreign-test:" in result.stdout

@@ -46,9 +46,11 @@ def _producer(tensor) -> keras.layers.Layer:
     return tensor._keras_history.operation
 
 
-def _input_of(layer: keras.layers.Layer):
-    """The tensor ``layer`` was first called on (nested models: the outer tensor, not their own Input)."""
-    return layer._inbound_nodes[0].input_tensors[0]
+def _input_of(tensor):
+    """The input of the call that produced ``tensor``: that call's node, not the layer's first (a layer, or a
+    nested model, may be called in several graphs, e.g. a model wrapped twice by export/foreign.py)."""
+    history = tensor._keras_history
+    return history.operation._inbound_nodes[history.node_index].input_tensors[0]
 
 
 def _is_softmax(layer: keras.layers.Layer) -> bool:
@@ -60,18 +62,18 @@ def _is_softmax(layer: keras.layers.Layer) -> bool:
 
 def _pooled_dense(output, softmax_after: bool = False) -> tuple[keras.layers.Dense | None, object, str]:
     """From a graph's output tensor back to (dense layer, the pooled feature map's tensor, why not)."""
-    layer = _producer(output)
-    softmax = softmax_after or _is_softmax(layer)
-    while isinstance(layer, (keras.layers.Activation, *SOFTMAX_LAYERS)):
-        layer = _producer(_input_of(layer))
-    if not isinstance(layer, keras.layers.Dense):
-        return None, None, f"the output comes from {type(layer).__name__} {layer.name!r}, not a dense layer"
-    if not (softmax or _is_softmax(layer)):
-        return None, None, f"the dense layer {layer.name!r} has no softmax: its outputs are not class probabilities"
-    dense = layer
-    layer = _producer(_input_of(dense))
-    while isinstance(layer, PASS_THROUGH):
-        layer = _producer(_input_of(layer))
+    softmax = softmax_after or _is_softmax(_producer(output))
+    while isinstance(_producer(output), (keras.layers.Activation, *SOFTMAX_LAYERS)):
+        output = _input_of(output)
+    dense = _producer(output)
+    if not isinstance(dense, keras.layers.Dense):
+        return None, None, f"the output comes from {type(dense).__name__} {dense.name!r}, not a dense layer"
+    if not (softmax or _is_softmax(dense)):
+        return None, None, f"the dense layer {dense.name!r} has no softmax: its outputs are not class probabilities"
+    pooled = _input_of(output)
+    while isinstance(_producer(pooled), PASS_THROUGH):
+        pooled = _input_of(pooled)
+    layer = _producer(pooled)
     if isinstance(layer, keras.layers.Dense):
         return None, None, (f"a hidden dense layer ({layer.name!r}) sits between the pooled features and the "
                             f"class scores (e.g. --head flatten, --hidden-units), so no map is exact for this head")
@@ -79,44 +81,42 @@ def _pooled_dense(output, softmax_after: bool = False) -> tuple[keras.layers.Den
             or layer.data_format != "channels_last":
         return None, None, (f"the class layer {dense.name!r} reads {type(layer).__name__} {layer.name!r}, not a "
                             f"global average pooling of a feature map (e.g. --head flatten)")
-    features = _input_of(layer)
+    features = _input_of(pooled)
     if len(features.shape) != 4:
         return None, None, f"the pooled tensor has shape {tuple(features.shape)}, not a feature map [N, h, w, k]"
     return dense, features, ""
 
 
-def _through_nested(model: keras.Model, inner: keras.Model, trailing: list) -> tuple[CamSource | None, str]:
-    """The map of a model whose class layer is inside the nested model ``inner``, followed by ``trailing`` softmax
-    layers: transferkit's head (the features enter it), or a whole classifier wrapped (export/foreign.py)."""
+def _through_nested(model: keras.Model, called, trailing: list) -> tuple[CamSource | None, str]:
+    """The map of a model whose class layer is inside a nested model (``called``: that model's output tensor in
+    ``model``'s graph), followed by ``trailing`` softmax layers: transferkit's head (the features enter it), or a
+    whole classifier wrapped (export/foreign.py)."""
+    inner, entry = _producer(called), _input_of(called)
     dense, pooled, why = _pooled_dense(inner.outputs[0], softmax_after=any(map(_is_softmax, trailing)))
     if dense is None:
         return None, why
     if pooled is inner.inputs[0]:
-        return CamSource(keras.Model(model.inputs[0], [model.outputs[0], _input_of(inner)]), dense), ""
-    # The features are computed inside ``inner``: the same layers again, with the features as a second output.
-    inner_explainer = keras.Model(inner.inputs[0], [inner.outputs[0], pooled])
-    image = keras.Input(model.inputs[0].shape[1:], dtype=model.inputs[0].dtype, name="image")
-    entry = _input_of(inner)
-    x = image if entry is model.inputs[0] else keras.Model(model.inputs[0], entry)(image)
-    scores, features = inner_explainer(x)
+        return CamSource(keras.Model(model.inputs[0], [model.outputs[0], entry]), dense), ""
+    # The features are computed inside ``inner``: its layers again, with the features as a second output, called on
+    # the tensor ``inner`` was called on in this graph (the same preprocessing before, the same softmax after).
+    scores, features = keras.Model(inner.inputs[0], [inner.outputs[0], pooled])(entry)
     for layer in trailing:
         scores = layer(scores)
-    return CamSource(keras.Model(image, [scores, features]), dense), ""
+    return CamSource(keras.Model(model.inputs[0], [scores, features]), dense), ""
 
 
 def find_cam(model: keras.Model) -> tuple[CamSource | None, str]:
     """The model's :class:`CamSource`, or None and the reason it has no exact class activation map."""
-    output = model.outputs[0]
-    layer, trailing = _producer(output), []
-    while isinstance(layer, (keras.layers.Activation, *SOFTMAX_LAYERS)):
-        trailing.insert(0, layer)
-        layer = _producer(_input_of(layer))
-    if isinstance(layer, keras.Model):
-        return _through_nested(model, layer, trailing)
-    dense, features, why = _pooled_dense(output)
+    output, trailing = model.outputs[0], []
+    while isinstance(_producer(output), (keras.layers.Activation, *SOFTMAX_LAYERS)):
+        trailing.insert(0, _producer(output))
+        output = _input_of(output)
+    if isinstance(_producer(output), keras.Model):
+        return _through_nested(model, output, trailing)
+    dense, features, why = _pooled_dense(model.outputs[0])
     if dense is None:
         return None, why
-    return CamSource(keras.Model(model.inputs[0], [output, features]), dense), ""
+    return CamSource(keras.Model(model.inputs[0], [model.outputs[0], features]), dense), ""
 
 
 def class_maps(features: np.ndarray, kernel: np.ndarray, classes: np.ndarray) -> np.ndarray:
