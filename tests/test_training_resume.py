@@ -184,19 +184,23 @@ def test_the_durable_backup_is_keras_backup_written_whole(tmp_path):
                 raise KeyboardInterrupt  # the first fit stops after two saved epochs
             epochs_run.append(epoch)
 
-    def fit() -> None:
+    def fit():
         model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-        model.compile("sgd", "mse")
+        model.compile("adam", "mse")
         backup = workdir.backup_callback(tmp_path / workdir.BACKUP_DIR / "phase1")
-        model.fit(np.zeros((8, 3), np.float32), np.zeros((8, 2), np.float32), epochs=4, verbose=0,
+        model.fit(np.ones((8, 3), np.float32), np.ones((8, 2), np.float32), epochs=4, verbose=0,
                   callbacks=[backup, Record()])
+        return model
 
-    assert "_save_model" in vars(keras.callbacks.BackupAndRestore)  # what DurableBackupAndRestore overrides
+    # What DurableBackupAndRestore overrides:
+    assert {"_save_model", "_load_model"} <= set(vars(keras.callbacks.BackupAndRestore))
     with pytest.raises(KeyboardInterrupt):
         fit()
     backup_dir = tmp_path / workdir.BACKUP_DIR / "phase1"
-    assert sorted(p.name for p in backup_dir.iterdir()) == ["latest.weights.h5", "training_metadata.json"]
+    assert sorted(p.name for p in backup_dir.iterdir()) == ["latest.npz", "training_metadata.json"]
     assert workdir.backup_epoch(tmp_path, 1) == 2
     epochs_run.append(-1)  # let the second fit run
-    fit()
+    model = fit()
     assert epochs_run == [0, 1, -1, 2, 3]  # continued after the saved epoch 2
+    # ... with the optimizer's state too: one step per epoch, two before the stop and two after.
+    assert int(model.optimizer.iterations.numpy()) == 4

@@ -19,6 +19,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from transferkit.core.atomic import (
     check_output_dir,
     fsync_directory,
@@ -172,20 +174,62 @@ def backup_epoch(work: Path | None, phase: int) -> int:
 
 
 def backup_callback(directory: Path):
-    """Keras's ``BackupAndRestore`` saving durably. Keras writes its weights and its metadata in place, so a crash
-    or a full disk mid-save leaves a truncated file and no backup to resume from; here each goes to a temporary file
-    that is flushed and renamed. The weights are renamed first: a crash between the two renames makes a resumed run
-    train the last epoch once more on top of its weights, never skip one."""
+    """Keras's ``BackupAndRestore``, saving durably and fast.
+
+    Keras writes its weights and its metadata in place, so a crash or a full disk mid-save leaves a truncated file and
+    no backup to resume from; here each goes to a temporary file that is flushed and renamed. The weights are renamed
+    first: a crash between the two renames makes a resumed run train the last epoch once more on top of its weights,
+    never skip one. And the state is one ``.npz`` of the model's and the optimizer's variables in order, instead of
+    Keras's ``save_weights``, which walks every layer into an HDF5 group: 0.55 s per epoch for a 32-px MobileNetV2
+    (a fifth of its training time on two cores), against a few hundredths."""
     import keras
 
     class DurableBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def __init__(self, backup_dir: str) -> None:
+            super().__init__(backup_dir)
+            self._weights_path = os.path.join(backup_dir, "latest.npz")
+
+        def _variables(self) -> list:
+            """What a resumed run continues from: every model variable (BatchNormalization's statistics too), then
+            the optimizer's (its step count and moments), in their creation order, the same in every process."""
+            optimizer = self.model.optimizer
+            return list(self.model.weights) + (list(optimizer.variables) if optimizer is not None else [])
+
         def _save_model(self) -> None:  # Keras 3's one saving method (epoch end, or every save_freq batches)
             os.makedirs(self.backup_dir, exist_ok=True)
-            save_durably(Path(self._weights_path), lambda path: self.model.save_weights(path, overwrite=True))
+            arrays = {f"v{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(self._variables())}
+
+            def save(path: str) -> None:
+                with open(path, "wb") as stream:  # a file object: numpy adds no ".npz" to the name
+                    np.savez(stream, **arrays)
+
+            save_durably(Path(self._weights_path), save)
             metadata = {"epoch": self._current_epoch, "batch": self._last_batch_seen}
             write_file_durably(Path(self._training_metadata_path), json.dumps(metadata))
 
+        def _load_model(self) -> None:
+            if os.path.exists(self._weights_path):
+                optimizer = self.model.optimizer
+                if optimizer is not None and not optimizer.built:
+                    optimizer.build(self.model.trainable_variables)
+                _assign(self._variables(), Path(self._weights_path))
+            if os.path.exists(self._training_metadata_path):
+                with open(self._training_metadata_path) as stream:
+                    self.model._initial_epoch = json.loads(stream.read())["epoch"]
+
     return DurableBackupAndRestore(str(directory))
+
+
+def _assign(variables: list, path: Path) -> None:
+    """Set ``variables`` from a backup written by :func:`backup_callback`, refusing one that does not fit."""
+    with np.load(path) as stored:
+        arrays = [stored[f"v{i}"] for i in range(len(stored.files))]
+    shapes = [tuple(v.shape) for v in variables]
+    if [a.shape for a in arrays] != shapes:
+        raise RunDirectoryError(f"the backup {path} does not fit this model ({len(arrays)} arrays for "
+                                f"{len(variables)} variables): the run cannot resume; start it again without --resume")
+    for variable, array in zip(variables, arrays):
+        variable.assign(array)
 
 
 def finalize(work: Path, out: Path, force: bool) -> Path:
