@@ -265,7 +265,7 @@ def export_model(
 
             card = staging / MODEL_CARD_NAME
             card.write_text(model_card(name, row, image_size, class_names, PREPROCESSING_TEXT[mode],
-                                       training or {}, report, list(entries)), encoding="utf-8")
+                                       training or {}, report, list(entries), explain), encoding="utf-8")
             digest, size, _ = sha256_path(card)
             documents = {"model_card": DocumentEntry(file=MODEL_CARD_NAME, sha256=digest, bytes=size)}
             manifest = _manifest(name, row, image_size, class_names, entries, training, report, documents, mode,

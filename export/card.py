@@ -104,8 +104,19 @@ def _run_sections(training: dict, class_names: list[str]) -> dict[str, list[str]
     }
 
 
+def _cam_line(explain) -> str:
+    if explain is None:
+        return "- no class activation map"
+    if not explain.available:
+        return f"- no class activation map: {explain.reason}"
+    height, width = explain.resolution
+    return (f"- output `{explain.output}`: [N, {height}, {width}], where the model looked for its top class (class "
+            "activation map: the last feature maps weighted by the class layer's weights; the validation report's "
+            "`map Δ` column compares it with Keras')")
+
+
 def model_card(name: str, row: Backbone, image_size: int, class_names: list[str], preprocessing: str,
-               training: dict, report: ValidationReport, formats: list[str]) -> str:
+               training: dict, report: ValidationReport, formats: list[str], explain=None) -> str:
     """The text of ``MODEL_CARD.md``."""
     classes = ", ".join(f"`{c}`" for c in class_names)
     foreign = training.get("source") == FOREIGN_SOURCE
@@ -121,6 +132,7 @@ def model_card(name: str, row: Backbone, image_size: int, class_names: list[str]
         f"- preprocessing inside the graph: {preprocessing}",
         f"- output `probabilities`: [N, {len(class_names)}], in this class order: {classes} (also in every ONNX "
         "file's metadata, key `class_names`)",
+        _cam_line(explain),
         "", "## Training data", "",
         *sections["data"],
         "", "## Metrics", "",

@@ -27,10 +27,10 @@ SPREAD_FILES = {"test_export_families.py", "test_backbones.py"}
 # Seconds per file on the 2-core CI machine (AMD EPYC, 2026-12-06): units start longest first, so that the last ones
 # to finish are short. Only the order matters; an unlisted file counts as short.
 FILE_SECONDS = {"test_demo.py": 155, "test_service.py": 125, "test_packaging.py": 100, "test_training_resume.py": 120,
-                "test_training.py": 90, "test_benchmarks.py": 65, "test_export.py": 55, "test_shutdown.py": 45,
-                "test_hostile_http.py": 40, "test_predict.py": 30, "test_layouts.py": 27, "test_calibration.py": 26,
-                "test_cli.py": 25, "test_ray.py": 19, "test_export_foreign.py": 10, "test_training_model.py": 10,
-                "test_stopping.py": 10, "test_images.py": 10}
+                "test_training.py": 90, "test_explain.py": 90, "test_benchmarks.py": 65, "test_export.py": 55,
+                "test_shutdown.py": 45, "test_hostile_http.py": 40, "test_predict.py": 30, "test_layouts.py": 27,
+                "test_calibration.py": 26, "test_cli.py": 25, "test_ray.py": 19, "test_export_foreign.py": 10,
+                "test_training_model.py": 10, "test_stopping.py": 10, "test_images.py": 10}
 
 
 def _estimated_seconds(item: pytest.Item) -> float:

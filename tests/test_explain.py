@@ -80,6 +80,7 @@ def test_every_format_carries_the_map_within_its_bound_of_keras(explained):
         if row.format in manifest.formats:
             assert row.passed and row.cam_passed, (row.format, row.failures, row.cam_max_rel_diff)
     assert "map Δ" in manifest.validation.table()
+    assert "- output `cam`: [N, 3, 3], where the model looked" in (bundle / "MODEL_CARD.md").read_text()
 
 
 def test_a_backend_whose_map_failed_its_bound_refuses_to_explain(explained, tmp_path):
