@@ -82,8 +82,11 @@ def test_independent_runtimes_reproduce_keras(bundle, trained_run):
     assert np.abs(single - onnx_p[:1]).max() <= 1e-5
 
     loaded = tf.saved_model.load(str(bundle / "saved_model"))
-    sm_p = loaded.signatures["serving_default"](image=tf.constant(images))["probabilities"].numpy()
+    sm_outputs = loaded.signatures["serving_default"](image=tf.constant(images))
+    sm_p = sm_outputs["probabilities"].numpy()
     assert np.abs(sm_p - keras_p).max() <= 1e-4
+    onnx_cam = session.run(["cam"], {"image": images})[0]  # the SavedModel computes the same map as the ONNX file
+    np.testing.assert_allclose(sm_outputs["cam"].numpy(), onnx_cam, rtol=1e-4, atol=1e-4 * np.abs(onnx_cam).max())
     assert (sm_p.argmax(1) == keras_p.argmax(1)).all()
 
     fp16 = ort.InferenceSession(str(bundle / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
