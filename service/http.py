@@ -1,6 +1,6 @@
 """The HTTP endpoints of the image service, as a Starlette app mounted into the BentoML entry service.
 
-``POST /predict`` and ``GET /metadata`` live here; the Open Inference Protocol (``/v2/...``) in
+``POST /predict``, ``POST /explain`` and ``GET /metadata`` live here; the Open Inference Protocol (``/v2/...``) in
 :mod:`transferkit.service.oip`. Both answer through the same entry object (service/service.py), which decodes and
 classifies in whichever layout runs, and through the same error contract (:mod:`transferkit.service.errors`, also used
 by the middleware): JSON ``{"error", "reason"}``, 4xx for the client's mistakes, 503 with ``Retry-After`` when retrying

@@ -10,9 +10,10 @@ service/settings.py and /metadata's ``layout``):
   image, then sends the request's uint8 pixels to ``ClassifierModel``, one process per GPU, whose BentoML adaptive
   batcher merges concurrent requests into one device call. A bad image fails its own request; it never reaches a batch.
 
-Both serve ``POST /predict``, ``GET /metadata`` and the Open Inference Protocol under ``/v2`` (service/http.py,
-service/oip.py). On SIGTERM a worker drains (service/lifecycle.py): ``/readyz`` turns 503, new requests are answered
-503 ``shutting_down``, requests already received complete, and the model processes stop after the entry.
+Both serve ``POST /predict``, ``POST /explain`` (class activation maps), ``GET /metadata`` and the Open Inference
+Protocol under ``/v2`` (service/http.py, service/oip.py). On SIGTERM a worker drains (service/lifecycle.py):
+``/readyz`` turns 503, new requests are answered 503 ``shutting_down``, requests already received complete, and the
+model processes stop after the entry.
 TensorFlow is imported only by the ``savedmodel`` backend, inside the process that runs the model.
 
 In the entry workers, uvicorn gets a deadline and a size cap for request heads, and BentoML's whole app sits inside

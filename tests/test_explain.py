@@ -104,6 +104,18 @@ def test_a_backend_whose_map_failed_its_bound_refuses_to_explain(explained, tmp_
         bundle.predictor("onnx-fp16").explain(pixels)
     assert bundle.predictor("onnx-fp16")(pixels).shape == (1, 3)
     assert bundle.predictor("onnx").explain(pixels)[1].shape == (1, 3, 3)
+    # predict --explain: a backend named by the user is refused in one line; auto's choice falls back to onnx.
+    refused = run_cli_here("predict", str(copy), "--backend", "onnx-fp16", "--explain", str(tmp_path / "m"),
+                           str(Path(__file__)))
+    assert refused.returncode == 2 and "differed from Keras's" in refused.stderr
+    from argparse import Namespace
+
+    from transferkit.core.classifier import load_bundle as load_classifier
+    from transferkit.core.predict_cli import _explaining
+
+    chosen = _explaining(Namespace(backend="auto", bundle=str(copy), device="auto"),
+                         load_classifier(copy, "onnx-fp16"))
+    assert chosen.backend == "onnx"
 
 
 def test_the_onnx_map_is_the_class_score_spread_over_the_feature_map(explained, digits):
@@ -181,7 +193,7 @@ def test_predict_explain_refuses_a_bundle_without_maps(bundle, trained_run, tmp_
     (old / "manifest.json").write_text(json.dumps(manifest))
     image = next(Path(trained_run.config["data"]).rglob("*.png"))
     result = run_cli_here("predict", str(old), str(image), "--explain", str(tmp_path / "maps"))
-    assert result.returncode == 2 and "no class activation map" in result.stderr
+    assert result.returncode == 2 and "exported before transferkit added class activation maps" in result.stderr
     assert not (tmp_path / "maps").exists()
 
 

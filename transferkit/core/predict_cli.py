@@ -200,11 +200,8 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.evaluate:
         require_module("sklearn", "--evaluate")
     classifier = load_bundle(args.bundle, args.backend, args.device)
-    explain = classifier.manifest.explain
-    if args.explain and not (explain and explain.available):
-        raise UsageError(f"--explain: bundle {classifier.manifest.name} has no class activation map ("
-                         + (explain.reason if explain else "exported before transferkit added them: export it again")
-                         + ")")
+    if args.explain:
+        classifier = _explaining(args, classifier)
     pending = _pending(args)
     if args.explain:
         with atomic_output_dir(args.explain, args.force) as staging:
@@ -232,6 +229,23 @@ def run_predict(args: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stdout if args.out else sys.stderr):
         print_summary(rows, title="transferkit predict")
     return _exit_status(args, results, pending.already)
+
+
+def _explaining(args: argparse.Namespace, classifier: BundleClassifier) -> BundleClassifier:
+    """The classifier for --explain: the one asked for when its backend answers maps; for ``auto``, whose choice
+    weighs speed only, the fp32 ``onnx`` backend when the chosen one's map failed its bound at export."""
+    from transferkit.core.classifier import load_bundle
+    from transferkit.core.errors import NoClassActivationMap
+    from transferkit.core.predictors import map_refusal
+
+    why = map_refusal(classifier.manifest, classifier.backend)
+    if not why:
+        return classifier
+    if args.backend == "auto" and classifier.backend != "onnx" and not map_refusal(classifier.manifest, "onnx"):
+        print(f"transferkit predict: --explain: {classifier.backend} (auto's choice) answers no map here ({why}); "
+              "classifying with onnx", file=sys.stderr)
+        return load_bundle(args.bundle, "onnx", args.device)
+    raise NoClassActivationMap(f"--explain: bundle {classifier.manifest.name}: {why}")
 
 
 @dataclass
