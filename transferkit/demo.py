@@ -409,6 +409,7 @@ def _summarise(out: Path, plan: DemoPlan, runs: TaskB, figure: Path, exported: E
     print(f"  serve it:       transferkit serve {exported.tag}")
     print(f"                  (or: TRANSFERKIT_MODEL={exported.tag} bentoml serve, from the repository root)")
     print("  classify:       curl -F images=@photo.png http://127.0.0.1:3000/predict")
+    print("  explain:        curl -F images=@photo.png http://127.0.0.1:3000/explain -o where.png   (where it looked)")
     print(f"  build a bento:  transferkit build {exported.tag}   (--gpu for the CUDA image)")
     print("  container:      bentoml containerize transferkit:latest")
     print(f"  load-test it:   transferkit loadtest --model {exported.tag} --users 16 --duration 30s --out loadtest")
