@@ -42,6 +42,8 @@ class CamSource:
         return np.asarray(keras.ops.convert_to_numpy(self.dense.kernel), dtype=np.float32)
 
 
+# The walk below reads Keras 3's graph records (``_keras_history``, ``_inbound_nodes``): Keras has no public API for
+# "the call that produced this tensor"; tests/test_explain.py and tests/test_export_foreign.py fail if they change.
 def _producer(tensor) -> keras.layers.Layer:
     return tensor._keras_history.operation
 
