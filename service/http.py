@@ -302,14 +302,13 @@ EXPLAIN_FORMATS = ("png", "json")
 
 
 def require_cam(manifest: Any, backend: str) -> None:
-    """404 ``no_class_activation_map``, with the reason, where the served backend answers no map for this bundle
-    (core/predictors.py's :func:`map_refusal`)."""
-    from transferkit.core.predictors import map_refusal
+    """404 ``no_class_activation_map``, with the reason, where neither the served backend nor the fp32 onnx file
+    answers a map for this bundle (core/predictors.py's ``explaining_backend``)."""
+    from transferkit.core.predictors import explaining_backend, map_refusal
 
-    why = map_refusal(manifest, backend)
-    if why:
+    if explaining_backend(manifest, backend) is None:
         raise ServiceError(404, "no_class_activation_map", f"model {manifest.name!r} has no class activation map "
-                                                          f"on {backend}: {why}")
+                                                          f"on {backend}: {map_refusal(manifest, backend)}")
 
 
 def _explain_format(request: Request) -> str:
@@ -390,11 +389,12 @@ def metadata_document(manifest: Any, runtime: dict, settings: ServiceSettings, p
 
 def _explain_document(manifest: Any, backend: str) -> dict:
     """Whether ``/explain`` and ``/v2``'s ``cam`` answer on the served backend, how the map is made, or why not."""
-    from transferkit.core.predictors import map_refusal
+    from transferkit.core.predictors import explaining_backend, map_refusal
 
-    why = map_refusal(manifest, backend)
+    answering = explaining_backend(manifest, backend)
     described = manifest.explain.model_dump() if manifest.explain else {}
-    return {**described, "available": not why, "reason": why}
+    return {**described, "available": answering is not None, "backend": answering,
+            "reason": map_refusal(manifest, backend)}
 
 
 def _batching(settings: ServiceSettings, plan: Plan) -> dict | None:

@@ -396,9 +396,9 @@ def infer_response(model: str, version: str, request: InferRequest, probabilitie
 
 
 def _has_cam(manifest: Any, backend: str) -> bool:
-    from transferkit.core.predictors import map_refusal
+    from transferkit.core.predictors import explaining_backend
 
-    return not map_refusal(manifest, backend)
+    return explaining_backend(manifest, backend) is not None
 
 
 class OpenInferenceProtocol:

@@ -48,6 +48,9 @@ class ModelRuntime:
         self.error: str | None = None
         self.predictor: Any = None
         self.manifest: Any = None
+        self.bundle: Any = None
+        self._explainer: Any = None  # the fp32 onnx predictor, loaded at the first map where the served one has none
+        self._explainer_lock = threading.Lock()
         self.load_seconds: float | None = None
         self.warm_seconds: float | None = None  # one image's inference once warm: admission's first estimate
         self.settled = threading.Event()  # set once loading has succeeded or failed
@@ -84,7 +87,7 @@ class ModelRuntime:
             logger.error("transferkit: refusing to serve: %s", self.error)
             self.settled.set()
             return
-        self.predictor, self.manifest = predictor, bundle.manifest
+        self.predictor, self.manifest, self.bundle = predictor, bundle.manifest, bundle
         self.load_seconds = round(time.perf_counter() - start, 2)
         self.state = "ready"
         self.settled.set()
@@ -152,12 +155,28 @@ class ModelRuntime:
 
     def explain(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N, H, W, 3] -> (probabilities [N, C], the top class's activation maps [N, h, w]); one model call,
-        never micro-batched (a batch's graph output is the same, but the batcher carries probabilities only)."""
+        never micro-batched (a batch's graph output is the same, but the batcher carries probabilities only). Where
+        the served backend's map failed its bound at export (e.g. int8, which ``auto`` may choose for speed), the
+        fp32 onnx file answers, loaded at the first such request (core/predictors.py's ``explaining_backend``)."""
         self.check()
         start = time.perf_counter()
-        answer = self.predictor.explain(pixels)
+        answer = self._explaining_predictor().explain(pixels)
         self.observe("inference", time.perf_counter() - start)
         return answer
+
+    def _explaining_predictor(self) -> Any:
+        from transferkit.core.predictors import explaining_backend
+
+        backend = explaining_backend(self.manifest, self.backend)
+        if backend is None or backend == self.backend:
+            return self.predictor  # its explain() raises the one-line reason when there is no map
+        with self._explainer_lock:
+            if self._explainer is None:
+                self._explainer = self.bundle.predictor(backend, self.device, self.threads, spin=False,
+                                                        device_id=self.device_id)
+                logger.info("transferkit: class activation maps from %s (%s's map failed its bound at export)",
+                            backend, self.backend)
+        return self._explainer
 
     def describe(self) -> dict:
         """The runtime part of /metadata (no filesystem paths)."""

@@ -116,6 +116,22 @@ def test_a_backend_whose_map_failed_its_bound_refuses_to_explain(explained, tmp_
     chosen = _explaining(Namespace(backend="auto", bundle=str(copy), device="auto"),
                          load_classifier(copy, "onnx-fp16"))
     assert chosen.backend == "onnx"
+    # A service on onnx-fp16 answers its maps from the fp32 onnx file, loaded at the first one.
+    from transferkit.service.errors import ServiceError
+    from transferkit.service.http import require_cam
+    from transferkit.service.runtime import ModelRuntime
+
+    runtime = ModelRuntime(lambda: copy, "onnx-fp16", "auto", 1, [1])
+    assert runtime.settled.wait(60) and runtime.ready, runtime.error
+    np.testing.assert_allclose(runtime.explain(pixels)[1], bundle.predictor("onnx").explain(pixels)[1], rtol=1e-6)
+    require_cam(load_bundle(copy).manifest, "onnx-fp16")
+    # ... and with no format's map within its bound, the route answers 404 with the reason.
+    row = next(r for r in manifest["validation"]["formats"] if r["format"] == "onnx")
+    row.update(cam_passed=False, cam_max_rel_diff=0.2)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ServiceError) as refused:
+        require_cam(load_bundle(copy).manifest, "onnx-fp16")
+    assert refused.value.status == 404 and refused.value.reason == "no_class_activation_map"
 
 
 def test_the_onnx_map_is_the_class_score_spread_over_the_feature_map(explained, digits):

@@ -236,15 +236,16 @@ def _explaining(args: argparse.Namespace, classifier: BundleClassifier) -> Bundl
     weighs speed only, the fp32 ``onnx`` backend when the chosen one's map failed its bound at export."""
     from transferkit.core.classifier import load_bundle
     from transferkit.core.errors import NoClassActivationMap
-    from transferkit.core.predictors import map_refusal
+    from transferkit.core.predictors import explaining_backend, map_refusal
 
     why = map_refusal(classifier.manifest, classifier.backend)
     if not why:
         return classifier
-    if args.backend == "auto" and classifier.backend != "onnx" and not map_refusal(classifier.manifest, "onnx"):
+    fallback = explaining_backend(classifier.manifest, classifier.backend)
+    if args.backend == "auto" and fallback is not None:
         print(f"transferkit predict: --explain: {classifier.backend} (auto's choice) answers no map here ({why}); "
-              "classifying with onnx", file=sys.stderr)
-        return load_bundle(args.bundle, "onnx", args.device)
+              f"classifying with {fallback}", file=sys.stderr)
+        return load_bundle(args.bundle, fallback, args.device)
     raise NoClassActivationMap(f"--explain: bundle {classifier.manifest.name}: {why}")
 
 

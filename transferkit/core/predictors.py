@@ -63,6 +63,16 @@ def map_refusal(manifest: Manifest, backend: str) -> str:
     return ""
 
 
+def explaining_backend(manifest: Manifest, backend: str) -> str | None:
+    """The backend that answers maps for a service or a run on ``backend``: itself when its map passed; else the
+    fp32 ``onnx`` file's, when that one passed (its map is the reference's closest); None when neither does."""
+    if not map_refusal(manifest, backend):
+        return backend
+    if backend != "onnx" and "onnx" in manifest.formats and not map_refusal(manifest, "onnx"):
+        return "onnx"
+    return None
+
+
 def _no_map(backend: str, why: str) -> NoClassActivationMap:
     return NoClassActivationMap(f"no class activation map from {backend}: {why or 'this bundle has none'}")
 
