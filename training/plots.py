@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from transferkit.core.explain import normalized
 from transferkit.core.metrics import confusion_matrix, figure
 from transferkit.training.data import SplitData
 
@@ -76,8 +77,6 @@ def misclassified(
             image = split.images[index]
             ax.imshow(image)
             if maps is not None:
-                from transferkit.core.explain import normalized
-
                 side = image.shape[0]
                 ax.imshow(normalized(maps[position]), cmap="turbo", alpha=0.45, vmin=0, vmax=1,
                           interpolation="bilinear", extent=(-0.5, side - 0.5, side - 0.5, -0.5))

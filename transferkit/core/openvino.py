@@ -100,6 +100,7 @@ class OpenVinoPredictor:
         names = {name for port in self.compiled.outputs for name in port.get_names()}
         self._probabilities = self.compiled.output(outputs[0] if outputs[0] in names else 0)
         self._cam = self.compiled.output(outputs[1]) if outputs[1] in names else None
+        self.cam_refusal = ""  # why there is no map (Bundle.predictor sets it)
 
     def _request(self):
         request = getattr(self._local, "request", None)
@@ -121,10 +122,9 @@ class OpenVinoPredictor:
     def explain(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, the top class's activation maps [N, h, w]) from one inference."""
         if self._cam is None:
-            from transferkit.core.errors import NoClassActivationMap
+            from transferkit.core.predictors import no_map_error
 
-            raise NoClassActivationMap(f"no class activation map from {self.backend}: "
-                                       f"{getattr(self, 'cam_refusal', '') or 'this bundle has none'}")
+            raise no_map_error(self.backend, self.cam_refusal)
         request = self._infer(images)
         return (np.array(request.get_tensor(self._probabilities).data, dtype=np.float32),
                 np.array(request.get_tensor(self._cam).data, dtype=np.float32))

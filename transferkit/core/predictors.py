@@ -47,6 +47,12 @@ class Predictor(Protocol):
     def explain(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+def validation_row(manifest: Manifest, backend: str):
+    """The export-time validation row of ``backend`` (None when the export did not validate it)."""
+    report = manifest.validation
+    return next((row for row in report.formats if row.format == backend), None) if report else None
+
+
 def map_refusal(manifest: Manifest, backend: str) -> str:
     """Why ``backend`` answers no class activation map for this bundle ("" when it does): the head has none, the
     bundle predates them, or that backend's map failed its bound at export (export/validate.py)."""
@@ -56,7 +62,7 @@ def map_refusal(manifest: Manifest, backend: str) -> str:
     if not explain.available:
         return explain.reason
     spec = RUNTIME_BACKENDS.get(backend)
-    row = next((r for r in manifest.validation.formats if r.format == backend), None) if manifest.validation else None
+    row = validation_row(manifest, backend)
     if row is not None and row.cam_passed is False:
         return (f"the {backend} map differed from Keras's by {row.cam_max_rel_diff:.2f} of its range at export "
                 f"({spec.precision if spec else backend} rounding); explain with the fp32 backend (onnx)")
@@ -73,7 +79,8 @@ def explaining_backend(manifest: Manifest, backend: str) -> str | None:
     return None
 
 
-def _no_map(backend: str, why: str) -> NoClassActivationMap:
+def no_map_error(backend: str, why: str) -> NoClassActivationMap:
+    """What every predictor's ``explain`` raises when its backend answers no map (``why``: :func:`map_refusal`)."""
     return NoClassActivationMap(f"no class activation map from {backend}: {why or 'this bundle has none'}")
 
 
@@ -163,7 +170,7 @@ class OnnxPredictor:
 
     def explain(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self.cam_output:
-            raise _no_map(self.backend, self.cam_refusal)
+            raise no_map_error(self.backend, self.cam_refusal)
         batch = as_batch(images, self.size, self.input_dtype)
         probabilities, maps = self.session.run([self.output_name, self.cam_output], {self.input_name: batch})
         return probabilities.astype(np.float32, copy=False), maps.astype(np.float32, copy=False)
@@ -203,7 +210,7 @@ class SavedModelPredictor:
 
     def explain(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self.cam_output:
-            raise _no_map(self.backend, self.cam_refusal)
+            raise no_map_error(self.backend, self.cam_refusal)
         outputs = self._run(images)
         return (outputs[self.output_name].numpy().astype(np.float32, copy=False),
                 outputs[self.cam_output].numpy().astype(np.float32, copy=False))
@@ -260,8 +267,7 @@ class Bundle:
 
     def validation_of(self, backend: str):
         """The export-time validation row of ``backend`` (None when the export did not validate it)."""
-        report = self.manifest.validation
-        return next((row for row in report.formats if row.format == backend), None) if report else None
+        return validation_row(self.manifest, backend)
 
     def require_validated(self, backend: str) -> None:
         """An engine that adds no file (OpenVINO) runs only where the export proved it against Keras."""
