@@ -51,6 +51,18 @@ def test_bundle_holds_every_format_and_a_manifest(bundle):
     assert not list(bundle.parent.glob(".digits.partial-*"))
 
 
+def test_every_openvino_backend_this_cpu_runs_is_validated_on_the_trained_bundle(bundle):
+    """The engine rows: one per OpenVINO backend whose file is in the bundle and whose precision this CPU runs
+    natively (none without OpenVINO), each passing on a model that learned."""
+    from transferkit.export.validate import engine_backends
+
+    manifest = read_manifest(bundle)
+    rows = {f.format: f for f in manifest.validation.formats if f.format.startswith("openvino")}
+    assert sorted(rows) == sorted(engine_backends(manifest.formats))
+    for name, row in rows.items():
+        assert row.passed and row.max_abs_diff <= 0.2, (name, row.failures)
+
+
 def test_fp16_is_half_the_size(bundle):
     m = read_manifest(bundle).formats
     ratio = m["onnx-fp16"].bytes / m["onnx"].bytes

@@ -24,6 +24,10 @@ def _family_members() -> dict:
 # memory a Keras graph and its conversion leave behind is not returned to the system (fifteen exports in one process
 # grew it to 20 GB, OOM-killed at InceptionResNetV2 on a 24 GB machine; alone, that export peaks at 11.5 GB, so it
 # runs alone). Batches of about a minute each on two cores (2026-12-06, AMD EPYC): they spread over the workers.
+# OpenVINO's engine rows are validated only in the NASNet batch: OpenVINO 2026.4 crashes compiling NASNetMobile's
+# int8 file (BENCHMARKS.md), which checks for real that a crashing engine fails its row and not the export; every
+# other family's rows passed when measured, and test_export.py validates them on the trained bundle.
+ENGINE_BATCH = "nasnet"
 BATCHES = [("inception_resnet_v2",), ("nasnet", "mobilenet", "mobilenet_v3"), ("convnext", "vgg16", "mobilenet_v2"),
            ("xception", "resnet", "resnet_v2"), ("inception_v3", "densenet", "vgg19"),
            ("efficientnet", "efficientnet_v2")]
@@ -36,16 +40,19 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import transferkit.export.bundle as bundle
 from transferkit.core.backbones import get_backbone
 from transferkit.core.images import decode_image
 from transferkit.export.bundle import ValidationImages, export_model
 from transferkit.training.config import HeadConfig
 from transferkit.training.model import build_classifier, find_backbone_layer
 
-data, out = Path(sys.argv[1]), Path(sys.argv[2])
+data, out, engines = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "engines"
+if not engines:  # the OpenVINO rows cost 2-7 s a family; they run only for the batch whose crash they isolate
+    bundle.engine_backends = lambda entries: []
 files = sorted(data.rglob("*.png"))[::10]  # 30 images, 3 of every class
 labels = np.array([int(f.parent.name) for f in files])
-for name, size in zip(sys.argv[3::2], map(int, sys.argv[4::2])):
+for name, size in zip(sys.argv[4::2], map(int, sys.argv[5::2])):
     images = np.stack([decode_image(f, size) for f in files])
     model = build_classifier(get_backbone(name), 10, size, "none", HeadConfig(dropout=0.0))
     base = find_backbone_layer(model)
@@ -71,7 +78,8 @@ def test_every_family_exports_within_the_gates(batch, digits_small, tmp_path):
     quick)."""
     rows = [_family_members()[family] for family in batch]
     arguments = [str(value) for row in rows for value in (row.name, max(32, row.min_size))]
-    exported = subprocess.run([sys.executable, "-c", EXPORT, str(digits_small), str(tmp_path), *arguments],
+    engines = "engines" if ENGINE_BATCH in batch else "no-engines"
+    exported = subprocess.run([sys.executable, "-c", EXPORT, str(digits_small), str(tmp_path), engines, *arguments],
                               capture_output=True, text=True, timeout=900)
     assert exported.returncode == 0, exported.stderr[-3000:]
     counts = {line.split()[1]: [int(n) for n in line.split()[2:4]] for line in exported.stdout.splitlines()
