@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import typing
-from pathlib import Path
 
 # Settings offered as options; every other one is still read from its TRANSFERKIT_* variable.
-SERVE_OPTIONS = ("backend", "device", "layout", "workers", "threads", "top_k", "max_batch_size", "max_latency_ms",
-                 "max_images", "timeout_s", "max_concurrency", "drain_timeout_s")
+SERVE_OPTIONS = ("default_model", "backend", "device", "layout", "workers", "threads", "top_k", "max_batch_size",
+                 "max_latency_ms", "max_images", "timeout_s", "max_concurrency", "drain_timeout_s")
 
 
 def add_serve_parser(subparsers) -> None:
@@ -17,15 +16,19 @@ def add_serve_parser(subparsers) -> None:
 
     p = subparsers.add_parser(
         "serve", help="serve a bundle over HTTP with BentoML",
-        description="Run `bentoml serve` for MODEL (a BentoML model tag such as digits:latest, or a bundle "
-                    "directory) until SIGTERM or Ctrl-C, then drain: requests already received complete, new ones "
-                    "get 503 `shutting_down`, and the server exits within the drain timeout. POST /predict takes "
+        description="Run `bentoml serve` for MODEL (a BentoML model tag such as digits:latest, a bundle "
+                    "directory, or a model repository of several) until SIGTERM or Ctrl-C, then drain: requests "
+                    "already received complete, new ones get 503 `shutting_down`, and the server exits within the "
+                    "drain timeout. POST /predict takes "
                     "multipart 'images' file fields; /v2 speaks the Open Inference Protocol; GET /metadata, /livez, "
                     "/readyz and /metrics describe the server. Each option sets the TRANSFERKIT_* variable named in "
                     "its help; unset options keep the environment's value or the service default (README, "
                     "'Settings').",
     )
-    p.add_argument("model", metavar="MODEL", help="BentoML model tag or bundle directory")
+    p.add_argument("model", metavar="MODEL",
+                   help="BentoML model tag, bundle directory, or model repository (a folder of NAME/ or "
+                        "NAME/VERSION/ bundles, the newest version served), or several, comma-separated; each "
+                        "model answers under its name (/predict?model=NAME, /v2/models/NAME)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=3000, help="port (default 3000)")
     for name in SERVE_OPTIONS:
@@ -36,6 +39,8 @@ def add_serve_parser(subparsers) -> None:
         choices = _literal_choices(field.annotation)
         if choices:
             kwargs["choices"] = choices
+        elif str in typing.get_args(field.annotation):
+            kwargs["metavar"] = "NAME"
         else:
             kwargs["type"] = int
             kwargs["metavar"] = "N"
@@ -119,8 +124,11 @@ def _running(url: str, token: bytes | None = None) -> str:
             meta = json.load(response)
     except (OSError, ValueError) as exc:
         return f"(could not read /metadata: {exc})"
+    models = ", ".join(f"{m['name']} ({m['backend']}{', default' if m['default'] else ''})" for m in meta["models"])
+    if "backend" not in meta:  # several models, none the default: the list alone
+        return f"models {models}; layout {meta['layout']['name']}"
     return (f"{meta['backend']} ({meta['backend_choice']['reason']}); layout {meta['layout']['name']} "
-            f"({meta['layout']['reason']})")
+            f"({meta['layout']['reason']}); models {models}")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -128,27 +136,32 @@ def run_serve(args: argparse.Namespace) -> int:
     from transferkit.core.extras import require_module
     from transferkit.core.manifest import RUNTIME_BACKENDS
     from transferkit.core.predictors import load_bundle
+    from transferkit.core.repository import absolute_setting, default_model, model_sources
     from transferkit.service.launcher import BentoServer, serve_in_foreground
     from transferkit.service.settings import ServiceSettings
 
     settings = chosen_settings(args)
     effective = ServiceSettings(**settings)  # environment + options: what the server will run with
     token = effective.bearer_token()  # a missing token file: one line here, not a server that never starts
-    model = args.model
-    if Path(model).is_dir():
-        model = str(Path(model).resolve())
-    # Fail here with one line rather than in a server log: the bundle must exist, verify and have the format.
-    bundle = load_bundle(model, formats=None)
+    model = absolute_setting(args.model)
+    sources = model_sources(model)
+    default_model(sources, effective.default_model)  # a default that is not served: one line, now
     needed = RUNTIME_BACKENDS[effective.backend].format if effective.backend != "auto" else None
     if needed is not None:  # savedmodel needs TensorFlow, the openvino backends OpenVINO: say so before starting
         require_module(RUNTIME_BACKENDS[effective.backend].engine, f"--backend {effective.backend}")
-    if needed is not None and needed not in bundle.manifest.formats:
-        raise UsageError(f"{args.model} has no {needed} format, which --backend {effective.backend} runs "
-                         f"(it has {', '.join(bundle.manifest.formats)})")
+    described = []
+    for source in sources:
+        # Fail here with one line rather than in a server log: each bundle must exist, verify and have the format.
+        bundle = load_bundle(source.tag or source.path, formats=None)
+        if needed is not None and needed not in bundle.manifest.formats:
+            raise UsageError(f"{source.tag or source.path} has no {needed} format, which --backend "
+                             f"{effective.backend} runs (it has {', '.join(bundle.manifest.formats)})")
+        manifest = bundle.manifest
+        described.append(f"{source.name} {manifest.version} ({manifest.backbone}, {len(manifest.class_names)} "
+                         "classes)")
     _check_port_free(args.host, args.port)
     server = BentoServer(model, host=args.host, port=args.port, **settings)
-    print(f"starting {bundle.manifest.name} {bundle.manifest.version} ({bundle.manifest.backbone}, "
-          f"{len(bundle.manifest.class_names)} classes) with {effective.backend} on {server.url}", flush=True)
+    print(f"starting {'; '.join(described)} with {effective.backend} on {server.url}", flush=True)
 
     def ready(server: BentoServer) -> None:
         credentials = ' -H "Authorization: Bearer <token>"' if token else ""

@@ -41,10 +41,13 @@ T = TypeVar("T")
 
 
 class Entry(Protocol):
-    """What the routes need from the running entry service (either layout)."""
+    """What the routes need from one served model (either layout; service/models.py chooses it per request)."""
 
+    name: str
     manifest: Any  # the bundle's Manifest, None when it could not be read
     load_error: str | None
+    backend: str  # the backend that runs it
+    choice: Any  # why that backend (transferkit.core.backends.Choice)
 
     async def infer_encoded(self, images: list[tuple[str, bytes]]) -> np.ndarray: ...
     async def infer_pixels(self, pixels: np.ndarray) -> np.ndarray: ...
@@ -68,7 +71,8 @@ class _Metrics:
 
     Names follow Prometheus' conventions: a unit suffix (``_seconds``), ``_total`` on counters (the client adds it),
     an ``_info`` gauge of value 1 whose labels say what is deployed. Every label value comes from a fixed set (the
-    refusal reasons) or from the one bundle and settings the server runs, so no client can add a series."""
+    refusal reasons) or from the bundles and settings the server runs (model names: only configured ones), so no
+    client can add a series."""
 
     def __init__(self) -> None:
         self._counters: tuple | None = None
@@ -83,7 +87,8 @@ class _Metrics:
                                         documentation="Requests refused before inference, by reason",
                                         labelnames=["reason"]),
                 bentoml.metrics.Counter(name="transferkit_images_predicted",
-                                        documentation="Images classified and answered"),
+                                        documentation="Images classified and answered, by model",
+                                        labelnames=["model"]),
                 bentoml.metrics.Counter(name="transferkit_nonfinite_outputs",
                                         documentation="Images whose model output was not finite"),
                 bentoml.metrics.Counter(name="transferkit_connections_handed_back",
@@ -93,8 +98,9 @@ class _Metrics:
                                           documentation="Images per model call in the microbatch layout",
                                           buckets=IMAGES_BUCKETS),
                 bentoml.metrics.Histogram(name="transferkit_request_images",
-                                          documentation="Images per answered request (/predict and /v2 infer)",
-                                          buckets=IMAGES_BUCKETS),
+                                          documentation="Images per answered request (/predict and /v2 infer), "
+                                                        "by model",
+                                          labelnames=["model"], buckets=IMAGES_BUCKETS),
                 # max: every worker sets the same labels to 1; one series for the server, no pid label.
                 bentoml.metrics.Gauge(name="transferkit_model_info",
                                       documentation="The model served (value 1): name, version, backend, layout",
@@ -116,10 +122,10 @@ class _Metrics:
     def rejected(self, reason: str) -> None:
         self._get()[0].labels(reason=reason).inc()
 
-    def predicted(self, count: int) -> None:
-        """An answered request of ``count`` images."""
-        self._get()[1].inc(count)
-        self._get()[5].observe(count)
+    def predicted(self, model: str, count: int) -> None:
+        """An answered request of ``count`` images, by ``model`` (a served model's name)."""
+        self._get()[1].labels(model=model).inc(count)
+        self._get()[5].labels(model=model).observe(count)
 
     def nonfinite(self, count: int) -> None:
         self._get()[2].inc(count)
@@ -275,14 +281,26 @@ def _safe_name(filename: str | None, index: int) -> str:
     return label
 
 
-def predict_endpoint(get_entry: Callable[[], Entry], settings: ServiceSettings) -> Callable:
+def _served(service: Any, request: Request) -> Entry:
+    """The model a request names (or the default), which must have a readable bundle (refusals here are about the
+    service, not the client's input: not counted as rejected inputs)."""
+    from transferkit.service.models import select
+
+    entry = select(service, request)
+    if entry.manifest is None:
+        raise unavailable(entry)
+    return entry
+
+
+def predict_endpoint(get_entry: Callable[[], Any], settings: ServiceSettings) -> Callable:
     """``POST /predict``: multipart images in, top-k labels per image out (``top_k`` per request or the server's)."""
     from transferkit.core.predictors import top_k
 
     async def predict(request: Request) -> JSONResponse:
-        entry = get_entry()
-        if entry.manifest is None:
-            return error_response(unavailable(entry))
+        try:
+            entry = _served(get_entry(), request)
+        except ServiceError as exc:
+            return error_response(exc)
         classes = entry.manifest.class_names
         try:
             query = request.query_params.getlist(TOP_K)
@@ -292,7 +310,7 @@ def predict_endpoint(get_entry: Callable[[], Entry], settings: ServiceSettings) 
             probabilities = checked_probabilities(await entry.infer_encoded(images))
         except Exception as exc:
             return error_for(exc)
-        metrics.predicted(len(probabilities))
+        metrics.predicted(entry.name, len(probabilities))
         return JSONResponse(top_k(probabilities, classes, k))
 
     return predict
@@ -319,7 +337,7 @@ def _explain_format(request: Request) -> str:
     return values[0] if values else "png"
 
 
-def explain_endpoint(get_entry: Callable[[], Entry], settings: ServiceSettings, backend: str) -> Callable:
+def explain_endpoint(get_entry: Callable[[], Any], settings: ServiceSettings) -> Callable:
     """``POST /explain``: where the model looked. One image -> a PNG overlay of its top class's activation map
     (``X-Label``/``X-Score`` headers); ``?format=json`` -> per image ``{label, score, cam}``, any number of images."""
     from starlette.responses import Response
@@ -327,12 +345,13 @@ def explain_endpoint(get_entry: Callable[[], Entry], settings: ServiceSettings, 
     from transferkit.core.explain import cam_payload, overlay_png
 
     async def explain(request: Request) -> Response:
-        entry = get_entry()
-        if entry.manifest is None:
-            return error_response(unavailable(entry))
+        try:
+            entry = _served(get_entry(), request)
+        except ServiceError as exc:
+            return error_response(exc)
         classes = entry.manifest.class_names
         try:
-            require_cam(entry.manifest, backend)
+            require_cam(entry.manifest, entry.backend)
             kind = _explain_format(request)
             images, form_values = await _read_images(request, settings)
             if form_values:
@@ -344,7 +363,7 @@ def explain_endpoint(get_entry: Callable[[], Entry], settings: ServiceSettings, 
             probabilities = checked_probabilities(probabilities)
         except Exception as exc:
             return error_for(exc)
-        metrics.predicted(len(probabilities))
+        metrics.predicted(entry.name, len(probabilities))
         best = probabilities.argmax(1)
         if kind == "json":
             return JSONResponse([{"label": classes[b], "score": float(p[b]), "cam": cam_payload(m)}
@@ -356,17 +375,19 @@ def explain_endpoint(get_entry: Callable[[], Entry], settings: ServiceSettings, 
     return explain
 
 
-def metadata_document(manifest: Any, runtime: dict, settings: ServiceSettings, plan: Plan, choice) -> dict:
-    """``GET /metadata``'s answer: the bundle, the backend and layout chosen and why, the limits, the runtime."""
+def metadata_document(name: str, manifest: Any, runtime: dict, settings: ServiceSettings, plan: Plan,
+                      choice) -> dict:
+    """``GET /metadata``'s answer for the model served as ``name``: the bundle, the backend and layout chosen and
+    why, the limits, the runtime."""
     return {
-        "name": manifest.name, "version": manifest.version, "backbone": manifest.backbone,
+        "name": name, "bundle_name": manifest.name, "version": manifest.version, "backbone": manifest.backbone,
         "classes": manifest.class_names, "image_size": manifest.image_size,
         "input": "multipart/form-data, one or more 'images' file fields (JPEG, PNG, BMP, GIF, WebP); labels per "
                  f"image: 'top_k' (query parameter or form field, 1 to {len(manifest.class_names)}; default: "
                  f"'top_k' below)",
         "openapi": "/docs.json",
-        "protocols": {"predict": "/predict", "open_inference_protocol": f"/v2/models/{manifest.name}",
-                      "explain": "/explain"},
+        "protocols": {"predict": f"/predict?model={name}", "open_inference_protocol": f"/v2/models/{name}",
+                      "explain": f"/explain?model={name}"},
         "explain": _explain_document(manifest, choice.backend),
         "backend": choice.backend,
         "backend_choice": {"setting": settings.backend, "reason": choice.reason, "cpu": choice.cpu,
@@ -406,14 +427,34 @@ def _batching(settings: ServiceSettings, plan: Plan) -> dict | None:
     return None
 
 
-def metadata_endpoint(get_entry: Callable[[], Entry], settings: ServiceSettings, plan: Plan, choice) -> Callable:
-    """``GET /metadata``."""
+async def model_list(service: Any) -> list[dict]:
+    """``/metadata``'s ``models``: every served model, its state and where to address it."""
+    listed = []
+    for name, entry in service.models:
+        manifest = entry.manifest
+        described = await entry.describe() if manifest is not None else {"state": "failed"}
+        listed.append({"name": name, "version": manifest.version if manifest else None, "backend": entry.backend,
+                       "state": described.get("state"), "default": name == service.models.default,
+                       "metadata": f"/metadata?model={name}", "open_inference_protocol": f"/v2/models/{name}"})
+    return listed
+
+
+def metadata_endpoint(get_entry: Callable[[], Any], settings: ServiceSettings, plan: Plan) -> Callable:
+    """``GET /metadata``: the model ``?model=`` names (or the default), with the list of every served model; where
+    several are served and none is the default, the list alone."""
+    from transferkit.service.models import requested_model
 
     async def metadata(request: Request) -> JSONResponse:
-        entry = get_entry()
-        if entry.manifest is None:
-            return error_response(unavailable(entry))
-        return JSONResponse(metadata_document(entry.manifest, await entry.describe(), settings, plan, choice))
+        service = get_entry()
+        try:
+            if requested_model(request) is None and service.models.default is None:
+                return JSONResponse({"models": await model_list(service), "layout": {"name": plan.layout}})
+            entry = _served(service, request)
+        except ServiceError as exc:
+            return error_response(exc)
+        document = metadata_document(entry.name, entry.manifest, await entry.describe(), settings, plan,
+                                     entry.choice)
+        return JSONResponse({**document, "models": await model_list(service)})
 
     return metadata
 
@@ -424,18 +465,17 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return error_response(ServiceError(exc.status_code, reason, f"{request.method} {request.url.path}: {exc.detail}"))
 
 
-def build_app(get_entry: Callable[[], Entry], settings: ServiceSettings, plan: Plan, choice) -> Starlette:
-    """The Starlette app; ``get_entry`` returns the running entry service instance, ``choice`` is the backend
-    decision (:class:`transferkit.core.backends.Choice`). Its routes are in BentoML's OpenAPI document
-    (service/openapi.py)."""
+def build_app(get_entry: Callable[[], Any], settings: ServiceSettings, plan: Plan) -> Starlette:
+    """The Starlette app; ``get_entry`` returns the running entry service instance, whose ``models``
+    (service/models.py) the routes choose from. Its routes are in BentoML's OpenAPI document (service/openapi.py)."""
     from transferkit.service import openapi
     from transferkit.service.oip import oip_routes
 
     app = Starlette(
         routes=[Route("/predict", predict_endpoint(get_entry, settings), methods=["POST"]),
-                Route("/explain", explain_endpoint(get_entry, settings, choice.backend), methods=["POST"]),
-                Route("/metadata", metadata_endpoint(get_entry, settings, plan, choice), methods=["GET"]),
-                *oip_routes(get_entry, settings, choice.backend)],
+                Route("/explain", explain_endpoint(get_entry, settings), methods=["POST"]),
+                Route("/metadata", metadata_endpoint(get_entry, settings, plan), methods=["GET"]),
+                *oip_routes(get_entry, settings)],
         exception_handlers={HTTPException: http_error},
     )
     openapi.attach(app, lambda: openapi.document(get_entry, settings))

@@ -246,8 +246,10 @@ class BentoServer(ServerProcess):
     def __init__(self, model: str | Path | None, *, host: str = "127.0.0.1", port: int | None = None,
                  log_path: Path | None = None, env: Mapping[str, str] | None = None, service: str = SERVICE,
                  working_dir: Path = PROJECT_ROOT, die_with_parent: bool = True, **settings: object):
-        if model is not None and Path(model).is_dir():  # the server runs from the project root
-            model = str(Path(model).resolve())
+        if model is not None:  # the server runs from the project root
+            from transferkit.core.repository import absolute_setting
+
+            model = absolute_setting(str(model))
         self.model = None if model is None else str(model)
         self.service = service
         self.working_dir = Path(working_dir)

@@ -402,10 +402,11 @@ def _has_cam(manifest: Any, backend: str) -> bool:
 
 
 class OpenInferenceProtocol:
-    """The ``/v2`` endpoints, answering for the entry returned by ``get_entry``."""
+    """The ``/v2`` endpoints, answering for the models of the service returned by ``get_entry``
+    (service/models.py): each addressed by its name, optionally its version."""
 
-    def __init__(self, get_entry: Callable, settings: ServiceSettings, backend: str):
-        self.get_entry, self.settings, self.backend = get_entry, settings, backend
+    def __init__(self, get_entry: Callable, settings: ServiceSettings):
+        self.get_entry, self.settings = get_entry, settings
 
     def routes(self) -> list[Route]:
         routes = [Route("/v2", self.server_metadata, methods=["GET"]),
@@ -418,27 +419,26 @@ class OpenInferenceProtocol:
         return routes
 
     @staticmethod
-    def model_for(entry, name: str, version: str | None) -> Any:
-        """The manifest of the model a path names; 503 when there is none, 404 for another name or version (also
-        the route guard's check, service/guard.py, before any metric is labelled with the path)."""
+    def model_for(service, name: str, version: str | None) -> Any:
+        """The served model a path names (service/http.py's ``Entry``); 404 for a name or version not served, 503
+        when its bundle could not be read (also the route guard's check, service/guard.py, before any metric is
+        labelled with the path)."""
+        entry = service.models.select(name)
         manifest = entry.manifest
         if manifest is None:
             raise unavailable(entry)
-        if name != manifest.name:
-            raise ServiceError(404, "unknown_model", f"unknown model {_show(name)}: this server serves "
-                                                     f"{manifest.name!r}")
         if version is not None and version != manifest.version:
-            raise ServiceError(404, "unknown_version", f"model {manifest.name!r} has version {manifest.version!r} "
+            raise ServiceError(404, "unknown_version", f"model {name!r} has version {manifest.version!r} "
                                                        f"only, not {_show(version)}")
-        return manifest
+        return entry
 
     @classmethod
-    def model(cls, entry, request: Request) -> Any:
-        return cls.model_for(entry, request.path_params["name"], request.path_params.get("version"))
+    def model(cls, service, request: Request) -> Any:
+        return cls.model_for(service, request.path_params["name"], request.path_params.get("version"))
 
     @staticmethod
     async def serving(entry) -> bool:
-        """The entry is ready and so is the model behind it (in the batched layout, another process)."""
+        """The model is ready (in the batched layout, in another process too)."""
         return entry.is_ready() and (await entry.describe()).get("state") == "ready"
 
     async def server_metadata(self, request: Request) -> JSONResponse:
@@ -448,44 +448,45 @@ class OpenInferenceProtocol:
         return Response(status_code=200)
 
     async def ready(self, request: Request) -> Response:
-        return Response(status_code=200 if await self.serving(self.get_entry()) else 503)
+        service = self.get_entry()
+        ready = service.is_ready() and all([await self.serving(entry) for _, entry in service.models])
+        return Response(status_code=200 if ready else 503)
 
     async def model_metadata(self, request: Request) -> JSONResponse:
         try:
-            manifest = self.model(self.get_entry(), request)
+            entry = self.model(self.get_entry(), request)
         except ServiceError as exc:  # not a rejected input: not counted
             return error_response(exc)
-        size = manifest.image_size
+        manifest, size = entry.manifest, entry.manifest.image_size
         return JSONResponse({
-            "name": manifest.name, "versions": [manifest.version],
-            "platform": PLATFORM[RUNTIME_BACKENDS[self.backend].engine],
+            "name": request.path_params["name"], "versions": [manifest.version],
+            "platform": PLATFORM[RUNTIME_BACKENDS[entry.backend].engine],
             "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
                        {"name": "pixels", "datatype": "UINT8", "shape": [-1, size, size, 3]}],
             "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, len(manifest.class_names)]},
                         *([{"name": CAM, "datatype": "FP32", "shape": [-1, *manifest.explain.resolution]}]
-                          if _has_cam(manifest, self.backend) else [])],
+                          if _has_cam(manifest, entry.backend) else [])],
             "parameters": {"classes": manifest.class_names, "one_input_of": ["images", "pixels"]},
         })
 
     async def model_ready(self, request: Request) -> Response:
-        entry = self.get_entry()
         try:
-            self.model(entry, request)
+            entry = self.model(self.get_entry(), request)
         except ServiceError as exc:  # the protocol's readiness is a bare status, except for a model it does not know
             return error_response(exc) if exc.status == 404 else Response(status_code=503)
         return Response(status_code=200 if await self.serving(entry) else 503)
 
     async def infer(self, request: Request) -> Response:
-        entry = self.get_entry()
         try:
-            manifest = self.model(entry, request)
+            entry = self.model(self.get_entry(), request)
         except ServiceError as exc:
             return error_response(exc)
+        manifest = entry.manifest
         try:
             body = await request.body()
             parsed = await parse_infer_off_loop(body, request.headers.get(HEADER_LENGTH), manifest.image_size,
                                                 self.settings.max_images, len(manifest.class_names),
-                                                _has_cam(manifest, self.backend))
+                                                _has_cam(manifest, entry.backend))
             maps = None
             if parsed.cam:
                 probabilities, maps = await self.explain(entry, parsed.kind, parsed.value)
@@ -494,12 +495,13 @@ class OpenInferenceProtocol:
             probabilities = checked_probabilities(probabilities)
         except Exception as exc:
             return error_for(exc)
-        metrics.predicted(len(probabilities))
-        return infer_response(manifest.name, manifest.version, parsed, probabilities, manifest.class_names, maps)
+        metrics.predicted(entry.name, len(probabilities))
+        return infer_response(request.path_params["name"], manifest.version, parsed, probabilities,
+                              manifest.class_names, maps)
 
     @staticmethod
     async def classify(entry, kind: str, value: Any) -> np.ndarray:
-        """The request's one input through the entry: encoded images are decoded there, pixels go straight in."""
+        """The request's one input through the model: encoded images are decoded there, pixels go straight in."""
         if kind == "images":
             return await entry.infer_encoded(value)
         return await entry.infer_pixels(value)
@@ -512,6 +514,6 @@ class OpenInferenceProtocol:
         return await entry.explain_pixels(value)
 
 
-def oip_routes(get_entry: Callable, settings: ServiceSettings, backend: str) -> list[Route]:
-    """The ``/v2`` routes, answering for the entry returned by ``get_entry``."""
-    return OpenInferenceProtocol(get_entry, settings, backend).routes()
+def oip_routes(get_entry: Callable, settings: ServiceSettings) -> list[Route]:
+    """The ``/v2`` routes, answering for the models of the entry service returned by ``get_entry``."""
+    return OpenInferenceProtocol(get_entry, settings).routes()

@@ -132,7 +132,16 @@ def _top_k_schema(classes: int | None, default: int) -> dict:
     return schema
 
 
-def _predict_operation(settings: ServiceSettings, classes: int | None) -> dict:
+def _model_parameter(names: list[str]) -> dict:
+    schema: dict = {"type": "string"}
+    if names:
+        schema["enum"] = names
+    return {"name": "model", "in": "query", "required": False, "schema": schema,
+            "description": "The served model to ask (GET /metadata lists them); absent: the default model, 400 "
+                           "model_required where several are served and none is the default"}
+
+
+def _predict_operation(settings: ServiceSettings, classes: int | None, names: list[str]) -> dict:
     form = {"type": "object", "required": ["images"], "properties": {
         "images": {"type": "array", "minItems": 1, "maxItems": settings.max_images,
                    "description": "Image files (JPEG, PNG, BMP, GIF, WebP); the bytes decide, not the Content-Type",
@@ -142,13 +151,13 @@ def _predict_operation(settings: ServiceSettings, classes: int | None) -> dict:
         "tags": [TAG], "operationId": "transferkit__predict", "summary": "Classify uploaded images",
         "description": "One answer per image, in order: the best label, its score and the top-k labels.",
         "parameters": [{"name": "top_k", "in": "query", "required": False,
-                        "schema": _top_k_schema(classes, settings.top_k)}],
+                        "schema": _top_k_schema(classes, settings.top_k)}, _model_parameter(names)],
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}},
         "responses": {"200": _json({"type": "array", "items": _ref("PredictAnswer")}),
-                      **_errors(400, 413, 415, 429, 503, 504)}}}
+                      **_errors(400, 404, 413, 415, 429, 503, 504)}}}
 
 
-def _explain_operation(settings: ServiceSettings) -> dict:
+def _explain_operation(settings: ServiceSettings, names: list[str]) -> dict:
     form = {"type": "object", "required": ["images"], "properties": {
         "images": {"type": "array", "minItems": 1, "maxItems": settings.max_images,
                    "description": "Image files; one for the PNG answer, any number (to the limit) for JSON",
@@ -160,7 +169,8 @@ def _explain_operation(settings: ServiceSettings) -> dict:
                        "label and score in X-Label and X-Score), or with format=json per image the label, score and "
                        "the map (raw and normalised to 0-1). 404 no_class_activation_map for a head without one.",
         "parameters": [{"name": "format", "in": "query", "required": False,
-                        "schema": {"type": "string", "enum": ["png", "json"], "default": "png"}}],
+                        "schema": {"type": "string", "enum": ["png", "json"], "default": "png"}},
+                       _model_parameter(names)],
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}},
         "responses": {"200": {"description": "The overlay (png) or the maps (json)", "content": {
             "image/png": {"schema": {"type": "string", "format": "binary"}},
@@ -168,22 +178,24 @@ def _explain_operation(settings: ServiceSettings) -> dict:
             **_errors(400, 404, 413, 415, 429, 503, 504)}}}
 
 
-def _metadata_operation() -> dict:
+def _metadata_operation(names: list[str]) -> dict:
     return {"get": {"tags": [TAG], "operationId": "transferkit__metadata", "summary": "The served bundle and setup",
                     "description": "The bundle (name, version, classes, checksums), the backend and layout chosen "
-                                   "and why, the limits and the runtime.",
-                    "responses": {"200": _json(_ref("Metadata")), **_errors(503)}}}
+                                   "and why, the limits and the runtime, and the list of every served model; "
+                                   "where several are served and none is the default, the list alone.",
+                    "parameters": [_model_parameter(names)],
+                    "responses": {"200": _json(_ref("Metadata")), **_errors(400, 404, 503)}}}
 
 
-def _path_parameters(model: Any, versioned: bool) -> list[dict]:
-    """``{name}`` (and ``{version}``), with the served model's values as examples when it is known."""
-    names = [("name", "The model's name", getattr(model, "name", None))]
+def _path_parameters(model: Any, versioned: bool, served: list[str]) -> list[dict]:
+    """``{name}`` (the served names, when known) and ``{version}``, with the default model's values as examples."""
+    names = [("name", "The model's name", served[0] if served else None)]
     if versioned:
         names.append(("version", "The model's version", getattr(model, "version", None)))
     parameters = []
     for name, description, example in names:
         parameter: dict = {"name": name, "in": "path", "required": True, "description": description,
-                           "schema": {"type": "string"}}
+                           "schema": {"type": "string", **({"enum": served} if name == "name" and served else {})}}
         if example:
             parameter["example"] = example
         parameters.append(parameter)
@@ -221,7 +233,7 @@ def _status_only(operation_id: str, summary: str, parameters: list[dict] | None 
     return {"get": operation}
 
 
-def _v2_paths(model: Any) -> dict:
+def _v2_paths(model: Any, names: list[str]) -> dict:
     paths = {
         "/v2": {"get": {"tags": [V2_TAG], "operationId": "v2__server_metadata", "summary": "Server metadata",
                         "responses": {"200": _json(_ref("ServerMetadata"))}}},
@@ -230,7 +242,7 @@ def _v2_paths(model: Any) -> dict:
     }
     for prefix, versioned, key in (("/v2/models/{name}", False, "model"),
                                    ("/v2/models/{name}/versions/{version}", True, "model_version")):
-        parameters = _path_parameters(model, versioned)
+        parameters = _path_parameters(model, versioned, names)
         paths[prefix] = {"get": {"tags": [V2_TAG], "operationId": f"v2__{key}_metadata", "summary": "Model metadata",
                                  "parameters": parameters,
                                  "responses": {"200": _json(_ref("ModelMetadata")), **_errors(404, 503)}}}
@@ -240,16 +252,18 @@ def _v2_paths(model: Any) -> dict:
 
 
 def document(get_entry: Callable[[], Any], settings: ServiceSettings) -> dict:
-    """The fragment for service/http.py's app: every route, with the served model's name, version and class count
-    filled in where they are known (not while ``bentoml build`` writes the bento's copy)."""
+    """The fragment for service/http.py's app: every route, with the served models' names and the default model's
+    version and class count filled in where they are known (not while ``bentoml build`` writes the bento's copy)."""
     try:
-        model = get_entry().manifest
+        models = get_entry().models
+        names = models.names
+        model = models.select(None).manifest if models.default else None
     except Exception:  # no service instance in this process (the build, the arbiter)
-        model = None
+        names, model = [], None
     classes = len(model.class_names) if model is not None else None
-    return {"paths": {"/predict": _predict_operation(settings, classes), "/explain": _explain_operation(settings),
-                      "/metadata": _metadata_operation(),
-                      **_v2_paths(model)},
+    return {"paths": {"/predict": _predict_operation(settings, classes, names),
+                      "/explain": _explain_operation(settings, names), "/metadata": _metadata_operation(names),
+                      **_v2_paths(model, names)},
             "components": {"schemas": schemas(settings)}}
 
 
@@ -287,7 +301,11 @@ def schemas(settings: ServiceSettings) -> dict:
             "name": {"type": "string"}, "version": {"type": "string"}, "backbone": {"type": "string"},
             "classes": string_list, "image_size": {"type": "integer"}, "backend": {"type": "string"},
             "top_k": {"type": "integer"}, "layout": {"type": "object", "additionalProperties": True},
-            "limits": {"type": "object", "additionalProperties": True}}},
+            "limits": {"type": "object", "additionalProperties": True},
+            "models": {"type": "array", "items": {"type": "object", "additionalProperties": True, "properties": {
+                "name": {"type": "string"}, "version": {"type": "string", "nullable": True},
+                "backend": {"type": "string"}, "state": {"type": "string", "nullable": True},
+                "default": {"type": "boolean"}}}}}},
         "ServerMetadata": {"type": "object", "required": ["name", "version", "extensions"], "properties": {
             "name": {"type": "string"}, "version": {"type": "string"}, "extensions": string_list}},
         "ModelMetadata": {"type": "object", "required": ["name", "platform", "inputs", "outputs"], "properties": {

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from pathlib import Path
 
 import bentoml
@@ -35,6 +34,7 @@ import numpy as np
 
 from transferkit.core.backends import Choice, choose_backend
 from transferkit.core.errors import ModelUnavailable, TransferkitError
+from transferkit.core.repository import ModelSource, default_model, model_sources
 from transferkit.service import connections, guard, lifecycle
 from transferkit.service.balance import WorkerLoads
 from transferkit.service.decoding import DecodeGate, estimate_all
@@ -42,7 +42,9 @@ from transferkit.service.decoding import decode_all as _decode_all
 from transferkit.service.errors import mask_paths
 from transferkit.service.guard import RouteGuard, collect_routes
 from transferkit.service.http import build_app, metrics
+from transferkit.service.local import LocalModel, Pipeline
 from transferkit.service.middleware import Admission, BodySizeLimit
+from transferkit.service.models import ModelSet
 from transferkit.service.oip import OpenInferenceProtocol
 from transferkit.service.runtime import ModelRuntime, resolve_bundle, warmup_sizes
 from transferkit.service.settings import ServiceSettings, env_name
@@ -89,68 +91,105 @@ def _exact_tag(tag: str) -> str:
         return tag
 
 
-def _pinned(tag: str) -> bentoml.models.BentoModel:
-    """The reference to serve, resolved once for the whole server.
+def _pinned(setting: str) -> str:
+    """The model setting with every tag resolved once for the whole server.
 
     Every worker imports this module and would resolve ``latest`` on its own: a worker respawned after a new export
     served the new version beside siblings serving the old one. The arbiter (``bentoml serve``, which imports this
-    before it starts any worker) resolves it and exports the exact tag; circus copies the arbiter's environment into
-    every worker it spawns, respawned ones included, so they all read the same version."""
-    exact = _exact_tag(tag)
+    before it starts any worker) resolves each tag and exports the exact ones; circus copies the arbiter's
+    environment into every worker it spawns, respawned ones included, so they all read the same versions."""
+    references = [reference.strip() for reference in setting.split(",")]
+    exact = [reference if not reference or Path(reference).expanduser().is_dir() or "/" in reference
+             else _exact_tag(reference) for reference in references]
+    pinned = ",".join(exact)
     if ROLE == "arbiter":
-        os.environ[env_name("model")] = exact
-        if exact != tag:
-            logger.info("transferkit: serving %s (%s resolved once, for every worker)", exact, tag)
-    return bentoml.models.BentoModel(exact)
+        os.environ[env_name("model")] = pinned
+        for before, after in zip(references, exact):
+            if before != after:
+                logger.info("transferkit: serving %s (%s resolved once, for every worker)", after, before)
+    return pinned
 
 
-def _store_model(settings: ServiceSettings) -> bentoml.models.BentoModel | None:
-    """The model-store reference, so that ``bentoml build`` packs the bundle; None for a bundle directory."""
-    if settings.model and (Path(settings.model).is_dir() or "/" in settings.model):
-        return None
-    if settings.model:
-        return _pinned(settings.model)
-    # Not configured: inside a built bento (or a store with a single bundle) the choice is unambiguous.
-    candidates = sorted({m.tag.name for m in bentoml.models.list() if m.info.labels.get("stage") == STORE_LABEL})
-    if len(candidates) == 1:
-        return _pinned(f"{candidates[0]}:latest")
-    logger.error("TRANSFERKIT_MODEL is not set and the model store holds %s transferkit bundles (%s); set it to a "
-                 "model tag or a bundle directory", len(candidates), ", ".join(candidates) or "none")
-    return None
+def _configured_models(settings: ServiceSettings) -> tuple[list[ModelSource], str | None]:
+    """The models to serve (transferkit/core/repository.py); none and the reason, also logged, when the setting is
+    wrong: the service then stays unready and says why."""
+    setting = settings.model
+    if not setting:
+        # Not configured: inside a built bento (or a store with a single bundle) the choice is unambiguous.
+        candidates = sorted({m.tag.name for m in bentoml.models.list()
+                             if m.info.labels.get("stage") == STORE_LABEL})
+        if len(candidates) != 1:
+            error = (f"TRANSFERKIT_MODEL is not set and the model store holds {len(candidates)} transferkit bundles "
+                     f"({', '.join(candidates) or 'none'}); set it to a model tag, a bundle directory or a model "
+                     "repository")
+            logger.error("transferkit: refusing to serve: %s", error)
+            return [], error
+        setting = f"{candidates[0]}:latest"
+    try:
+        return model_sources(_pinned(setting)), None
+    except TransferkitError as exc:
+        logger.error("transferkit: refusing to serve: %s", exc)
+        return [], mask_paths(str(exc))
 
 
-MODEL = _store_model(SETTINGS)
+SOURCES, CONFIG_ERROR = _configured_models(SETTINGS)
+# Model-store references, so that ``bentoml build`` packs every tagged bundle (directories are not packed).
+STORE_MODELS = {source.name: bentoml.models.BentoModel(source.tag) for source in SOURCES if source.tag}
 
 
-def _bundle_path() -> Path:
-    return resolve_bundle(MODEL, SETTINGS.model)
+def _bundle_path(source: ModelSource) -> Path:
+    if source.tag:
+        return resolve_bundle(STORE_MODELS[source.name], source.tag)
+    return source.path
 
 
-def _choose_backend() -> Choice:
-    """The backend to run and its measured batch scaling, which decides the CPU layout (transferkit/core/backends.py).
+def _choose_backend(source: ModelSource | None) -> Choice:
+    """The backend to run a model with, and its measured batch scaling (transferkit/core/backends.py); the default
+    model's decides the CPU layout.
 
     Every process that imports this module asks; the measurement is cached per bundle and machine, so only the
     first import (``bentoml serve``'s arbiter) measures. A bundle that cannot be read here is the runtime's to
-    report (the service stays unready with the reason), not an import error.
+    report (the model stays unready with the reason), not an import error.
     """
     if SETTINGS.backend != "auto" and SETTINGS.layout != "auto":
         return Choice(SETTINGS.backend, "named by the user (TRANSFERKIT_BACKEND)")
     try:
         from transferkit.core.predictors import load_bundle
 
+        if source is None:
+            raise TransferkitError("no model to serve")
         # Measured with the threads each session gets in the CPU layouts (cores ÷ workers), which do not depend
         # on the outcome.
         threads = SETTINGS.plan(batch_scaling=None).threads
-        return choose_backend(load_bundle(_bundle_path()), SETTINGS.device, threads, SETTINGS.backend)
+        return choose_backend(load_bundle(_bundle_path(source)), SETTINGS.device, threads, SETTINGS.backend)
     except TransferkitError as exc:
         fallback = "onnx" if SETTINGS.backend == "auto" else SETTINGS.backend
         logger.error("transferkit: could not choose a backend (%s); trying %s", exc, fallback)
         return Choice(fallback, f"could not measure: {mask_paths(str(exc))}")
 
 
-CHOICE = _choose_backend()
-BACKEND = CHOICE.backend
-PLAN = SETTINGS.plan(backend=BACKEND, batch_scaling=CHOICE.batch_scaling)
+try:
+    DEFAULT_MODEL = default_model(SOURCES, SETTINGS.default_model) if SOURCES else None
+except TransferkitError as exc:  # a default that is not served: every model still answers by name
+    logger.error("transferkit: %s", exc)
+    DEFAULT_MODEL = None
+CHOICES = {source.name: _choose_backend(source) for source in SOURCES}
+CHOICE = CHOICES.get(DEFAULT_MODEL or (SOURCES[0].name if SOURCES else ""), None) or _choose_backend(None)
+PLAN = SETTINGS.plan(backend=CHOICE.backend, batch_scaling=CHOICE.batch_scaling)
+
+
+def _batched_source() -> ModelSource:
+    if len(SOURCES) != 1:
+        raise TransferkitError(CONFIG_ERROR or f"the batched layout serves one model, not {len(SOURCES)}: serve a "
+                                               "model repository with TRANSFERKIT_LAYOUT=inprocess")
+    return SOURCES[0]
+
+
+def _with_store_models(cls: type) -> type:
+    """Each tagged model as a class attribute: what BentoML reads to pack models into a bento."""
+    for index, model in enumerate(STORE_MODELS.values()):
+        setattr(cls, f"bundle_{index}", model)
+    return cls
 
 
 def _worker_index() -> int:
@@ -160,24 +199,25 @@ def _worker_index() -> int:
 
 
 class _Entry:
-    """What both layouts' entry services share: the manifest, readiness, the decode gate."""
+    """What both layouts' entry services share: the served models (service/models.py), readiness, the decode
+    gate."""
+
+    models: ModelSet
 
     def _init_entry(self) -> None:
-        from transferkit.core.manifest import read_manifest
-
-        self.manifest = None
-        self.load_error: str | None = None
         self.gate = DecodeGate(SETTINGS.decode_concurrency, SETTINGS.decode_memory_bytes)
         metrics.prepare(guard.REASONS)  # BentoML's Prometheus is set up by the time a service is instantiated
-        try:
-            self.manifest = read_manifest(_bundle_path())
-            metrics.model_info(self.manifest.name, self.manifest.version, BACKEND, PLAN.layout)
-        except TransferkitError as exc:
-            self.load_error = mask_paths(str(exc))
-            logger.error("transferkit: refusing to serve: %s", exc)
+
+    def _say_served(self) -> None:
+        for name, entry in self.models:
+            if entry.manifest is None:
+                logger.error("transferkit: refusing to serve %s: %s", name, entry.load_error)
+            else:
+                metrics.model_info(name, entry.manifest.version, entry.backend, PLAN.layout)
 
     def _entry_ready(self) -> bool:
-        return self.manifest is not None and not lifecycle.is_draining()
+        return bool(self.models.names) and all(entry.manifest is not None for _, entry in self.models) \
+            and not lifecycle.is_draining()
 
 
 if PLAN.layout == "batched":
@@ -191,12 +231,12 @@ if PLAN.layout == "batched":
         # The entry service logs every client request; a second line per internal hop is noise and CPU.
         logging={"access": {"enabled": False}},
     )
+    @_with_store_models
     class ClassifierModel:
-        bundle = MODEL
-
         def __init__(self) -> None:
             gpus = max(1, PLAN.gpus)
-            self.runtime = ModelRuntime(_bundle_path, BACKEND, SETTINGS.device, PLAN.threads,
+            self.runtime = ModelRuntime(lambda: _bundle_path(_batched_source()), CHOICE.backend, SETTINGS.device,
+                                        PLAN.threads,
                                         warmup_sizes(SETTINGS.max_batch_size), device_id=_worker_index() % gpus,
                                         observe=metrics.observe)
 
@@ -233,12 +273,25 @@ if PLAN.layout == "batched":
         traffic={"timeout": SETTINGS.timeout_s},  # max_concurrency: service/middleware.py's Admission
         **TRACING,
     )
+    @_with_store_models
     class ImageClassifier(_Entry):
+        """The batched layout's entry, and the routes' view of its one model (service/http.py's ``Entry``)."""
+
         model = bentoml.depends(ClassifierModel)
-        bundle = MODEL
 
         def __init__(self) -> None:
+            from transferkit.core.manifest import read_manifest
+
             self._init_entry()
+            self.name = SOURCES[0].name if SOURCES else "model"
+            self.backend, self.choice = CHOICE.backend, CHOICE
+            self.manifest, self.load_error = None, None
+            try:
+                self.manifest = read_manifest(_bundle_path(_batched_source()))
+            except TransferkitError as exc:
+                self.load_error = mask_paths(str(exc))
+            self.models = ModelSet({self.name: self}, self.name) if SOURCES else ModelSet({}, None, CONFIG_ERROR)
+            self._say_served()
 
         def __is_ready__(self) -> bool:
             return self._entry_ready()  # BentoML also asks ClassifierModel (its dependency) before answering 200
@@ -301,66 +354,35 @@ else:  # inprocess and microbatch: the model runs in the HTTP worker
         traffic={"timeout": SETTINGS.timeout_s},  # max_concurrency: service/middleware.py's Admission
         **TRACING,
     )
+    @_with_store_models
     class ImageClassifier(_Entry):
-        bundle = MODEL
-
         def __init__(self) -> None:
             self._init_entry()
-            # CPU: batch shapes cost nothing new to onnxruntime; a GPU session (forced layout) meets each shape once.
-            batching = PLAN.layout == "microbatch"
             # onnxruntime on a CPU meets a new batch shape at no cost; a GPU session (forced layout) or OpenVINO
             # (a shape-specialised kernel per batch size) is warmed with every size it will see.
+            batching = PLAN.layout == "microbatch"
             sizes = warmup_sizes(SETTINGS.max_batch_size if batching else SETTINGS.max_images) \
                 if PLAN.gpus or batching else [1]
-            self.runtime = ModelRuntime(_bundle_path, BACKEND, SETTINGS.device, PLAN.threads, sizes,
-                                        compute_threads=PLAN.threads, device_id=_worker_index() % max(1, PLAN.gpus),
-                                        max_batch=SETTINGS.max_batch_size if batching else None,
-                                        on_batch=metrics.microbatch, observe=metrics.observe)
+            pipeline = Pipeline(decode_all, self.gate, SETTINGS.max_pixels, WARMING_WAIT_S, DECODE_WAIT_S)
+            models = {source.name: LocalModel.open(
+                source.name, lambda source=source: _bundle_path(source), CHOICES[source.name], pipeline,
+                device=SETTINGS.device, threads=PLAN.threads, batch_sizes=sizes, compute_threads=PLAN.threads,
+                device_id=_worker_index() % max(1, PLAN.gpus), max_batch=SETTINGS.max_batch_size if batching else None,
+                on_batch=metrics.microbatch, observe=metrics.observe, worker=_worker_index() + 1)
+                for source in SOURCES}
+            self.models = ModelSet(models, DEFAULT_MODEL, CONFIG_ERROR)
+            self._say_served()
 
         def __is_ready__(self) -> bool:
-            return self._entry_ready() and self.runtime.ready
+            return self._entry_ready() and all(entry.is_ready() for _, entry in self.models)
 
         def is_ready(self) -> bool:
             return self.__is_ready__()
 
-        def _decode_and_predict(self, images: list[tuple[str, bytes]]) -> np.ndarray:
-            return self.runtime.predict(decode_all(images, self.manifest.image_size, SETTINGS.max_pixels))
-
-        async def infer_encoded(self, images: list[tuple[str, bytes]]) -> np.ndarray:
-            cost = estimate_all(images, self.manifest.image_size, SETTINGS.max_pixels)
-            await self.runtime.wait_ready(WARMING_WAIT_S)
-            arrived = time.perf_counter()  # its queue time: for a decode slot, then for a compute thread
-            async with self.gate.admit(cost, DECODE_WAIT_S):
-                if self.runtime.batcher is None:
-                    # Decode and inference as one job on this worker's compute thread(s): a request never waits
-                    # behind another request's decode between its own decode and its inference.
-                    return await self.runtime.run(self._decode_and_predict, images, since=arrived)
-                pixels = await self.runtime.run(decode_all, images, self.manifest.image_size, SETTINGS.max_pixels)
-            return await self.runtime.predict_batched(pixels)
-
-        async def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
-            await self.runtime.wait_ready(WARMING_WAIT_S)
-            if self.runtime.batcher is not None:
-                return await self.runtime.predict_batched(pixels)
-            return await self.runtime.run(self.runtime.predict, pixels)
-
-        def _decode_and_explain(self, images: list[tuple[str, bytes]]) -> tuple:
-            pixels = decode_all(images, self.manifest.image_size, SETTINGS.max_pixels)
-            return (*self.runtime.explain(pixels), pixels)
-
-        async def explain_encoded(self, images: list[tuple[str, bytes]]) -> tuple:
-            cost = estimate_all(images, self.manifest.image_size, SETTINGS.max_pixels)
-            await self.runtime.wait_ready(WARMING_WAIT_S)
-            arrived = time.perf_counter()
-            async with self.gate.admit(cost, DECODE_WAIT_S):
-                return await self.runtime.run(self._decode_and_explain, images, since=arrived)
-
-        async def explain_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            await self.runtime.wait_ready(WARMING_WAIT_S)
-            return await self.runtime.run(self.runtime.explain, pixels)
-
-        async def describe(self) -> dict:
-            return {**self.runtime.describe(), "worker": _worker_index() + 1}
+        def estimated_rate(self) -> float | None:
+            """The slowest model's rate once every model is warm (admission's estimate must not be optimistic)."""
+            rates = [entry.runtime.estimated_rate() for _, entry in self.models]
+            return min(rates) if rates and None not in rates else None
 
 
 def _dropped_connection(exc: Exception) -> bool:
@@ -389,16 +411,16 @@ async def _classify(model, pixels: np.ndarray, attempts: int = 3):
 
 
 def _estimated_rate() -> float | None:
-    """The worker's own model's rate once warm (in-process layouts); None where the model runs in another process
+    """The worker's own models' rate once warm (in-process layouts); None where the model runs in another process
     or before the service is built."""
     try:
-        runtime = getattr(bentoml.get_current_service(), "runtime", None)
+        service = bentoml.get_current_service()
     except bentoml.exceptions.BentoMLException:
         return None
-    return runtime.estimated_rate() if runtime is not None else None
+    return service.estimated_rate() if hasattr(service, "estimated_rate") else None
 
 
-ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service(), SETTINGS, PLAN, CHOICE),
+ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service(), SETTINGS, PLAN),
                                    path="/")(ImageClassifier)
 ImageClassifier.add_asgi_middleware(
     Admission, max_in_flight=-(-SETTINGS.max_concurrency // PLAN.entry_workers),

@@ -81,8 +81,11 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    model: str | None = Field(None, description="BentoML model tag or bundle directory; unset: the only "
-                                                "transferkit model in the store")
+    model: str | None = Field(None, description="BentoML model tag, bundle directory or model repository folder "
+                                                "(`NAME/` or `NAME/VERSION/` bundles), or several, comma-separated; "
+                                                "unset: the only transferkit model in the store")
+    default_model: str | None = Field(None, description="the model `/predict` answers for when a request names "
+                                                        "none (`?model=NAME`); unset: the only model, if one")
     backend: Literal["auto", "onnx", "onnx-fp16", "onnx-int8", "openvino", "openvino-bf16", "openvino-int8",
                      "savedmodel"] = Field("auto", description="`auto`: the fastest backend the bundle was "
                                                                "validated for, measured on this machine")

@@ -60,3 +60,34 @@ def tampered_copy(bundle: Path, dest: Path, position: float = 0.5) -> Path:
     data[int(len(data) * position)] ^= 0x01
     (dest / "model.onnx").write_bytes(bytes(data))
     return dest
+
+
+class InProcessService:
+    """What the routes take from the running entry service (service/service.py), for an in-process app: the models,
+    by name (service/models.py), the first the default unless ``default`` says otherwise (None: no default)."""
+
+    def __init__(self, *entries, default: str | None = "first"):
+        from transferkit.service.models import ModelSet
+
+        self.models = ModelSet({entry.name: entry for entry in entries},
+                               entries[0].name if default == "first" else default)
+
+    def is_ready(self) -> bool:
+        return all(entry.is_ready() for _, entry in self.models)
+
+
+def local_model(bundle: Path, name: str | None = None, backend: str = "onnx"):
+    """The ``inprocess`` layout's model over a real bundle (service/local.py), loaded and warm, its decode and
+    inference durations observed on the service's metrics."""
+    from transferkit.core.backends import Choice
+    from transferkit.service.decoding import DecodeGate, decode_all
+    from transferkit.service.http import metrics
+    from transferkit.service.local import LocalModel, Pipeline
+
+    pipeline = Pipeline(metrics.timed("decode", decode_all), DecodeGate(2, 1024 * 2**20), 50_000_000, 5.0, 15.0)
+    from transferkit.core.manifest import read_manifest
+
+    model = LocalModel.open(name or read_manifest(bundle).name, lambda: bundle, Choice(backend, "test"), pipeline,
+                            device="auto", threads=1, batch_sizes=[1], observe=metrics.observe)
+    assert model.runtime.settled.wait(120) and model.runtime.ready, model.runtime.error
+    return model

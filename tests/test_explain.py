@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from serving import InProcessService, local_model
 from starlette.testclient import TestClient
-from test_operability import RuntimeEntry
 
 from conftest import run_cli, run_cli_here
-from transferkit.core.backends import Choice
 from transferkit.core.images import decode_image
 from transferkit.core.manifest import RUNTIME_BACKENDS, read_manifest
 from transferkit.export.validate import CAM_TOLERANCE
@@ -215,20 +214,9 @@ def test_predict_explain_refuses_a_bundle_without_maps(bundle, trained_run, tmp_
 
 @pytest.fixture(scope="module")
 def client(explained):
-    class ExplainingEntry(RuntimeEntry):
-        def _decode_and_explain(self, images):
-            pixels = self.decode(images, self.manifest.image_size, 50_000_000)
-            return (*self.runtime.explain(pixels), pixels)
-
-        async def explain_encoded(self, images):
-            return await self.runtime.run(self._decode_and_explain, images)
-
-        async def explain_pixels(self, pixels):
-            return await self.runtime.run(self.runtime.explain, pixels)
-
     settings = ServiceSettings(max_images=4)
-    entry = ExplainingEntry(explained[2])
-    return TestClient(build_app(lambda: entry, settings, settings.plan(cores=2, gpus=0), Choice("onnx", "test")))
+    service = InProcessService(local_model(explained[2]))
+    return TestClient(build_app(lambda: service, settings, settings.plan(cores=2, gpus=0)))
 
 
 def test_explain_answers_a_png_overlay_or_the_maps_as_json(client, explained, digits):

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from serving import Server, ready_server
+from serving import InProcessService, Server, ready_server
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
@@ -54,8 +54,9 @@ FUZZ_EXAMPLES = int(os.environ.get("TRANSFERKIT_FUZZ_EXAMPLES", "500"))  # each 
 
 
 class StandInEntry:
-    """What the routes need from the entry, answering a uniform distribution without a model."""
+    """What the routes need from a served model, answering a uniform distribution without a model."""
 
+    name, backend, choice = MODEL, "onnx", Choice("onnx", "test")
     manifest = SimpleNamespace(name=MODEL, version="v1", image_size=SIDE, class_names=CLASSES, backbone="MobileNetV2",
                                formats={}, validation=None, explain=None)
     load_error = None
@@ -76,9 +77,9 @@ class StandInEntry:
 def in_process(token: bytes | None = None, protect_metrics: bool = False, rejected: list | None = None,
                entry=None) -> TestClient:
     """The service's app inside the route guard, with probes and /metrics as BentoML adds them."""
-    entry = entry or StandInEntry()
+    service = InProcessService(entry or StandInEntry())
     settings = ServiceSettings(max_images=MAX_IMAGES)
-    app = build_app(lambda: entry, settings, settings.plan(cores=2, gpus=0), Choice("onnx", "test"))
+    app = build_app(lambda: service, settings, settings.plan(cores=2, gpus=0))
 
     async def ok(request):
         return PlainTextResponse("ok")
@@ -86,7 +87,7 @@ def in_process(token: bytes | None = None, protect_metrics: bool = False, reject
     bento = Starlette(routes=[Route("/livez", ok), Route("/readyz", ok), Route("/metrics", ok), Mount("/", app)])
 
     def check(params: dict[str, str]) -> None:
-        OpenInferenceProtocol.model_for(entry, params["name"], params.get("version"))
+        OpenInferenceProtocol.model_for(service, params["name"], params.get("version"))
 
     guarded = RouteGuard(bento, collect_routes(bento.routes), check_params=check, max_head_bytes=16 * 1024,
                          token=token, protect_metrics=protect_metrics,

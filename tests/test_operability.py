@@ -2,9 +2,9 @@
 per-request ``top_k`` on ``/predict``, the decode/queue/inference and images-per-request histograms and the
 ``transferkit_model_info`` gauge, and the httpx client examples in service/examples/.
 
-Most checks run the service's own Starlette app in-process over the real test bundle, with an entry that runs the
-``inprocess`` layout's path (service/service.py): the real ModelRuntime, decoding and classifying as one job on its
-compute thread. What only ``bentoml serve`` shows (the document BentoML serves at ``/docs.json``, the page at ``/``,
+Most checks run the service's own Starlette app in-process over the real test bundle, with the ``inprocess``
+layout's model (service/local.py): the real ModelRuntime, decoding and classifying as one job on its compute
+thread. What only ``bentoml serve`` shows (the document BentoML serves at ``/docs.json``, the page at ``/``,
 the metrics as /metrics aggregates them over the worker processes) runs against one real server.
 """
 
@@ -22,16 +22,15 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
-from serving import ready_server
+from serving import InProcessService, local_model, ready_server
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from transferkit.core.backends import Choice
 from transferkit.core.images import decode_image
 from transferkit.core.manifest import read_manifest
 from transferkit.service import openapi
 from transferkit.service.decoding import decode_all
-from transferkit.service.http import build_app, metrics
+from transferkit.service.http import build_app
 from transferkit.service.runtime import ModelRuntime
 from transferkit.service.settings import ServiceSettings
 from transferkit.training.rundir import split_files
@@ -50,43 +49,16 @@ def example(name: str) -> ModuleType:
     return module
 
 
-class RuntimeEntry:
-    """The ``inprocess`` layout's entry over a real bundle: one ModelRuntime, decoding and classifying a request as
-    one job on its compute thread, the durations observed as the service observes them."""
-
-    load_error = None
-
-    def __init__(self, bundle: Path):
-        self.manifest = read_manifest(bundle)
-        self.runtime = ModelRuntime(lambda: bundle, "onnx", "auto", 1, [1], observe=metrics.observe)
-        self.decode = metrics.timed("decode", decode_all)
-        assert self.runtime.settled.wait(120) and self.runtime.ready, self.runtime.error
-
-    def _decode_and_predict(self, images: list[tuple[str, bytes]]) -> np.ndarray:
-        return self.runtime.predict(self.decode(images, self.manifest.image_size, 50_000_000))
-
-    async def infer_encoded(self, images: list[tuple[str, bytes]]) -> np.ndarray:
-        return await self.runtime.run(self._decode_and_predict, images)
-
-    async def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        return await self.runtime.run(self.runtime.predict, pixels)
-
-    async def describe(self) -> dict:
-        return self.runtime.describe()
-
-    def is_ready(self) -> bool:
-        return self.runtime.ready
-
-
 @pytest.fixture(scope="module")
-def entry(bundle) -> RuntimeEntry:
-    return RuntimeEntry(bundle)
+def entry(bundle):
+    return local_model(bundle)
 
 
 @pytest.fixture(scope="module")
 def app(entry):
     settings = ServiceSettings(max_images=MAX_IMAGES, top_k=SERVER_TOP_K)
-    return build_app(lambda: entry, settings, settings.plan(cores=2, gpus=0), Choice("onnx", "test"))
+    service = InProcessService(entry)
+    return build_app(lambda: service, settings, settings.plan(cores=2, gpus=0))
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +133,13 @@ def test_top_k_given_twice_or_as_a_file_is_refused_and_a_bad_query_before_the_bo
 
 
 def _samples(names: list[str]) -> dict[str, float]:
-    return {name: REGISTRY.get_sample_value(name) or 0.0 for name in names}
+    """Each named sample summed over its label values (images are counted by model)."""
+    totals = dict.fromkeys(names, 0.0)
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals
 
 
 HISTOGRAMS = ["transferkit_decode_seconds", "transferkit_queue_seconds", "transferkit_inference_seconds",
@@ -294,7 +272,7 @@ def test_the_openapi_document_has_every_route_and_is_valid(app):
     assert infer["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/"
                                                                                      "InferRequest"}
     assert {"name": "name", "in": "path", "required": True, "description": "The model's name",
-            "schema": {"type": "string"}, "example": "digits-test"} in infer["parameters"]
+            "schema": {"type": "string", "enum": ["digits-test"]}, "example": "digits-test"} in infer["parameters"]
     assert {"InferRequest", "InferResponse", "TransferkitError", "PredictAnswer", "ExplainAnswer"} <= set(
         document["components"]["schemas"])
     explain = document["paths"]["/explain"]["post"]["responses"]["200"]["content"]
