@@ -188,3 +188,70 @@ def run_loadtest(args: argparse.Namespace) -> int:
         print(f"transferkit loadtest: error: thresholds exceeded: {'; '.join(problems)}", file=sys.stderr)
         return 1
     return 0
+
+
+def add_bench_models_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench-models", help="one service, many models: a version swapped in under load, three models against one",
+        description="Serve BUNDLE from model repositories with real `bentoml serve` (inprocess layout, onnx) and "
+                    "load it with --users client threads posting one small PNG per request to /v2/models/NAME/infer. "
+                    "swap: version 2 of model a is copied into the polled repository a third of the way into the "
+                    "run; every status code, when answers switched, and each worker's swap are reported (target: "
+                    "only 200). spread: the same load on one model, then spread over three served together "
+                    "(target: three >= 0.95 x one). budget: two models alternating under a memory budget that holds "
+                    "one per worker (target: 200, or 503 with Retry-After while one reloads). Writes results.md, "
+                    "results.json, swap.png and the server logs to --out.",
+    )
+    p.add_argument("bundle", type=Path, metavar="BUNDLE", help="a bundle directory (copied into the repositories)")
+    p.add_argument("--out", type=Path, required=True, help="new directory for the results")
+    p.add_argument("--force", action="store_true", help="replace --out if an earlier bench-models wrote it")
+    p.add_argument("--scenarios", default="swap,spread,budget",
+                   help="comma-separated: swap, spread, budget (default all three)")
+    p.add_argument("--users", type=int, default=16, help="client threads (default 16)")
+    p.add_argument("--duration", default="30s", help="per run, e.g. 30s or 2m (default 30s)")
+    p.add_argument("--workers", type=int, help="server workers (default: the service's, one per core)")
+    p.set_defaults(handler=run_bench_models)
+
+
+def run_bench_models(args: argparse.Namespace) -> int:
+    import shutil
+
+    from transferkit.benchmarks import models
+    from transferkit.benchmarks.loadtest import parse_duration
+    from transferkit.core.atomic import atomic_output_dir
+    from transferkit.core.manifest import read_manifest
+    from transferkit.core.system import cpu_model
+
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if not scenarios or set(scenarios) - {"swap", "spread", "budget"}:
+        raise UsageError(f"--scenarios: choose from swap, spread, budget (got {args.scenarios!r})")
+    if args.users < 1:
+        raise UsageError("--users must be >= 1")
+    read_manifest(args.bundle)  # not a bundle: one line, before anything starts
+    seconds = float(parse_duration(args.duration))
+    results = models.Results(args.users, seconds)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    with atomic_output_dir(args.out, args.force) as staging:
+        if "swap" in scenarios:
+            results.swap = models.swap(args.bundle, staging, args.users, seconds, args.workers, log)
+        if "spread" in scenarios:
+            results.spread = models.spread(args.bundle, staging, args.users, seconds, args.workers, log)
+        if "budget" in scenarios:
+            results.budget = models.budget(args.bundle, staging, args.users, seconds, args.workers, log)
+        for folder in [*staging.glob("*-repository"), *staging.glob("spread-[0-9]")]:
+            shutil.rmtree(folder)  # copies of the bundle this command made
+        files = models.write(results, staging, cpu_model())
+    rows = [("cpu", cpu_model())]
+    if results.swap:
+        rows.append(("swap: status codes", str(results.swap["statuses"])))
+        rows.append(("swap: v1 answers after the first v2", str(results.swap["v1_answers_after_the_first_v2"])))
+    if results.budget:
+        rows.append(("budget: status codes", f"{results.budget['statuses']} ({results.budget['reloads']} reloads, "
+                                             f"median {results.budget['reload_seconds_median']} s)"))
+    if results.spread:
+        rows.append(("spread: three / one images/s", f"{results.spread['three models']['images_per_s']} / "
+                                                     f"{results.spread['one model']['images_per_s']} = "
+                                                     f"{results.spread['ratio']}"))
+    rows.append(("files", ", ".join(str(args.out.absolute() / f.name) for f in files)))
+    print_summary(rows)
+    return 0

@@ -12,7 +12,7 @@ there) and answers, before anything is labelled or a body is read:
 - 431 ``headers_too_large`` for a request line and headers over the cap (uvicorn's h11 limits only heads that
   arrive in pieces: a complete 100 KB head in one packet was accepted);
 - 401 ``unauthorized`` when a bearer token is configured and the request does not carry it (probes stay open;
-  ``/metrics`` too unless ``protect_metrics``).
+  ``/metrics`` too unless ``protect_metrics``; the model-control routes check the admin token themselves).
 
 A refusal closes the connection when the request declared a body, which is then never read.
 """
@@ -125,9 +125,10 @@ class RouteGuard:
 
     def __init__(self, app: Any, routes: Routes, *, check_params: ParamsCheck, max_head_bytes: int,
                  token: bytes | None = None, protect_metrics: bool = False,
-                 on_reject: Callable[[str], None] | None = None):
+                 on_reject: Callable[[str], None] | None = None, own_credentials: str = "/v2/repository/"):
         self.app, self.routes, self.check_params = app, routes, check_params
         self.max_head_bytes, self.token = max_head_bytes, token
+        self.own_credentials = own_credentials  # routes that check a token of their own (the admin token)
         self.open_paths = PROBES if protect_metrics else PROBES | {METRICS}
         self.on_reject = on_reject or (lambda reason: None)
         self._checked: dict[str, frozenset[str]] = {}  # template paths whose values passed: a few, all valid
@@ -159,7 +160,8 @@ class RouteGuard:
             raise ServiceError(405, "method_not_allowed", f"{method[:10]} {self._shown(path)}: method not allowed "
                                                           f"(allowed: {', '.join(sorted(methods))})")
         # OPTIONS: a CORS preflight never carries credentials, and a route answers it with nothing but headers.
-        if self.token is not None and path not in self.open_paths and method != "OPTIONS":
+        if self.token is not None and path not in self.open_paths and method != "OPTIONS" \
+                and not path.startswith(self.own_credentials):
             self._authorize(scope)
 
     def _template_methods(self, path: str) -> frozenset[str]:

@@ -77,6 +77,7 @@ class _Metrics:
     def __init__(self) -> None:
         self._counters: tuple | None = None
         self._stages: dict[str, Any] = {}
+        self._model_events: tuple = ()
 
     def _get(self) -> tuple:
         if self._counters is None:
@@ -107,6 +108,14 @@ class _Metrics:
                                       labelnames=["model", "version", "backend", "layout"],
                                       multiprocess_mode="max"),
             )
+            self._model_events = (
+                bentoml.metrics.Counter(name="transferkit_model_events",
+                                        documentation="Versions loaded, failed to load and unloaded, by model and "
+                                                      "event, per worker (service/reload.py)",
+                                        labelnames=["model", "event"]),
+                bentoml.metrics.Histogram(name="transferkit_model_load_seconds",
+                                          documentation="Seconds to verify, load and warm a new version, by model",
+                                          labelnames=["model"], buckets=SECONDS_BUCKETS))
             self._stages = {stage: bentoml.metrics.Histogram(name=f"transferkit_{stage}_seconds",
                                                              documentation=STAGE_DOCUMENTATION[stage],
                                                              buckets=SECONDS_BUCKETS)
@@ -136,9 +145,16 @@ class _Metrics:
     def microbatch(self, images: int) -> None:
         self._get()[4].observe(images)
 
-    def model_info(self, model: str, version: str, backend: str, layout: str) -> None:
-        """Say which model runs (set once per worker, from the bundle's manifest and the server's settings)."""
-        self._get()[6].labels(model=model, version=version, backend=backend, layout=layout).set(1)
+    def model_info(self, model: str, version: str, backend: str, layout: str, value: int = 1) -> None:
+        """Say which model runs (from its manifest and the server's settings; 0 once a version is swapped out)."""
+        self._get()[6].labels(model=model, version=version, backend=backend, layout=layout).set(value)
+
+    def model_event(self, model: str, event: str, seconds: float | None = None) -> None:
+        """``loaded`` (with its seconds), ``load_failed`` or ``unloaded``: one worker's change of a model."""
+        self._get()
+        self._model_events[0].labels(model=model, event=event).inc()
+        if seconds is not None:
+            self._model_events[1].labels(model=model).observe(seconds)
 
     def observe(self, stage: str, seconds: float) -> None:
         """One duration of ``stage`` (one of :data:`STAGES`); called from compute and model threads too
@@ -430,11 +446,16 @@ def _batching(settings: ServiceSettings, plan: Plan) -> dict | None:
 async def model_list(service: Any) -> list[dict]:
     """``/metadata``'s ``models``: every served model, its state and where to address it."""
     listed = []
-    for name, entry in service.models:
-        manifest = entry.manifest
-        described = await entry.describe() if manifest is not None else {"state": "failed"}
-        listed.append({"name": name, "version": manifest.version if manifest else None, "backend": entry.backend,
-                       "state": described.get("state"), "default": name == service.models.default,
+    for name, slot in service.models.slots.items():
+        entry = slot.current
+        manifest = getattr(entry, "manifest", None)
+        if entry is None:
+            state = "unloaded"
+        else:
+            state = (await entry.describe()).get("state") if manifest is not None else "failed"
+        listed.append({"name": name, "version": manifest.version if manifest else None,
+                       "backend": getattr(entry, "backend", None), "state": state,
+                       "default": name == service.models.default, **({"reason": slot.reason} if slot.reason else {}),
                        "metadata": f"/metadata?model={name}", "open_inference_protocol": f"/v2/models/{name}"})
     return listed
 
@@ -465,9 +486,11 @@ async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return error_response(ServiceError(exc.status_code, reason, f"{request.method} {request.url.path}: {exc.detail}"))
 
 
-def build_app(get_entry: Callable[[], Any], settings: ServiceSettings, plan: Plan) -> Starlette:
+def build_app(get_entry: Callable[[], Any], settings: ServiceSettings, plan: Plan,
+              control: Any | None = None) -> Starlette:
     """The Starlette app; ``get_entry`` returns the running entry service instance, whose ``models``
-    (service/models.py) the routes choose from. Its routes are in BentoML's OpenAPI document (service/openapi.py)."""
+    (service/models.py) the routes choose from; ``control``: the model-control routes (service/control.py; none:
+    not served). Its routes are in BentoML's OpenAPI document (service/openapi.py)."""
     from transferkit.service import openapi
     from transferkit.service.oip import oip_routes
 
@@ -475,7 +498,7 @@ def build_app(get_entry: Callable[[], Any], settings: ServiceSettings, plan: Pla
         routes=[Route("/predict", predict_endpoint(get_entry, settings), methods=["POST"]),
                 Route("/explain", explain_endpoint(get_entry, settings), methods=["POST"]),
                 Route("/metadata", metadata_endpoint(get_entry, settings, plan), methods=["GET"]),
-                *oip_routes(get_entry, settings)],
+                *oip_routes(get_entry, settings), *(control.routes() if control is not None else [])],
         exception_handlers={HTTPException: http_error},
     )
     openapi.attach(app, lambda: openapi.document(get_entry, settings))

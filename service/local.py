@@ -58,6 +58,11 @@ class LocalModel:
     def is_ready(self) -> bool:
         return self.manifest is not None and self.runtime.ready
 
+    @property
+    def error(self) -> str | None:
+        """Why this version cannot answer (its bundle unreadable, or its load failed), else None."""
+        return self.load_error or (self.runtime.error if self.runtime.state == "failed" else None)
+
     def _decode(self, images: list[tuple[str, bytes]]) -> np.ndarray:
         return self.pipeline.decode_all(images, self.manifest.image_size, self.pipeline.max_pixels)
 

@@ -32,7 +32,7 @@ class MicroBatcher:
     def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int,
                  on_batch: Callable[[int], None] | None = None, on_wait: Callable[[float], None] | None = None):
         self.predict, self.max_batch, self.on_batch, self.on_wait = predict, max_batch, on_batch, on_wait
-        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()  # None: close
         self._held: _Job | None = None  # a job that did not fit in the previous batch goes first next time
         threading.Thread(target=self._loop, name="microbatch", daemon=True).start()
 
@@ -41,14 +41,24 @@ class MicroBatcher:
         self._queue.put(job)
         return job.future
 
-    def _next_batch(self) -> list[_Job]:
-        jobs = [self._held or self._queue.get()]
-        self._held = None
-        count = len(jobs[0].pixels)
+    def close(self) -> None:
+        """Stop the thread once the jobs queued so far are answered (it holds the model: a retired version's memory
+        is returned only then)."""
+        self._queue.put(None)
+
+    def _next_batch(self) -> list[_Job] | None:
+        first = self._held or self._queue.get()
+        if first is None:
+            return None
+        jobs, self._held = [first], None
+        count = len(first.pixels)
         while count < self.max_batch:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
+                break
+            if job is None:  # closing: this batch first, then the thread ends
+                self._queue.put(None)
                 break
             if count + len(job.pixels) > self.max_batch:
                 self._held = job
@@ -60,6 +70,8 @@ class MicroBatcher:
     def _loop(self) -> None:
         while True:
             jobs = self._next_batch()
+            if jobs is None:
+                return
             if self.on_wait:  # each request's time in the queue, until the call that carries it starts
                 started = time.perf_counter()
                 for job in jobs:

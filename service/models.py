@@ -8,7 +8,9 @@ Only configured names are ever looked up or shown, so a client cannot make the s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from starlette.requests import Request
@@ -16,6 +18,16 @@ from starlette.requests import Request
 from transferkit.core.errors import ModelUnavailable, ServiceError
 
 MODEL_PARAMETER = "model"
+# A loaded version's resident memory ÷ its model file's size, measured with onnxruntime on CPU (BENCHMARKS.md, "One
+# service, many models"): the weights, plus the session's arenas and pre-packed kernels.
+MEMORY_PER_MODEL_BYTE = 2.0
+
+
+def estimated_bytes(manifest: Any, backend: str) -> int:
+    """What a version will hold in memory once loaded with ``backend``: the memory budget's unit."""
+    from transferkit.core.manifest import RUNTIME_BACKENDS
+
+    return int(manifest.formats[RUNTIME_BACKENDS[backend].format].bytes * MEMORY_PER_MODEL_BYTE)
 E = TypeVar("E")
 
 
@@ -27,35 +39,78 @@ def _shown(name: str) -> str:
     return ascii(name) if len(name) <= 70 else ascii(name[:67]) + "..."
 
 
-class ModelSet(Generic[E]):
-    """Name -> the routes' view of that model (service/http.py's ``Entry``), and the default name (or None)."""
+class ModelSlot(Generic[E]):
+    """One name's place in the set: the version that answers now (``current``; None once unloaded) and the last
+    thing that happened to it (service/reload.py swaps versions in and out). Requests take ``current`` once, at
+    their start, so a swap never splits a request between two versions."""
 
-    def __init__(self, models: dict[str, E], default: str | None, unavailable: str | None = None):
-        self.models, self.default, self.unavailable = models, default, unavailable
+    def __init__(self, name: str, current: E | None, source: Any = None):
+        self.name, self.current, self.source = name, current, source
+        self.path: Any = source.where if source is not None else None  # what ``current`` was loaded from
+        self.reason = ""  # why the last load or swap failed ("" when it did not)
+        self.lock = threading.Lock()  # one load of this model at a time in a worker
+        self.evicted = False  # unloaded to keep within the memory budget (not by an operator): loads on demand
+        self.last_used = 0.0  # monotonic time of the last request that chose it: the LRU order
+        self.cost_bytes = 0  # its estimated resident memory while loaded (service/reload.py)
+        self.load_seconds: float | None = None  # how long its last load took: the Retry-After of a reload
+
+    def serving(self) -> E:
+        current = self.current
+        if current is None and self.evicted:
+            retry = max(1, round(self.load_seconds or 2))
+            raise ModelUnavailable("reloading", f"model {self.name!r} was unloaded to keep within the memory "
+                                                f"budget and is loading again; retry in {retry} s", retry)
+        if current is None:
+            raise ModelUnavailable("model_unloaded", f"model {self.name!r} is unloaded: an operator unloaded it "
+                                                     "(POST /v2/repository/models/NAME/load serves it again)", None)
+        return current
+
+    def swap(self, new: E | None) -> E | None:
+        """Make ``new`` the version that answers (None: unload); the one it replaces is returned."""
+        old, self.current = self.current, new
+        return old
+
+
+class ModelSet(Generic[E]):
+    """Name -> :class:`ModelSlot` of that model (its ``current`` is service/http.py's ``Entry``), and the default
+    name (or None). Plain entries are put in slots of their own."""
+
+    def __init__(self, models: dict[str, Any], default: str | None, unavailable: str | None = None):
+        self.slots: dict[str, ModelSlot[E]] = {
+            name: model if isinstance(model, ModelSlot) else ModelSlot(name, model) for name, model in models.items()}
+        self.default, self.unavailable = default, unavailable
+        # Called with an evicted model's slot when a request needs it (service/reload.py loads it again).
+        self.on_demand: Callable[[ModelSlot], None] | None = None
 
     @property
     def names(self) -> list[str]:
-        return list(self.models)
+        return list(self.slots)
 
     def __iter__(self) -> Iterator[tuple[str, E]]:
-        return iter(self.models.items())
+        """The models that are loaded (unloaded ones are skipped), by name."""
+        return iter([(name, slot.current) for name, slot in self.slots.items() if slot.current is not None])
 
     def select(self, name: str | None) -> E:
         """The model ``name`` names, or the default one for None; a :class:`ServiceError` (404 or 400) otherwise,
-        503 ``model_unavailable`` with the reason when the service has no model at all (a wrong setting)."""
-        if not self.models:
+        503 ``model_unavailable`` with the reason when the service has no model at all (a wrong setting), 503
+        ``model_unloaded`` for one an operator unloaded, 503 ``reloading`` with Retry-After for one the memory
+        budget evicted (its load starts now)."""
+        if not self.slots:
             raise ModelUnavailable("model_unavailable", f"no model is served: {self.unavailable or 'see the log'}")
         if name is None:
             if self.default is None:
-                raise ServiceError(400, "model_required", f"this service serves {len(self.models)} models and none "
+                raise ServiceError(400, "model_required", f"this service serves {len(self.slots)} models and none "
                                                           f"is the default: name one with ?{MODEL_PARAMETER}=NAME "
                                                           f"(or /v2/models/NAME): {_listed(self.names)}")
             name = self.default
-        found = self.models.get(name)
+        found = self.slots.get(name)
         if found is None:
             raise ServiceError(404, "unknown_model", f"no model {_shown(name)} is served here; the models are: "
                                                      f"{_listed(self.names)}")
-        return found
+        found.last_used = time.monotonic()
+        if found.current is None and found.evicted and self.on_demand is not None:
+            self.on_demand(found)
+        return found.serving()
 
 
 def requested_model(request: Request) -> str | None:

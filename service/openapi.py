@@ -304,7 +304,7 @@ def schemas(settings: ServiceSettings) -> dict:
             "limits": {"type": "object", "additionalProperties": True},
             "models": {"type": "array", "items": {"type": "object", "additionalProperties": True, "properties": {
                 "name": {"type": "string"}, "version": {"type": "string", "nullable": True},
-                "backend": {"type": "string"}, "state": {"type": "string", "nullable": True},
+                "backend": {"type": "string", "nullable": True}, "state": {"type": "string", "nullable": True},
                 "default": {"type": "boolean"}}}}}},
         "ServerMetadata": {"type": "object", "required": ["name", "version", "extensions"], "properties": {
             "name": {"type": "string"}, "version": {"type": "string"}, "extensions": string_list}},

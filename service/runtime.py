@@ -178,6 +178,20 @@ class ModelRuntime:
                             backend, self.backend)
         return self._explainer
 
+    def retire(self, after_s: float) -> None:
+        """Let go of the model ``after_s`` seconds from now (a newer version answers in its place): its threads end
+        once the work already given to them is done, and its memory is returned when the last request holding it
+        ends. The delay covers requests that took this version just before the swap and have not yet queued."""
+
+        def close() -> None:
+            self.executor.shutdown(wait=False)
+            if self.batcher is not None:
+                self.batcher.close()
+
+        timer = threading.Timer(after_s, close)
+        timer.daemon = True
+        timer.start()
+
     def describe(self) -> dict:
         """The runtime part of /metadata (no filesystem paths)."""
         if self.state != "ready":

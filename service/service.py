@@ -37,6 +37,7 @@ from transferkit.core.errors import ModelUnavailable, TransferkitError
 from transferkit.core.repository import ModelSource, default_model, model_sources
 from transferkit.service import connections, guard, lifecycle
 from transferkit.service.balance import WorkerLoads
+from transferkit.service.control import RepositoryControl
 from transferkit.service.decoding import DecodeGate, estimate_all
 from transferkit.service.decoding import decode_all as _decode_all
 from transferkit.service.errors import mask_paths
@@ -44,19 +45,23 @@ from transferkit.service.guard import RouteGuard, collect_routes
 from transferkit.service.http import build_app, metrics
 from transferkit.service.local import LocalModel, Pipeline
 from transferkit.service.middleware import Admission, BodySizeLimit
-from transferkit.service.models import ModelSet
+from transferkit.service.models import ModelSet, ModelSlot, estimated_bytes
 from transferkit.service.oip import OpenInferenceProtocol
+from transferkit.service.reload import Reloader
 from transferkit.service.runtime import ModelRuntime, resolve_bundle, warmup_sizes
 from transferkit.service.settings import ServiceSettings, env_name
 
 logger = logging.getLogger("transferkit.service")
 SETTINGS = ServiceSettings.from_env()
 TOKEN = SETTINGS.bearer_token()  # read now: a missing token file stops the service instead of serving it open
+ADMIN_TOKEN = SETTINGS.admin_credential()  # model control (service/control.py): off without it
 STORE_LABEL = "transferkit-bundle"
 WARMING_WAIT_S = min(5.0, SETTINGS.timeout_s / 2)  # a warming worker holds a request this long, then 503
 DECODE_WAIT_S = SETTINGS.timeout_s / 2  # waiting for a decode slot past this: 503 busy, before the 504 timeout
 
 ROLE = lifecycle.install_worker_lifecycle(SETTINGS.drain_timeout_s)
+if ROLE is not None:  # BentoML leaves the root logger at WARNING: show versions loaded, swapped and evicted
+    logging.getLogger("transferkit.service.models").setLevel(logging.INFO)
 decode_all = metrics.timed("decode", _decode_all)  # every layout's decoding, observed on /metrics
 
 
@@ -178,11 +183,50 @@ CHOICE = CHOICES.get(DEFAULT_MODEL or (SOURCES[0].name if SOURCES else ""), None
 PLAN = SETTINGS.plan(backend=CHOICE.backend, batch_scaling=CHOICE.batch_scaling)
 
 
+def _estimated_bytes(name: str, where) -> int:
+    """What a version of model ``name`` from ``where`` will hold in memory (service/models.py), 0 when its manifest
+    cannot be read (the load will say why)."""
+    from transferkit.core.manifest import read_manifest
+
+    try:
+        path = where if isinstance(where, Path) else resolve_bundle(bentoml.models.BentoModel(where), where)
+        return estimated_bytes(read_manifest(path), (CHOICES.get(name) or CHOICE).backend)
+    except (TransferkitError, KeyError):
+        return 0
+
+
+def _say_swapped(name: str, old, new) -> None:
+    """``transferkit_model_info``: the version swapped out no longer runs here, the one swapped in does."""
+    for entry, value in ((old, 0), (new, 1)):
+        if entry is not None and entry.manifest is not None:
+            metrics.model_info(name, entry.manifest.version, entry.backend, PLAN.layout, value)
+
+
 def _batched_source() -> ModelSource:
     if len(SOURCES) != 1:
         raise TransferkitError(CONFIG_ERROR or f"the batched layout serves one model, not {len(SOURCES)}: serve a "
                                                "model repository with TRANSFERKIT_LAYOUT=inprocess")
     return SOURCES[0]
+
+
+def _control_dir() -> Path | None:
+    """Where model-control requests and each worker's outcomes are written (service/control.py): made by the
+    arbiter, inherited by every worker; none without the admin token."""
+    if ADMIN_TOKEN is None:
+        return None
+    if ROLE == "arbiter" and CONTROL_DIR_ENV not in os.environ:
+        import atexit
+        import shutil
+        import tempfile
+
+        made = tempfile.mkdtemp(prefix="transferkit-control-")
+        os.environ[CONTROL_DIR_ENV] = made
+        atexit.register(shutil.rmtree, made, ignore_errors=True)  # ours: made just now
+    return Path(os.environ[CONTROL_DIR_ENV]) if CONTROL_DIR_ENV in os.environ else None
+
+
+CONTROL_DIR_ENV = "_TRANSFERKIT_CONTROL_DIR"  # internal: not a setting
+CONTROL_DIR = _control_dir()
 
 
 def _with_store_models(cls: type) -> type:
@@ -364,14 +408,29 @@ else:  # inprocess and microbatch: the model runs in the HTTP worker
             sizes = warmup_sizes(SETTINGS.max_batch_size if batching else SETTINGS.max_images) \
                 if PLAN.gpus or batching else [1]
             pipeline = Pipeline(decode_all, self.gate, SETTINGS.max_pixels, WARMING_WAIT_S, DECODE_WAIT_S)
-            models = {source.name: LocalModel.open(
-                source.name, lambda source=source: _bundle_path(source), CHOICES[source.name], pipeline,
-                device=SETTINGS.device, threads=PLAN.threads, batch_sizes=sizes, compute_threads=PLAN.threads,
-                device_id=_worker_index() % max(1, PLAN.gpus), max_batch=SETTINGS.max_batch_size if batching else None,
-                on_batch=metrics.microbatch, observe=metrics.observe, worker=_worker_index() + 1)
-                for source in SOURCES}
-            self.models = ModelSet(models, DEFAULT_MODEL, CONFIG_ERROR)
+
+            def open_model(name: str, where, choice: Choice | None = None) -> LocalModel:
+                """A version of model ``name`` from ``where`` (a bundle folder or a store tag), loading."""
+                bundle_path = (lambda: where) if isinstance(where, Path) else \
+                    (lambda: resolve_bundle(bentoml.models.BentoModel(where), where))
+                return LocalModel.open(
+                    name, bundle_path, choice or CHOICES.get(name) or CHOICE, pipeline, device=SETTINGS.device,
+                    threads=PLAN.threads, batch_sizes=sizes, compute_threads=PLAN.threads,
+                    device_id=_worker_index() % max(1, PLAN.gpus),
+                    max_batch=SETTINGS.max_batch_size if batching else None, on_batch=metrics.microbatch,
+                    observe=metrics.observe, worker=_worker_index() + 1)
+
+            self.models = ModelSet({source.name: ModelSlot(source.name, None, source) for source in SOURCES},
+                                   DEFAULT_MODEL, CONFIG_ERROR)
+            self.reloader = Reloader(self.models, open_model, worker=_worker_index() + 1,
+                                     ready_timeout_s=max(60.0, SETTINGS.timeout_s * 4), retire_s=SETTINGS.timeout_s,
+                                     poll_s=SETTINGS.poll_s, control_dir=CONTROL_DIR, on_event=metrics.model_event,
+                                     budget_bytes=SETTINGS.memory_budget_mb * 2**20 // PLAN.entry_workers,
+                                     estimate=_estimated_bytes, on_swap=_say_swapped)
+            self.reloader.open_initial(sorted(self.models.names, key=lambda name: name != DEFAULT_MODEL))
             self._say_served()
+            if SETTINGS.poll_s > 0 or CONTROL_DIR is not None:
+                self.reloader.start()
 
         def __is_ready__(self) -> bool:
             return self._entry_ready() and all(entry.is_ready() for _, entry in self.models)
@@ -420,7 +479,11 @@ def _estimated_rate() -> float | None:
     return service.estimated_rate() if hasattr(service, "estimated_rate") else None
 
 
-ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service(), SETTINGS, PLAN),
+CONTROL = RepositoryControl(lambda: bentoml.get_current_service(), ADMIN_TOKEN, CONTROL_DIR, PLAN.entry_workers,
+                            SETTINGS.timeout_s * 4,
+                            off_reason="the batched layout has no model control yet (issue 26 continues)"
+                            if PLAN.layout == "batched" and ADMIN_TOKEN else None)
+ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service(), SETTINGS, PLAN, CONTROL),
                                    path="/")(ImageClassifier)
 ImageClassifier.add_asgi_middleware(
     Admission, max_in_flight=-(-SETTINGS.max_concurrency // PLAN.entry_workers),
@@ -437,9 +500,16 @@ ImageClassifier.add_asgi_middleware(
 
 
 def _check_model_params(params: dict[str, str]) -> None:
-    """The route guard's check of ``/v2/models/{name}[/versions/{version}]``: the served model's, or the route's own
-    404 (503 when no model could be read)."""
-    OpenInferenceProtocol.model_for(bentoml.get_current_service(), params["name"], params.get("version"))
+    """The route guard's check of ``/v2/models/{name}[/versions/{version}]``: a served model's, or the route's own
+    404 (503 when no model could be read); of ``/v2/repository/models/{model_name}/...``: a served model or one of
+    its repositories' folders (service/control.py)."""
+    from transferkit.service.control import NAME_PARAMETER, loadable_source
+
+    service = bentoml.get_current_service()
+    if NAME_PARAMETER in params:
+        loadable_source(service.models, params[NAME_PARAMETER])
+    else:
+        OpenInferenceProtocol.model_for(service, params["name"], params.get("version"))
 
 
 def guarded(app):

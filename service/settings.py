@@ -126,6 +126,18 @@ class ServiceSettings(BaseSettings):
     api_token_file: Path | None = Field(None, description="file holding that token (a container secret), "
                                                           "instead of `TRANSFERKIT_API_TOKEN`")
     protect_metrics: bool = Field(False, description="`true`: `/metrics` requires the token too")
+    admin_token: SecretStr | None = Field(None, description="bearer token of the model-control routes "
+                                                            "(`/v2/repository/...`: index, load, unload; else 401); "
+                                                            "unset: those routes are off (403)")
+    admin_token_file: Path | None = Field(None, description="file holding that token, instead of "
+                                                            "`TRANSFERKIT_ADMIN_TOKEN`")
+    poll_s: float = Field(0, ge=0, description="seconds between looks at each repository model's folder for a "
+                                               "newer version, loaded, warmed and swapped in without a failed "
+                                               "request; 0: no polling")
+    memory_budget_mb: int = Field(0, ge=0, description="memory the models may hold, all workers together (each "
+                                                       "worker gets its share): past it the least recently used "
+                                                       "model is unloaded, and loaded again at its next request "
+                                                       "(503 `reloading` with Retry-After meanwhile); 0: no budget")
 
     @classmethod
     def from_env(cls) -> ServiceSettings:
@@ -145,17 +157,26 @@ class ServiceSettings(BaseSettings):
 
         Read when the service starts, so that a missing file or an empty token stops it with the reason instead of
         serving unprotected."""
-        if self.api_token is not None and self.api_token_file is not None:
-            raise UsageError(f"set {env_name('api_token')} or {env_name('api_token_file')}, not both")
-        if self.api_token_file is not None:
+        return self._token("api_token")
+
+    def admin_credential(self) -> bytes | None:
+        """The token of the model-control routes (service/control.py), read as :meth:`bearer_token` is; None: the
+        routes are off."""
+        return self._token("admin_token")
+
+    def _token(self, field: str) -> bytes | None:
+        value, path = getattr(self, field), getattr(self, field + "_file")
+        if value is not None and path is not None:
+            raise UsageError(f"set {env_name(field)} or {env_name(field + '_file')}, not both")
+        if path is not None:
             try:
-                token = self.api_token_file.read_text(encoding="utf-8").strip()  # secrets end with a newline
+                token = path.read_text(encoding="utf-8").strip()  # secrets end with a newline
             except (OSError, UnicodeDecodeError) as exc:
-                raise UsageError(f"{env_name('api_token_file')}: cannot read the token file "
+                raise UsageError(f"{env_name(field + '_file')}: cannot read the token file "
                                  f"({type(exc).__name__})") from None
-            source = env_name("api_token_file")
-        elif self.api_token is not None:
-            token, source = self.api_token.get_secret_value(), env_name("api_token")
+            source = env_name(field + "_file")
+        elif value is not None:
+            token, source = value.get_secret_value(), env_name(field)
         else:
             return None
         if not token or not token.isprintable() or " " in token:

@@ -70,15 +70,15 @@ class InProcessService:
         from transferkit.service.models import ModelSet
 
         self.models = ModelSet({entry.name: entry for entry in entries},
-                               entries[0].name if default == "first" else default)
+                               (entries[0].name if entries else None) if default == "first" else default)
 
     def is_ready(self) -> bool:
         return all(entry.is_ready() for _, entry in self.models)
 
 
-def local_model(bundle: Path, name: str | None = None, backend: str = "onnx"):
-    """The ``inprocess`` layout's model over a real bundle (service/local.py), loaded and warm, its decode and
-    inference durations observed on the service's metrics."""
+def local_model(bundle: Path, name: str | None = None, backend: str = "onnx", wait: bool = True):
+    """The ``inprocess`` layout's model over a real bundle (service/local.py), loaded and warm (``wait``; else
+    loading in the background), its decode and inference durations observed on the service's metrics."""
     from transferkit.core.backends import Choice
     from transferkit.service.decoding import DecodeGate, decode_all
     from transferkit.service.http import metrics
@@ -89,5 +89,6 @@ def local_model(bundle: Path, name: str | None = None, backend: str = "onnx"):
 
     model = LocalModel.open(name or read_manifest(bundle).name, lambda: bundle, Choice(backend, "test"), pipeline,
                             device="auto", threads=1, batch_sizes=[1], observe=metrics.observe)
-    assert model.runtime.settled.wait(120) and model.runtime.ready, model.runtime.error
+    if wait:
+        assert model.runtime.settled.wait(120) and model.runtime.ready, model.runtime.error
     return model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -162,11 +163,12 @@ def test_images_are_counted_by_model(client, files):
     assert (count("a"), count("b")) == (before[0], before[1] + 2)
 
 
-def test_a_real_server_of_a_repository_answers_tritonclient_for_each_model(repository, files, expected, tmp_path):
+def test_a_real_server_of_a_repository_answers_tritonclient_for_each_model_and_its_control(repository, files,
+                                                                                          expected, tmp_path):
     import tritonclient.http as triton
     from tritonclient.utils import InferenceServerException
 
-    with ready_server(repository, tmp_path / "repository.log", default_model="digits") as server:
+    with ready_server(repository, tmp_path / "repository.log", default_model="digits", admin_token="s3cret") as server:
         client = triton.InferenceServerClient(server.url.removeprefix("http://"))
         assert client.is_server_ready()
         for name, version in (("digits", "10"), ("digits-fp16", "fp16-1")):
@@ -184,6 +186,19 @@ def test_a_real_server_of_a_repository_answers_tritonclient_for_each_model(repos
         assert listed["name"] == "digits" and listed["version"] == "10"
         assert [(m["name"], m["default"]) for m in listed["models"]] == [("digits", True), ("digits-fp16", False)]
 
+        # Model control, as tritonclient does it, in both workers: unload, then load again.
+        admin = {"Authorization": "Bearer s3cret"}
+        assert [(r["name"], r["version"], r["state"]) for r in client.get_model_repository_index(headers=admin)] == [
+            ("digits", "10", "READY"), ("digits-fp16", "fp16-1", "READY")]
+        client.unload_model("digits-fp16", headers=admin)
+        assert not client.is_model_ready("digits-fp16") and client.is_model_ready("digits")
+        with pytest.raises(InferenceServerException, match="unloaded"):
+            client.infer("digits-fp16", [tensor])
+        client.load_model("digits-fp16", headers=admin)
+        assert client.is_model_ready("digits-fp16", "fp16-1")
+        with pytest.raises(InferenceServerException, match="admin token"):
+            client.load_model("digits-fp16")
+
 
 def test_serve_refuses_a_wrong_reference_or_default_in_one_line_before_starting(repository, tmp_path):
     from conftest import last_error_line, run_cli_here
@@ -192,3 +207,189 @@ def test_serve_refuses_a_wrong_reference_or_default_in_one_line_before_starting(
     assert missing.returncode == 2 and "no such bundle directory or model repository" in last_error_line(missing)
     wrong = run_cli_here("serve", str(repository), "--default-model", "nope", "--port", "1")
     assert wrong.returncode == 2 and "default model 'nope' is not served" in last_error_line(wrong)
+
+
+# --- versions in and out: service/reload.py, service/control.py ---------------------------------------------------
+
+
+def _infer_version(client: TestClient, files, name: str = "digits") -> tuple[int, str | None]:
+    from base64 import b64encode
+
+    request = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                           "data": [b64encode(files[0][1]).decode()]}]}
+    response = client.post(f"/v2/models/{name}/infer", json=request)
+    return response.status_code, response.json().get("model_version")
+
+
+@pytest.fixture
+def swapping(repository, bundle, tmp_path):
+    """A worker serving ``digits`` from a copy of the repository, with its reloader (not started: the tests drive
+    it) and the model-control routes (admin token ``s3cret``)."""
+    from transferkit.core.repository import model_sources
+    from transferkit.service.control import RepositoryControl
+    from transferkit.service.models import ModelSet, ModelSlot
+    from transferkit.service.reload import Reloader
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repository / "digits", repo / "digits")
+    source = model_sources(str(repo))[0]
+
+    def open_model(name, where, choice=None):
+        return local_model(where, name, wait=False)
+
+    service = InProcessService()
+    service.models = ModelSet({"digits": ModelSlot("digits", local_model(source.path, "digits"), source)}, "digits")
+    reloader = Reloader(service.models, open_model, worker=1, ready_timeout_s=60, retire_s=0.5,
+                        control_dir=tmp_path / "control")
+    control = RepositoryControl(lambda: service, b"s3cret", tmp_path / "control", 1, 60)
+    settings = ServiceSettings(max_images=4)
+    client = TestClient(build_app(lambda: service, settings, settings.plan(cores=2, gpus=0), control))
+    return client, reloader, repo, service
+
+
+def test_a_new_version_is_swapped_in_while_requests_keep_being_answered(swapping, bundle, files):
+    import threading
+
+    client, reloader, repo, _ = swapping
+    seen: list[tuple[int, str | None]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            seen.append(_infer_version(client, files))
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        while len(seen) < 5:
+            time.sleep(0.01)
+        _version(bundle, repo / "digits" / "11", "11")
+        reloader.poll()
+        count = len(seen)
+        while len(seen) < count + 5:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        worker.join()
+    assert {status for status, _ in seen} == {200}
+    versions = [version for _, version in seen]
+    switch = versions.index("11")  # one point in time: every answer before it from 10, every one after from 11
+    assert set(versions[:switch]) == {"10"} and set(versions[switch:]) == {"11"}, versions
+    reloader.poll()  # nothing newer: nothing loaded
+    assert _infer_version(client, files) == (200, "11")
+
+
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving_and_says_why(swapping, bundle, files):
+    from serving import tampered_copy
+
+    client, reloader, repo, service = swapping
+    tampered_copy(bundle, repo / "digits" / "12")
+    reloader.poll()
+    assert _infer_version(client, files) == (200, "10")
+    slot = service.models.slots["digits"]
+    assert "digits/12" in slot.reason and "checksum" in slot.reason and str(repo) not in slot.reason
+    listed = client.get("/metadata").json()["models"][0]
+    assert listed["version"] == "10" and "checksum" in listed["reason"]
+    attempts = reloader._failed.copy()
+    reloader.poll()  # the same files: not tried again
+    assert reloader._failed == attempts and slot.reason
+
+
+def test_the_control_routes_load_and_unload_in_every_worker_with_the_admin_token(swapping, bundle, files):
+    client, reloader, repo, _ = swapping
+    reloader.start()  # applies the control folder's requests, as each worker of a server does
+    admin = {"Authorization": "Bearer s3cret"}
+    assert client.post("/v2/repository/index").status_code == 401
+    assert client.post("/v2/repository/index", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    index = client.post("/v2/repository/index", headers=admin).json()
+    assert index == [{"name": "digits", "version": "10", "state": "READY"}]
+    unloaded = client.post("/v2/repository/models/digits/unload", headers=admin)
+    assert unloaded.status_code == 200 and unloaded.json()["workers"] == 1
+    assert client.post("/v2/repository/index", headers=admin).json()[0]["state"] == "UNAVAILABLE"
+    status, _ = _infer_version(client, files)
+    refused = client.post("/predict", files=_upload(files[:1]))
+    assert status == 503 and refused.status_code == 503 and refused.json()["reason"] == "model_unloaded"
+    _version(bundle, repo / "digits" / "13", "13")
+    loaded = client.post("/v2/repository/models/digits/load", headers=admin)
+    assert loaded.status_code == 200 and loaded.json()["versions"] == ["13"], loaded.text
+    assert _infer_version(client, files) == (200, "13")
+    missing = client.post("/v2/repository/models/nope/load", headers=admin)
+    assert missing.status_code == 404 and missing.json()["reason"] == "unknown_model"
+
+
+def test_model_control_is_off_without_an_admin_token():
+    from transferkit.service.control import RepositoryControl
+
+    service = InProcessService()
+    control = RepositoryControl(lambda: service, None, None, 1, 5)
+    settings = ServiceSettings()
+    client = TestClient(build_app(lambda: service, settings, settings.plan(cores=2, gpus=0), control))
+    for path in ("/v2/repository/index", "/v2/repository/models/x/load", "/v2/repository/models/x/unload"):
+        refused = client.post(path, headers={"Authorization": "Bearer anything"})
+        assert refused.status_code == 403 and refused.json()["reason"] == "control_off", path
+        assert "TRANSFERKIT_ADMIN_TOKEN" in refused.json()["error"]
+
+
+def test_bench_models_swaps_a_version_in_under_load_with_nothing_but_200(bundle, tmp_path):
+    """``transferkit bench-models`` (swap): real ``bentoml serve``, two workers polling every second, clients
+    posting all along; version 2 copied in a third of the way: every answer 200, both workers swap, and answers go
+    from version 1 to version 2."""
+    from conftest import run_cli
+
+    out = tmp_path / "bench"
+    result = run_cli("bench-models", str(bundle), "--out", str(out), "--scenarios", "swap", "--users", "4",
+                     "--duration", "12s", "--workers", "2", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    swap = json.loads((out / "results.json").read_text())["swap"]
+    assert set(swap["statuses"]) == {"200"} and swap["requests"] > 20, swap["statuses"]
+    assert sorted(w["worker"] for w in swap["workers_swapped"]) == [1, 2]
+    assert swap["copied_at_s"] < swap["first_v2_answer_s"] < 12 and swap["last_v1_answer_s"] < 12
+    assert (out / "swap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "| status codes |" in (
+        out / "results.md").read_text()
+    assert not list(out.glob("*-repository"))  # the bundle copies it made are gone
+    assert "swap: status codes" in result.stdout
+
+
+def test_a_memory_budget_that_holds_one_model_loads_the_other_on_demand_and_evicts_the_least_recent(bundle):
+    """Two models, a budget for one: the default loads at the start, the other at its first request (503
+    ``reloading`` with Retry-After meanwhile), evicting the least recently used one; requests that find their model
+    loaded are answered as always."""
+    from transferkit.core.repository import ModelSource
+    from transferkit.service.models import ModelSet, ModelSlot
+    from transferkit.service.reload import Reloader
+
+    service = InProcessService()
+    service.models = ModelSet({name: ModelSlot(name, None, ModelSource(name, path=bundle)) for name in "ab"}, "a")
+    events: list[tuple[str, str]] = []
+    reloader = Reloader(service.models, lambda name, where, choice=None: local_model(where, name, wait=False),
+                        worker=1, ready_timeout_s=60, retire_s=0.5, budget_bytes=150,
+                        estimate=lambda name, where: 100, on_event=lambda m, e, s: events.append((m, e)))
+    reloader.open_initial(["a", "b"])
+    slots = service.models.slots
+    assert slots["a"].current is not None and slots["b"].current is None and slots["b"].evicted
+    settings = ServiceSettings(max_images=4)
+    client = TestClient(build_app(lambda: service, settings, settings.plan(cores=2, gpus=0)))
+    assert slots["a"].current.runtime.settled.wait(60)
+
+    def ask(name: str) -> tuple[int, str | None, str]:
+        response = client.post(f"/predict?model={name}", files=[("images", ("x.png", _PNG, "image/png"))])
+        answer = response.json()
+        return response.status_code, response.headers.get("Retry-After"), \
+            answer.get("reason", "") if isinstance(answer, dict) else ""
+
+    assert ask("a")[0] == 200
+    status, retry, reason = ask("b")
+    assert (status, reason) == (503, "reloading") and int(retry) >= 1
+    deadline = time.monotonic() + 60
+    while ask("b")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert slots["b"].current is not None and slots["a"].current is None and slots["a"].evicted
+    assert ("a", "evicted") in events and ("b", "loaded") in events
+    assert ask("a")[:2][0] == 503  # now a is the one to load again
+    while ask("a")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert slots["b"].current is None and slots["a"].load_seconds > 0
+
+
+_PNG = __import__("base64").b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")

@@ -15,7 +15,7 @@ from transferkit import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from transferkit.benchmarks.cli import add_bench_parser, add_loadtest_parser
+    from transferkit.benchmarks.cli import add_bench_models_parser, add_bench_parser, add_loadtest_parser
     from transferkit.core.predict_cli import add_predict_parser
     from transferkit.export.cli import add_export_parser
     from transferkit.service.cli import add_build_parser, add_serve_parser
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_build_parser(sub)
     add_bench_parser(sub)
     add_loadtest_parser(sub)
+    add_bench_models_parser(sub)
     add_demo_parser(sub)
     return parser
 

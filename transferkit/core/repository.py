@@ -6,7 +6,8 @@
 - a **model repository**, a folder of models in Triton's layout: one sub-folder per model name, holding either one
   bundle (``REPO/NAME/manifest.json``) or versions of it (``REPO/NAME/VERSION/manifest.json``, the newest version
   served: version folders in natural order, numbers numerically, as Triton's integer versions and transferkit's
-  ``YYYYMMDD-HHMMSS-...`` versions both sort); the folder's name is the model's name;
+  ``YYYYMMDD-HHMMSS-...`` versions both sort; folders whose name starts with a dot are skipped, so a version can be
+  copied in under ``.NAME`` and renamed when complete); the folder's name is the model's name;
 - a **BentoML model tag** (``digits:latest``): one model, named by the tag's name (the service resolves it).
 
 Names become URL path segments and metric label values, so they are checked here: letters, digits, ``_ . -``, at
@@ -35,6 +36,21 @@ class ModelSource:
     versions: tuple[str, ...] = field(default=())  # a repository model's version folders, oldest first
     repository: Path | None = None  # the repository folder it was found in (polled for new versions)
 
+    def as_dict(self) -> dict:
+        return {"name": self.name, "path": str(self.path) if self.path else None, "tag": self.tag,
+                "versions": list(self.versions), "repository": str(self.repository) if self.repository else None}
+
+    @classmethod
+    def from_dict(cls, value: dict) -> ModelSource:
+        return cls(value["name"], path=Path(value["path"]) if value.get("path") else None, tag=value.get("tag"),
+                   versions=tuple(value.get("versions") or ()),
+                   repository=Path(value["repository"]) if value.get("repository") else None)
+
+    @property
+    def where(self) -> Path | str:
+        """What to load: the bundle folder, or the store tag."""
+        return self.path if self.path is not None else str(self.tag)
+
 
 def _natural(text: str) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text) if part)
@@ -56,8 +72,8 @@ def repository_model(folder: Path) -> ModelSource | None:
     name = check_name(folder.name, f"model repository {folder.parent}")
     if is_bundle(folder):
         return ModelSource(name, path=folder, repository=folder.parent)
-    versions = sorted((child.name for child in folder.iterdir() if child.is_dir() and is_bundle(child)),
-                      key=_natural)
+    versions = sorted((child.name for child in folder.iterdir()
+                       if child.is_dir() and not child.name.startswith(".") and is_bundle(child)), key=_natural)
     if not versions:
         return None
     return ModelSource(name, path=folder / versions[-1], versions=tuple(versions), repository=folder.parent)

@@ -1,0 +1,251 @@
+"""``transferkit bench-models``: one service, many models (issue 26), measured against real ``bentoml serve``.
+
+- **swap**: a repository with model ``a`` at version 1, polled every second; USERS clients post to
+  ``/v2/models/a/infer`` for the whole run; a third of the way in, version 2 is copied in (under a dot name, then
+  renamed). Reported: every status code (the target: nothing but 200), when the first answer from version 2 came,
+  the last one from version 1, and each worker's swap time from the server log.
+- **spread**: the same load against one model alone, then spread over three models (``a``, ``b``, ``c``: copies of
+  the bundle) served together; images/s of each (the target: three ≥ 0.95 × one).
+- **budget**: two models and a memory budget that holds one per worker, requests alternating between them: every
+  status code (the target: 200, or 503 with Retry-After while a model reloads) and each reload's seconds.
+
+The clients are threads of this process posting one small PNG per request (JSON, base64): the same client for every
+figure, so the ratios compare the servers, not the clients.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import requests
+
+from transferkit.benchmarks.workload import load_images
+from transferkit.service.launcher import BentoServer
+
+SWAP_LINE = re.compile(r"worker (\d+) serves (\S+) (\S+) \(was (\S+);")
+
+
+@dataclass
+class Answer:
+    at: float  # seconds since the load started
+    model: str
+    status: int
+    version: str | None
+    retry_after: bool = False  # a 503 that says when to retry
+
+
+@dataclass
+class Run:
+    """One load: every answer, and images/s over the whole run."""
+
+    answers: list[Answer]
+    seconds: float
+
+    @property
+    def statuses(self) -> dict[int, int]:
+        return dict(Counter(a.status for a in self.answers))
+
+    @property
+    def images_per_s(self) -> float:
+        return sum(a.status == 200 for a in self.answers) / self.seconds
+
+
+@dataclass
+class Results:
+    users: int
+    seconds: float
+    swap: dict = field(default_factory=dict)
+    spread: dict = field(default_factory=dict)
+    budget: dict = field(default_factory=dict)
+
+
+def version_copy(bundle: Path, dest: Path, version: str) -> Path:
+    """``bundle`` copied to ``dest`` with its manifest saying ``version`` (complete before it appears: copied under a
+    dot name, then renamed, as a repository user should)."""
+    partial = dest.with_name("." + dest.name)
+    shutil.copytree(bundle, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    manifest["version"] = version
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    partial.rename(dest)
+    return dest
+
+
+def drive(url: str, models: list[str], users: int, seconds: float,
+          during: tuple[float, callable] | None = None) -> Run:
+    """``users`` threads posting to ``/v2/models/M/infer`` for ``seconds``, each request to the next of ``models``;
+    ``during``: (at which second, what to do) once, from the caller's thread."""
+    image = base64.b64encode(load_images()["small"][0][1]).decode()
+    body = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [image]}]})
+    answers: list[Answer] = []
+    start = time.monotonic()
+    stop = threading.Event()
+
+    def user(index: int) -> None:
+        with requests.Session() as session:
+            count = index
+            while not stop.is_set():
+                model = models[count % len(models)]
+                count += 1
+                try:
+                    response = session.post(f"{url}/v2/models/{model}/infer", data=body, timeout=60,
+                                            headers={"Content-Type": "application/json"})
+                    version = response.json().get("model_version") if response.status_code == 200 else None
+                    answers.append(Answer(time.monotonic() - start, model, response.status_code, version,
+                                          "Retry-After" in response.headers))
+                except requests.RequestException:
+                    answers.append(Answer(time.monotonic() - start, model, 0, None))  # a reset or a timeout
+
+    threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(users)]
+    for thread in threads:
+        thread.start()
+    if during is not None:
+        time.sleep(max(0.0, during[0] - (time.monotonic() - start)))
+        during[1]()
+    time.sleep(max(0.0, seconds - (time.monotonic() - start)))
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return Run(answers, time.monotonic() - start)
+
+
+def _served(repository: Path, log: Path, workers: int | None, **settings) -> BentoServer:
+    extra = {"workers": workers} if workers else {}
+    return BentoServer(repository, log_path=log, backend="onnx", layout="inprocess", **extra,
+                       **settings).start().wait_ready(timeout=180)
+
+
+def swap(bundle: Path, out: Path, users: int, seconds: float, workers: int | None, log) -> dict:
+    repository = out / "swap-repository"
+    version_copy(bundle, repository / "a" / "1", "1")
+    server = _served(repository, out / "swap-server.log", workers, poll_s=1)
+    try:
+        log(f"swap: {users} users on a for {seconds:.0f} s; version 2 copied in at {seconds / 3:.0f} s")
+        run = drive(server.url, ["a"], users, seconds,
+                    during=(seconds / 3, lambda: version_copy(bundle, repository / "a" / "2", "2")))
+        text = server.log()
+    finally:
+        server.stop()
+    new = [a.at for a in run.answers if a.version == "2"]
+    first_new = min(new) if new else None
+    old_after = [a.at for a in run.answers if a.version == "1" and first_new is not None and a.at > first_new]
+    swaps = [{"worker": int(w), "version": v} for w, name, v, _ in SWAP_LINE.findall(text) if name == "a"]
+    return {"statuses": run.statuses, "requests": len(run.answers), "images_per_s": round(run.images_per_s, 1),
+            "copied_at_s": round(seconds / 3, 1), "first_v2_answer_s": first_new and round(first_new, 2),
+            "last_v1_answer_s": round(max(a.at for a in run.answers if a.version == "1"), 2),
+            "v1_answers_after_the_first_v2": len(old_after), "workers_swapped": swaps,
+            "timeline": _timeline(run)}
+
+
+def _timeline(run: Run, step: float = 0.5) -> list[dict]:
+    """Answers per half second, by version (and failures): what the plot shows."""
+    buckets: dict[int, Counter] = {}
+    for answer in run.answers:
+        key = answer.version if answer.status == 200 else f"status {answer.status}"
+        buckets.setdefault(int(answer.at / step), Counter())[key] += 1
+    return [{"at_s": index * step, **counts} for index, counts in sorted(buckets.items())]
+
+
+def spread(bundle: Path, out: Path, users: int, seconds: float, workers: int | None, log) -> dict:
+    figures = {}
+    for label, names in (("one model", ["a"]), ("three models", ["a", "b", "c"])):
+        repository = out / f"spread-{len(names)}"
+        for name in names:
+            version_copy(bundle, repository / name / "1", "1")
+        server = _served(repository, out / f"spread-{len(names)}-server.log", workers)
+        try:
+            log(f"spread: {users} users over {', '.join(names)} for {seconds:.0f} s")
+            run = drive(server.url, names, users, seconds)
+        finally:
+            server.stop()
+        figures[label] = {"images_per_s": round(run.images_per_s, 1), "statuses": run.statuses}
+    figures["ratio"] = round(figures["three models"]["images_per_s"] / figures["one model"]["images_per_s"], 3)
+    return figures
+
+
+LOAD_LINE = re.compile(r"worker (\d+) serves (\S+) \S+ \(was [^;]*; ([0-9.]+) s to verify, load and warm\)")
+
+
+def budget(bundle: Path, out: Path, users: int, seconds: float, workers: int | None, log) -> dict:
+    """Two models, a memory budget that holds one of them per worker, requests alternating between them."""
+    from transferkit.core.manifest import read_manifest
+    from transferkit.core.system import available_cores
+    from transferkit.service.models import estimated_bytes
+
+    repository = out / "budget-repository"
+    for name in ("a", "b"):
+        version_copy(bundle, repository / name / "1", "1")
+    one = estimated_bytes(read_manifest(bundle), "onnx") / 2**20
+    count = workers or available_cores()
+    budget_mb = max(1, int(one * 1.5 * count))  # each worker's share holds one model, not two
+    server = _served(repository, out / "budget-server.log", workers, memory_budget_mb=budget_mb)
+    try:
+        log(f"budget: {users} users alternating between a and b for {seconds:.0f} s, budget {budget_mb} MB")
+        run = drive(server.url, ["a", "b"], users, seconds)
+        text = server.log()
+    finally:
+        server.stop()
+    loads = [float(s) for _, name, s in LOAD_LINE.findall(text)]
+    bare = sum(a.status == 503 and not a.retry_after for a in run.answers)
+    return {"statuses": run.statuses, "requests": len(run.answers), "budget_mb": budget_mb,
+            "503_without_retry_after": bare,
+            "images_per_s": round(run.images_per_s, 1), "reloads": len(loads),
+            "reload_seconds_median": round(sorted(loads)[len(loads) // 2], 2) if loads else None,
+            "reload_seconds_max": round(max(loads), 2) if loads else None}
+
+
+def write(results: Results, out: Path, cpu: str) -> list[Path]:
+    """results.json, results.md and swap.png (answers per half second by version)."""
+    (out / "results.json").write_text(json.dumps(asdict(results), indent=2) + "\n")
+    lines = [f"# One service, many models ({cpu})", "", f"{results.users} users, {results.seconds:.0f} s per run", ""]
+    if results.swap:
+        s = results.swap
+        lines += ["## A new version swapped in under load", "", "| figure | value |", "|---|---|",
+                  f"| status codes | {s['statuses']} |", f"| version 2 copied in at | {s['copied_at_s']} s |",
+                  f"| first answer from version 2 | {s['first_v2_answer_s']} s |",
+                  f"| last answer from version 1 | {s['last_v1_answer_s']} s |",
+                  f"| version-1 answers after the first version-2 one | {s['v1_answers_after_the_first_v2']} |",
+                  f"| workers that swapped | {', '.join(str(w['worker']) for w in s['workers_swapped'])} |", ""]
+    if results.spread:
+        s = results.spread
+        lines += ["## Three models against one, same load", "", "| served | images/s | status codes |",
+                  "|---|---|---|"] + [f"| {k} | {v['images_per_s']} | {v['statuses']} |" for k, v in s.items()
+                                      if k != "ratio"] + ["", f"three ÷ one: **{s['ratio']}**", ""]
+    if results.budget:
+        s = results.budget
+        lines += ["## Two models alternating, a budget that holds one", "", "| figure | value |", "|---|---|",
+                  f"| budget (all workers) | {s['budget_mb']} MB |", f"| status codes | {s['statuses']} |",
+                  f"| 503 without Retry-After | {s['503_without_retry_after']} |",
+                  f"| reloads | {s['reloads']} |", f"| reload seconds, median / max | "
+                  f"{s['reload_seconds_median']} / {s['reload_seconds_max']} |", f"| images/s | {s['images_per_s']} |",
+                  ""]
+    (out / "results.md").write_text("\n".join(lines))
+    files = [out / "results.json", out / "results.md"]
+    if results.swap:
+        files.append(_plot(results.swap["timeline"], out / "swap.png"))
+    return files
+
+
+def _plot(timeline: list[dict], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4))
+    axes = figure.subplots()
+    keys = sorted({k for row in timeline for k in row if k != "at_s"})
+    for key in keys:
+        axes.plot([row["at_s"] for row in timeline], [row.get(key, 0) for row in timeline],
+                  label=f"version {key}" if not key.startswith("status") else key)
+    axes.set_xlabel("seconds into the load")
+    axes.set_ylabel("answers per 0.5 s")
+    axes.set_title("Answers by version while version 2 is swapped in")
+    axes.legend()
+    figure.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,268 @@
+"""Versions in and out of a running worker, without a failed request.
+
+A new version is verified, loaded and warmed beside the one serving, then swapped in with one assignment
+(service/models.py's ``ModelSlot``): requests that started on the old version finish on it, the next ones get the
+new one, and the old one's threads and memory are let go a request timeout later. A version that fails to verify,
+load or warm is never swapped in: the old one keeps serving, and the failure is logged and shown in the repository
+index and ``/metadata``.
+
+What asks for a load, in each worker of the ``inprocess``/``microbatch`` layouts (one :class:`Reloader` thread per
+worker):
+
+- polling (``TRANSFERKIT_POLL_S`` > 0): a repository model whose newest version folder changed (a new version
+  folder, or the served one replaced); a failed version is tried again only once its files change;
+- the operator (service/control.py): ``POST /v2/repository/models/NAME/load`` or ``/unload`` writes the request into
+  the server's control folder, every worker applies it and writes what happened there, and the request is answered
+  once every worker has.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transferkit.core.repository import ModelSource, repository_model
+from transferkit.service.models import ModelSet, ModelSlot
+
+logger = logging.getLogger("transferkit.service.models")  # at INFO in a server (service/service.py)
+TICK_S = 0.25  # how often a worker looks at the control folder
+
+
+def stamp(path: Path) -> tuple[int, int]:
+    """What changes when a bundle folder's files do: their count, total size and latest modification."""
+    sizes, latest, count = 0, 0, 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            info = os.stat(os.path.join(root, name))
+            sizes, latest, count = sizes + info.st_size, max(latest, info.st_mtime_ns), count + 1
+    return count * 1_000_003 + sizes, latest
+
+
+@dataclass
+class Outcome:
+    """What one worker did with one request: ``ok``, the version now serving, and why not when it failed."""
+
+    ok: bool
+    version: str | None
+    reason: str = ""
+
+
+OpenModel = Callable[[str, Any], Any]  # (name, bundle path or store tag) -> a LocalModel, loading in the background
+
+
+class Reloader:
+    """Loads, swaps and unloads the versions of ``models`` in this worker (see the module docstring)."""
+
+    def __init__(self, models: ModelSet, open_model: OpenModel, *, worker: int, ready_timeout_s: float,
+                 retire_s: float, poll_s: float = 0.0, control_dir: Path | None = None,
+                 on_event: Callable[[str, str, float | None], None] | None = None, budget_bytes: int = 0,
+                 estimate: Callable[[str, Any], int] | None = None,
+                 on_swap: Callable[[str, Any, Any], None] | None = None):
+        self.models, self.open_model, self.worker = models, open_model, worker
+        self.ready_timeout_s, self.retire_s, self.poll_s, self.control_dir = ready_timeout_s, retire_s, poll_s, \
+            control_dir
+        self.on_event = on_event or (lambda model, event, seconds: None)
+        self.on_swap = on_swap or (lambda name, old, new: None)  # (name, version out or None, version in or None)
+        self.budget_bytes = budget_bytes  # this worker's share of the memory budget; 0: none
+        self.estimate = estimate or (lambda name, where: 0)  # a version's resident memory, estimated before loading
+        self._applied: dict[str, int] = {}  # control requests done, by model: their serial
+        self._failed: dict[str, tuple] = {}  # the version folder (and its stamp) whose load failed, by model
+        self._loading: set[str] = set()  # models loading on demand (one thread each)
+        self._loading_lock = threading.Lock()
+        if budget_bytes:
+            models.on_demand = self.on_demand
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="reload", daemon=True).start()
+
+    def _loop(self) -> None:
+        next_poll = time.monotonic() + self.poll_s
+        while True:
+            try:
+                if self.control_dir is not None:
+                    self.apply_requests()
+                if self.poll_s > 0 and time.monotonic() >= next_poll:
+                    self.poll()
+                    next_poll = time.monotonic() + self.poll_s
+            except Exception:  # noqa: BLE001 - the loop must outlive any one bad request or folder
+                logger.exception("transferkit: reload loop")
+            time.sleep(TICK_S)
+
+    # --- loading ------------------------------------------------------------------------------------------------
+
+    def load(self, name: str, where: Any, source: ModelSource | None = None) -> Outcome:
+        """Load ``where`` (a bundle folder or store tag) as model ``name`` and swap it in once warm; on failure the
+        version serving stays."""
+        slot = self.models.slots.get(name)
+        if slot is None:  # a model the repository holds but this service did not serve yet
+            slot = self.models.slots.setdefault(name, ModelSlot(name, None, source))
+        with slot.lock:
+            started = time.perf_counter()
+            cost = self.estimate(name, where)
+            self._make_room(slot, cost)
+            new = self.open_model(name, where)
+            new.runtime.settled.wait(self.ready_timeout_s)
+            if not new.is_ready():
+                reason = new.error or f"not ready within {self.ready_timeout_s:.0f} s"
+                new.runtime.retire(0)
+                slot.reason = f"{_shown(where)}: {reason}"
+                self.on_event(name, "load_failed", None)
+                logger.error("transferkit: worker %d kept %s %s serving: loading %s failed: %s", self.worker, name,
+                             _version(slot.current), _shown(where), reason)
+                return Outcome(False, _version(slot.current), slot.reason)
+            old = slot.swap(new)
+            seconds = time.perf_counter() - started
+            slot.path, slot.reason, slot.evicted, slot.cost_bytes, slot.load_seconds = where, "", False, cost, seconds
+            self.on_event(name, "loaded", seconds)
+            self.on_swap(name, old, new)
+            logger.info("transferkit: worker %d serves %s %s (was %s; %.1f s to verify, load and warm)", self.worker,
+                        name, _version(new), _version(old), seconds)
+            if old is not None:
+                old.runtime.retire(self.retire_s)
+            return Outcome(True, _version(new))
+
+    # --- the memory budget -----------------------------------------------------------------------------------------
+
+    def open_initial(self, order: list[str]) -> None:
+        """Start loading the models in ``order`` (the default first) while they fit in the budget; the others wait,
+        evicted, for their first request."""
+        used = 0
+        for name in order:
+            slot = self.models.slots[name]
+            cost = self.estimate(name, slot.path)
+            if self.budget_bytes and used and used + cost > self.budget_bytes:
+                slot.evicted = True
+                logger.info("transferkit: worker %d loads %s at its first request (the memory budget holds the "
+                            "models before it)", self.worker, name)
+                continue
+            slot.current, slot.cost_bytes, used = self.open_model(name, slot.path), cost, used + cost
+
+    def on_demand(self, slot: ModelSlot) -> None:
+        """A request needs ``slot``'s evicted model: load it in the background (once, however many ask)."""
+        with self._loading_lock:
+            if slot.name in self._loading:
+                return
+            self._loading.add(slot.name)
+
+        def load() -> None:
+            try:
+                source = slot.source
+                newest = repository_model(source.repository / slot.name) if source and source.repository else None
+                self.load(slot.name, (newest or source).where if source else slot.path, newest or source)
+            finally:
+                with self._loading_lock:
+                    self._loading.discard(slot.name)
+
+        threading.Thread(target=load, name=f"load-{slot.name}", daemon=True).start()
+
+    def _make_room(self, slot: ModelSlot, cost: int) -> None:
+        """Evict the least recently used other models until ``cost`` more fits in the budget (every loaded version
+        counts, the one ``slot`` is replacing too: both are resident during a swap)."""
+        if not self.budget_bytes:
+            return
+        loaded = [s for s in self.models.slots.values() if s.current is not None]
+        used = sum(s.cost_bytes for s in loaded)
+        for victim in sorted((s for s in loaded if s is not slot), key=lambda s: s.last_used):
+            if used + cost <= self.budget_bytes:
+                break
+            old = victim.swap(None)
+            if old is None:
+                continue
+            victim.evicted, used = True, used - victim.cost_bytes
+            self.on_swap(victim.name, old, None)
+            old.runtime.retire(self.retire_s)
+            self.on_event(victim.name, "evicted", None)
+            logger.info("transferkit: worker %d unloaded %s to make room for %s (memory budget %.0f MB)",
+                        self.worker, victim.name, slot.name, self.budget_bytes / 2**20)
+        if used + cost > self.budget_bytes:
+            logger.warning("transferkit: worker %d: %s needs %.0f MB beside %.0f MB it cannot evict: over the memory "
+                           "budget of %.0f MB", self.worker, slot.name, cost / 2**20, used / 2**20,
+                           self.budget_bytes / 2**20)
+
+    def unload(self, name: str) -> Outcome:
+        slot = self.models.slots.get(name)
+        if slot is None:
+            return Outcome(True, None)
+        with slot.lock:
+            old = slot.swap(None)
+            slot.evicted = False  # the operator's choice: not loaded again on demand
+            if old is not None:
+                self.on_swap(name, old, None)
+                old.runtime.retire(self.retire_s)
+                self.on_event(name, "unloaded", None)
+                logger.info("transferkit: worker %d unloaded %s %s", self.worker, name, _version(old))
+        return Outcome(True, None)
+
+    # --- polling ------------------------------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        """Load the newest version of every repository model whose newest version folder changed."""
+        for name, slot in list(self.models.slots.items()):
+            source = slot.source
+            if source is None or source.repository is None or slot.current is None:
+                continue  # a lone bundle, a store tag, or unloaded by the operator: not polled
+            newest = repository_model(source.repository / name) if (source.repository / name).is_dir() else None
+            if newest is None or newest.path == slot.path:
+                continue
+            signature = (newest.path, stamp(newest.path))
+            if self._failed.get(name) == signature:
+                continue  # failed before, and its files have not changed since
+            if self.load(name, newest.path, newest).ok:
+                self._failed.pop(name, None)
+                slot.source = newest
+            else:
+                self._failed[name] = signature
+
+    # --- operator requests ----------------------------------------------------------------------------------------
+
+    def apply_requests(self) -> None:
+        """Carry out every control request not yet applied by this worker, and write what happened."""
+        for path in sorted((self.control_dir / "requests").glob("*.json")):
+            request = read_json(path)
+            if request is None or request.get("serial", 0) <= self._applied.get(request.get("model"), 0):
+                continue
+            name = request["model"]
+            if request["action"] == "unload":
+                outcome = self.unload(name)
+            else:
+                source = ModelSource.from_dict(request["source"])
+                outcome = self.load(name, source.where, source)
+                if outcome.ok:
+                    self.models.slots[name].source = source
+            self._applied[name] = request["serial"]
+            status = {"serial": request["serial"], "worker": self.worker, "ok": outcome.ok,
+                      "version": outcome.version, "reason": outcome.reason}
+            write_json(self.control_dir / "status" / f"{name}.{self.worker}.json", status)
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Whole or not at all: readers in other processes never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(value))
+    os.replace(partial, path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _version(entry: Any) -> str:
+    manifest = getattr(entry, "manifest", None)
+    return manifest.version if manifest is not None else "(none)"
+
+
+def _shown(where: Any) -> str:
+    """A version folder as its model/version tail (no server paths in answers), a tag as itself."""
+    path = Path(str(where))
+    return "/".join(path.parts[-2:]) if isinstance(where, Path) else str(where)
