@@ -174,16 +174,39 @@ def spread(bundle: Path, out: Path, users: int, seconds: float, workers: int | N
 LOAD_LINE = re.compile(r"worker (\d+) serves (\S+) \S+ \(was [^;]*; ([0-9.]+) s to verify, load and warm\)")
 
 
+MEASURE = """
+import sys, numpy as np, psutil
+from transferkit.core.predictors import load_bundle
+bundle = load_bundle(sys.argv[1])
+size = bundle.manifest.image_size
+warm = load_bundle(sys.argv[1]).predictor("onnx", "cpu", 1)  # the runtime's one-time set-up, not counted
+warm(np.zeros((1, size, size, 3), np.uint8))
+before = psutil.Process().memory_info().rss
+predictor = bundle.predictor("onnx", "cpu", 1)
+for batch in (1, 16):
+    predictor(np.zeros((batch, size, size, 3), np.uint8))
+print(psutil.Process().memory_info().rss - before)
+"""
+
+
+def model_megabytes(bundle: Path) -> float:
+    """A second copy of the bundle's onnx model in one process, after a 1- and a 16-image request: what a worker
+    holds per model (in a fresh process, as a worker is)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(bundle)], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1]) / 2**20
+
+
 def budget(bundle: Path, out: Path, users: int, seconds: float, workers: int | None, log) -> dict:
     """Two models, a memory budget that holds one of them per worker, requests alternating between them."""
-    from transferkit.core.manifest import read_manifest
     from transferkit.core.system import available_cores
-    from transferkit.service.models import estimated_bytes
 
     repository = out / "budget-repository"
     for name in ("a", "b"):
         version_copy(bundle, repository / name / "1", "1")
-    one = estimated_bytes(read_manifest(bundle), "onnx") / 2**20
+    one = model_megabytes(bundle)
     count = workers or available_cores()
     budget_mb = max(1, int(one * 1.5 * count))  # each worker's share holds one model, not two
     server = _served(repository, out / "budget-server.log", workers, memory_budget_mb=budget_mb)
@@ -196,6 +219,7 @@ def budget(bundle: Path, out: Path, users: int, seconds: float, workers: int | N
     loads = [float(s) for _, name, s in LOAD_LINE.findall(text)]
     bare = sum(a.status == 503 and not a.retry_after for a in run.answers)
     return {"statuses": run.statuses, "requests": len(run.answers), "budget_mb": budget_mb,
+            "one_model_mb": round(one, 1),
             "503_without_retry_after": bare,
             "images_per_s": round(run.images_per_s, 1), "reloads": len(loads),
             "reload_seconds_median": round(sorted(loads)[len(loads) // 2], 2) if loads else None,
@@ -222,6 +246,7 @@ def write(results: Results, out: Path, cpu: str) -> list[Path]:
     if results.budget:
         s = results.budget
         lines += ["## Two models alternating, a budget that holds one", "", "| figure | value |", "|---|---|",
+                  f"| one model, measured | {s['one_model_mb']} MB per worker |",
                   f"| budget (all workers) | {s['budget_mb']} MB |", f"| status codes | {s['statuses']} |",
                   f"| 503 without Retry-After | {s['503_without_retry_after']} |",
                   f"| reloads | {s['reloads']} |", f"| reload seconds, median / max | "

@@ -18,16 +18,22 @@ from starlette.requests import Request
 from transferkit.core.errors import ModelUnavailable, ServiceError
 
 MODEL_PARAMETER = "model"
-# A loaded version's resident memory ÷ its model file's size, measured with onnxruntime on CPU (BENCHMARKS.md, "One
-# service, many models"): the weights, plus the session's arenas and pre-packed kernels.
-MEMORY_PER_MODEL_BYTE = 2.0
+# A loaded version's resident memory before it was ever measured, from its model file: measured with onnxruntime on
+# a CPU after a 16-image request at 224 px (BENCHMARKS.md, "One service, many models"): MobileNetV2 172 MB for an
+# 8.5 MB file, EfficientNetB0 276 MB for 15 MB, ResNet50 414 MB for 90 MB. Activations (the session's arena, which
+# keeps its peak) dominate small models; weights and pre-packed kernels large ones. Once a version has loaded in a
+# worker, its measured growth of the worker's memory replaces this guess (service/reload.py).
+FIRST_GUESS_FIXED_BYTES = 150 * 2**20
+FIRST_GUESS_PER_FILE_BYTE = 3.0
 
 
 def estimated_bytes(manifest: Any, backend: str) -> int:
-    """What a version will hold in memory once loaded with ``backend``: the memory budget's unit."""
+    """What a version will hold in memory once loaded with ``backend`` and used (see above): the memory budget's
+    unit."""
     from transferkit.core.manifest import RUNTIME_BACKENDS
 
-    return int(manifest.formats[RUNTIME_BACKENDS[backend].format].bytes * MEMORY_PER_MODEL_BYTE)
+    file_bytes = manifest.formats[RUNTIME_BACKENDS[backend].format].bytes
+    return int(FIRST_GUESS_FIXED_BYTES + file_bytes * FIRST_GUESS_PER_FILE_BYTE)
 E = TypeVar("E")
 
 
@@ -51,7 +57,8 @@ class ModelSlot(Generic[E]):
         self.lock = threading.Lock()  # one load of this model at a time in a worker
         self.evicted = False  # unloaded to keep within the memory budget (not by an operator): loads on demand
         self.last_used = 0.0  # monotonic time of the last request that chose it: the LRU order
-        self.cost_bytes = 0  # its estimated resident memory while loaded (service/reload.py)
+        self.cost_bytes = 0  # its resident memory while loaded, estimated or measured (service/reload.py)
+        self.measured_bytes = 0  # the worker's growth at its last load here (0: never measured)
         self.load_seconds: float | None = None  # how long its last load took: the Retry-After of a reload
 
     def serving(self) -> E:

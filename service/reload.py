@@ -105,8 +105,9 @@ class Reloader:
             slot = self.models.slots.setdefault(name, ModelSlot(name, None, source))
         with slot.lock:
             started = time.perf_counter()
-            cost = self.estimate(name, where)
+            cost = slot.measured_bytes or self.estimate(name, where)  # measured at its last load, else a guess
             self._make_room(slot, cost)
+            resident = _resident_bytes()
             new = self.open_model(name, where)
             new.runtime.settled.wait(self.ready_timeout_s)
             if not new.is_ready():
@@ -117,9 +118,14 @@ class Reloader:
                 logger.error("transferkit: worker %d kept %s %s serving: loading %s failed: %s", self.worker, name,
                              _version(slot.current), _shown(where), reason)
                 return Outcome(False, _version(slot.current), slot.reason)
+            # The worker's growth while it verified, loaded and warmed the version (with the largest request, where a
+            # budget is set): that version's cost from now on (other requests' transient memory blurs it a little).
+            grown = _resident_bytes() - resident
+            slot.measured_bytes = grown if grown > 0 else slot.measured_bytes
             old = slot.swap(new)
             seconds = time.perf_counter() - started
-            slot.path, slot.reason, slot.evicted, slot.cost_bytes, slot.load_seconds = where, "", False, cost, seconds
+            slot.path, slot.reason, slot.evicted, slot.load_seconds = where, "", False, seconds
+            slot.cost_bytes = slot.measured_bytes or cost
             self.on_event(name, "loaded", seconds)
             self.on_swap(name, old, new)
             logger.info("transferkit: worker %d serves %s %s (was %s; %.1f s to verify, load and warm)", self.worker,
@@ -240,6 +246,12 @@ class Reloader:
             status = {"serial": request["serial"], "worker": self.worker, "ok": outcome.ok,
                       "version": outcome.version, "reason": outcome.reason}
             write_json(self.control_dir / "status" / f"{name}.{self.worker}.json", status)
+
+
+def _resident_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
 
 
 def write_json(path: Path, value: dict) -> None:

@@ -407,6 +407,8 @@ else:  # inprocess and microbatch: the model runs in the HTTP worker
             batching = PLAN.layout == "microbatch"
             sizes = warmup_sizes(SETTINGS.max_batch_size if batching else SETTINGS.max_images) \
                 if PLAN.gpus or batching else [1]
+            if SETTINGS.memory_budget_mb and not (PLAN.gpus or batching):
+                sizes = [1, SETTINGS.max_images]  # the largest request, so that a load measures the model's peak
             pipeline = Pipeline(decode_all, self.gate, SETTINGS.max_pixels, WARMING_WAIT_S, DECODE_WAIT_S)
 
             def open_model(name: str, where, choice: Choice | None = None) -> LocalModel:
