@@ -9,8 +9,9 @@
 - **budget**: two models and a memory budget that holds one per worker, requests alternating between them: every
   status code (the target: 200, or 503 with Retry-After while a model reloads) and each reload's seconds.
 
-The clients are threads of this process posting one small PNG per request (JSON, base64): the same client for every
-figure, so the ratios compare the servers, not the clients.
+The clients are threads of this process posting one small PNG per request (JSON, base64), each waiting what a 503's
+Retry-After asks (at most 5 s) before its next request: the same client for every figure, so the ratios compare the
+servers, not the clients.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Answer:
     status: int
     version: str | None
     retry_after: bool = False  # a 503 that says when to retry
+    error: str = ""  # no answer: the exception's type
 
 
 @dataclass
@@ -48,10 +50,15 @@ class Run:
 
     answers: list[Answer]
     seconds: float
+    stale_connections: int = 0  # idle keep-alive connections the server had closed, sent again on a new one
 
     @property
     def statuses(self) -> dict[int, int]:
         return dict(Counter(a.status for a in self.answers))
+
+    @property
+    def errors(self) -> dict[str, int]:
+        return dict(Counter(a.error for a in self.answers if a.error))
 
     @property
     def images_per_s(self) -> float:
@@ -89,6 +96,22 @@ def drive(url: str, models: list[str], users: int, seconds: float,
     start = time.monotonic()
     stop = threading.Event()
 
+    def post(session: requests.Session, model: str) -> requests.Response:
+        """One request; sent again once if the server had closed the pooled connection while it sat idle (its
+        keep-alive timeout, 5 s, can end just as a client that waited for Retry-After reuses it), as urllib3 and
+        browsers do for a connection that fails before any answer."""
+        for attempt in (0, 1):
+            try:
+                return session.post(f"{url}/v2/models/{model}/infer", data=body, timeout=60,
+                                    headers={"Content-Type": "application/json"})
+            except requests.ConnectionError as exc:
+                if attempt or "RemoteDisconnected" not in repr(exc):
+                    raise
+                stale[0] += 1
+        raise AssertionError("unreachable")
+
+    stale = [0]
+
     def user(index: int) -> None:
         with requests.Session() as session:
             count = index
@@ -96,13 +119,15 @@ def drive(url: str, models: list[str], users: int, seconds: float,
                 model = models[count % len(models)]
                 count += 1
                 try:
-                    response = session.post(f"{url}/v2/models/{model}/infer", data=body, timeout=60,
-                                            headers={"Content-Type": "application/json"})
+                    response = post(session, model)
                     version = response.json().get("model_version") if response.status_code == 200 else None
                     answers.append(Answer(time.monotonic() - start, model, response.status_code, version,
                                           "Retry-After" in response.headers))
-                except requests.RequestException:
-                    answers.append(Answer(time.monotonic() - start, model, 0, None))  # a reset or a timeout
+                except requests.RequestException as exc:  # a reset or a timeout
+                    answers.append(Answer(time.monotonic() - start, model, 0, None, error=type(exc).__name__))
+                    continue
+                if response.status_code == 503 and "Retry-After" in response.headers:
+                    stop.wait(min(5.0, float(response.headers["Retry-After"])))  # as a client should
 
     threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(users)]
     for thread in threads:
@@ -114,7 +139,7 @@ def drive(url: str, models: list[str], users: int, seconds: float,
     stop.set()
     for thread in threads:
         thread.join()
-    return Run(answers, time.monotonic() - start)
+    return Run(answers, time.monotonic() - start, stale[0])
 
 
 def _served(repository: Path, log: Path, workers: int | None, **settings) -> BentoServer:
@@ -138,7 +163,8 @@ def swap(bundle: Path, out: Path, users: int, seconds: float, workers: int | Non
     first_new = min(new) if new else None
     old_after = [a.at for a in run.answers if a.version == "1" and first_new is not None and a.at > first_new]
     swaps = [{"worker": int(w), "version": v} for w, name, v, _ in SWAP_LINE.findall(text) if name == "a"]
-    return {"statuses": run.statuses, "requests": len(run.answers), "images_per_s": round(run.images_per_s, 1),
+    return {"statuses": run.statuses, "errors": run.errors, "requests": len(run.answers),
+            "images_per_s": round(run.images_per_s, 1),
             "copied_at_s": round(seconds / 3, 1), "first_v2_answer_s": first_new and round(first_new, 2),
             "last_v1_answer_s": round(max(a.at for a in run.answers if a.version == "1"), 2),
             "v1_answers_after_the_first_v2": len(old_after), "workers_swapped": swaps,
@@ -218,7 +244,8 @@ def budget(bundle: Path, out: Path, users: int, seconds: float, workers: int | N
         server.stop()
     loads = [float(s) for _, name, s in LOAD_LINE.findall(text)]
     bare = sum(a.status == 503 and not a.retry_after for a in run.answers)
-    return {"statuses": run.statuses, "requests": len(run.answers), "budget_mb": budget_mb,
+    return {"statuses": run.statuses, "errors": run.errors, "stale_connections_retried": run.stale_connections,
+            "requests": len(run.answers), "budget_mb": budget_mb,
             "one_model_mb": round(one, 1),
             "503_without_retry_after": bare,
             "images_per_s": round(run.images_per_s, 1), "reloads": len(loads),
@@ -249,6 +276,9 @@ def write(results: Results, out: Path, cpu: str) -> list[Path]:
                   f"| one model, measured | {s['one_model_mb']} MB per worker |",
                   f"| budget (all workers) | {s['budget_mb']} MB |", f"| status codes | {s['statuses']} |",
                   f"| 503 without Retry-After | {s['503_without_retry_after']} |",
+                  f"| no answer (client errors) | {s['errors'] or 0} |",
+                  f"| idle keep-alive connections closed by the server, sent again | "
+                  f"{s['stale_connections_retried']} |",
                   f"| reloads | {s['reloads']} |", f"| reload seconds, median / max | "
                   f"{s['reload_seconds_median']} / {s['reload_seconds_max']} |", f"| images/s | {s['images_per_s']} |",
                   ""]

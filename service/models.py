@@ -21,8 +21,9 @@ MODEL_PARAMETER = "model"
 # A loaded version's resident memory before it was ever measured, from its model file: measured with onnxruntime on
 # a CPU after a 16-image request at 224 px (BENCHMARKS.md, "One service, many models"): MobileNetV2 172 MB for an
 # 8.5 MB file, EfficientNetB0 276 MB for 15 MB, ResNet50 414 MB for 90 MB. Activations (the session's arena, which
-# keeps its peak) dominate small models; weights and pre-packed kernels large ones. Once a version has loaded in a
-# worker, its measured growth of the worker's memory replaces this guess (service/reload.py).
+# keeps its peak) dominate small models; weights and pre-packed kernels large ones. A version that grew the worker by
+# more when it loaded there counts that instead (service/reload.py); the guess errs high for small, low-resolution
+# models (a 32-px MobileNetV2 holds about 20 MB).
 FIRST_GUESS_FIXED_BYTES = 150 * 2**20
 FIRST_GUESS_PER_FILE_BYTE = 3.0
 
@@ -60,11 +61,13 @@ class ModelSlot(Generic[E]):
         self.cost_bytes = 0  # its resident memory while loaded, estimated or measured (service/reload.py)
         self.measured_bytes = 0  # the worker's growth at its last load here (0: never measured)
         self.load_seconds: float | None = None  # how long its last load took: the Retry-After of a reload
+        self.loaded_at = 0.0  # monotonic time its version was swapped in
+        self.retry_s = 0.0  # while its load waits for room: how long until it should answer
 
     def serving(self) -> E:
         current = self.current
         if current is None and self.evicted:
-            retry = max(1, round(self.load_seconds or 2))
+            retry = max(1, round(self.retry_s or self.load_seconds or 2))
             raise ModelUnavailable("reloading", f"model {self.name!r} was unloaded to keep within the memory "
                                                 f"budget and is loading again; retry in {retry} s", retry)
         if current is None:

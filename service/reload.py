@@ -18,6 +18,7 @@ worker):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,6 +34,10 @@ from transferkit.service.models import ModelSet, ModelSlot
 
 logger = logging.getLogger("transferkit.service.models")  # at INFO in a server (service/service.py)
 TICK_S = 0.25  # how often a worker looks at the control folder
+# Under a memory budget, a model stays loaded this long before another's request may evict it: two models whose
+# requests alternate would otherwise evict each other at every request, and the worker would spend its time loading
+# (measured without it: 92 loads in 30 s; BENCHMARKS.md).
+MIN_RESIDENCY_S = 2.0
 
 
 def stamp(path: Path) -> tuple[int, int]:
@@ -76,6 +81,9 @@ class Reloader:
         self._failed: dict[str, tuple] = {}  # the version folder (and its stamp) whose load failed, by model
         self._loading: set[str] = set()  # models loading on demand (one thread each)
         self._loading_lock = threading.Lock()
+        # Under a budget, loads run one at a time in a worker: two at once would each find room the other is about
+        # to take, and both would stay loaded, over the budget.
+        self._budget_lock = threading.Lock() if budget_bytes else contextlib.nullcontext()
         if budget_bytes:
             models.on_demand = self.on_demand
 
@@ -103,10 +111,12 @@ class Reloader:
         slot = self.models.slots.get(name)
         if slot is None:  # a model the repository holds but this service did not serve yet
             slot = self.models.slots.setdefault(name, ModelSlot(name, None, source))
-        with slot.lock:
-            started = time.perf_counter()
-            cost = slot.measured_bytes or self.estimate(name, where)  # measured at its last load, else a guess
+        with self._budget_lock, slot.lock:
+            # The larger of the first guess and what its last load here measured: a measurement alone can come out
+            # low (memory an evicted model left behind is reused without the worker growing).
+            cost = max(slot.measured_bytes, self.estimate(name, where))
             self._make_room(slot, cost)
+            started = time.perf_counter()
             resident = _resident_bytes()
             new = self.open_model(name, where)
             new.runtime.settled.wait(self.ready_timeout_s)
@@ -119,13 +129,13 @@ class Reloader:
                              _version(slot.current), _shown(where), reason)
                 return Outcome(False, _version(slot.current), slot.reason)
             # The worker's growth while it verified, loaded and warmed the version (with the largest request, where a
-            # budget is set): that version's cost from now on (other requests' transient memory blurs it a little).
-            grown = _resident_bytes() - resident
-            slot.measured_bytes = grown if grown > 0 else slot.measured_bytes
+            # budget is set); other requests' transient memory blurs it a little.
+            slot.measured_bytes = max(slot.measured_bytes, _resident_bytes() - resident)
             old = slot.swap(new)
             seconds = time.perf_counter() - started
             slot.path, slot.reason, slot.evicted, slot.load_seconds = where, "", False, seconds
-            slot.cost_bytes = slot.measured_bytes or cost
+            slot.loaded_at, slot.retry_s = time.monotonic(), 0.0
+            slot.cost_bytes = max(cost, slot.measured_bytes)
             self.on_event(name, "loaded", seconds)
             self.on_swap(name, old, new)
             logger.info("transferkit: worker %d serves %s %s (was %s; %.1f s to verify, load and warm)", self.worker,
@@ -170,12 +180,24 @@ class Reloader:
 
     def _make_room(self, slot: ModelSlot, cost: int) -> None:
         """Evict the least recently used other models until ``cost`` more fits in the budget (every loaded version
-        counts, the one ``slot`` is replacing too: both are resident during a swap)."""
+        counts, the one ``slot`` is replacing too: both are resident during a swap), first waiting until the ones
+        to evict have been loaded :data:`MIN_RESIDENCY_S`."""
         if not self.budget_bytes:
             return
         loaded = [s for s in self.models.slots.values() if s.current is not None]
         used = sum(s.cost_bytes for s in loaded)
-        for victim in sorted((s for s in loaded if s is not slot), key=lambda s: s.last_used):
+        victims = sorted((s for s in loaded if s is not slot), key=lambda s: s.last_used)
+        needed, freed = [], used
+        for victim in victims:
+            if freed + cost <= self.budget_bytes:
+                break
+            needed.append(victim)
+            freed -= victim.cost_bytes
+        wait = max((victim.loaded_at + MIN_RESIDENCY_S - time.monotonic() for victim in needed), default=0.0)
+        if wait > 0:
+            slot.retry_s = wait + (slot.load_seconds or 1.0)
+            time.sleep(wait)
+        for victim in victims:
             if used + cost <= self.budget_bytes:
                 break
             old = victim.swap(None)
