@@ -115,7 +115,11 @@ class _Metrics:
                                         labelnames=["model", "event"]),
                 bentoml.metrics.Histogram(name="transferkit_model_load_seconds",
                                           documentation="Seconds to verify, load and warm a new version, by model",
-                                          labelnames=["model"], buckets=SECONDS_BUCKETS))
+                                          labelnames=["model"], buckets=SECONDS_BUCKETS),
+                bentoml.metrics.Counter(name="transferkit_model_requests",
+                                        documentation="Requests that reached a served model, by model and the "
+                                                      "status they were answered",
+                                        labelnames=["model", "code"]))
             self._stages = {stage: bentoml.metrics.Histogram(name=f"transferkit_{stage}_seconds",
                                                              documentation=STAGE_DOCUMENTATION[stage],
                                                              buckets=SECONDS_BUCKETS)
@@ -135,6 +139,12 @@ class _Metrics:
         """An answered request of ``count`` images, by ``model`` (a served model's name)."""
         self._get()[1].labels(model=model).inc(count)
         self._get()[5].labels(model=model).observe(count)
+        self.model_request(model, 200)
+
+    def model_request(self, model: str, status: int) -> None:
+        """A request for ``model`` that got as far as its model, by the status it was answered (a fixed set)."""
+        self._get()
+        self._model_events[2].labels(model=model, code=str(status)).inc()
 
     def nonfinite(self, count: int) -> None:
         self._get()[2].inc(count)
@@ -186,12 +196,15 @@ STAGE_DOCUMENTATION = {
 metrics = _Metrics()
 
 
-def error_for(exc: BaseException) -> JSONResponse:
+def error_for(exc: BaseException, model: str | None = None) -> JSONResponse:
     """The answer to an exception of the request pipeline (``/predict`` and ``/v2`` alike): the one mapping
-    (:func:`transferkit.service.errors.error_response`), each refusal counted by its reason."""
+    (:func:`transferkit.service.errors.error_response`), each refusal counted by its reason (and by ``model``, the
+    served model the request was for, when it got that far)."""
     refusal = as_service_error(exc)  # logs a server fault
     if refusal.reason != SERVER_FAULT_REASON:
         metrics.rejected(refusal.reason)
+    if model is not None:
+        metrics.model_request(model, refusal.status)
     return error_response(refusal)
 
 
@@ -325,7 +338,7 @@ def predict_endpoint(get_entry: Callable[[], Any], settings: ServiceSettings) ->
             k = requested_top_k(query + form_values, len(classes), settings.top_k)
             probabilities = checked_probabilities(await entry.infer_encoded(images))
         except Exception as exc:
-            return error_for(exc)
+            return error_for(exc, entry.name)
         metrics.predicted(entry.name, len(probabilities))
         return JSONResponse(top_k(probabilities, classes, k))
 
@@ -378,7 +391,7 @@ def explain_endpoint(get_entry: Callable[[], Any], settings: ServiceSettings) ->
             probabilities, maps, pixels = await entry.explain_encoded(images)
             probabilities = checked_probabilities(probabilities)
         except Exception as exc:
-            return error_for(exc)
+            return error_for(exc, entry.name)
         metrics.predicted(entry.name, len(probabilities))
         best = probabilities.argmax(1)
         if kind == "json":

@@ -494,7 +494,7 @@ class OpenInferenceProtocol:
                 probabilities = await self.classify(entry, parsed.kind, parsed.value)
             probabilities = checked_probabilities(probabilities)
         except Exception as exc:
-            return error_for(exc)
+            return error_for(exc, entry.name)
         metrics.predicted(entry.name, len(probabilities))
         return infer_response(request.path_params["name"], manifest.version, parsed, probabilities,
                               manifest.class_names, maps)

@@ -152,15 +152,23 @@ def test_v2_addresses_each_model_by_path(client, files, expected):
     assert client.get("/v2/health/ready").status_code == 200
 
 
-def test_images_are_counted_by_model(client, files):
+def test_images_and_requests_are_counted_by_model(client, files):
     from prometheus_client import REGISTRY
 
-    def count(model: str) -> float:
-        return REGISTRY.get_sample_value("transferkit_images_predicted_total", {"model": model}) or 0.0
+    def count(model: str) -> tuple[float, ...]:
+        return tuple(REGISTRY.get_sample_value(name, labels) or 0.0 for name, labels in (
+            ("transferkit_images_predicted_total", {"model": model}),
+            ("transferkit_model_requests_total", {"model": model, "code": "200"}),
+            ("transferkit_model_requests_total", {"model": model, "code": "400"})))
 
     before = count("a"), count("b")
     assert client.post("/predict?model=b", files=_upload(files[:2])).status_code == 200
-    assert (count("a"), count("b")) == (before[0], before[1] + 2)
+    broken = client.post("/predict?model=b", files=[("images", ("x.png", b"not an image", "image/png"))])
+    assert broken.status_code == 400
+    assert count("a") == before[0] and count("b") == (before[1][0] + 2, before[1][1] + 1, before[1][2] + 1)
+    assert client.post("/predict?model=never-served", files=_upload(files[:1])).status_code == 404
+    assert "never-served" not in {s.labels["model"] for f in REGISTRY.collect() for s in f.samples
+                                  if s.name == "transferkit_model_requests_total"}  # only served names are labels
 
 
 def test_a_real_server_of_a_repository_answers_tritonclient_for_each_model_and_its_control(repository, files,
