@@ -1,4 +1,4 @@
-"""``transferkit build``: a bento of the service and one model, from an installed transferkit or a checkout.
+"""``transferkit build``: a bento of the service and its models, from an installed transferkit or a checkout.
 
 ``bentoml build`` copies files by path, so the repository's bentofile.yaml only works in a checkout. This writes an
 equivalent build context in a temporary directory instead: the packages a bento runs (``transferkit``'s own
@@ -45,8 +45,9 @@ def requirements(gpu: bool, openvino: bool) -> list[str]:
     return [line for line in lines if line] + ([OPENVINO_REQUIREMENT] if openvino else [])
 
 
-def bentofile(openvino: bool) -> dict:
-    """The same service, includes and Docker base as the repository's bentofile.yaml."""
+def bentofile(openvino: bool, models: str | None = None) -> dict:
+    """The same service, includes and Docker base as the repository's bentofile.yaml; ``models``: the exact tags a
+    bento of several models serves (one model needs none: the service serves the only one in the store)."""
     return {
         "service": "transferkit.service.service:ImageClassifier",
         "name": "transferkit",
@@ -57,11 +58,12 @@ def bentofile(openvino: bool) -> dict:
         "docker": {"distro": "debian", "python_version": "3.11"},
         # `auto` measures the backends OpenVINO adds; without it onnx is the only candidate on CPU.
         "envs": [{"name": "TRANSFERKIT_BACKEND", "value": "auto" if openvino else "onnx"},
-                 {"name": "BENTOML_DO_NOT_TRACK", "value": "true"}],
+                 {"name": "BENTOML_DO_NOT_TRACK", "value": "true"},
+                 *([{"name": "TRANSFERKIT_MODEL", "value": models}] if models else [])],
     }
 
 
-def write_context(context: Path, gpu: bool, openvino: bool) -> list[str]:
+def write_context(context: Path, gpu: bool, openvino: bool, models: str | None = None) -> list[str]:
     """Copy the packages a bento runs and write its bentofile and requirements into ``context``."""
     for package, names in PACKAGES.items():
         source = Path(importlib.import_module(package).__file__).resolve().parent
@@ -72,17 +74,37 @@ def write_context(context: Path, gpu: bool, openvino: bool) -> list[str]:
                 shutil.copy2(path, target / path.name)
     pinned = requirements(gpu, openvino)
     (context / "requirements.txt").write_text("\n".join(pinned) + "\n")
-    (context / "bentofile.yaml").write_text(yaml.safe_dump(bentofile(openvino), sort_keys=False))
+    (context / "bentofile.yaml").write_text(yaml.safe_dump(bentofile(openvino, models), sort_keys=False))
     return pinned
 
 
+def _exact_tags(model: str) -> str:
+    """``model``'s comma-separated store tags as the exact ``NAME:VERSION`` they name now (a bento pins them)."""
+    import bentoml
+
+    tags = [tag.strip() for tag in model.split(",") if tag.strip()]
+    for tag in tags:
+        if Path(tag).exists() or "/" in tag:
+            raise UsageError(f"{tag}: give the model-store tag `transferkit export` printed (e.g. digits:latest); a "
+                             "bento packs the bundle from the store, not from a directory")
+    try:
+        return ",".join(str(bentoml.models.get(tag).tag) for tag in tags)
+    except Exception as exc:  # bentoml's NotFound, a malformed tag
+        raise UsageError(f"{model}: not in the BentoML model store ({type(exc).__name__}: {exc}); see `bentoml "
+                         "models list`") from None
+
+
 def build_bento(model: str, gpu: bool = False, openvino: bool = False) -> BuiltBento:
-    """``bentoml build`` of the service with ``model`` (a model-store tag) packed; the new bento's tag."""
-    if Path(model).exists() or "/" in model:
+    """``bentoml build`` of the service with ``model`` (a model-store tag, or several, comma-separated) packed; the
+    new bento's tag."""
+    several = "," in model
+    if several:
+        model = _exact_tags(model)
+    elif Path(model).exists() or "/" in model:
         raise UsageError(f"{model}: give the model-store tag `transferkit export` printed (e.g. digits:latest); a "
                          "bento packs the bundle from the store, not from a directory")
     with tempfile.TemporaryDirectory(prefix="transferkit-bento-") as tmp:
-        pinned = write_context(Path(tmp), gpu, openvino)
+        pinned = write_context(Path(tmp), gpu, openvino, model if several else None)
         env = {**os.environ, "TRANSFERKIT_MODEL": model, "BENTOML_DO_NOT_TRACK": "true"}
         # BentoML reads the bentofile only from inside the working directory.
         result = subprocess.run([sys.executable, "-m", "bentoml", "build", ".", "--output", "tag"],

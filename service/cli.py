@@ -50,14 +50,16 @@ def add_serve_parser(subparsers) -> None:
 
 def add_build_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "build", help="build a bento (CPU by default, --gpu for CUDA) of the service and one model",
+        "build", help="build a bento (CPU by default, --gpu for CUDA) of the service and its models",
         description="Run `bentoml build` on a build context written from this installed transferkit (no checkout "
                     "needed): the runtime and the service, never training or export, the model MODEL packed from "
-                    "BentoML's model store, and pinned requirements. The default CPU bento installs the CPU "
-                    "onnxruntime wheel, no CUDA, cuDNN or TensorFlow; --gpu installs onnxruntime-gpu with NVIDIA's "
-                    "CUDA and cuDNN wheels (the image also runs on CPU). Then: bentoml containerize TAG.",
+                    "BentoML's model store (several, comma-separated: all packed, each served under its name, their "
+                    "exact versions pinned in the bento), and pinned requirements. The default CPU bento installs "
+                    "the CPU onnxruntime wheel, no CUDA, cuDNN or TensorFlow; --gpu installs onnxruntime-gpu with "
+                    "NVIDIA's CUDA and cuDNN wheels (the image also runs on CPU). Then: bentoml containerize TAG.",
     )
-    p.add_argument("model", metavar="MODEL", help="model-store tag, as `transferkit export` prints it (digits:latest)")
+    p.add_argument("model", metavar="MODEL", help="model-store tag, as `transferkit export` prints it (digits:latest), "
+                                                  "or several, comma-separated")
     p.add_argument("--gpu", action="store_true", help="the GPU bento: onnxruntime-gpu[cuda,cudnn] instead of the "
                                                       "CPU onnxruntime wheel")
     p.add_argument("--openvino", action="store_true",

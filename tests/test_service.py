@@ -556,10 +556,13 @@ def test_bentoml_build_makes_a_cpu_bento_with_the_model(bundle):
     _assert_imports_without_an_install(bento / "src", bento / "src" / "transferkit" / "core" / "predictors.py")
 
 
-def test_transferkit_build_makes_a_gpu_bento_from_the_installed_package(bundle):
+def test_transferkit_build_makes_a_gpu_bento_of_two_models_from_the_installed_package(bundle, tmp_path):
     """`transferkit build --gpu` needs no checkout: its context holds the runtime and the service as installed, and
-    the GPU requirements (onnxruntime-gpu with NVIDIA's wheels, still no TensorFlow)."""
+    the GPU requirements (onnxruntime-gpu with NVIDIA's wheels, still no TensorFlow). Two tags: both models packed,
+    their exact versions pinned in the bento's environment."""
+    import json
     import os
+    import shutil
     import subprocess
     import sys
 
@@ -567,18 +570,31 @@ def test_transferkit_build_makes_a_gpu_bento_from_the_installed_package(bundle):
 
     from transferkit.core.manifest import read_manifest
 
-    result = subprocess.run([sys.executable, "-m", "transferkit", "build", "digits-test:latest", "--gpu"],
-                            capture_output=True, text=True, timeout=300, cwd=bundle.parent)
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "name": "digits-other"}))
+    # A store of its own: a second transferkit model in this worker's store would change what other tests serve.
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    register = ("import sys; from pathlib import Path; from transferkit.core.manifest import read_manifest; "
+                "from transferkit.export.bundle import register_bundle; "
+                "[print(register_bundle(Path(p), read_manifest(Path(p)))) for p in sys.argv[1:]]")
+    tags = subprocess.run([sys.executable, "-c", register, str(bundle), str(other)], capture_output=True, text=True,
+                          env=env, check=True).stdout.split()
+    result = subprocess.run([sys.executable, "-m", "transferkit", "build", "digits-test:latest,digits-other", "--gpu"],
+                            capture_output=True, text=True, timeout=300, cwd=bundle.parent, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.startswith("  "))
     assert rows["target"] == "gpu"
     name, version = rows["bento"].split(":")
-    bento = Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
+    bento = Path(env["BENTOML_HOME"]) / "bentos" / name / version
     requirements = _bento_requirements(bento)
     assert "onnxruntime-gpu[cuda,cudnn]==1.31.1" in requirements
     assert not [r for r in requirements if r.startswith(("onnxruntime==", "tensorflow", "keras"))]
     info = yaml.safe_load((bento / "bento.yaml").read_text())
-    assert f"digits-test:{read_manifest(bundle).version}" in [m["tag"] for s in info["services"] for m in s["models"]]
+    assert tags[0] == f"digits-test:{read_manifest(bundle).version}"
+    assert set(tags) <= {m["tag"] for s in info["services"] for m in s["models"]}
+    assert {env["name"]: env["value"] for env in info["envs"]}["TRANSFERKIT_MODEL"] == ",".join(tags)
     _assert_imports_without_an_install(bento / "src", bento / "src" / "transferkit" / "core" / "predictors.py")
     assert sorted(p.name for p in (bento / "src" / "transferkit").iterdir() if p.is_dir()) == ["core", "service"]
 
