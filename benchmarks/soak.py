@@ -88,7 +88,9 @@ class ProcessStats:
 def role_of(process: psutil.Process, arbiter_pid: int) -> str:
     if process.pid == arbiter_pid:
         return "arbiter"
-    return {"transferkit": "entry", "transferkit-model": "model"}.get(worker_service(process) or "", "other")
+    service = worker_service(process) or ""
+    # The batched layout's model services: ``transferkit-model``, or ``transferkit-model-NAME`` per model.
+    return "entry" if service == "transferkit" else "model" if service.startswith("transferkit-model") else "other"
 
 
 def sample_processes(server: BentoServer, start: float) -> list[dict]:

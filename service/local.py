@@ -31,6 +31,17 @@ class Pipeline:
     decode_wait_s: float
 
 
+def read_served_manifest(bundle_path: Callable[[], Any]) -> tuple[Any, str | None]:
+    """The manifest of the bundle ``bundle_path()`` names and None, or None and why it cannot be read (paths masked:
+    the reason is shown to clients)."""
+    from transferkit.core.manifest import read_manifest
+
+    try:
+        return read_manifest(bundle_path()), None
+    except TransferkitError as exc:
+        return None, mask_paths(str(exc))
+
+
 class LocalModel:
     """The routes' view of one model (service/http.py's ``Entry``): ``manifest`` (None when it could not be read,
     with ``load_error``), ``backend`` and ``choice``, and the async request methods."""
@@ -45,13 +56,7 @@ class LocalModel:
     def open(cls, name: str, bundle_path: Callable[[], Any], choice: Choice, pipeline: Pipeline,
              worker: int | None = None, **runtime_options: Any) -> LocalModel:
         """Read the manifest now (a refusal is kept as ``load_error``) and start loading the model in the background."""
-        from transferkit.core.manifest import read_manifest
-
-        manifest, error = None, None
-        try:
-            manifest = read_manifest(bundle_path())
-        except TransferkitError as exc:
-            error = mask_paths(str(exc))
+        manifest, error = read_served_manifest(bundle_path)
         return cls(name, manifest, error, choice, ModelRuntime(bundle_path, choice.backend, **runtime_options),
                    pipeline, worker)
 

@@ -7,8 +7,9 @@ service/settings.py and /metadata's ``layout``):
   warms its own onnxruntime session (cores ÷ workers threads) and decodes and classifies a request on its own compute
   thread: no second process, no pickled pixels, no batching queue.
 - ``batched`` (GPU): ``ImageClassifier`` (entry workers scaled to the cores) parses, validates and decodes every
-  image, then sends the request's uint8 pixels to ``ClassifierModel``, one process per GPU, whose BentoML adaptive
-  batcher merges concurrent requests into one device call. A bad image fails its own request; it never reaches a batch.
+  image, then sends the request's uint8 pixels to its model's service (``ClassifierModel``, one process per GPU per
+  model), whose BentoML adaptive batcher merges concurrent requests into one device call. A bad image fails its own
+  request; it never reaches a batch, and a batch never mixes models (service/remote.py).
 
 Both serve ``POST /predict``, ``POST /explain`` (class activation maps), ``GET /metadata`` and the Open Inference
 Protocol under ``/v2`` (service/http.py, service/oip.py). On SIGTERM a worker drains (service/lifecycle.py):
@@ -24,21 +25,21 @@ every worker serves the same version (:func:`_pinned`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+import re
 from pathlib import Path
 
 import bentoml
 import numpy as np
 
 from transferkit.core.backends import Choice, choose_backend
-from transferkit.core.errors import ModelUnavailable, TransferkitError
+from transferkit.core.errors import TransferkitError
 from transferkit.core.repository import ModelSource, default_model, model_sources
 from transferkit.service import connections, guard, lifecycle
 from transferkit.service.balance import WorkerLoads
 from transferkit.service.control import RepositoryControl
-from transferkit.service.decoding import DecodeGate, estimate_all
+from transferkit.service.decoding import DecodeGate
 from transferkit.service.decoding import decode_all as _decode_all
 from transferkit.service.errors import mask_paths
 from transferkit.service.guard import RouteGuard, collect_routes
@@ -48,6 +49,7 @@ from transferkit.service.middleware import Admission, BodySizeLimit
 from transferkit.service.models import ModelSet, ModelSlot, estimated_bytes
 from transferkit.service.oip import OpenInferenceProtocol
 from transferkit.service.reload import Reloader
+from transferkit.service.remote import RemoteModel
 from transferkit.service.runtime import ModelRuntime, resolve_bundle, warmup_sizes
 from transferkit.service.settings import ServiceSettings, env_name
 
@@ -202,13 +204,6 @@ def _say_swapped(name: str, old, new) -> None:
             metrics.model_info(name, entry.manifest.version, entry.backend, PLAN.layout, value)
 
 
-def _batched_source() -> ModelSource:
-    if len(SOURCES) != 1:
-        raise TransferkitError(CONFIG_ERROR or f"the batched layout serves one model, not {len(SOURCES)}: serve a "
-                                               "model repository with TRANSFERKIT_LAYOUT=inprocess")
-    return SOURCES[0]
-
-
 def _control_dir() -> Path | None:
     """Where model-control requests and each worker's outcomes are written (service/control.py): made by the
     arbiter, inherited by every worker; none without the admin token."""
@@ -264,23 +259,30 @@ class _Entry:
             and not lifecycle.is_draining()
 
 
-if PLAN.layout == "batched":
+def _model_service_names(sources: list[ModelSource]) -> dict[str, str]:
+    """Each model's service name in the batched layout: ``transferkit-model`` for one model (as ever), else
+    ``transferkit-model-NAME`` (lower case; what BentoML's batching metrics are labelled with)."""
+    if len(sources) <= 1:
+        return {source.name: "transferkit-model" for source in sources}
+    names: dict[str, str] = {}
+    for source in sources:
+        slug = re.sub(r"[^a-z0-9]+", "-", source.name.lower()).strip("-") or "model"
+        candidate, suffix = f"transferkit-model-{slug}", 2
+        while candidate in names.values():  # names that differ only in case or punctuation
+            candidate, suffix = f"transferkit-model-{slug}-{suffix}", suffix + 1
+        names[source.name] = candidate
+    return names
 
-    @bentoml.service(
-        name="transferkit-model",
-        resources=SETTINGS.model_resources(PLAN),
-        workers=PLAN.model_workers,  # one per GPU: each holds its own copy of the model and its own batcher
-        traffic={"timeout": SETTINGS.timeout_s},
-        **TRACING,
-        # The entry service logs every client request; a second line per internal hop is noise and CPU.
-        logging={"access": {"enabled": False}},
-    )
-    @_with_store_models
+
+def _model_service(source: ModelSource, service_name: str):
+    """The batched layout's model service of one model: one process per GPU, each with its own copy of the model
+    and BentoML's adaptive batcher (a batch never mixes models: each model has its own service)."""
+    choice = CHOICES.get(source.name) or CHOICE
+
     class ClassifierModel:
         def __init__(self) -> None:
             gpus = max(1, PLAN.gpus)
-            self.runtime = ModelRuntime(lambda: _bundle_path(_batched_source()), CHOICE.backend, SETTINGS.device,
-                                        PLAN.threads,
+            self.runtime = ModelRuntime(lambda: _bundle_path(source), choice.backend, SETTINGS.device, PLAN.threads,
                                         warmup_sizes(SETTINGS.max_batch_size), device_id=_worker_index() % gpus,
                                         observe=metrics.observe)
 
@@ -300,7 +302,7 @@ if PLAN.layout == "batched":
         @bentoml.api
         def explain(self, pixels: np.ndarray) -> np.ndarray:
             """uint8 RGB [N, H, W, 3] -> [N, C + h*w]: the probabilities, then each top class's activation map
-            flattened (one array: what BentoML's inter-service call carries best; the entry splits it)."""
+            flattened (one array: what BentoML's inter-service call carries best; service/remote.py splits it)."""
             self.runtime.settled.wait(WARMING_WAIT_S)
             if not self.runtime.ready:
                 raise bentoml.exceptions.ServiceUnavailable(f"model {self.runtime.state}")
@@ -311,6 +313,33 @@ if PLAN.layout == "batched":
         def describe(self) -> dict:
             return self.runtime.describe()
 
+    if source.tag:  # packed into a bento with the service that runs it
+        ClassifierModel.bundle = STORE_MODELS[source.name]
+    return bentoml.service(
+        name=service_name,
+        resources=SETTINGS.model_resources(PLAN),
+        workers=PLAN.model_workers,  # one per GPU: each holds its own copy of the model and its own batcher
+        traffic={"timeout": SETTINGS.timeout_s},
+        **TRACING,
+        # The entry service logs every client request; a second line per internal hop is noise and CPU.
+        logging={"access": {"enabled": False}},
+    )(ClassifierModel)
+
+
+if PLAN.layout == "batched":
+    MODEL_SERVICE_NAMES = _model_service_names(SOURCES)
+    if len(SOURCES) > 1 and PLAN.gpus and ROLE == "arbiter":
+        # Every model service asks for every GPU, as one does: BentoML's allocator would hand the second one GPUs
+        # that do not exist. Each model process picks its GPU by worker index instead (device_id below).
+        os.environ.setdefault("BENTOML_DISABLE_GPU_ALLOCATION", "1")
+
+    def _with_model_services(cls: type) -> type:
+        """Each model's service as a dependency of the entry (``model_0``, ``model_1``, ...: BentoML finds them on
+        the class and starts their processes)."""
+        for index, source in enumerate(SOURCES):
+            setattr(cls, f"model_{index}", bentoml.depends(_model_service(source, MODEL_SERVICE_NAMES[source.name])))
+        return cls
+
     @bentoml.service(
         name="transferkit",
         workers=PLAN.entry_workers,
@@ -318,76 +347,30 @@ if PLAN.layout == "batched":
         **TRACING,
     )
     @_with_store_models
+    @_with_model_services
     class ImageClassifier(_Entry):
-        """The batched layout's entry, and the routes' view of its one model (service/http.py's ``Entry``)."""
-
-        model = bentoml.depends(ClassifierModel)
+        """The batched layout's entry: it decodes, each model's service batches and classifies
+        (service/remote.py)."""
 
         def __init__(self) -> None:
-            from transferkit.core.manifest import read_manifest
-
             self._init_entry()
-            self.name = SOURCES[0].name if SOURCES else "model"
-            self.backend, self.choice = CHOICE.backend, CHOICE
-            self.manifest, self.load_error = None, None
-            try:
-                self.manifest = read_manifest(_bundle_path(_batched_source()))
-            except TransferkitError as exc:
-                self.load_error = mask_paths(str(exc))
-            self.models = ModelSet({self.name: self}, self.name) if SOURCES else ModelSet({}, None, CONFIG_ERROR)
+            pipeline = Pipeline(decode_all, self.gate, SETTINGS.max_pixels, WARMING_WAIT_S, DECODE_WAIT_S)
+            models = {source.name: RemoteModel(source.name, lambda source=source: _bundle_path(source),
+                                               CHOICES.get(source.name) or CHOICE,
+                                               lambda index=index: getattr(self, f"model_{index}"), pipeline)
+                      for index, source in enumerate(SOURCES)}
+            self.models = ModelSet(models, DEFAULT_MODEL, CONFIG_ERROR)
             self._say_served()
+            if SETTINGS.poll_s > 0 or SETTINGS.memory_budget_mb:
+                logger.warning("transferkit: the batched layout neither polls for new versions nor applies a memory "
+                               "budget (each model has processes of its own); TRANSFERKIT_POLL_S and "
+                               "TRANSFERKIT_MEMORY_BUDGET_MB are ignored")
 
         def __is_ready__(self) -> bool:
-            return self._entry_ready()  # BentoML also asks ClassifierModel (its dependency) before answering 200
+            return self._entry_ready()  # BentoML also asks each model service (a dependency) before answering 200
 
         def is_ready(self) -> bool:
             return self._entry_ready()
-
-        async def infer_encoded(self, images: list[tuple[str, bytes]]) -> np.ndarray:
-            side = self.manifest.image_size
-            async with self.gate.admit(estimate_all(images, side, SETTINGS.max_pixels), DECODE_WAIT_S):
-                # Decoding is CPU work: off the event loop, so that probes and other requests stay responsive.
-                pixels = await asyncio.to_thread(decode_all, images, side, SETTINGS.max_pixels)
-            return await self.infer_pixels(pixels)
-
-        async def infer_pixels(self, pixels: np.ndarray) -> np.ndarray:
-            return await self._call_model(_classify, pixels)
-
-        async def explain_encoded(self, images: list[tuple[str, bytes]]) -> tuple:
-            side = self.manifest.image_size
-            async with self.gate.admit(estimate_all(images, side, SETTINGS.max_pixels), DECODE_WAIT_S):
-                pixels = await asyncio.to_thread(decode_all, images, side, SETTINGS.max_pixels)
-            return (*await self.explain_pixels(pixels), pixels)
-
-        async def explain_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            joined = await self._call_model(lambda model, batch: model.to_async.explain(batch), pixels)
-            classes = len(self.manifest.class_names)
-            height, width = self.manifest.explain.resolution
-            return joined[:, :classes], joined[:, classes:].reshape(-1, height, width)
-
-        async def _call_model(self, call, pixels: np.ndarray) -> np.ndarray:
-            from bentoml.exceptions import BentoMLException
-
-            try:
-                return np.asarray(await call(self.model, pixels))
-            except BentoMLException as exc:
-                status = int(getattr(getattr(exc, "error_code", None), "value", 500))
-                if status not in (429, 503, 504):
-                    raise
-            info = await self.describe()  # why the model refused: loading, failed or busy
-            state = info.get("state")
-            if state == "failed":
-                raise ModelUnavailable("model_unavailable", f"the model failed to load: {info.get('error')}", None)
-            if state == "loading":
-                raise ModelUnavailable("warming_up", "the model is still loading and warming up; retry shortly", 2)
-            raise ModelUnavailable("overloaded", "the model is busy and cannot answer within its latency budget; "
-                                                 "retry with backoff", 1)
-
-        async def describe(self) -> dict:
-            try:
-                return await self.model.to_async.describe()
-            except Exception as exc:  # the model process is still starting
-                return {"state": "loading", "error": type(exc).__name__}
 
 else:  # inprocess and microbatch: the model runs in the HTTP worker
 
@@ -446,31 +429,6 @@ else:  # inprocess and microbatch: the model runs in the HTTP worker
             return min(rates) if rates and None not in rates else None
 
 
-def _dropped_connection(exc: Exception) -> bool:
-    import aiohttp
-
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionError)):
-        return True
-    return isinstance(exc, RuntimeError) and ("Connection closed" in str(exc) or "Session is closed" in str(exc))
-
-
-async def _classify(model, pixels: np.ndarray, attempts: int = 3):
-    """Call the model process, retrying when the pooled keep-alive connection was closed under us.
-
-    BentoML's inter-service client keeps connections longer than uvicorn's 5 s keep-alive, so a reused connection
-    can be closed by the server mid-request (bentoml/BentoML#4971). Inference is idempotent and the failure is the
-    connection's, not the request's, so a retry is safe.
-    """
-    for attempt in range(attempts):
-        try:
-            return await model.to_async.classify(pixels)
-        except Exception as exc:
-            if attempt == attempts - 1 or not _dropped_connection(exc):
-                raise
-            logger.warning("transferkit: connection to the model process dropped (%s); retrying", type(exc).__name__)
-    raise AssertionError("unreachable")
-
-
 def _estimated_rate() -> float | None:
     """The worker's own models' rate once warm (in-process layouts); None where the model runs in another process
     or before the service is built."""
@@ -483,7 +441,8 @@ def _estimated_rate() -> float | None:
 
 CONTROL = RepositoryControl(lambda: bentoml.get_current_service(), ADMIN_TOKEN, CONTROL_DIR, PLAN.entry_workers,
                             SETTINGS.timeout_s * 4,
-                            off_reason="the batched layout has no model control yet (issue 26 continues)"
+                            off_reason="the batched layout has no model control yet: each model has processes of its "
+                                       "own; serve a repository with TRANSFERKIT_LAYOUT=inprocess to load and unload"
                             if PLAN.layout == "batched" and ADMIN_TOKEN else None)
 ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service(), SETTINGS, PLAN, CONTROL),
                                    path="/")(ImageClassifier)

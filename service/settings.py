@@ -133,11 +133,12 @@ class ServiceSettings(BaseSettings):
                                                             "`TRANSFERKIT_ADMIN_TOKEN`")
     poll_s: float = Field(0, ge=0, description="seconds between looks at each repository model's folder for a "
                                                "newer version, loaded, warmed and swapped in without a failed "
-                                               "request; 0: no polling")
+                                               "request (in-process layouts); 0: no polling")
     memory_budget_mb: int = Field(0, ge=0, description="memory the models may hold, all workers together (each "
                                                        "worker gets its share): past it the least recently used "
                                                        "model is unloaded, and loaded again at its next request "
-                                                       "(503 `reloading` with Retry-After meanwhile); 0: no budget")
+                                                       "(503 `reloading` with Retry-After meanwhile; in-process "
+                                                       "layouts); 0: no budget")
 
     @classmethod
     def from_env(cls) -> ServiceSettings:

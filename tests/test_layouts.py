@@ -93,10 +93,13 @@ def test_public_settings_hide_the_model_location():
 # --- the batched layout on CPU ------------------------------------------------------------------------------------
 
 
-def batch_counters(server) -> tuple[float, float]:
+def batch_counters(server, service_name: str) -> tuple[float, float]:
+    """(images, model calls) through one model service's adaptive batcher so far."""
     total = count = 0.0
     for family in text_string_to_metric_families(server.get("/metrics").text):
         for sample in family.samples:
+            if sample.labels.get("service_name") != service_name:
+                continue
             if sample.name == "bentoml_service_adaptive_batch_size_sum":
                 total += sample.value
             elif sample.name == "bentoml_service_adaptive_batch_size_count":
@@ -106,9 +109,22 @@ def batch_counters(server) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def batched(bundle, tmp_path_factory):
-    with ready_server(bundle, tmp_path_factory.mktemp("logs") / "batched.log", layout="batched", max_batch_size=16,
-                      max_latency_ms=10_000) as srv:
+    """The batched layout serving a model repository of two models: the trained bundle as ``digits-test`` (the
+    default) and a copy of it as ``other``."""
+    import shutil
+
+    repository = tmp_path_factory.mktemp("repository")
+    for name in ("digits-test", "other"):
+        shutil.copytree(bundle, repository / name)
+    with ready_server(repository, tmp_path_factory.mktemp("logs") / "batched.log", layout="batched",
+                      max_batch_size=16, max_latency_ms=10_000, default_model="digits-test") as srv:
         yield srv
+
+
+def _post_concurrently(server, files: list[Path], query: str = "") -> list:
+    with ThreadPoolExecutor(24) as pool:
+        return list(pool.map(lambda p: server.post(f"/predict{query}", files=[("images", (p.name, p.read_bytes(),
+                                                                                            "image/png"))]), files))
 
 
 def test_batched_layout_runs_a_model_service_and_batches_concurrent_requests(batched, bundle, trained_run):
@@ -116,16 +132,14 @@ def test_batched_layout_runs_a_model_service_and_batches_concurrent_requests(bat
 
     meta = batched.get("/metadata").json()
     assert meta["layout"]["name"] == "batched" and meta["batching"]["max_batch_size"] == 16
-    assert len(batched.workers("transferkit-model")) == meta["layout"]["model_workers"] == 1
+    assert len(batched.workers("transferkit-model-digits-test")) == meta["layout"]["model_workers"] == 1
     assert len(batched.workers("transferkit")) == meta["layout"]["entry_workers"]
     predictor = load_bundle(bundle).predictor("onnx")
     assert meta["runtime"]["provider"] == predictor.provider
     files = [path for path, _ in split_files(trained_run.run_dir, "test")[:48]]
-    before = batch_counters(batched)
-    with ThreadPoolExecutor(24) as pool:
-        responses = list(pool.map(lambda p: batched.post("/predict", files=[("images", (p.name, p.read_bytes(),
-                                                                                          "image/png"))]), files))
-    after = batch_counters(batched)
+    before = batch_counters(batched, "transferkit-model-digits-test")
+    responses = _post_concurrently(batched, files)
+    after = batch_counters(batched, "transferkit-model-digits-test")
     for path, response in zip(files, responses):
         assert response.status_code == 200, response.text
         expected = predictor(decode_image(path.read_bytes(), 32)[None])[0]
@@ -133,6 +147,34 @@ def test_batched_layout_runs_a_model_service_and_batches_concurrent_requests(bat
     calls = after[1] - before[1]
     assert calls > 0 and (after[0] - before[0]) == len(files)  # every image went through the batcher once
     assert (after[0] - before[0]) / calls > 1.0  # some model calls carried images from several requests
+
+
+def test_batched_layout_serves_each_model_from_its_own_model_service(batched, trained_run):
+    """Two models at once: each request's images reach its own model's batcher only (a batch never mixes models,
+    each model's batching statistics are its own), and /metadata lists both."""
+    meta = batched.get("/metadata").json()
+    assert [(m["name"], m["default"]) for m in meta["models"]] == [("digits-test", True), ("other", False)]
+    assert len(batched.workers("transferkit-model-other")) == meta["layout"]["model_workers"]
+    files = [path for path, _ in split_files(trained_run.run_dir, "test")[:30]]
+    services = ("transferkit-model-digits-test", "transferkit-model-other")
+    before = [batch_counters(batched, name) for name in services]
+    with ThreadPoolExecutor(2) as pool:
+        mine, others = pool.map(lambda query_files: _post_concurrently(batched, *query_files),
+                                [(files[:9], ""), (files[:21], "?model=other")])
+    after = [batch_counters(batched, name) for name in services]
+    assert all(r.status_code == 200 for r in mine + others), [r.text for r in mine + others if r.status_code != 200]
+    assert [a[0] - b[0] for a, b in zip(after, before)] == [9, 21]
+    assert [r.json()[0]["score"] for r in mine] == pytest.approx([r.json()[0]["score"] for r in others[:9]],
+                                                                 abs=1e-5)  # the same weights under two names
+    pixels = decode_image(files[0].read_bytes(), 32)[None]
+    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    client = triton.InferenceServerClient(batched.url.removeprefix("http://"))
+    assert float(client.infer("other", [tensor]).as_numpy("probabilities").max()) == pytest.approx(
+        others[0].json()[0]["score"], abs=1e-6)
+    unknown = batched.post("/predict?model=nope", files=[("images", (files[0].name, files[0].read_bytes(),
+                                                                     "image/png"))])
+    assert unknown.status_code == 404 and unknown.json()["reason"] == "unknown_model"
 
 
 def test_batched_layout_speaks_the_open_inference_protocol(batched, trained_run):
