@@ -330,7 +330,7 @@ if PLAN.layout == "batched":
     MODEL_SERVICE_NAMES = _model_service_names(SOURCES)
     if len(SOURCES) > 1 and PLAN.gpus and ROLE == "arbiter":
         # Every model service asks for every GPU, as one does: BentoML's allocator would hand the second one GPUs
-        # that do not exist. Each model process picks its GPU by worker index instead (device_id below).
+        # that do not exist. Each model process picks its GPU by worker index instead (its runtime's device_id).
         os.environ.setdefault("BENTOML_DISABLE_GPU_ALLOCATION", "1")
 
     def _with_model_services(cls: type) -> type:
