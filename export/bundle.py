@@ -12,7 +12,6 @@ import hashlib
 import importlib.metadata
 import logging
 import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from transferkit.core.manifest import (
     sha256_path,
 )
 from transferkit.core.stopping import raise_if_stop_requested
+from transferkit.core.store import register_bundle  # noqa: F401  (importable from here, as before)
 from transferkit.core.system import library_versions
 from transferkit.export.quantize import METHODS as INT8_METHODS
 from transferkit.export.validate import MIN_IMAGES, engine_backends, validate_bundle
@@ -172,23 +172,6 @@ def _format_entry(bundle_dir: Path, name: str, opset: int, quantization: dict | 
                        input_dtype=INPUT_DTYPE, output_name=OUTPUT_NAME, precision=FORMAT_PRECISION[name],
                        opset=None if name == "savedmodel" else opset, quantization=quantization,
                        cam_output=cam_output)
-
-
-def register_bundle(bundle_dir: Path, manifest: Manifest) -> str:
-    """Copy the bundle into the BentoML model store (``$BENTOML_HOME``); returns the tag."""
-    import bentoml
-
-    labels = {"backbone": manifest.backbone.lower(), "stage": "transferkit-bundle"}
-    metadata = {
-        "backbone": manifest.backbone, "image_size": manifest.image_size, "num_classes": manifest.num_classes,
-        "formats": ",".join(manifest.formats), "validation_passed": bool(manifest.validation and
-                                                                        manifest.validation.passed),
-        "schema_version": manifest.schema_version,
-    }
-    with bentoml.models.create(f"{manifest.name}:{manifest.version}", labels=labels, metadata=metadata,
-                               module="transferkit.bundle") as ref:
-        shutil.copytree(bundle_dir, ref.path, dirs_exist_ok=True)
-    return str(ref.tag)
 
 
 def _delete_store_entry(tag: str) -> None:

@@ -35,6 +35,7 @@ class BuiltBento:
     tag: str
     target: str
     requirements: list[str]
+    models: list[str]  # the exact store tags packed
 
 
 def requirements(gpu: bool, openvino: bool) -> list[str]:
@@ -78,33 +79,36 @@ def write_context(context: Path, gpu: bool, openvino: bool, models: str | None =
     return pinned
 
 
-def _exact_tags(model: str) -> str:
-    """``model``'s comma-separated store tags as the exact ``NAME:VERSION`` they name now (a bento pins them)."""
+def store_tags(model: str) -> list[str]:
+    """``model``'s comma-separated references as the exact ``NAME:VERSION`` store tags a bento packs and pins: a
+    tag as the store resolves it now; a bundle folder, or each model of a model repository (its newest version),
+    registered under its name after its files are verified (or the same bundle found there already)."""
     import bentoml
 
-    tags = [tag.strip() for tag in model.split(",") if tag.strip()]
-    for tag in tags:
-        if Path(tag).exists() or "/" in tag:
-            raise UsageError(f"{tag}: give the model-store tag `transferkit export` printed (e.g. digits:latest); a "
-                             "bento packs the bundle from the store, not from a directory")
-    try:
-        return ",".join(str(bentoml.models.get(tag).tag) for tag in tags)
-    except Exception as exc:  # bentoml's NotFound, a malformed tag
-        raise UsageError(f"{model}: not in the BentoML model store ({type(exc).__name__}: {exc}); see `bentoml "
-                         "models list`") from None
+    from transferkit.core.repository import model_sources
+    from transferkit.core.store import stored_tag
+
+    tags = []
+    for source in model_sources(model):  # names checked, each at most once
+        if source.path is not None:
+            tags.append(stored_tag(source.path, source.name))
+            continue
+        try:
+            tags.append(str(bentoml.models.get(source.tag).tag))
+        except Exception as exc:  # bentoml's NotFound, a malformed tag
+            raise UsageError(f"{source.tag}: not in the BentoML model store ({type(exc).__name__}: {exc}); see "
+                             "`bentoml models list`, or give a bundle folder or a model repository") from None
+    return tags
 
 
 def build_bento(model: str, gpu: bool = False, openvino: bool = False) -> BuiltBento:
-    """``bentoml build`` of the service with ``model`` (a model-store tag, or several, comma-separated) packed; the
-    new bento's tag."""
-    several = "," in model
-    if several:
-        model = _exact_tags(model)
-    elif Path(model).exists() or "/" in model:
-        raise UsageError(f"{model}: give the model-store tag `transferkit export` printed (e.g. digits:latest); a "
-                         "bento packs the bundle from the store, not from a directory")
+    """``bentoml build`` of the service with ``model`` packed (model-store tags, bundle folders or model
+    repositories, comma-separated; see :func:`store_tags`); the new bento's tag. A bento of several models pins
+    their exact tags in its ``TRANSFERKIT_MODEL``; one of one model serves the only model it holds."""
+    tags = store_tags(model)
+    model = ",".join(tags)
     with tempfile.TemporaryDirectory(prefix="transferkit-bento-") as tmp:
-        pinned = write_context(Path(tmp), gpu, openvino, model if several else None)
+        pinned = write_context(Path(tmp), gpu, openvino, model if len(tags) > 1 else None)
         env = {**os.environ, "TRANSFERKIT_MODEL": model, "BENTOML_DO_NOT_TRACK": "true"}
         # BentoML reads the bentofile only from inside the working directory.
         result = subprocess.run([sys.executable, "-m", "bentoml", "build", ".", "--output", "tag"],
@@ -113,4 +117,4 @@ def build_bento(model: str, gpu: bool = False, openvino: bool = False) -> BuiltB
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise TransferkitError(f"bentoml build failed: {last}")
     tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    return BuiltBento(tag=tag, target="gpu" if gpu else "cpu", requirements=pinned)
+    return BuiltBento(tag=tag, target="gpu" if gpu else "cpu", requirements=pinned, models=tags)

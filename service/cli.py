@@ -52,14 +52,17 @@ def add_build_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "build", help="build a bento (CPU by default, --gpu for CUDA) of the service and its models",
         description="Run `bentoml build` on a build context written from this installed transferkit (no checkout "
-                    "needed): the runtime and the service, never training or export, the model MODEL packed from "
-                    "BentoML's model store (several, comma-separated: all packed, each served under its name, their "
-                    "exact versions pinned in the bento), and pinned requirements. The default CPU bento installs "
-                    "the CPU onnxruntime wheel, no CUDA, cuDNN or TensorFlow; --gpu installs onnxruntime-gpu with "
-                    "NVIDIA's CUDA and cuDNN wheels (the image also runs on CPU). Then: bentoml containerize TAG.",
+                    "needed): the runtime and the service, never training or export, the models MODEL names packed "
+                    "from BentoML's model store, and pinned requirements. A bundle folder, or each model of a model "
+                    "repository (its newest version), is verified and registered in the store first, under its "
+                    "name (BentoML lowercases it); several models are all packed, each served under its name, "
+                    "their exact versions pinned in the bento. The default CPU bento installs the CPU onnxruntime "
+                    "wheel, no CUDA, cuDNN or TensorFlow; --gpu installs onnxruntime-gpu with NVIDIA's CUDA and "
+                    "cuDNN wheels (the image also runs on CPU). Then: bentoml containerize TAG.",
     )
-    p.add_argument("model", metavar="MODEL", help="model-store tag, as `transferkit export` prints it (digits:latest), "
-                                                  "or several, comma-separated")
+    p.add_argument("model", metavar="MODEL", help="a model-store tag as `transferkit export` prints it "
+                                                  "(digits:latest), a bundle folder or a model repository; several, "
+                                                  "comma-separated")
     p.add_argument("--gpu", action="store_true", help="the GPU bento: onnxruntime-gpu[cuda,cudnn] instead of the "
                                                       "CPU onnxruntime wheel")
     p.add_argument("--openvino", action="store_true",
@@ -74,7 +77,8 @@ def run_build(args: argparse.Namespace) -> int:
 
     print(f"building the {'GPU' if args.gpu else 'CPU'} bento of {args.model} ...", flush=True)
     built = build_bento(args.model, gpu=args.gpu, openvino=args.openvino)
-    print_summary([("bento", built.tag), ("target", built.target), ("requirements", ", ".join(built.requirements)),
+    print_summary([("bento", built.tag), ("models", ", ".join(built.models)), ("target", built.target),
+                   ("requirements", ", ".join(built.requirements)),
                    ("next", f"bentoml containerize {built.tag}")])
     return 0
 

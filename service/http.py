@@ -461,14 +461,14 @@ async def model_list(service: Any) -> list[dict]:
     listed = []
     for name, slot in service.models.slots.items():
         entry = slot.current
+        # Described first: in the batched layout that is how the entry learns of a version its model swapped in.
+        described = await entry.describe() if entry is not None and entry.manifest is not None else {}
         manifest = getattr(entry, "manifest", None)
-        if entry is None:
-            state = "unloaded"
-        else:
-            state = (await entry.describe()).get("state") if manifest is not None else "failed"
+        state = "unloaded" if entry is None else described.get("state") if manifest is not None else "failed"
+        reason = slot.reason or described.get("reason")  # the batched model process's last failed load
         listed.append({"name": name, "version": manifest.version if manifest else None,
                        "backend": getattr(entry, "backend", None), "state": state,
-                       "default": name == service.models.default, **({"reason": slot.reason} if slot.reason else {}),
+                       "default": name == service.models.default, **({"reason": reason} if reason else {}),
                        "metadata": f"/metadata?model={name}", "open_inference_protocol": f"/v2/models/{name}"})
     return listed
 
@@ -486,8 +486,8 @@ def metadata_endpoint(get_entry: Callable[[], Any], settings: ServiceSettings, p
             entry = _served(service, request)
         except ServiceError as exc:
             return error_response(exc)
-        document = metadata_document(entry.name, entry.manifest, await entry.describe(), settings, plan,
-                                     entry.choice)
+        described = await entry.describe()  # first: the manifest may follow a version swapped in (batched)
+        document = metadata_document(entry.name, entry.manifest, described, settings, plan, entry.choice)
         return JSONResponse({**document, "models": await model_list(service)})
 
     return metadata

@@ -38,6 +38,22 @@ def estimated_bytes(manifest: Any, backend: str) -> int:
 E = TypeVar("E")
 
 
+def same_interface(serving: Any, new: Any) -> str | None:
+    """Why ``new`` may not replace ``serving`` in the batched layout, or None: there the entry decodes to the input
+    size and names the classes of the version it read at its start, so a new version must keep both (a version
+    that changes them is a new model: serve it under a new name)."""
+    old_manifest, new_manifest = serving.manifest, new.manifest
+    if old_manifest is None or new_manifest is None:
+        return None
+    if new_manifest.image_size != old_manifest.image_size:
+        return (f"its input size is {new_manifest.image_size} px, not the {old_manifest.image_size} px of the version "
+                "serving: the batched layout swaps in versions of the same input size and classes only")
+    if list(new_manifest.class_names) != list(old_manifest.class_names):
+        return ("its classes differ from the version serving's: the batched layout swaps in versions of the same "
+                "input size and classes only")
+    return None
+
+
 def _listed(names: list[str]) -> str:
     return ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
 

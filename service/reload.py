@@ -6,8 +6,8 @@ new one, and the old one's threads and memory are let go a request timeout later
 load or warm is never swapped in: the old one keeps serving, and the failure is logged and shown in the repository
 index and ``/metadata``.
 
-What asks for a load, in each worker of the ``inprocess``/``microbatch`` layouts (one :class:`Reloader` thread per
-worker):
+What asks for a load, in each worker of the ``inprocess``/``microbatch`` layouts and in each model process of the
+``batched`` layout (one :class:`Reloader` thread per process; the batched layout polls only):
 
 - polling (``TRANSFERKIT_POLL_S`` > 0): a repository model whose newest version folder changed (a new version
   folder, or the served one replaced); a failed version is tried again only once its files change;
@@ -69,8 +69,11 @@ class Reloader:
                  retire_s: float, poll_s: float = 0.0, control_dir: Path | None = None,
                  on_event: Callable[[str, str, float | None], None] | None = None, budget_bytes: int = 0,
                  estimate: Callable[[str, Any], int] | None = None,
-                 on_swap: Callable[[str, Any, Any], None] | None = None):
+                 on_swap: Callable[[str, Any, Any], None] | None = None,
+                 compatible: Callable[[Any, Any], str | None] | None = None):
         self.models, self.open_model, self.worker = models, open_model, worker
+        # (version serving, new version) -> why the new one may not replace it, or None
+        self.compatible = compatible or (lambda old, new: None)
         self.ready_timeout_s, self.retire_s, self.poll_s, self.control_dir = ready_timeout_s, retire_s, poll_s, \
             control_dir
         self.on_event = on_event or (lambda model, event, seconds: None)
@@ -120,8 +123,10 @@ class Reloader:
             resident = _resident_bytes()
             new = self.open_model(name, where)
             new.runtime.settled.wait(self.ready_timeout_s)
-            if not new.is_ready():
-                reason = new.error or f"not ready within {self.ready_timeout_s:.0f} s"
+            reason = None if new.is_ready() else new.error or f"not ready within {self.ready_timeout_s:.0f} s"
+            if reason is None and slot.current is not None:
+                reason = self.compatible(slot.current, new)
+            if reason is not None:
                 new.runtime.retire(0)
                 slot.reason = f"{_shown(where)}: {reason}"
                 self.on_event(name, "load_failed", None)

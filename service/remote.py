@@ -2,13 +2,15 @@
 process (service/service.py's ``ClassifierModel`` for this model) batches and classifies.
 
 Each model has its own model service, so BentoML's adaptive batcher never merges two models' images into one call
-and keeps its batching statistics per model (``bentoml_service_adaptive_batch_size{service_name=...}``).
+and keeps its batching statistics per model (``bentoml_service_adaptive_batch_size{runner_name=...}``, the model
+service's name).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +22,7 @@ from transferkit.service.decoding import estimate_all
 from transferkit.service.local import Pipeline, read_served_manifest
 
 logger = logging.getLogger("transferkit.service")
+FOLLOW_S = 2.0  # how stale the entry's view of a polled model's version may get while requests flow
 
 
 class RemoteModel:
@@ -27,10 +30,14 @@ class RemoteModel:
     BentoML dependency of the entry on that model's service (resolved at the first call)."""
 
     def __init__(self, name: str, bundle_path: Callable[[], Any], choice: Choice, client: Callable[[], Any],
-                 pipeline: Pipeline):
+                 pipeline: Pipeline, newest: Callable[[], Any] | None = None,
+                 on_version: Callable[[str, str, str], None] | None = None):
         self.name, self.choice, self.backend = name, choice, choice.backend
         self.manifest, self.load_error = read_served_manifest(bundle_path)
         self.client, self.pipeline = client, pipeline
+        # A repository model's newest version folder: where the version a model process swapped in is read from.
+        self.newest, self.on_version = newest, on_version or (lambda name, old, new: None)
+        self._followed_at, self._following = 0.0, None
 
     def is_ready(self) -> bool:
         return self.manifest is not None  # BentoML asks the model service itself before /readyz answers 200
@@ -65,7 +72,9 @@ class RemoteModel:
         from bentoml.exceptions import BentoMLException
 
         try:
-            return np.asarray(await call(self.client(), pixels))
+            answer = np.asarray(await call(self.client(), pixels))
+            self._follow_soon()
+            return answer
         except BentoMLException as exc:
             status = int(getattr(getattr(exc, "error_code", None), "value", 500))
             if status not in (429, 503, 504):
@@ -81,9 +90,31 @@ class RemoteModel:
 
     async def describe(self) -> dict:
         try:
-            return await self.client().to_async.describe()
+            info = await self.client().to_async.describe()
         except Exception as exc:  # the model process is still starting
             return {"state": "loading", "error": type(exc).__name__}
+        self._follow(info.get("version"))
+        return info
+
+    def _follow(self, version: str | None) -> None:
+        """The model process swapped in ``version`` (it polls its repository folder): take that version's manifest
+        for /metadata and the protocol's ``model_version`` (its input size and classes are the serving one's: the
+        model process refuses others, service/models.py's ``same_interface``)."""
+        self._followed_at = time.monotonic()
+        if not version or self.manifest is None or version == self.manifest.version or self.newest is None:
+            return
+        manifest, _ = read_served_manifest(self.newest)
+        if manifest is not None and manifest.version == version:
+            old, self.manifest = self.manifest.version, manifest
+            self.on_version(self.name, old, version)
+
+    def _follow_soon(self) -> None:
+        """Ask the model process which version it serves, at most every :data:`FOLLOW_S`, off the request's path."""
+        if self.newest is None or time.monotonic() - self._followed_at < FOLLOW_S:
+            return
+        if self._following is None or self._following.done():
+            self._followed_at = time.monotonic()
+            self._following = asyncio.get_running_loop().create_task(self.describe())
 
 
 def _dropped_connection(exc: Exception) -> bool:

@@ -35,7 +35,8 @@ import numpy as np
 
 from transferkit.core.backends import Choice, choose_backend
 from transferkit.core.errors import TransferkitError
-from transferkit.core.repository import ModelSource, default_model, model_sources
+from transferkit.core.repository import ModelSource, default_model, model_sources, repository_model
+from transferkit.core.store import STORE_LABEL
 from transferkit.service import connections, guard, lifecycle
 from transferkit.service.balance import WorkerLoads
 from transferkit.service.control import RepositoryControl
@@ -46,7 +47,7 @@ from transferkit.service.guard import RouteGuard, collect_routes
 from transferkit.service.http import build_app, metrics
 from transferkit.service.local import LocalModel, Pipeline
 from transferkit.service.middleware import Admission, BodySizeLimit
-from transferkit.service.models import ModelSet, ModelSlot, estimated_bytes
+from transferkit.service.models import ModelSet, ModelSlot, estimated_bytes, same_interface
 from transferkit.service.oip import OpenInferenceProtocol
 from transferkit.service.reload import Reloader
 from transferkit.service.remote import RemoteModel
@@ -57,7 +58,6 @@ logger = logging.getLogger("transferkit.service")
 SETTINGS = ServiceSettings.from_env()
 TOKEN = SETTINGS.bearer_token()  # read now: a missing token file stops the service instead of serving it open
 ADMIN_TOKEN = SETTINGS.admin_credential()  # model control (service/control.py): off without it
-STORE_LABEL = "transferkit-bundle"
 WARMING_WAIT_S = min(5.0, SETTINGS.timeout_s / 2)  # a warming worker holds a request this long, then 503
 DECODE_WAIT_S = SETTINGS.timeout_s / 2  # waiting for a decode slot past this: 503 busy, before the 504 timeout
 
@@ -148,6 +148,13 @@ def _bundle_path(source: ModelSource) -> Path:
     if source.tag:
         return resolve_bundle(STORE_MODELS[source.name], source.tag)
     return source.path
+
+
+def _bundle_opener(where: Path | str):
+    """What finds a version's bundle folder when its runtime loads: ``where`` itself, or the store tag's folder."""
+    if isinstance(where, Path):
+        return lambda: where
+    return lambda: resolve_bundle(bentoml.models.BentoModel(where), where)
 
 
 def _choose_backend(source: ModelSource | None) -> Choice:
@@ -259,9 +266,31 @@ class _Entry:
             and not lifecycle.is_draining()
 
 
+def _newest_version(source: ModelSource):
+    """A repository model's newest version folder, looked up when called (None for a lone bundle or a tag)."""
+    if source.repository is None:
+        return None
+
+    def newest() -> Path:
+        try:
+            found = repository_model(source.repository / source.name)
+        except (OSError, TransferkitError):
+            found = None
+        return found.path if found is not None else source.path
+
+    return newest
+
+
+def _say_version(name: str, old: str, new: str) -> None:
+    """``transferkit_model_info`` once the entry sees a model process serve a new version (batched layout)."""
+    backend = (CHOICES.get(name) or CHOICE).backend
+    metrics.model_info(name, old, backend, PLAN.layout, 0)
+    metrics.model_info(name, new, backend, PLAN.layout, 1)
+
+
 def _model_service_names(sources: list[ModelSource]) -> dict[str, str]:
     """Each model's service name in the batched layout: ``transferkit-model`` for one model (as ever), else
-    ``transferkit-model-NAME`` (lower case; what BentoML's batching metrics are labelled with)."""
+    ``transferkit-model-NAME`` (lower case; BentoML labels its batching metrics with it, as `runner_name`)."""
     if len(sources) <= 1:
         return {source.name: "transferkit-model" for source in sources}
     names: dict[str, str] = {}
@@ -282,9 +311,28 @@ def _model_service(source: ModelSource, service_name: str):
     class ClassifierModel:
         def __init__(self) -> None:
             gpus = max(1, PLAN.gpus)
-            self.runtime = ModelRuntime(lambda: _bundle_path(source), choice.backend, SETTINGS.device, PLAN.threads,
-                                        warmup_sizes(SETTINGS.max_batch_size), device_id=_worker_index() % gpus,
-                                        observe=metrics.observe)
+
+            def open_model(name: str, where, _choice: Choice | None = None) -> LocalModel:
+                """A version of this model from ``where`` (a bundle folder or a store tag), loading."""
+                return LocalModel.open(name, _bundle_opener(where), choice, None, device=SETTINGS.device,
+                                       threads=PLAN.threads, batch_sizes=warmup_sizes(SETTINGS.max_batch_size),
+                                       device_id=_worker_index() % gpus, observe=metrics.observe)
+
+            self.models = ModelSet({source.name: ModelSlot(source.name, None, source)}, source.name)
+            # New versions of a repository model are polled for and swapped in here (never model control or a
+            # budget: this process holds one model for the service's life).
+            self.reloader = Reloader(self.models, open_model, worker=_worker_index() + 1,
+                                     ready_timeout_s=max(60.0, SETTINGS.timeout_s * 4), retire_s=SETTINGS.timeout_s,
+                                     poll_s=SETTINGS.poll_s, on_event=metrics.model_event,
+                                     compatible=same_interface)
+            self.reloader.open_initial([source.name])
+            if SETTINGS.poll_s > 0:
+                self.reloader.start()
+
+        @property
+        def runtime(self) -> ModelRuntime:
+            """The serving version's runtime (a request takes it once: a swap never splits a batch)."""
+            return self.models.slots[source.name].current.runtime
 
         def __is_ready__(self) -> bool:
             return self.runtime.ready
@@ -293,25 +341,30 @@ def _model_service(source: ModelSource, service_name: str):
                      max_latency_ms=SETTINGS.max_latency_ms)
         def classify(self, pixels: np.ndarray) -> np.ndarray:
             """uint8 RGB [N, H, W, 3] -> float32 probabilities [N, C]; never raises for one bad row."""
+            runtime = self.runtime
             # With several model processes one may still be warming while another already answers /readyz.
-            self.runtime.settled.wait(WARMING_WAIT_S)
-            if not self.runtime.ready:  # BentoML masks a 5xx's message: the entry asks describe() for the reason
-                raise bentoml.exceptions.ServiceUnavailable(f"model {self.runtime.state}")
-            return self.runtime.predict(pixels)
+            runtime.settled.wait(WARMING_WAIT_S)
+            if not runtime.ready:  # BentoML masks a 5xx's message: the entry asks describe() for the reason
+                raise bentoml.exceptions.ServiceUnavailable(f"model {runtime.state}")
+            return runtime.predict(pixels)
 
         @bentoml.api
         def explain(self, pixels: np.ndarray) -> np.ndarray:
             """uint8 RGB [N, H, W, 3] -> [N, C + h*w]: the probabilities, then each top class's activation map
             flattened (one array: what BentoML's inter-service call carries best; service/remote.py splits it)."""
-            self.runtime.settled.wait(WARMING_WAIT_S)
-            if not self.runtime.ready:
-                raise bentoml.exceptions.ServiceUnavailable(f"model {self.runtime.state}")
-            probabilities, maps = self.runtime.explain(pixels)
+            runtime = self.runtime
+            runtime.settled.wait(WARMING_WAIT_S)
+            if not runtime.ready:
+                raise bentoml.exceptions.ServiceUnavailable(f"model {runtime.state}")
+            probabilities, maps = runtime.explain(pixels)
             return np.concatenate([probabilities, maps.reshape(len(maps), -1)], axis=1)
 
         @bentoml.api
         def describe(self) -> dict:
-            return self.runtime.describe()
+            slot = self.models.slots[source.name]
+            current = slot.current
+            version = {"version": current.manifest.version} if current.manifest is not None else {}
+            return {**current.runtime.describe(), **version, **({"reason": slot.reason} if slot.reason else {})}
 
     if source.tag:  # packed into a bento with the service that runs it
         ClassifierModel.bundle = STORE_MODELS[source.name]
@@ -357,14 +410,14 @@ if PLAN.layout == "batched":
             pipeline = Pipeline(decode_all, self.gate, SETTINGS.max_pixels, WARMING_WAIT_S, DECODE_WAIT_S)
             models = {source.name: RemoteModel(source.name, lambda source=source: _bundle_path(source),
                                                CHOICES.get(source.name) or CHOICE,
-                                               lambda index=index: getattr(self, f"model_{index}"), pipeline)
+                                               lambda index=index: getattr(self, f"model_{index}"), pipeline,
+                                               newest=_newest_version(source), on_version=_say_version)
                       for index, source in enumerate(SOURCES)}
             self.models = ModelSet(models, DEFAULT_MODEL, CONFIG_ERROR)
             self._say_served()
-            if SETTINGS.poll_s > 0 or SETTINGS.memory_budget_mb:
-                logger.warning("transferkit: the batched layout neither polls for new versions nor applies a memory "
-                               "budget (each model has processes of its own); TRANSFERKIT_POLL_S and "
-                               "TRANSFERKIT_MEMORY_BUDGET_MB are ignored")
+            if SETTINGS.memory_budget_mb:
+                logger.warning("transferkit: the batched layout applies no memory budget (each model has processes of "
+                               "its own, loaded for the service's life); TRANSFERKIT_MEMORY_BUDGET_MB is ignored")
 
         def __is_ready__(self) -> bool:
             return self._entry_ready()  # BentoML also asks each model service (a dependency) before answering 200
@@ -396,11 +449,9 @@ else:  # inprocess and microbatch: the model runs in the HTTP worker
 
             def open_model(name: str, where, choice: Choice | None = None) -> LocalModel:
                 """A version of model ``name`` from ``where`` (a bundle folder or a store tag), loading."""
-                bundle_path = (lambda: where) if isinstance(where, Path) else \
-                    (lambda: resolve_bundle(bentoml.models.BentoModel(where), where))
                 return LocalModel.open(
-                    name, bundle_path, choice or CHOICES.get(name) or CHOICE, pipeline, device=SETTINGS.device,
-                    threads=PLAN.threads, batch_sizes=sizes, compute_threads=PLAN.threads,
+                    name, _bundle_opener(where), choice or CHOICES.get(name) or CHOICE, pipeline,
+                    device=SETTINGS.device, threads=PLAN.threads, batch_sizes=sizes, compute_threads=PLAN.threads,
                     device_id=_worker_index() % max(1, PLAN.gpus),
                     max_batch=SETTINGS.max_batch_size if batching else None, on_batch=metrics.microbatch,
                     observe=metrics.observe, worker=_worker_index() + 1)

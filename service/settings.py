@@ -133,7 +133,8 @@ class ServiceSettings(BaseSettings):
                                                             "`TRANSFERKIT_ADMIN_TOKEN`")
     poll_s: float = Field(0, ge=0, description="seconds between looks at each repository model's folder for a "
                                                "newer version, loaded, warmed and swapped in without a failed "
-                                               "request (in-process layouts); 0: no polling")
+                                               "request (batched layout: versions of the same input size and classes "
+                                               "only); 0: no polling")
     memory_budget_mb: int = Field(0, ge=0, description="memory the models may hold, all workers together (each "
                                                        "worker gets its share): past it the least recently used "
                                                        "model is unloaded, and loaded again at its next request "

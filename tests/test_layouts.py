@@ -98,7 +98,7 @@ def batch_counters(server, service_name: str) -> tuple[float, float]:
     total = count = 0.0
     for family in text_string_to_metric_families(server.get("/metrics").text):
         for sample in family.samples:
-            if sample.labels.get("service_name") != service_name:
+            if sample.labels.get("runner_name") != service_name:  # service_name is the bento's name in a bento
                 continue
             if sample.name == "bentoml_service_adaptive_batch_size_sum":
                 total += sample.value
@@ -110,14 +110,15 @@ def batch_counters(server, service_name: str) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def batched(bundle, tmp_path_factory):
     """The batched layout serving a model repository of two models: the trained bundle as ``digits-test`` (the
-    default) and a copy of it as ``other``."""
+    default) and a copy of it as ``other``, polled for new versions."""
     import shutil
 
     repository = tmp_path_factory.mktemp("repository")
-    for name in ("digits-test", "other"):
-        shutil.copytree(bundle, repository / name)
+    shutil.copytree(bundle, repository / "digits-test")  # a bundle as the model's folder: never polled
+    shutil.copytree(bundle, repository / "other" / "1")  # version folders: polled for newer ones
     with ready_server(repository, tmp_path_factory.mktemp("logs") / "batched.log", layout="batched",
-                      max_batch_size=16, max_latency_ms=10_000, default_model="digits-test") as srv:
+                      max_batch_size=16, max_latency_ms=10_000, default_model="digits-test", poll_s=0.5) as srv:
+        srv.repository = repository
         yield srv
 
 
@@ -175,6 +176,53 @@ def test_batched_layout_serves_each_model_from_its_own_model_service(batched, tr
     unknown = batched.post("/predict?model=nope", files=[("images", (files[0].name, files[0].read_bytes(),
                                                                      "image/png"))])
     assert unknown.status_code == 404 and unknown.json()["reason"] == "unknown_model"
+
+
+def _new_version(bundle: Path, model_folder: Path, version: str, **changes) -> None:
+    """Copy ``bundle`` in as version ``version`` the way an operator should: under a dot name, renamed once whole."""
+    import json
+    import shutil
+
+    staging = model_folder / f".{version}"
+    shutil.copytree(bundle, staging)
+    manifest = json.loads((staging / "manifest.json").read_text())  # not among the checksummed files
+    (staging / "manifest.json").write_text(json.dumps({**manifest, "version": version, **changes}))
+    staging.rename(model_folder / version)
+
+
+def test_batched_layout_swaps_in_a_polled_version_and_refuses_one_with_other_classes(batched, bundle, trained_run):
+    """The model process polls its repository folder: a new version is loaded beside the old and swapped in while
+    requests keep coming (every one answered 200), and the entry follows (/metadata, the protocol's model_version);
+    a version whose classes differ is refused there, the old one still serving, with the reason."""
+    import base64
+
+    from transferkit.core.manifest import read_manifest
+
+    path = split_files(trained_run.run_dir, "test")[0][0]
+    upload = [("images", (path.name, path.read_bytes(), "image/png"))]
+    first = read_manifest(bundle).version
+    assert [m["version"] for m in batched.get("/metadata").json()["models"]] == [first, first]
+    _new_version(bundle, batched.repository / "other", "2")
+    statuses, deadline = [], time.monotonic() + 90
+    while time.monotonic() < deadline:
+        statuses += [r.status_code for r in _post_concurrently(batched, [path] * 4, "?model=other")]
+        if batched.get("/metadata?model=other").json()["version"] == "2":
+            break
+    assert statuses and set(statuses) == {200}, statuses
+    assert batched.get("/metadata?model=other").json()["version"] == "2", batched.log()[-3000:]
+    assert batched.get("/metadata").json()["version"] == first  # the other model is untouched
+    request = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                           "data": [base64.b64encode(path.read_bytes()).decode()]}]}
+    assert batched.post("/v2/models/other/infer", json=request).json()["model_version"] == "2"
+
+    names = list(reversed(read_manifest(bundle).class_names))
+    _new_version(bundle, batched.repository / "other", "3", class_names=names)
+    deadline = time.monotonic() + 60
+    while "its classes differ" not in batched.log() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    listed = {m["name"]: m for m in batched.get("/metadata").json()["models"]}["other"]
+    assert listed["version"] == "2" and "its classes differ" in listed["reason"], listed
+    assert batched.post("/predict?model=other", files=upload).status_code == 200
 
 
 def test_batched_layout_speaks_the_open_inference_protocol(batched, trained_run):

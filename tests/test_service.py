@@ -558,9 +558,8 @@ def test_bentoml_build_makes_a_cpu_bento_with_the_model(bundle):
 
 def test_transferkit_build_makes_a_gpu_bento_of_two_models_from_the_installed_package(bundle, tmp_path):
     """`transferkit build --gpu` needs no checkout: its context holds the runtime and the service as installed, and
-    the GPU requirements (onnxruntime-gpu with NVIDIA's wheels, still no TensorFlow). Two tags: both models packed,
-    their exact versions pinned in the bento's environment."""
-    import json
+    the GPU requirements (onnxruntime-gpu with NVIDIA's wheels, still no TensorFlow). A bundle folder and a model
+    repository: both registered under their names, packed, their exact versions pinned in the bento."""
     import os
     import shutil
     import subprocess
@@ -570,44 +569,68 @@ def test_transferkit_build_makes_a_gpu_bento_of_two_models_from_the_installed_pa
 
     from transferkit.core.manifest import read_manifest
 
-    other = tmp_path / "other"
-    shutil.copytree(bundle, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    (other / "manifest.json").write_text(json.dumps({**manifest, "name": "digits-other"}))
+    repository = tmp_path / "repository"
+    shutil.copytree(bundle, repository / "other" / "1")
     # A store of its own: a second transferkit model in this worker's store would change what other tests serve.
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
-    register = ("import sys; from pathlib import Path; from transferkit.core.manifest import read_manifest; "
-                "from transferkit.export.bundle import register_bundle; "
-                "[print(register_bundle(Path(p), read_manifest(Path(p)))) for p in sys.argv[1:]]")
-    tags = subprocess.run([sys.executable, "-c", register, str(bundle), str(other)], capture_output=True, text=True,
-                          env=env, check=True).stdout.split()
-    result = subprocess.run([sys.executable, "-m", "transferkit", "build", "digits-test:latest,digits-other", "--gpu"],
+    result = subprocess.run([sys.executable, "-m", "transferkit", "build", f"{bundle},{repository}", "--gpu"],
                             capture_output=True, text=True, timeout=300, cwd=bundle.parent, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = dict(line.split(None, 1) for line in result.stdout.splitlines() if line.startswith("  "))
-    assert rows["target"] == "gpu"
-    name, version = rows["bento"].split(":")
-    bento = Path(env["BENTOML_HOME"]) / "bentos" / name / version
+    version = read_manifest(bundle).version
+    tags = [f"digits-test:{version}", f"other:{version}"]
+    assert rows["target"] == "gpu" and rows["models"] == ", ".join(tags)
+    name, bento_version = rows["bento"].split(":")
+    bento = Path(env["BENTOML_HOME"]) / "bentos" / name / bento_version
     requirements = _bento_requirements(bento)
     assert "onnxruntime-gpu[cuda,cudnn]==1.31.1" in requirements
     assert not [r for r in requirements if r.startswith(("onnxruntime==", "tensorflow", "keras"))]
     info = yaml.safe_load((bento / "bento.yaml").read_text())
-    assert tags[0] == f"digits-test:{read_manifest(bundle).version}"
     assert set(tags) <= {m["tag"] for s in info["services"] for m in s["models"]}
     assert {env["name"]: env["value"] for env in info["envs"]}["TRANSFERKIT_MODEL"] == ",".join(tags)
     _assert_imports_without_an_install(bento / "src", bento / "src" / "transferkit" / "core" / "predictors.py")
     assert sorted(p.name for p in (bento / "src" / "transferkit").iterdir() if p.is_dir()) == ["core", "service"]
 
 
-def test_transferkit_build_refuses_a_directory(bundle):
-    import subprocess
-    import sys
+def test_a_bundle_is_registered_once_and_never_over_another_under_its_tag(bundle, tmp_path):
+    """What `transferkit build` does with a folder: the same bundle again reuses its store entry; a different
+    bundle under the same tag, or one whose files fail their checksums, is refused and registers nothing."""
+    import json
+    import shutil
 
-    result = subprocess.run([sys.executable, "-m", "transferkit", "build", str(bundle)], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("transferkit build: error: ")
-    assert "model-store tag" in result.stderr
+    import bentoml
+
+    from transferkit.core.errors import BundleError, UsageError
+    from transferkit.core.manifest import FORMAT_FILES
+    from transferkit.core.store import stored_tag
+
+    tag = stored_tag(bundle, "stored-once")
+    try:
+        assert stored_tag(bundle, "stored-once") == tag
+        fewer = tmp_path / "fewer"  # a valid bundle with one format less, same version
+        shutil.copytree(bundle, fewer)
+        manifest = json.loads((fewer / "manifest.json").read_text())
+        dropped = next(name for name in manifest["formats"] if name != "onnx")
+        target = fewer / FORMAT_FILES[dropped]
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        del manifest["formats"][dropped]
+        (fewer / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(UsageError, match="already in the model store with other files"):
+            stored_tag(fewer, "stored-once")
+        with pytest.raises(BundleError):
+            stored_tag(tampered_copy(bundle, tmp_path / "tampered"), "stored-tampered")
+        assert [str(m.tag) for m in bentoml.models.list() if m.tag.name.startswith("stored-")] == [tag]
+    finally:
+        bentoml.models.delete(tag)
+
+
+def test_transferkit_build_names_a_missing_folder_in_one_line(tmp_path):
+    from conftest import run_cli_here
+
+    result = run_cli_here("build", str(tmp_path / "nope"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"transferkit build: error: {tmp_path / 'nope'}: no such bundle directory or model repository"]
 
 
 def test_service_code_does_not_import_tensorflow_for_onnx(bundle):
