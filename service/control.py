@@ -9,8 +9,9 @@
 
 Off (403 ``control_off``) unless ``TRANSFERKIT_ADMIN_TOKEN`` (or ``_FILE``) is set; then every request must carry
 ``Authorization: Bearer <admin token>`` (else 401), whatever ``TRANSFERKIT_API_TOKEN`` is. A request reaches one
-worker; it writes the request into the server's control folder, every worker applies it, and the answer comes once
-each has written its outcome (or the request timeout passes: 504).
+worker; it writes the request into the server's control folder, every worker applies it (in the ``batched`` layout,
+every process of that model's service), and the answer comes once each has written its outcome (or the request
+timeout passes: 504).
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ class RepositoryControl:
     """The routes above, for the service ``get_service`` returns; ``workers``: how many must apply a request."""
 
     def __init__(self, get_service: Callable[[], Any], token: bytes | None, control_dir: Path | None, workers: int,
-                 timeout_s: float, off_reason: str | None = None):
+                 timeout_s: float, off_reason: str | None = None, fixed_models: bool = False):
         self.get_service, self.token, self.control_dir = get_service, token, control_dir
         self.workers, self.timeout_s = workers, timeout_s
+        # The batched layout starts a model service per model it serves: a model added later cannot be loaded.
+        self.fixed_models = fixed_models
         self.off_reason = off_reason or ("model control is off: set TRANSFERKIT_ADMIN_TOKEN (or "
                                          "TRANSFERKIT_ADMIN_TOKEN_FILE) to turn it on")
 
@@ -80,6 +83,10 @@ class RepositoryControl:
             source = loadable_source(models, name)
             if action == "unload" and name not in models.slots:
                 raise ServiceError(404, "unknown_model", f"model {name!r} is not loaded")
+            if self.fixed_models and name not in models.slots:
+                raise ServiceError(409, "load_failed", f"model {name!r} was not served at the start: the batched "
+                                                        "layout runs a model service per model it started with; "
+                                                        "restart the service to add one")
             outcomes = await self._carry_out(name, action, source)
         except ServiceError as exc:
             return error_response(exc)
@@ -137,7 +144,7 @@ async def index_rows(models: Any) -> list[dict]:
             described = await entry.describe() if entry.manifest is not None else {"state": "failed"}
             state = STATES.get(described.get("state"), "UNAVAILABLE")
             version = entry.manifest.version if entry.manifest is not None else None
-            reason = slot.reason or (entry.load_error or described.get("error") or "")
+            reason = slot.reason or entry.load_error or described.get("reason") or described.get("error") or ""
         rows.append({"name": name, "version": version, "state": state, **({"reason": reason} if reason else {})})
     return rows
 

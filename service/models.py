@@ -38,19 +38,19 @@ def estimated_bytes(manifest: Any, backend: str) -> int:
 E = TypeVar("E")
 
 
-def same_interface(serving: Any, new: Any) -> str | None:
-    """Why ``new`` may not replace ``serving`` in the batched layout, or None: there the entry decodes to the input
-    size and names the classes of the version it read at its start, so a new version must keep both (a version
-    that changes them is a new model: serve it under a new name)."""
-    old_manifest, new_manifest = serving.manifest, new.manifest
-    if old_manifest is None or new_manifest is None:
+def same_interface(expected: Any, new: Any) -> str | None:
+    """Why ``new`` (a loaded version) may not serve in the batched layout, or None: there the entry decodes to the
+    input size and names the classes of the manifest ``expected`` it read at its start, so every version it serves
+    must keep both (a version that changes them is a new model: serve it under a new name)."""
+    manifest = new.manifest
+    if expected is None or manifest is None:
         return None
-    if new_manifest.image_size != old_manifest.image_size:
-        return (f"its input size is {new_manifest.image_size} px, not the {old_manifest.image_size} px of the version "
-                "serving: the batched layout swaps in versions of the same input size and classes only")
-    if list(new_manifest.class_names) != list(old_manifest.class_names):
-        return ("its classes differ from the version serving's: the batched layout swaps in versions of the same "
-                "input size and classes only")
+    if manifest.image_size != expected.image_size:
+        return (f"its input size is {manifest.image_size} px, not the {expected.image_size} px this service started "
+                "with: the batched layout serves versions of the same input size and classes only")
+    if list(manifest.class_names) != list(expected.class_names):
+        return ("its classes differ from those this service started with: the batched layout serves versions of "
+                "the same input size and classes only")
     return None
 
 

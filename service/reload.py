@@ -70,10 +70,10 @@ class Reloader:
                  on_event: Callable[[str, str, float | None], None] | None = None, budget_bytes: int = 0,
                  estimate: Callable[[str, Any], int] | None = None,
                  on_swap: Callable[[str, Any, Any], None] | None = None,
-                 compatible: Callable[[Any, Any], str | None] | None = None):
+                 compatible: Callable[[Any], str | None] | None = None, only: str | None = None):
         self.models, self.open_model, self.worker = models, open_model, worker
-        # (version serving, new version) -> why the new one may not replace it, or None
-        self.compatible = compatible or (lambda old, new: None)
+        self.compatible = compatible or (lambda new: None)  # a loaded version -> why it may not serve, or None
+        self.only = only  # the one model whose control requests this process applies (batched layout), or all
         self.ready_timeout_s, self.retire_s, self.poll_s, self.control_dir = ready_timeout_s, retire_s, poll_s, \
             control_dir
         self.on_event = on_event or (lambda model, event, seconds: None)
@@ -124,8 +124,8 @@ class Reloader:
             new = self.open_model(name, where)
             new.runtime.settled.wait(self.ready_timeout_s)
             reason = None if new.is_ready() else new.error or f"not ready within {self.ready_timeout_s:.0f} s"
-            if reason is None and slot.current is not None:
-                reason = self.compatible(slot.current, new)
+            if reason is None:
+                reason = self.compatible(new)
             if reason is not None:
                 new.runtime.retire(0)
                 slot.reason = f"{_shown(where)}: {reason}"
@@ -261,6 +261,8 @@ class Reloader:
             request = read_json(path)
             if request is None or request.get("serial", 0) <= self._applied.get(request.get("model"), 0):
                 continue
+            if self.only is not None and request.get("model") != self.only:
+                continue  # another model's process answers it
             name = request["model"]
             if request["action"] == "unload":
                 outcome = self.unload(name)

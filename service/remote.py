@@ -30,13 +30,13 @@ class RemoteModel:
     BentoML dependency of the entry on that model's service (resolved at the first call)."""
 
     def __init__(self, name: str, bundle_path: Callable[[], Any], choice: Choice, client: Callable[[], Any],
-                 pipeline: Pipeline, newest: Callable[[], Any] | None = None,
+                 pipeline: Pipeline, find_version: Callable[[str], Any] | None = None,
                  on_version: Callable[[str, str, str], None] | None = None):
         self.name, self.choice, self.backend = name, choice, choice.backend
         self.manifest, self.load_error = read_served_manifest(bundle_path)
         self.client, self.pipeline = client, pipeline
-        # A repository model's newest version folder: where the version a model process swapped in is read from.
-        self.newest, self.on_version = newest, on_version or (lambda name, old, new: None)
+        # A repository model's version -> its manifest: how the entry reads the version a model process swapped in.
+        self.find_version, self.on_version = find_version, on_version or (lambda name, old, new: None)
         self._followed_at, self._following = 0.0, None
 
     def is_ready(self) -> bool:
@@ -81,6 +81,9 @@ class RemoteModel:
                 raise
         info = await self.describe()  # why the model refused: loading, failed or busy (BentoML masks 5xx messages)
         state = info.get("state")
+        if state == "unloaded":
+            raise ModelUnavailable("model_unloaded", f"model {self.name!r} is unloaded: an operator unloaded it "
+                                                     "(POST /v2/repository/models/NAME/load serves it again)", None)
         if state == "failed":
             raise ModelUnavailable("model_unavailable", f"the model failed to load: {info.get('error')}", None)
         if state == "loading":
@@ -101,16 +104,16 @@ class RemoteModel:
         for /metadata and the protocol's ``model_version`` (its input size and classes are the serving one's: the
         model process refuses others, service/models.py's ``same_interface``)."""
         self._followed_at = time.monotonic()
-        if not version or self.manifest is None or version == self.manifest.version or self.newest is None:
+        if not version or self.manifest is None or version == self.manifest.version or self.find_version is None:
             return
-        manifest, _ = read_served_manifest(self.newest)
-        if manifest is not None and manifest.version == version:
+        manifest = self.find_version(version)
+        if manifest is not None:
             old, self.manifest = self.manifest.version, manifest
             self.on_version(self.name, old, version)
 
     def _follow_soon(self) -> None:
         """Ask the model process which version it serves, at most every :data:`FOLLOW_S`, off the request's path."""
-        if self.newest is None or time.monotonic() - self._followed_at < FOLLOW_S:
+        if self.find_version is None or time.monotonic() - self._followed_at < FOLLOW_S:
             return
         if self._following is None or self._following.done():
             self._followed_at = time.monotonic()

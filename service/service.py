@@ -45,7 +45,7 @@ from transferkit.service.decoding import decode_all as _decode_all
 from transferkit.service.errors import mask_paths
 from transferkit.service.guard import RouteGuard, collect_routes
 from transferkit.service.http import build_app, metrics
-from transferkit.service.local import LocalModel, Pipeline
+from transferkit.service.local import LocalModel, Pipeline, read_served_manifest
 from transferkit.service.middleware import Admission, BodySizeLimit
 from transferkit.service.models import ModelSet, ModelSlot, estimated_bytes, same_interface
 from transferkit.service.oip import OpenInferenceProtocol
@@ -266,19 +266,27 @@ class _Entry:
             and not lifecycle.is_draining()
 
 
-def _newest_version(source: ModelSource):
-    """A repository model's newest version folder, looked up when called (None for a lone bundle or a tag)."""
+def _version_finder(source: ModelSource):
+    """For a repository model: a function from a version to its manifest, read from the model's version folders
+    (newest first), or None when no folder holds it; None for a lone bundle or a tag."""
     if source.repository is None:
         return None
+    folder = source.repository / source.name
 
-    def newest() -> Path:
+    def find(version: str):
         try:
-            found = repository_model(source.repository / source.name)
+            found = repository_model(folder)
         except (OSError, TransferkitError):
-            found = None
-        return found.path if found is not None else source.path
+            return None
+        paths = [folder / name for name in reversed(found.versions)] if found and found.versions else \
+            [found.path] if found else []
+        for path in paths:
+            manifest = read_served_manifest(lambda path=path: path)[0]
+            if manifest is not None and manifest.version == version:
+                return manifest
+        return None
 
-    return newest
+    return find
 
 
 def _say_version(name: str, old: str, new: str) -> None:
@@ -318,30 +326,38 @@ def _model_service(source: ModelSource, service_name: str):
                                        threads=PLAN.threads, batch_sizes=warmup_sizes(SETTINGS.max_batch_size),
                                        device_id=_worker_index() % gpus, observe=metrics.observe)
 
-            self.models = ModelSet({source.name: ModelSlot(source.name, None, source)}, source.name)
-            # New versions of a repository model are polled for and swapped in here (never model control or a
-            # budget: this process holds one model for the service's life).
+            self.slot = ModelSlot(source.name, None, source)
+            self.models = ModelSet({source.name: self.slot}, source.name)
+            # The manifest the entry reads at its start: every version this process serves must keep its input size
+            # and classes (service/models.py's same_interface).
+            started_with = read_served_manifest(_bundle_opener(source.where))[0]
+            # New versions (polled) and the operator's load and unload of this model are applied here; no budget:
+            # this process holds one model.
             self.reloader = Reloader(self.models, open_model, worker=_worker_index() + 1,
                                      ready_timeout_s=max(60.0, SETTINGS.timeout_s * 4), retire_s=SETTINGS.timeout_s,
-                                     poll_s=SETTINGS.poll_s, on_event=metrics.model_event,
-                                     compatible=same_interface)
+                                     poll_s=SETTINGS.poll_s, control_dir=CONTROL_DIR, on_event=metrics.model_event,
+                                     compatible=lambda new: same_interface(started_with, new), only=source.name)
             self.reloader.open_initial([source.name])
-            if SETTINGS.poll_s > 0:
+            if SETTINGS.poll_s > 0 or CONTROL_DIR is not None:
                 self.reloader.start()
 
-        @property
-        def runtime(self) -> ModelRuntime:
-            """The serving version's runtime (a request takes it once: a swap never splits a batch)."""
-            return self.models.slots[source.name].current.runtime
+        def _runtime(self) -> ModelRuntime:
+            """The serving version's runtime (a call takes it once: a swap never splits a batch); 503 when an
+            operator unloaded the model."""
+            current = self.slot.current
+            if current is None:
+                raise bentoml.exceptions.ServiceUnavailable("model unloaded")
+            return current.runtime
 
         def __is_ready__(self) -> bool:
-            return self.runtime.ready
+            current = self.slot.current
+            return current is None or current.runtime.ready  # unloaded on purpose: the service stays ready
 
         @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
                      max_latency_ms=SETTINGS.max_latency_ms)
         def classify(self, pixels: np.ndarray) -> np.ndarray:
             """uint8 RGB [N, H, W, 3] -> float32 probabilities [N, C]; never raises for one bad row."""
-            runtime = self.runtime
+            runtime = self._runtime()
             # With several model processes one may still be warming while another already answers /readyz.
             runtime.settled.wait(WARMING_WAIT_S)
             if not runtime.ready:  # BentoML masks a 5xx's message: the entry asks describe() for the reason
@@ -352,7 +368,7 @@ def _model_service(source: ModelSource, service_name: str):
         def explain(self, pixels: np.ndarray) -> np.ndarray:
             """uint8 RGB [N, H, W, 3] -> [N, C + h*w]: the probabilities, then each top class's activation map
             flattened (one array: what BentoML's inter-service call carries best; service/remote.py splits it)."""
-            runtime = self.runtime
+            runtime = self._runtime()
             runtime.settled.wait(WARMING_WAIT_S)
             if not runtime.ready:
                 raise bentoml.exceptions.ServiceUnavailable(f"model {runtime.state}")
@@ -361,10 +377,11 @@ def _model_service(source: ModelSource, service_name: str):
 
         @bentoml.api
         def describe(self) -> dict:
-            slot = self.models.slots[source.name]
-            current = slot.current
+            current, reason = self.slot.current, {"reason": self.slot.reason} if self.slot.reason else {}
+            if current is None:
+                return {"state": "unloaded", **reason}
             version = {"version": current.manifest.version} if current.manifest is not None else {}
-            return {**current.runtime.describe(), **version, **({"reason": slot.reason} if slot.reason else {})}
+            return {**current.runtime.describe(), **version, **reason}
 
     if source.tag:  # packed into a bento with the service that runs it
         ClassifierModel.bundle = STORE_MODELS[source.name]
@@ -408,11 +425,10 @@ if PLAN.layout == "batched":
         def __init__(self) -> None:
             self._init_entry()
             pipeline = Pipeline(decode_all, self.gate, SETTINGS.max_pixels, WARMING_WAIT_S, DECODE_WAIT_S)
-            models = {source.name: RemoteModel(source.name, lambda source=source: _bundle_path(source),
-                                               CHOICES.get(source.name) or CHOICE,
-                                               lambda index=index: getattr(self, f"model_{index}"), pipeline,
-                                               newest=_newest_version(source), on_version=_say_version)
-                      for index, source in enumerate(SOURCES)}
+            models = {source.name: ModelSlot(source.name, RemoteModel(
+                source.name, lambda source=source: _bundle_path(source), CHOICES.get(source.name) or CHOICE,
+                lambda index=index: getattr(self, f"model_{index}"), pipeline, find_version=_version_finder(source),
+                on_version=_say_version), source) for index, source in enumerate(SOURCES)}
             self.models = ModelSet(models, DEFAULT_MODEL, CONFIG_ERROR)
             self._say_served()
             if SETTINGS.memory_budget_mb:
@@ -490,11 +506,10 @@ def _estimated_rate() -> float | None:
     return service.estimated_rate() if hasattr(service, "estimated_rate") else None
 
 
-CONTROL = RepositoryControl(lambda: bentoml.get_current_service(), ADMIN_TOKEN, CONTROL_DIR, PLAN.entry_workers,
-                            SETTINGS.timeout_s * 4,
-                            off_reason="the batched layout has no model control yet: each model has processes of its "
-                                       "own; serve a repository with TRANSFERKIT_LAYOUT=inprocess to load and unload"
-                            if PLAN.layout == "batched" and ADMIN_TOKEN else None)
+# In the batched layout a model's own processes apply its control requests; they serve the models of the start only.
+CONTROL = RepositoryControl(lambda: bentoml.get_current_service(), ADMIN_TOKEN, CONTROL_DIR,
+                            PLAN.model_workers if PLAN.layout == "batched" else PLAN.entry_workers,
+                            SETTINGS.timeout_s * 4, fixed_models=PLAN.layout == "batched")
 ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service(), SETTINGS, PLAN, CONTROL),
                                    path="/")(ImageClassifier)
 ImageClassifier.add_asgi_middleware(

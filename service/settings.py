@@ -13,8 +13,8 @@ Which processes run (the *layout*) follows the hardware; :meth:`ServiceSettings.
   ``max_batch_size``) as one batch: decoding overlaps inference, and batches grow under load. Chosen when the
   backend's measured images/s at batch 8 is at least ``BATCH_SCALING_MIN`` times batch 1's (core/backends.py):
   OpenVINO bf16 on a CPU matrix engine, never onnxruntime fp32 on a 224-px model.
-- ``batched`` (GPU): entry workers scaled to the cores decode and send uint8 pixels to one model process per GPU,
-  whose BentoML adaptive batcher merges concurrent requests into one device call.
+- ``batched`` (GPU): entry workers scaled to the cores decode and send uint8 pixels to one model process per GPU (per
+  model served), whose BentoML adaptive batcher merges concurrent requests into one device call.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ class ServiceSettings(BaseSettings):
                             "else `inprocess`")
     workers: int | None = Field(None, ge=1, description="HTTP worker processes; unset: one per core "
                                                         f"(at most {MAX_CPU_WORKERS})")
-    model_workers: int | None = Field(None, ge=1, description="`batched`: model processes; unset: one per GPU "
-                                                              "(1 on CPU)")
+    model_workers: int | None = Field(None, ge=1, description="`batched`: model processes of each model; unset: "
+                                                              "one per GPU (1 on CPU)")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads per session; unset: "
                                                         "cores ÷ processes running a session")
     top_k: int = Field(5, ge=1, description="labels listed per image")

@@ -107,17 +107,21 @@ def batch_counters(server, service_name: str) -> tuple[float, float]:
     return total, count
 
 
+ADMIN = "batched-admin-token"
+
+
 @pytest.fixture(scope="module")
 def batched(bundle, tmp_path_factory):
     """The batched layout serving a model repository of two models: the trained bundle as ``digits-test`` (the
-    default) and a copy of it as ``other``, polled for new versions."""
+    default) and a copy of it as ``other``, polled for new versions, model control on."""
     import shutil
 
     repository = tmp_path_factory.mktemp("repository")
     shutil.copytree(bundle, repository / "digits-test")  # a bundle as the model's folder: never polled
     shutil.copytree(bundle, repository / "other" / "1")  # version folders: polled for newer ones
     with ready_server(repository, tmp_path_factory.mktemp("logs") / "batched.log", layout="batched",
-                      max_batch_size=16, max_latency_ms=10_000, default_model="digits-test", poll_s=0.5) as srv:
+                      max_batch_size=16, max_latency_ms=10_000, default_model="digits-test", poll_s=0.5,
+                      admin_token=ADMIN) as srv:
         srv.repository = repository
         yield srv
 
@@ -223,6 +227,37 @@ def test_batched_layout_swaps_in_a_polled_version_and_refuses_one_with_other_cla
     listed = {m["name"]: m for m in batched.get("/metadata").json()["models"]}["other"]
     assert listed["version"] == "2" and "its classes differ" in listed["reason"], listed
     assert batched.post("/predict?model=other", files=upload).status_code == 200
+
+
+def test_batched_layout_unloads_and_loads_a_model_in_its_own_processes(batched, trained_run):
+    """Model control reaches the model's own service: unloaded, it answers 503 model_unloaded (the other model and
+    readiness unaffected); a load of a version with other classes is refused with the reason (409); a load of a
+    compatible one serves again; a model the service did not start with cannot be loaded here."""
+    import shutil
+
+    path = split_files(trained_run.run_dir, "test")[0][0]
+    upload = [("images", (path.name, path.read_bytes(), "image/png"))]
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    anonymous = batched.post("/v2/repository/models/other/unload")
+    assert anonymous.status_code == 401, anonymous.text
+    unloaded = batched.post("/v2/repository/models/other/unload", headers=admin)
+    assert unloaded.status_code == 200 and unloaded.json()["workers"] == 1, unloaded.text
+    refused = batched.post("/predict?model=other", files=upload)
+    assert refused.status_code == 503 and refused.json()["reason"] == "model_unloaded", refused.text
+    assert batched.post("/predict", files=upload).status_code == 200 and batched.get("/readyz").status_code == 200
+    index = {row["name"]: row for row in batched.post("/v2/repository/index", headers=admin).json()}
+    assert index["other"]["state"] == "UNAVAILABLE" and index["digits-test"]["state"] == "READY", index
+    # The newest version folder (3, left by the test above) has other classes: refused, still unloaded.
+    failed = batched.post("/v2/repository/models/other/load", headers=admin)
+    assert failed.status_code == 409 and "its classes differ" in failed.json()["error"], failed.text
+    assert batched.post("/predict?model=other", files=upload).status_code == 503
+    shutil.rmtree(batched.repository / "other" / "3")  # this module's own copy
+    loaded = batched.post("/v2/repository/models/other/load", headers=admin)
+    assert loaded.status_code == 200 and loaded.json()["versions"] == ["2"], loaded.text
+    assert batched.post("/predict?model=other", files=upload).status_code == 200
+    shutil.copytree(batched.repository / "digits-test", batched.repository / "late")
+    late = batched.post("/v2/repository/models/late/load", headers=admin)
+    assert late.status_code == 409 and "restart the service" in late.json()["error"], late.text
 
 
 def test_batched_layout_speaks_the_open_inference_protocol(batched, trained_run):
