@@ -210,6 +210,9 @@ def add_bench_models_parser(subparsers) -> None:
     p.add_argument("--users", type=int, default=16, help="client threads (default 16)")
     p.add_argument("--duration", default="30s", help="per run, e.g. 30s or 2m (default 30s)")
     p.add_argument("--workers", type=int, help="server workers (default: the service's, one per core)")
+    p.add_argument("--layout", choices=["inprocess", "batched"], default="inprocess",
+                   help="the service's layout (default inprocess; batched: the GPU layout, a model service per "
+                        "model, forced on a CPU here; swap and spread only)")
     p.set_defaults(handler=run_bench_models)
 
 
@@ -227,21 +230,24 @@ def run_bench_models(args: argparse.Namespace) -> int:
         raise UsageError(f"--scenarios: choose from swap, spread, budget (got {args.scenarios!r})")
     if args.users < 1:
         raise UsageError("--users must be >= 1")
+    if args.layout == "batched" and "budget" in scenarios:
+        raise UsageError("--layout batched: the budget scenario is in-process only (give --scenarios swap,spread)")
     read_manifest(args.bundle)  # not a bundle: one line, before anything starts
     seconds = float(parse_duration(args.duration))
-    results = models.Results(args.users, seconds)
+    results = models.Results(args.users, seconds, args.layout)
     log = lambda line: print(line, flush=True)  # noqa: E731
     with atomic_output_dir(args.out, args.force) as staging:
         if "swap" in scenarios:
-            results.swap = models.swap(args.bundle, staging, args.users, seconds, args.workers, log)
+            results.swap = models.swap(args.bundle, staging, args.users, seconds, args.workers, log, args.layout)
         if "spread" in scenarios:
-            results.spread = models.spread(args.bundle, staging, args.users, seconds, args.workers, log)
+            results.spread = models.spread(args.bundle, staging, args.users, seconds, args.workers, log,
+                                           args.layout)
         if "budget" in scenarios:
             results.budget = models.budget(args.bundle, staging, args.users, seconds, args.workers, log)
         for folder in [*staging.glob("*-repository"), *staging.glob("spread-[0-9]")]:
             shutil.rmtree(folder)  # copies of the bundle this command made
         files = models.write(results, staging, cpu_model())
-    rows = [("cpu", cpu_model())]
+    rows = [("cpu", cpu_model()), ("layout", args.layout)]
     if results.swap:
         rows.append(("swap: status codes", str(results.swap["statuses"])))
         rows.append(("swap: v1 answers after the first v2", str(results.swap["v1_answers_after_the_first_v2"])))

@@ -69,6 +69,7 @@ class Run:
 class Results:
     users: int
     seconds: float
+    layout: str = "inprocess"  # the service's layout (batched: a model service per model)
     swap: dict = field(default_factory=dict)
     spread: dict = field(default_factory=dict)
     budget: dict = field(default_factory=dict)
@@ -142,16 +143,17 @@ def drive(url: str, models: list[str], users: int, seconds: float,
     return Run(answers, time.monotonic() - start, stale[0])
 
 
-def _served(repository: Path, log: Path, workers: int | None, **settings) -> BentoServer:
+def _served(repository: Path, log: Path, workers: int | None, layout: str = "inprocess", **settings) -> BentoServer:
     extra = {"workers": workers} if workers else {}
-    return BentoServer(repository, log_path=log, backend="onnx", layout="inprocess", **extra,
+    return BentoServer(repository, log_path=log, backend="onnx", layout=layout, **extra,
                        **settings).start().wait_ready(timeout=180)
 
 
-def swap(bundle: Path, out: Path, users: int, seconds: float, workers: int | None, log) -> dict:
+def swap(bundle: Path, out: Path, users: int, seconds: float, workers: int | None, log,
+         layout: str = "inprocess") -> dict:
     repository = out / "swap-repository"
     version_copy(bundle, repository / "a" / "1", "1")
-    server = _served(repository, out / "swap-server.log", workers, poll_s=1)
+    server = _served(repository, out / "swap-server.log", workers, layout, poll_s=1)
     try:
         log(f"swap: {users} users on a for {seconds:.0f} s; version 2 copied in at {seconds / 3:.0f} s")
         run = drive(server.url, ["a"], users, seconds,
@@ -180,13 +182,14 @@ def _timeline(run: Run, step: float = 0.5) -> list[dict]:
     return [{"at_s": index * step, **counts} for index, counts in sorted(buckets.items())]
 
 
-def spread(bundle: Path, out: Path, users: int, seconds: float, workers: int | None, log) -> dict:
+def spread(bundle: Path, out: Path, users: int, seconds: float, workers: int | None, log,
+           layout: str = "inprocess") -> dict:
     figures = {}
     for label, names in (("one model", ["a"]), ("three models", ["a", "b", "c"])):
         repository = out / f"spread-{len(names)}"
         for name in names:
             version_copy(bundle, repository / name / "1", "1")
-        server = _served(repository, out / f"spread-{len(names)}-server.log", workers)
+        server = _served(repository, out / f"spread-{len(names)}-server.log", workers, layout)
         try:
             log(f"spread: {users} users over {', '.join(names)} for {seconds:.0f} s")
             run = drive(server.url, names, users, seconds)
@@ -256,7 +259,8 @@ def budget(bundle: Path, out: Path, users: int, seconds: float, workers: int | N
 def write(results: Results, out: Path, cpu: str) -> list[Path]:
     """results.json, results.md and swap.png (answers per half second by version)."""
     (out / "results.json").write_text(json.dumps(asdict(results), indent=2) + "\n")
-    lines = [f"# One service, many models ({cpu})", "", f"{results.users} users, {results.seconds:.0f} s per run", ""]
+    lines = [f"# One service, many models ({cpu})", "",
+             f"{results.users} users, {results.seconds:.0f} s per run, {results.layout} layout", ""]
     if results.swap:
         s = results.swap
         lines += ["## A new version swapped in under load", "", "| figure | value |", "|---|---|",
