@@ -7,7 +7,7 @@ load or warm is never swapped in: the old one keeps serving, and the failure is 
 index and ``/metadata``.
 
 What asks for a load, in each worker of the ``inprocess``/``microbatch`` layouts and in each model process of the
-``batched`` layout (one :class:`Reloader` thread per process; the batched layout polls only):
+``batched`` layout (one :class:`Reloader` thread per process; there, each applies its own model's requests only):
 
 - polling (``TRANSFERKIT_POLL_S`` > 0): a repository model whose newest version folder changed (a new version
   folder, or the served one replaced); a failed version is tried again only once its files change;
