@@ -59,7 +59,10 @@ def json_body(response) -> object | None:
 
 
 def describe(response) -> str:
-    """A failure's one line: the status and the start of the body, whatever it holds."""
+    """A failure's one line: the status and the start of the body, whatever it holds; without any answer (status 0:
+    the connection was reset, closed or timed out), the client's error, so that a reset is told from a server bug."""
+    if not response.status_code:
+        return f"no answer (the connection failed): {getattr(response, 'error', None)!r}"[:200]
     return f"HTTP {response.status_code}: {(response.text or '(empty body)')[:200]}"
 
 

@@ -40,6 +40,7 @@ PROBES = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/liv
 
 MEAN_SHARE_OF_BUDGET = 0.7  # see LatencyBudget.refusal
 MEASURED_AFTER = 8  # answers before the measured rate replaces the warm-up's estimate
+MAX_RETRY_AFTER_S = 30  # a client told to wait longer would rather go elsewhere
 
 
 class LatencyBudget:
@@ -65,6 +66,7 @@ class LatencyBudget:
         self._busy = 0.0  # seconds with at least one request in flight
         self._since: float | None = None  # when in-flight last changed, while it is > 0
         self._done: deque[float] = deque(maxlen=window)  # the busy clock at each of the last completions
+        self._next_return = 0.0  # the wall-clock time the next refused client is asked to come back at
 
     def _advance(self, in_flight: int) -> float:
         now = self._clock()
@@ -106,10 +108,21 @@ class LatencyBudget:
         target = self.budget_s * MEAN_SHARE_OF_BUDGET
         if wait <= target:
             return None
-        retry = min(30, max(1, math.ceil(wait - target)))
+        retry = self._retry_after(wait - target)
         return ServiceError(503, "overloaded", f"the server could not answer within its latency budget "
                                                f"({self.budget_s:g} s; about {wait:.1f} s of requests are ahead); "
                                                f"retry after {retry} s or elsewhere", retry_after=retry)
+
+    def _retry_after(self, drain_s: float) -> int:
+        """Seconds a refused client should wait: until the queue ahead has drained, and past the clients refused
+        before it, which come back one per 1/rate seconds. Told the same second, every refused client returns at
+        once and is refused again; at 128 users on two cores that was ~100 refusals a second, each an upload read and
+        answered for nothing, and the accepted throughput fell to 0.87-0.92x (BENCHMARKS.md, "Overload"). The schedule
+        restarts from now once its slots are past, so clients that went elsewhere hold nobody back for long."""
+        now = self._clock()
+        slot = min(max(now + drain_s, self._next_return), now + MAX_RETRY_AFTER_S)
+        self._next_return = slot + 1.0 / (self.rate() or 1.0)
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(slot - now)))
 
 
 class Admission:

@@ -554,4 +554,5 @@ def _is_entry_worker() -> bool:
 
 
 if ROLE == "worker":  # the entry's uvicorn gets the head deadline, the head cap and the guard (service/connections.py)
-    connections.install(SETTINGS.header_timeout_s, SETTINGS.max_header_bytes, guarded, _is_entry_worker)
+    connections.install(SETTINGS.header_timeout_s, SETTINGS.max_header_bytes, guarded, _is_entry_worker,
+                        keep_alive_s=SETTINGS.keep_alive_s)

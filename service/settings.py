@@ -119,6 +119,11 @@ class ServiceSettings(BaseSettings):
     header_timeout_s: int = Field(10, ge=1, description="seconds a request's line and headers may take from "
                                                         "their first byte (a new connection: from its opening); "
                                                         "past it 408 and the connection closes")
+    keep_alive_s: int = Field(75, ge=1, description="seconds an idle keep-alive connection stays open; longer "
+                                                    "than a load balancer's idle timeout (60 s on AWS's) and than "
+                                                    "the longest Retry-After (30 s), so that neither reuses a "
+                                                    "connection the server is closing (uvicorn's default, 5 s, "
+                                                    "reset clients that waited a 5-s Retry-After)")
     max_header_kb: int = Field(16, ge=1, le=1024, description="request line and headers, in KiB: 431 past it")
     api_token: SecretStr | None = Field(None, description="bearer token every route but the probes requires "
                                                           "(`Authorization: Bearer ...`, else 401); unset: no "

@@ -75,6 +75,21 @@ def test_a_model_slower_than_the_budget_still_answers_one_at_a_time():
     assert budget.refusal(1).retry_after == 5  # (1 + 1) × 3 s − 1.4 s (0.7 of the budget), rounded up
 
 
+def test_refused_clients_are_told_to_come_back_spread_at_the_admission_rate():
+    """Thirty clients refused in the same instant by a worker that admits 10 a second: the first once the queue has
+    drained (0.7 s), the others 0.1 s apart, so that they return as fast as requests can be taken in, not all in the
+    next second to be refused again."""
+    clock = Clock()
+    budget = LatencyBudget(2.0, clock=clock)
+    _serve_one_at_a_time(budget, clock, 10, 0.1)
+    told = [budget.refusal(20).retry_after for _ in range(30)]  # 2.1 s predicted: 0.7 s past the aim
+    assert told == sorted(told) and told[0] == 1 and told[-1] == 4  # 0.7 s + 29 × 0.1 s, rounded up
+    assert max(told.count(seconds) for seconds in set(told)) <= 11  # about the worker's rate, per second
+    assert [budget.refusal(20).retry_after for _ in range(400)][-1] == 30  # never past the cap
+    clock.now += 31  # the schedule's slots are past: the next refused client waits only for the queue
+    assert budget.refusal(20).retry_after == 1
+
+
 def _admission(budget_s: float, release: asyncio.Event, seen: list) -> Admission:
     async def app(scope, receive, send):
         seen.append(scope["path"])

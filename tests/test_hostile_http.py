@@ -583,6 +583,20 @@ def test_idle_half_sent_and_slow_loris_heads_are_closed_at_the_head_deadline(ser
     assert server.get("/livez").status_code == 200
 
 
+def test_an_idle_keep_alive_connection_outlives_a_retry_after_and_uvicorns_five_seconds(server):
+    """A client that waited out a Retry-After (up to 30 s) or a load balancer's idle pool sends its next request on
+    the connection it kept. With uvicorn's 5-s keep-alive the server had closed it, or was closing it just then (a
+    reset at 128 users); now it stays open for TRANSFERKIT_KEEP_ALIVE_S (75 s)."""
+    request = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request)
+        assert until_closed(sock, 0.5)[1].startswith(b"HTTP/1.1 200 ")  # the whole answer, head and body
+        time.sleep(6.5)
+        sock.sendall(request)
+        seconds, reply = until_closed(sock, 1)
+    assert reply.startswith(b"HTTP/1.1 200 ") and seconds >= 1, reply[:200]  # answered, and still open
+
+
 def test_heads_over_the_cap_are_431_whole_or_in_pieces(server):
     whole = b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:

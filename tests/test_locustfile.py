@@ -29,6 +29,7 @@ BAD_ANSWERS = [
     (400, b"plain refusal, not JSON", "text/plain"),
     (200, b"garbage that is not JSON", "application/json"),
     (503, b'{"error": "busy", "reason": "overloaded"}', "application/json"),  # no Retry-After: the client can't wait
+    (0, b"", None),  # the connection closed with no answer at all (a crash, a reset)
 ]
 
 
@@ -40,6 +41,9 @@ class BadServer(BaseHTTPRequestHandler):
         pass
 
     def _answer(self, status: int, body: bytes, content_type: str | None) -> None:
+        if not status:
+            self.close_connection = True
+            return
         self.send_response(status)
         if content_type:
             self.send_header("Content-Type", content_type)
@@ -98,5 +102,5 @@ def test_the_locustfile_reports_any_bad_answer_as_a_failure_without_an_exception
         errors = "\n".join(row["Error"] for row in csv.DictReader(handle))
     for expected in ("HTTP 500: (empty body)", "HTTP 500: <html><body>upstream oops", 'HTTP 500: {"detail"',
                      "HTTP 500: [1, 2, 3]", "HTTP 400: plain refusal", "the answer is not JSON",
-                     "HTTP 503 without a usable Retry-After (None)"):
+                     "HTTP 503 without a usable Retry-After (None)", "no answer (the connection failed): "):
         assert expected in errors, errors
