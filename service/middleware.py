@@ -116,9 +116,10 @@ class LatencyBudget:
     def _retry_after(self, drain_s: float) -> int:
         """Seconds a refused client should wait: until the queue ahead has drained, and past the clients refused
         before it, which come back one per 1/rate seconds. Told the same second, every refused client returns at
-        once and is refused again; at 128 users on two cores that was ~100 refusals a second, each an upload read and
-        answered for nothing, and the accepted throughput fell to 0.87-0.92x (BENCHMARKS.md, "Overload"). The schedule
-        restarts from now once its slots are past, so clients that went elsewhere hold nobody back for long."""
+        once and is refused again; at 128 users on two cores that was ~107 refusals a second, each an upload read and
+        answered for nothing, and the accepted throughput fell to 0.67-0.77x the 16-user figure (0.92-1.05x with the
+        slots; BENCHMARKS.md, first section). The schedule restarts from now once its slots are past, so clients that
+        went elsewhere hold nobody back for long."""
         now = self._clock()
         slot = min(max(now + drain_s, self._next_return), now + MAX_RETRY_AFTER_S)
         self._next_return = slot + 1.0 / (self.rate() or 1.0)
