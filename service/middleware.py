@@ -51,8 +51,9 @@ class LatencyBudget:
 
     Shedding at admission is what keeps the accepted requests' latency bounded: a request refused here costs no body
     read, no decode and no inference, so the work the server does is all work it can finish in time, and a load
-    balancer or client can go elsewhere at once (Retry-After: when the queue ahead should have drained). A worker with
-    nothing in flight always admits (a model slower than the budget still answers one request at a time).
+    balancer or client can go elsewhere at once (Retry-After: a return slot after the queue ahead has drained, see
+    :meth:`_retry_after`). A worker with nothing in flight always admits (a model slower than the budget still answers
+    one request at a time).
 
     Until :data:`MEASURED_AFTER` answers are known, ``estimate()`` stands in: the rate the worker's model showed when
     it was warmed (inference alone, so an optimistic figure: a burst on a new worker is admitted rather than guessed
