@@ -130,7 +130,7 @@ class HeadDeadline:
         self.transport.close()
 
 
-def guarded_protocol(base: type, head_timeout_s: float, max_head_bytes: int, keep_alive_s: float = 75.0) -> type:
+def guarded_protocol(base: type, head_timeout_s: float, max_head_bytes: int, keep_alive_s: float) -> type:
     """``base`` (one of uvicorn's HTTP protocol classes) with :class:`HeadDeadline` and these limits."""
     return type(f"Guarded{base.__name__}", (HeadDeadline, base),
                 {"head_timeout_s": float(head_timeout_s), "max_head_bytes": int(max_head_bytes),
@@ -148,7 +148,7 @@ def _protocol_class(http: Any) -> type | None:
 
 
 def install(head_timeout_s: float, max_head_bytes: int, wrap_app: Callable[[Any], Any],
-            applies: Callable[[], bool], keep_alive_s: int = 75) -> bool:
+            applies: Callable[[], bool], keep_alive_s: int) -> bool:
     """Patch ``uvicorn.Config`` so that every config built while ``applies()`` (the entry service's) gets the
     guarded protocol, the head cap, ``keep_alive_s`` and ``wrap_app(app)``; idempotent. False when uvicorn is not
     importable."""
