@@ -199,7 +199,8 @@ def add_bench_models_parser(subparsers) -> None:
                     "run; every status code, when answers switched, and each worker's swap are reported (target: "
                     "only 200). spread: the same load on one model, then spread over three served together "
                     "(target: three >= 0.95 x one). budget: two models alternating under a memory budget that holds "
-                    "one per worker (target: 200, or 503 with Retry-After while one reloads). Writes results.md, "
+                    "one per worker, or per device in the batched layout (target: 200, or 503 with Retry-After "
+                    "while one reloads). Writes results.md, "
                     "results.json, swap.png and the server logs to --out.",
     )
     p.add_argument("bundle", type=Path, metavar="BUNDLE", help="a bundle directory (copied into the repositories)")
@@ -212,7 +213,7 @@ def add_bench_models_parser(subparsers) -> None:
     p.add_argument("--workers", type=int, help="server workers (default: the service's, one per core)")
     p.add_argument("--layout", choices=["inprocess", "batched"], default="inprocess",
                    help="the service's layout (default inprocess; batched: the GPU layout, a model service per "
-                        "model, forced on a CPU here; swap and spread only)")
+                        "model, forced on a CPU here)")
     p.set_defaults(handler=run_bench_models)
 
 
@@ -230,8 +231,6 @@ def run_bench_models(args: argparse.Namespace) -> int:
         raise UsageError(f"--scenarios: choose from swap, spread, budget (got {args.scenarios!r})")
     if args.users < 1:
         raise UsageError("--users must be >= 1")
-    if args.layout == "batched" and "budget" in scenarios:
-        raise UsageError("--layout batched: the budget scenario is in-process only (give --scenarios swap,spread)")
     read_manifest(args.bundle)  # not a bundle: one line, before anything starts
     seconds = float(parse_duration(args.duration))
     results = models.Results(args.users, seconds, args.layout)
@@ -243,7 +242,8 @@ def run_bench_models(args: argparse.Namespace) -> int:
             results.spread = models.spread(args.bundle, staging, args.users, seconds, args.workers, log,
                                            args.layout)
         if "budget" in scenarios:
-            results.budget = models.budget(args.bundle, staging, args.users, seconds, args.workers, log)
+            results.budget = models.budget(args.bundle, staging, args.users, seconds, args.workers, log,
+                                           args.layout)
         for folder in [*staging.glob("*-repository"), *staging.glob("spread-[0-9]")]:
             shutil.rmtree(folder)  # copies of the bundle this command made
         files = models.write(results, staging, cpu_model())

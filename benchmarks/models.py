@@ -6,8 +6,9 @@
   the last one from version 1, and each worker's swap time from the server log.
 - **spread**: the same load against one model alone, then spread over three models (``a``, ``b``, ``c``: copies of
   the bundle) served together; images/s of each (the target: three ≥ 0.95 × one).
-- **budget**: two models and a memory budget that holds one per worker, requests alternating between them: every
-  status code (the target: 200, or 503 with Retry-After while a model reloads) and each reload's seconds.
+- **budget**: two models and a memory budget that holds one per worker (batched: per device), requests alternating
+  between them: every status code (the target: 200, or 503 with Retry-After while a model reloads) and each reload's
+  seconds.
 
 The clients are threads of this process posting one small PNG per request (JSON, base64), each waiting what a 503's
 Retry-After asks (at most 5 s) before its next request: the same client for every figure, so the ratios compare the
@@ -228,17 +229,21 @@ def model_megabytes(bundle: Path) -> float:
     return int(done.stdout.split()[-1]) / 2**20
 
 
-def budget(bundle: Path, out: Path, users: int, seconds: float, workers: int | None, log) -> dict:
-    """Two models, a memory budget that holds one of them per worker, requests alternating between them."""
+def budget(bundle: Path, out: Path, users: int, seconds: float, workers: int | None, log,
+           layout: str = "inprocess") -> dict:
+    """Two models, a memory budget that holds one of them per worker (batched layout: per device, where each
+    model has a process of its own), requests alternating between them."""
     from transferkit.core.system import available_cores
+    from transferkit.service.settings import ServiceSettings
 
     repository = out / "budget-repository"
     for name in ("a", "b"):
         version_copy(bundle, repository / name / "1", "1")
     one = model_megabytes(bundle)
-    count = workers or available_cores()
-    budget_mb = max(1, int(one * 1.5 * count))  # each worker's share holds one model, not two
-    server = _served(repository, out / "budget-server.log", workers, memory_budget_mb=budget_mb)
+    count = max(1, ServiceSettings(layout="batched").plan().gpus) if layout == "batched" else \
+        workers or available_cores()
+    budget_mb = max(1, int(one * 1.5 * count))  # each worker's (device's) share holds one model, not two
+    server = _served(repository, out / "budget-server.log", workers, layout, memory_budget_mb=budget_mb)
     try:
         log(f"budget: {users} users alternating between a and b for {seconds:.0f} s, budget {budget_mb} MB")
         run = drive(server.url, ["a", "b"], users, seconds)

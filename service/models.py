@@ -62,6 +62,12 @@ def _shown(name: str) -> str:
     return ascii(name) if len(name) <= 70 else ascii(name[:67]) + "..."
 
 
+def reloading(name: str, retry_after: int) -> ModelUnavailable:
+    """The answer for a model the memory budget evicted, loading again (in either layout)."""
+    return ModelUnavailable("reloading", f"model {name!r} was unloaded to keep within the memory budget and is "
+                                         f"loading again; retry in {retry_after} s", retry_after)
+
+
 class ModelSlot(Generic[E]):
     """One name's place in the set: the version that answers now (``current``; None once unloaded) and the last
     thing that happened to it (service/reload.py swaps versions in and out). Requests take ``current`` once, at
@@ -80,12 +86,14 @@ class ModelSlot(Generic[E]):
         self.loaded_at = 0.0  # monotonic time its version was swapped in
         self.retry_s = 0.0  # while its load waits for room: how long until it should answer
 
+    def retry_after(self) -> int:
+        """While this evicted model loads again: the seconds until it should answer."""
+        return max(1, round(self.retry_s or self.load_seconds or 2))
+
     def serving(self) -> E:
         current = self.current
         if current is None and self.evicted:
-            retry = max(1, round(self.retry_s or self.load_seconds or 2))
-            raise ModelUnavailable("reloading", f"model {self.name!r} was unloaded to keep within the memory "
-                                                f"budget and is loading again; retry in {retry} s", retry)
+            raise reloading(self.name, self.retry_after())
         if current is None:
             raise ModelUnavailable("model_unloaded", f"model {self.name!r} is unloaded: an operator unloaded it "
                                                      "(POST /v2/repository/models/NAME/load serves it again)", None)

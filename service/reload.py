@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.core.repository import ModelSource, repository_model
+from transferkit.service.ledger import ModelLedger
 from transferkit.service.models import ModelSet, ModelSlot
 
 logger = logging.getLogger("transferkit.service.models")  # at INFO in a server (service/service.py)
@@ -70,7 +71,8 @@ class Reloader:
                  on_event: Callable[[str, str, float | None], None] | None = None, budget_bytes: int = 0,
                  estimate: Callable[[str, Any], int] | None = None,
                  on_swap: Callable[[str, Any, Any], None] | None = None,
-                 compatible: Callable[[Any], str | None] | None = None, only: str | None = None):
+                 compatible: Callable[[Any], str | None] | None = None, only: str | None = None,
+                 ledger: ModelLedger | None = None):
         self.models, self.open_model, self.worker = models, open_model, worker
         self.compatible = compatible or (lambda new: None)  # a loaded version -> why it may not serve, or None
         self.only = only  # the one model whose control requests this process applies (batched layout), or all
@@ -79,6 +81,8 @@ class Reloader:
         self.on_event = on_event or (lambda model, event, seconds: None)
         self.on_swap = on_swap or (lambda name, old, new: None)  # (name, version out or None, version in or None)
         self.budget_bytes = budget_bytes  # this worker's share of the memory budget; 0: none
+        # The batched layout's budget, shared with the other model processes of this device (service/ledger.py).
+        self.ledger = ledger
         self.estimate = estimate or (lambda name, where: 0)  # a version's resident memory, estimated before loading
         self._applied: dict[str, int] = {}  # control requests done, by model: their serial
         self._failed: dict[str, tuple] = {}  # the version folder (and its stamp) whose load failed, by model
@@ -86,8 +90,8 @@ class Reloader:
         self._loading_lock = threading.Lock()
         # Under a budget, loads run one at a time in a worker: two at once would each find room the other is about
         # to take, and both would stay loaded, over the budget.
-        self._budget_lock = threading.Lock() if budget_bytes else contextlib.nullcontext()
-        if budget_bytes:
+        self._budget_lock = threading.Lock() if budget_bytes or ledger else contextlib.nullcontext()
+        if budget_bytes or ledger:
             models.on_demand = self.on_demand
 
     def start(self) -> None:
@@ -97,6 +101,8 @@ class Reloader:
         next_poll = time.monotonic() + self.poll_s
         while True:
             try:
+                if self.ledger is not None and self.ledger.asked_to_evict():
+                    self.evict_for_others()
                 if self.control_dir is not None:
                     self.apply_requests()
                 if self.poll_s > 0 and time.monotonic() >= next_poll:
@@ -128,6 +134,7 @@ class Reloader:
                 reason = self.compatible(new)
             if reason is not None:
                 new.runtime.retire(0)
+                self._held(slot)
                 slot.reason = f"{_shown(where)}: {reason}"
                 self.on_event(name, "load_failed", None)
                 logger.error("transferkit: worker %d kept %s %s serving: loading %s failed: %s", self.worker, name,
@@ -141,6 +148,7 @@ class Reloader:
             slot.path, slot.reason, slot.evicted, slot.load_seconds = where, "", False, seconds
             slot.loaded_at, slot.retry_s = time.monotonic(), 0.0
             slot.cost_bytes = max(cost, slot.measured_bytes)
+            self._held(slot)
             self.on_event(name, "loaded", seconds)
             self.on_swap(name, old, new)
             logger.info("transferkit: worker %d serves %s %s (was %s; %.1f s to verify, load and warm)", self.worker,
@@ -151,19 +159,22 @@ class Reloader:
 
     # --- the memory budget -----------------------------------------------------------------------------------------
 
-    def open_initial(self, order: list[str]) -> None:
-        """Start loading the models in ``order`` (the default first) while they fit in the budget; the others wait,
-        evicted, for their first request."""
-        used = 0
+    def open_initial(self, order: list[str], at_start: set[str] | None = None) -> None:
+        """Start loading the models in ``order`` (the default first) while they fit in the budget (or those of
+        ``at_start``, a plan made for several processes: :func:`loaded_at_start`); the others wait, evicted, for
+        their first request."""
+        costs = {name: self.estimate(name, self.models.slots[name].path) for name in order}
+        if at_start is None:
+            at_start = loaded_at_start(order, costs, self.budget_bytes)
         for name in order:
             slot = self.models.slots[name]
-            cost = self.estimate(name, slot.path)
-            if self.budget_bytes and used and used + cost > self.budget_bytes:
+            if name not in at_start:
                 slot.evicted = True
                 logger.info("transferkit: worker %d loads %s at its first request (the memory budget holds the "
                             "models before it)", self.worker, name)
                 continue
-            slot.current, slot.cost_bytes, used = self.open_model(name, slot.path), cost, used + cost
+            slot.current, slot.cost_bytes = self.open_model(name, slot.path), costs[name]
+            self._held(slot)
 
     def on_demand(self, slot: ModelSlot) -> None:
         """A request needs ``slot``'s evicted model: load it in the background (once, however many ask)."""
@@ -177,16 +188,50 @@ class Reloader:
                 source = slot.source
                 newest = repository_model(source.repository / slot.name) if source and source.repository else None
                 self.load(slot.name, (newest or source).where if source else slot.path, newest or source)
+            except Exception:  # noqa: BLE001 - the next request tries again; the reason must not vanish
+                logger.exception("transferkit: worker %d could not load %s on demand", self.worker, slot.name)
             finally:
                 with self._loading_lock:
                     self._loading.discard(slot.name)
 
         threading.Thread(target=load, name=f"load-{slot.name}", daemon=True).start()
 
+    def _held(self, slot: ModelSlot) -> None:
+        """Tell the other model processes (service/ledger.py) what this one holds now."""
+        if self.ledger is not None:
+            if slot.current is None:
+                self.ledger.released()
+            else:
+                self.ledger.holding(slot.cost_bytes)
+
+    def evict_for_others(self) -> None:
+        """Another model process of this device needs the room this one's model holds (service/ledger.py)."""
+        for slot in self.models.slots.values():
+            with slot.lock:
+                old = slot.swap(None)
+                if old is None:
+                    continue
+                slot.evicted = True
+                self.on_swap(slot.name, old, None)
+                old.runtime.retire(self.retire_s)
+                self.on_event(slot.name, "evicted", None)
+                logger.info("transferkit: %s unloaded to make room for another model's process (memory budget "
+                            "%.0f MB a device)", slot.name, self.ledger.budget_bytes / 2**20)
+        self.ledger.released()
+
     def _make_room(self, slot: ModelSlot, cost: int) -> None:
         """Evict the least recently used other models until ``cost`` more fits in the budget (every loaded version
         counts, the one ``slot`` is replacing too: both are resident during a swap), first waiting until the ones
-        to evict have been loaded :data:`MIN_RESIDENCY_S`."""
+        to evict have been loaded :data:`MIN_RESIDENCY_S`. Under a shared budget, the other processes' models
+        are evicted the same way, by asking them."""
+        if self.ledger is not None:
+            held = slot.cost_bytes if slot.current is not None else 0
+
+            def waiting(seconds: float) -> None:
+                slot.retry_s = seconds + (slot.load_seconds or 1.0)
+
+            self.ledger.make_room(held + cost, self.ready_timeout_s, on_wait=waiting)
+            return
         if not self.budget_bytes:
             return
         loaded = [s for s in self.models.slots.values() if s.current is not None]
@@ -226,6 +271,7 @@ class Reloader:
         with slot.lock:
             old = slot.swap(None)
             slot.evicted = False  # the operator's choice: not loaded again on demand
+            self._held(slot)
             if old is not None:
                 self.on_swap(name, old, None)
                 old.runtime.retire(self.retire_s)
@@ -275,6 +321,18 @@ class Reloader:
             status = {"serial": request["serial"], "worker": self.worker, "ok": outcome.ok,
                       "version": outcome.version, "reason": outcome.reason}
             write_json(self.control_dir / "status" / f"{name}.{self.worker}.json", status)
+
+
+def loaded_at_start(order: list[str], costs: dict[str, int], budget_bytes: int) -> set[str]:
+    """The models of ``order`` loaded at the start: each one that fits beside those before it (the first always;
+    every model without a budget)."""
+    chosen, used = set(), 0
+    for name in order:
+        if budget_bytes and used and used + costs[name] > budget_bytes:
+            continue
+        chosen.add(name)
+        used += costs[name]
+    return chosen
 
 
 def _resident_bytes() -> int:

@@ -25,6 +25,7 @@ every worker serves the same version (:func:`_pinned`).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -34,25 +35,27 @@ import bentoml
 import numpy as np
 
 from transferkit.core.backends import Choice, choose_backend
-from transferkit.core.errors import TransferkitError
+from transferkit.core.errors import ModelUnavailable, TransferkitError
 from transferkit.core.repository import ModelSource, default_model, model_sources, repository_model
 from transferkit.core.store import STORE_LABEL
 from transferkit.service import connections, guard, lifecycle
-from transferkit.service.balance import WorkerLoads
+from transferkit.service.balance import WorkerLoads, WorkerReadiness
 from transferkit.service.control import RepositoryControl
 from transferkit.service.decoding import DecodeGate
 from transferkit.service.decoding import decode_all as _decode_all
 from transferkit.service.errors import mask_paths
 from transferkit.service.guard import RouteGuard, collect_routes
 from transferkit.service.http import build_app, metrics
+from transferkit.service.ledger import ModelLedger
 from transferkit.service.local import LocalModel, Pipeline, read_served_manifest
 from transferkit.service.middleware import Admission, BodySizeLimit
 from transferkit.service.models import ModelSet, ModelSlot, estimated_bytes, same_interface
 from transferkit.service.oip import OpenInferenceProtocol
-from transferkit.service.reload import Reloader
+from transferkit.service.reload import MIN_RESIDENCY_S, Reloader, loaded_at_start
 from transferkit.service.remote import RemoteModel
 from transferkit.service.runtime import ModelRuntime, resolve_bundle, warmup_sizes
 from transferkit.service.settings import ServiceSettings, env_name
+from transferkit.service.shared import remove_server_files
 
 logger = logging.getLogger("transferkit.service")
 SETTINGS = ServiceSettings.from_env()
@@ -64,6 +67,8 @@ DECODE_WAIT_S = SETTINGS.timeout_s / 2  # waiting for a decode slot past this: 5
 ROLE = lifecycle.install_worker_lifecycle(SETTINGS.drain_timeout_s)
 if ROLE is not None:  # BentoML leaves the root logger at WARNING: show versions loaded, swapped and evicted
     logging.getLogger("transferkit.service.models").setLevel(logging.INFO)
+if ROLE == "arbiter":  # the records its workers share (service/shared.py): gone with the server
+    atexit.register(remove_server_files, str(os.getpid()))
 decode_all = metrics.timed("decode", _decode_all)  # every layout's decoding, observed on /metrics
 
 
@@ -217,7 +222,6 @@ def _control_dir() -> Path | None:
     if ADMIN_TOKEN is None:
         return None
     if ROLE == "arbiter" and CONTROL_DIR_ENV not in os.environ:
-        import atexit
         import shutil
         import tempfile
 
@@ -249,6 +253,7 @@ class _Entry:
     gate."""
 
     models: ModelSet
+    _workers_readiness: WorkerReadiness | None = None  # set by _share_readiness
 
     def _init_entry(self) -> None:
         self.gate = DecodeGate(SETTINGS.decode_concurrency, SETTINGS.decode_memory_bytes)
@@ -264,6 +269,23 @@ class _Entry:
     def _entry_ready(self) -> bool:
         return bool(self.models.names) and all(entry.manifest is not None for _, entry in self.models) \
             and not lifecycle.is_draining()
+
+    def _ready_here(self) -> bool:
+        """This worker's own readiness (each layout's entry says what it waits for)."""
+        raise NotImplementedError
+
+    def _share_readiness(self) -> None:
+        """With several workers behind one socket a probe reaches one of them: each publishes its readiness, and
+        the server answers ready when every worker is (service/balance.py). Called once the models are set."""
+        self._workers_readiness = WorkerReadiness(PLAN.entry_workers, _worker_index(), self._ready_here) \
+            if PLAN.entry_workers > 1 else None
+
+    def __is_ready__(self) -> bool:
+        shared = self._workers_readiness
+        return self._ready_here() and (shared is None or shared.others_ready())
+
+    def is_ready(self) -> bool:
+        return self.__is_ready__()
 
 
 def _version_finder(source: ModelSource):
@@ -296,6 +318,29 @@ def _say_version(name: str, old: str, new: str) -> None:
     metrics.model_info(name, new, backend, PLAN.layout, 1)
 
 
+def _model_ledger(index: int) -> ModelLedger | None:
+    """The batched layout's record of model ``index``'s process under a memory budget (service/ledger.py): the
+    processes of one device share the budget divided by the devices; None without a budget."""
+    if not SETTINGS.memory_budget_mb:
+        return None
+    devices = max(1, PLAN.gpus)
+    return ModelLedger(len(SOURCES) * PLAN.model_workers, index * PLAN.model_workers + _worker_index(),
+                       _worker_index() % devices, SETTINGS.memory_budget_mb * 2**20 // devices, MIN_RESIDENCY_S)
+
+
+def _loaded_at_start(ledger: ModelLedger | None) -> set[str] | None:
+    """The models every device loads at the start: the same plan in every model process (the default first,
+    then each that fits beside those before it); none for a process the arbiter restarted (the others may hold
+    the budget by now: it loads at its first request). None without a budget (its model loads)."""
+    if ledger is None:
+        return None
+    if ledger.restarted:
+        return set()
+    order = sorted((source.name for source in SOURCES), key=lambda name: name != DEFAULT_MODEL)
+    costs = {source.name: _estimated_bytes(source.name, source.where) for source in SOURCES}
+    return loaded_at_start(order, costs, ledger.budget_bytes)
+
+
 def _model_service_names(sources: list[ModelSource]) -> dict[str, str]:
     """Each model's service name in the batched layout: ``transferkit-model`` for one model (as ever), else
     ``transferkit-model-NAME`` (lower case; BentoML labels its batching metrics with it, as `runner_name`)."""
@@ -311,7 +356,17 @@ def _model_service_names(sources: list[ModelSource]) -> dict[str, str]:
     return names
 
 
-def _model_service(source: ModelSource, service_name: str):
+class NotServing(bentoml.exceptions.ServiceUnavailable):
+    """A model process's 503 for a model not serving now (loading, reloading, unloaded, failed): the entry asks
+    its describe() why and answers the client; the process logs what happened to the model once, not a
+    traceback per refused call."""
+
+
+def _no_tracebacks_for_not_serving(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], NotServing))
+
+
+def _model_service(source: ModelSource, service_name: str, index: int):
     """The batched layout's model service of one model: one process per GPU, each with its own copy of the model
     and BentoML's adaptive batcher (a batch never mixes models: each model has its own service)."""
     choice = CHOICES.get(source.name) or CHOICE
@@ -331,22 +386,27 @@ def _model_service(source: ModelSource, service_name: str):
             # The manifest the entry reads at its start: every version this process serves must keep its input size
             # and classes (service/models.py's same_interface).
             started_with = read_served_manifest(_bundle_opener(source.where))[0]
-            # New versions (polled) and the operator's load and unload of this model are applied here; no budget:
-            # this process holds one model.
+            # New versions (polled), the operator's load and unload of this model, and the memory budget shared with
+            # the other models' processes of this device (service/ledger.py) are applied here.
+            self.ledger = _model_ledger(index)
             self.reloader = Reloader(self.models, open_model, worker=_worker_index() + 1,
                                      ready_timeout_s=max(60.0, SETTINGS.timeout_s * 4), retire_s=SETTINGS.timeout_s,
                                      poll_s=SETTINGS.poll_s, control_dir=CONTROL_DIR, on_event=metrics.model_event,
-                                     compatible=lambda new: same_interface(started_with, new), only=source.name)
-            self.reloader.open_initial([source.name])
-            if SETTINGS.poll_s > 0 or CONTROL_DIR is not None:
+                                     compatible=lambda new: same_interface(started_with, new), only=source.name,
+                                     estimate=_estimated_bytes, ledger=self.ledger)
+            self.reloader.open_initial([source.name], _loaded_at_start(self.ledger))
+            if SETTINGS.poll_s > 0 or CONTROL_DIR is not None or self.ledger is not None:
                 self.reloader.start()
 
         def _runtime(self) -> ModelRuntime:
             """The serving version's runtime (a call takes it once: a swap never splits a batch); 503 when an
-            operator unloaded the model."""
-            current = self.slot.current
-            if current is None:
-                raise bentoml.exceptions.ServiceUnavailable("model unloaded")
+            operator unloaded the model, or the memory budget did (its load starts now)."""
+            try:
+                current = self.models.select(source.name)
+            except ModelUnavailable as exc:  # BentoML masks a 5xx's message: the entry asks describe() for it
+                raise NotServing(exc.reason) from None
+            if self.ledger is not None:
+                self.ledger.touch()
             return current.runtime
 
         def __is_ready__(self) -> bool:
@@ -361,7 +421,7 @@ def _model_service(source: ModelSource, service_name: str):
             # With several model processes one may still be warming while another already answers /readyz.
             runtime.settled.wait(WARMING_WAIT_S)
             if not runtime.ready:  # BentoML masks a 5xx's message: the entry asks describe() for the reason
-                raise bentoml.exceptions.ServiceUnavailable(f"model {runtime.state}")
+                raise NotServing(f"model {runtime.state}")
             return runtime.predict(pixels)
 
         @bentoml.api
@@ -371,13 +431,15 @@ def _model_service(source: ModelSource, service_name: str):
             runtime = self._runtime()
             runtime.settled.wait(WARMING_WAIT_S)
             if not runtime.ready:
-                raise bentoml.exceptions.ServiceUnavailable(f"model {runtime.state}")
+                raise NotServing(f"model {runtime.state}")
             probabilities, maps = runtime.explain(pixels)
             return np.concatenate([probabilities, maps.reshape(len(maps), -1)], axis=1)
 
         @bentoml.api
         def describe(self) -> dict:
             current, reason = self.slot.current, {"reason": self.slot.reason} if self.slot.reason else {}
+            if current is None and self.slot.evicted:
+                return {"state": "reloading", "retry_s": self.slot.retry_after(), **reason}
             if current is None:
                 return {"state": "unloaded", **reason}
             version = {"version": current.manifest.version} if current.manifest is not None else {}
@@ -398,6 +460,8 @@ def _model_service(source: ModelSource, service_name: str):
 
 if PLAN.layout == "batched":
     MODEL_SERVICE_NAMES = _model_service_names(SOURCES)
+    # BentoML logs every exception an API raises, with its traceback (bentoml._internal.server.http_app).
+    logging.getLogger("bentoml._internal.server.http_app").addFilter(_no_tracebacks_for_not_serving)
     if len(SOURCES) > 1 and PLAN.gpus and ROLE == "arbiter":
         # Every model service asks for every GPU, as one does: BentoML's allocator would hand the second one GPUs
         # that do not exist. Each model process picks its GPU by worker index instead (its runtime's device_id).
@@ -407,7 +471,8 @@ if PLAN.layout == "batched":
         """Each model's service as a dependency of the entry (``model_0``, ``model_1``, ...: BentoML finds them on
         the class and starts their processes)."""
         for index, source in enumerate(SOURCES):
-            setattr(cls, f"model_{index}", bentoml.depends(_model_service(source, MODEL_SERVICE_NAMES[source.name])))
+            setattr(cls, f"model_{index}",
+                    bentoml.depends(_model_service(source, MODEL_SERVICE_NAMES[source.name], index)))
         return cls
 
     @bentoml.service(
@@ -431,15 +496,10 @@ if PLAN.layout == "batched":
                 on_version=_say_version), source) for index, source in enumerate(SOURCES)}
             self.models = ModelSet(models, DEFAULT_MODEL, CONFIG_ERROR)
             self._say_served()
-            if SETTINGS.memory_budget_mb:
-                logger.warning("transferkit: the batched layout applies no memory budget (each model has processes of "
-                               "its own, loaded for the service's life); TRANSFERKIT_MEMORY_BUDGET_MB is ignored")
+            self._share_readiness()
 
-        def __is_ready__(self) -> bool:
+        def _ready_here(self) -> bool:
             return self._entry_ready()  # BentoML also asks each model service (a dependency) before answering 200
-
-        def is_ready(self) -> bool:
-            return self._entry_ready()
 
 else:  # inprocess and microbatch: the model runs in the HTTP worker
 
@@ -483,12 +543,10 @@ else:  # inprocess and microbatch: the model runs in the HTTP worker
             self._say_served()
             if SETTINGS.poll_s > 0 or CONTROL_DIR is not None:
                 self.reloader.start()
+            self._share_readiness()
 
-        def __is_ready__(self) -> bool:
+        def _ready_here(self) -> bool:
             return self._entry_ready() and all(entry.is_ready() for _, entry in self.models)
-
-        def is_ready(self) -> bool:
-            return self.__is_ready__()
 
         def estimated_rate(self) -> float | None:
             """The slowest model's rate once every model is warm (admission's estimate must not be optimistic)."""

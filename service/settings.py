@@ -141,10 +141,11 @@ class ServiceSettings(BaseSettings):
                                                "request (batched layout: versions of the same input size and classes "
                                                "only); 0: no polling")
     memory_budget_mb: int = Field(0, ge=0, description="memory the models may hold, all workers together (each "
-                                                       "worker gets its share): past it the least recently used "
-                                                       "model is unloaded, and loaded again at its next request "
-                                                       "(503 `reloading` with Retry-After meanwhile; in-process "
-                                                       "layouts); 0: no budget")
+                                                       "worker gets its share; batched layout: each device, "
+                                                       "shared by its model processes): past it the least recently "
+                                                       "used model is unloaded, and loaded again at its next "
+                                                       "request (503 `reloading` with Retry-After meanwhile); 0: no "
+                                                       "budget")
 
     @classmethod
     def from_env(cls) -> ServiceSettings:

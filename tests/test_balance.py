@@ -1,4 +1,5 @@
-"""Connection balancing between HTTP workers: the busier worker hands keep-alive clients back, the other does not."""
+"""What HTTP workers share: the busier worker hands keep-alive clients back, the other does not; the server is ready
+when every worker is."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import contextlib
 import os
 
-from transferkit.service.balance import WorkerLoads
+from transferkit.service.balance import WorkerLoads, WorkerReadiness
 from transferkit.service.middleware import Admission
 
 
@@ -60,7 +61,7 @@ def test_only_the_busier_worker_closes_connections(tmp_path):
         assert len(handed_back) == 3  # each one counted (transferkit_connections_handed_back on /metrics)
     finally:
         for slot in loads:
-            slot._remove()
+            slot.remove()
 
 
 def test_a_single_worker_never_closes():
@@ -76,16 +77,74 @@ def test_files_of_servers_that_are_gone_are_removed(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from transferkit.service import balance
+    from transferkit.service import shared
 
-    monkeypatch.setattr(balance, "_directory", lambda: tmp_path)
+    monkeypatch.setattr(shared, "directory", lambda: tmp_path)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f"{balance.PREFIX}{gone.stdout.strip()}"  # a process that has exited
-    alive = tmp_path / f"{balance.PREFIX}{os.getpid()}"  # this one
-    stale.write_bytes(b"\0" * 8)
-    alive.write_bytes(b"\0" * 8)
+    stale = [tmp_path / f"transferkit-{kind}-{gone.stdout.strip()}" for kind in shared.KINDS]  # an exited server
+    alive = tmp_path / f"transferkit-inflight-{os.getpid()}"  # this one
+    foreign = tmp_path / f"transferkit-control-{gone.stdout.strip()}"  # not a kind of ours: never touched
+    for path in [*stale, alive, foreign]:
+        path.write_bytes(b"\0" * 8)
     loads = WorkerLoads(2, 0, key="fresh")
     try:
-        assert not stale.exists() and alive.exists() and loads.path.exists()
+        assert not any(path.exists() for path in stale) and alive.exists() and foreign.exists()
+        assert loads.path.exists()
     finally:
-        loads._remove()
+        loads.remove()
+    shared.remove_server_files(str(os.getpid()))  # what the arbiter does at exit
+    assert not alive.exists() and foreign.exists()
+
+
+def test_the_server_is_ready_only_when_every_worker_is(tmp_path, monkeypatch):
+    """A probe reaches one worker: the first to warm must not answer for the other (seen in CI: 200 from /readyz,
+    then 503 from /v2/health/ready on the other worker)."""
+    import threading
+    import time
+
+    from transferkit.service import shared
+
+    monkeypatch.setattr(shared, "directory", lambda: tmp_path)
+    second_ready = threading.Event()
+    key = f"ready-{os.getpid()}"
+    first = WorkerReadiness(2, 0, lambda: True, key=key)
+    assert not first.others_ready()  # the second worker has not started: its slot is empty
+    second = WorkerReadiness(2, 1, second_ready.is_set, key=key)
+    try:
+        assert first.others_ready() is False and second.others_ready() is True
+        second_ready.set()
+        deadline = time.monotonic() + 5
+        while not first.others_ready() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the second worker's thread publishes within PUBLISH_EVERY_S
+        assert first.others_ready()
+        second.close()
+        second.write(2**31 - 1, 1)  # "ready", from a process that is gone (killed, being restarted)
+        assert not first.others_ready()
+    finally:
+        for worker in (first, second):
+            worker.close()
+        first.remove()
+
+
+def test_a_failing_readiness_check_counts_as_not_ready_and_is_logged_once(tmp_path, monkeypatch, caplog):
+    import time
+
+    from transferkit.service import shared
+
+    monkeypatch.setattr(shared, "directory", lambda: tmp_path)
+    key = f"failing-{os.getpid()}"
+
+    def broken() -> bool:
+        raise RuntimeError("no models yet")
+
+    first = WorkerReadiness(2, 0, lambda: True, key=key)
+    with caplog.at_level("ERROR"):
+        second = WorkerReadiness(2, 1, broken, key=key)
+        try:
+            assert second.publish() is False and not first.others_ready()
+            time.sleep(0.6)  # two more publications by its thread
+            assert caplog.text.count("the readiness check failed") == 1  # logged once, not at every publication
+        finally:
+            for worker in (first, second):
+                worker.close()
+            first.remove()

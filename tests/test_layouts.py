@@ -265,6 +265,47 @@ def test_batched_layout_unloads_and_loads_a_model_in_its_own_processes(batched, 
     assert late.status_code == 409 and "restart the service" in late.json()["error"], late.text
 
 
+def test_batched_layout_keeps_two_models_within_a_budget_that_holds_one(bundle, trained_run, tmp_path):
+    """A memory budget in the batched layout (service/ledger.py): each model has a process of its own, and the two
+    share one device's budget. The default loads at the start; a request for the other is answered 503 `reloading`
+    with Retry-After while its process asks the default's to let go, then loads; then the default is the one to load
+    again. Every answer is 200 or that 503, nothing else."""
+    import shutil
+
+    from transferkit.core.manifest import read_manifest
+    from transferkit.service.models import estimated_bytes
+
+    repository = tmp_path / "repository"
+    for name in "ab":
+        shutil.copytree(bundle, repository / name / "1")
+    one_mb = estimated_bytes(read_manifest(bundle), "onnx") / 2**20
+    path = split_files(trained_run.run_dir, "test")[0][0]
+    upload = [("images", (path.name, path.read_bytes(), "image/png"))]
+    with ready_server(repository, tmp_path / "budget.log", layout="batched", default_model="a",
+                      memory_budget_mb=int(one_mb * 1.5)) as srv:
+        refusals: list[tuple[str, int]] = []
+
+        def until_answered(name: str) -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                response = srv.post(f"/predict?model={name}", files=upload)
+                if response.status_code == 200:
+                    return
+                assert response.status_code == 503 and response.json()["reason"] == "reloading", response.text
+                refusals.append((name, int(response.headers["Retry-After"])))
+                time.sleep(0.2)
+            raise AssertionError(f"model {name} never answered:\n{srv.log()[-3000:]}")
+
+        assert srv.post("/predict?model=a", files=upload).status_code == 200  # loaded at the start
+        until_answered("b")
+        until_answered("a")
+        log = srv.log()
+    assert [name for name, _ in refusals[:1]] == ["b"] and "a" in {name for name, _ in refusals}, refusals
+    assert all(retry >= 1 for _, retry in refusals)
+    assert log.count("unloaded to make room for another model's process") == 2, log[-3000:]
+    assert "Traceback" not in log  # a model process's refusals are logged as what happened, not as tracebacks
+
+
 def test_batched_layout_speaks_the_open_inference_protocol(batched, trained_run):
     client = triton.InferenceServerClient(batched.url.removeprefix("http://"))
     path = split_files(trained_run.run_dir, "test")[0][0]

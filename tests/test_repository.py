@@ -358,15 +358,6 @@ def test_bench_models_swaps_a_version_in_under_load_with_nothing_but_200(bundle,
     assert "swap: status codes" in result.stdout
 
 
-def test_bench_models_refuses_the_budget_scenario_in_the_batched_layout_in_one_line(bundle, tmp_path):
-    from conftest import run_cli_here
-
-    result = run_cli_here("bench-models", str(bundle), "--out", str(tmp_path / "bench"), "--layout", "batched")
-    assert result.returncode == 2 and not (tmp_path / "bench").exists()
-    assert result.stderr.strip().splitlines() == ["transferkit bench-models: error: --layout batched: the budget "
-                                                  "scenario is in-process only (give --scenarios swap,spread)"]
-
-
 def test_a_memory_budget_that_holds_one_model_loads_the_other_on_demand_and_evicts_the_least_recent(bundle):
     """Two models, a budget for one: the default loads at the start, the other at its first request (503
     ``reloading`` with Retry-After meanwhile), evicting the least recently used one; requests that find their model

@@ -1,0 +1,128 @@
+"""The batched layout's memory budget (service/ledger.py): model processes of one device share a budget through one
+file; a process that needs room asks the least recently used others to let their models go, and waits for it."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from serving import local_model
+
+from transferkit.core.repository import ModelSource
+from transferkit.service.ledger import LOADED, LOADING, UNLOADED, ModelLedger
+from transferkit.service.models import ModelSet, ModelSlot
+from transferkit.service.reload import Reloader, loaded_at_start
+
+MB = 2**20
+
+
+@pytest.fixture
+def shm(tmp_path, monkeypatch):
+    from transferkit.service import shared
+
+    monkeypatch.setattr(shared, "directory", lambda: tmp_path)
+    return f"ledger-test-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def _ledgers(key: str, count: int, budget: int, devices: list[int] | None = None) -> list[ModelLedger]:
+    devices = devices or [0] * count
+    return [ModelLedger(count, i, devices[i], budget, min_residency_s=0.0, key=key) for i in range(count)]
+
+
+def test_a_claim_that_fits_is_granted_and_one_that_does_not_asks_the_least_recently_used(shm):
+    a, b, c = _ledgers(shm, 3, budget=250 * MB)
+    assert a.claim(100 * MB, 5) == 0 and a.holder(0).state == LOADING
+    a.holding(100 * MB)
+    assert b.claim(100 * MB, 5) == 0
+    b.holding(100 * MB)
+    a.touch()  # a was used after b: b is the least recently used
+    assert c.claim(100 * MB, 5) > 0  # 300 MB would not fit: c waits...
+    assert b.asked_to_evict() and not a.asked_to_evict()  # ...for b, asked to let its model go
+    assert c.holder(2).state == UNLOADED
+    b.released()  # what b's reload loop does (service/reload.py's evict_for_others)
+    assert c.claim(100 * MB, 5) == 0 and c.holder(2).state == LOADING
+    assert (b.holder(1).state, b.holder(1).cost, b.asked_to_evict()) == (UNLOADED, 0, False)
+
+
+def test_other_devices_and_dead_processes_do_not_count(shm):
+    a, b = _ledgers(shm, 2, budget=150 * MB, devices=[0, 1])
+    a.holding(100 * MB)
+    assert b.claim(100 * MB, 5) == 0  # another GPU: its own budget
+    c, d = _ledgers(shm + "-dead", 2, budget=150 * MB)
+    c.holding(100 * MB)
+    c._set("pid", 2**31 - 1)  # its process is gone (killed; the arbiter restarts it)
+    assert d.claim(100 * MB, 5) == 0
+
+
+def test_a_model_loaded_just_now_is_not_evicted_before_its_residency(shm):
+    a, b = (ModelLedger(2, i, 0, 150 * MB, min_residency_s=30.0, key=shm) for i in range(2))
+    a.holding(100 * MB)
+    waited = b.claim(100 * MB, 60)
+    assert 25 < waited <= 30 and not a.asked_to_evict()  # asked again once a has been loaded 30 s
+
+
+def test_a_model_larger_than_the_budget_alone_loads_at_once_and_says_so(shm, caplog):
+    """As in-process: a model whose measured load outgrew the budget waited a minute for room that never came."""
+    a, b = _ledgers(shm, 2, budget=150 * MB)
+    with caplog.at_level("WARNING"):
+        assert b.claim(200 * MB, 60) == 0
+    assert b.holder(1).state == LOADING and "over the memory budget of 150 MB" in caplog.text
+
+
+def test_a_load_waits_for_another_still_loading_then_asks_it(shm):
+    """Not both at once (seen: two models loaded together over a budget for one, never evicted after)."""
+    a, b = _ledgers(shm, 2, budget=150 * MB)
+    a.claim(100 * MB, 5)  # loading: not evictable yet
+    assert b.claim(100 * MB, 60) > 0 and not a.asked_to_evict()
+    a.holding(100 * MB)  # loaded (min_residency_s 0 here)
+    assert b.claim(100 * MB, 60) > 0 and a.asked_to_evict()
+
+
+def test_past_the_wait_a_load_goes_ahead(shm):
+    a, b = (ModelLedger(2, i, 0, 150 * MB, min_residency_s=30.0, key=shm) for i in range(2))
+    a.holding(100 * MB)  # loaded just now: not evictable for 30 s
+    started = time.monotonic()
+    b.make_room(100 * MB, wait_s=0.3)
+    assert b.holder(1).state == LOADING and 0.25 < time.monotonic() - started < 5
+
+
+def test_the_plan_at_the_start_is_the_default_then_each_model_that_fits():
+    costs = {"a": 100, "b": 100, "c": 40}
+    assert loaded_at_start(["a", "b", "c"], costs, 150) == {"a", "c"}
+    assert loaded_at_start(["a", "b", "c"], costs, 0) == {"a", "b", "c"}
+    assert loaded_at_start(["b", "a"], {"a": 100, "b": 500}, 150) == {"b"}  # the first always loads
+
+
+def test_two_model_processes_under_a_budget_for_one_take_turns(bundle, shm):
+    """Two processes' reloaders (as in the batched layout, each with its own model), one shared budget: a request
+    for the evicted model asks the other process to let its model go, and loads once it has."""
+    processes = []
+    for index, name in enumerate("ab"):
+        models = ModelSet({name: ModelSlot(name, None, ModelSource(name, path=bundle))}, name)
+        ledger = ModelLedger(2, index, 0, 150 * MB, min_residency_s=0.0, key=shm)
+        reloader = Reloader(models, lambda name, where, choice=None: local_model(where, name, wait=False), worker=1,
+                            ready_timeout_s=60, retire_s=0.1, estimate=lambda name, where: 100 * MB, ledger=ledger)
+        reloader.open_initial([name], loaded_at_start(["a", "b"], {"a": 100 * MB, "b": 100 * MB}, 150 * MB))
+        reloader.start()
+        processes.append((models, ledger))
+    (a_models, a_ledger), (b_models, b_ledger) = processes
+    assert a_models.slots["a"].current is not None and a_ledger.holder(0).state == LOADED
+    assert b_models.slots["b"].current is None and b_models.slots["b"].evicted
+
+    from transferkit.core.errors import ModelUnavailable
+
+    with pytest.raises(ModelUnavailable) as refused:
+        b_models.select("b")  # starts b's load: b's process asks a's
+    assert refused.value.reason == "reloading" and refused.value.retry_after >= 1
+    deadline = time.monotonic() + 60
+    while b_models.slots["b"].current is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert b_models.slots["b"].current is not None and a_models.slots["a"].current is None
+    assert a_models.slots["a"].evicted and (a_ledger.holder(0).state, b_ledger.holder(1).state) == (UNLOADED, LOADED)
+    assert b_models.select("b").runtime.settled.wait(60)
+    with pytest.raises(ModelUnavailable):
+        a_models.select("a")  # and back
+    while a_models.slots["a"].current is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert a_models.slots["a"].current is not None and b_models.slots["b"].current is None
