@@ -31,6 +31,7 @@ from transferkit.core.errors import ServiceError
 from transferkit.core.repository import NAME_PATTERN, ModelSource, repository_model
 from transferkit.service.errors import error_response
 from transferkit.service.reload import read_json, write_json
+from transferkit.service.spares import assign, assignments
 
 PREFIX = "/v2/repository"
 NAME_PARAMETER = "model_name"  # not the protocol routes' {name}: the route guard checks those against served models
@@ -41,11 +42,12 @@ class RepositoryControl:
     """The routes above, for the service ``get_service`` returns; ``workers``: how many must apply a request."""
 
     def __init__(self, get_service: Callable[[], Any], token: bytes | None, control_dir: Path | None, workers: int,
-                 timeout_s: float, off_reason: str | None = None, fixed_models: bool = False):
+                 timeout_s: float, off_reason: str | None = None, fixed_models: bool = False, spares: int = 0):
         self.get_service, self.token, self.control_dir = get_service, token, control_dir
         self.workers, self.timeout_s = workers, timeout_s
-        # The batched layout starts a model service per model it serves: a model added later cannot be loaded.
-        self.fixed_models = fixed_models
+        # The batched layout starts a model service per model it serves: a model added later can be loaded only
+        # into one of its spare model services (service/spares.py).
+        self.fixed_models, self.spares = fixed_models, spares
         self.off_reason = off_reason or ("model control is off: set TRANSFERKIT_ADMIN_TOKEN (or "
                                          "TRANSFERKIT_ADMIN_TOKEN_FILE) to turn it on")
 
@@ -80,16 +82,22 @@ class RepositoryControl:
             self._authorize(request)
             name = request.path_params[NAME_PARAMETER]
             models = self.get_service().models
+            models.refresh()
             source = loadable_source(models, name)
             if action == "unload" and name not in models.slots:
                 raise ServiceError(404, "unknown_model", f"model {name!r} is not loaded")
-            if self.fixed_models and name not in models.slots:
-                raise ServiceError(409, "load_failed", f"model {name!r} was not served at the start: the batched "
-                                                        "layout runs a model service per model it started with; "
-                                                        "restart the service to add one")
-            outcomes = await self._carry_out(name, action, source)
+            spare = assignments(self.control_dir).get(name, (None,))[0]
+            if self.fixed_models and name not in models.slots and spare is None:
+                if not self.spares:
+                    raise ServiceError(409, "load_failed", f"model {name!r} was not served at the start: the "
+                                                            "batched layout runs a model service per model it "
+                                                            "started with; restart the service to add one, or start "
+                                                            "it with TRANSFERKIT_SPARE_MODELS")
+                spare = assign(self.control_dir, name, source, self.spares)
+            outcomes = await self._carry_out(name, action, source, spare)
         except ServiceError as exc:
             return error_response(exc)
+        models.refresh()  # a model given a spare just now
         failed = [o for o in outcomes if not o["ok"]]
         if failed:
             return error_response(ServiceError(409, "load_failed", f"model {name!r} was not loaded (the version "
@@ -97,11 +105,12 @@ class RepositoryControl:
         return JSONResponse({"model": name, "action": action,
                              "versions": sorted({o["version"] or "" for o in outcomes}), "workers": len(outcomes)})
 
-    async def _carry_out(self, name: str, action: str, source: ModelSource) -> list[dict]:
-        """Write the request for every worker, then wait for each one's outcome."""
+    async def _carry_out(self, name: str, action: str, source: ModelSource, spare: int | None) -> list[dict]:
+        """Write the request for every worker (``spare``: the spare model service of a model loaded since the
+        start), then wait for each one's outcome."""
         serial = time.time_ns()
         write_json(self.control_dir / "requests" / f"{name}.json",
-                   {"serial": serial, "model": name, "action": action, "source": source.as_dict()})
+                   {"serial": serial, "model": name, "action": action, "source": source.as_dict(), "spare": spare})
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             outcomes = [o for o in map(read_json, (self.control_dir / "status").glob(f"{name}.*.json"))
@@ -135,6 +144,7 @@ def loadable_source(models: Any, name: str) -> ModelSource:
 async def index_rows(models: Any) -> list[dict]:
     """Triton's repository index: name, version, state, reason."""
     rows = []
+    models.refresh()
     for name, slot in models.slots.items():
         entry = slot.current
         if entry is None:

@@ -459,6 +459,7 @@ def _batching(settings: ServiceSettings, plan: Plan) -> dict | None:
 async def model_list(service: Any) -> list[dict]:
     """``/metadata``'s ``models``: every served model, its state and where to address it."""
     listed = []
+    service.models.refresh()
     for name, slot in service.models.slots.items():
         entry = slot.current
         # Described first: in the batched layout that is how the entry learns of a version its model swapped in.

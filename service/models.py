@@ -115,6 +115,14 @@ class ModelSet(Generic[E]):
         self.default, self.unavailable = default, unavailable
         # Called with an evicted model's slot when a request needs it (service/reload.py loads it again).
         self.on_demand: Callable[[ModelSlot], None] | None = None
+        # Adds the models loaded since the start into spare model services (batched layout, service/spares.py):
+        # called before a name is found unknown, and before the models are listed.
+        self.discover: Callable[[], None] | None = None
+
+    def refresh(self) -> None:
+        """Take in the models loaded since the start into spare model services (a no-op elsewhere)."""
+        if self.discover is not None:
+            self.discover()
 
     @property
     def names(self) -> list[str]:
@@ -138,6 +146,9 @@ class ModelSet(Generic[E]):
                                                           f"(or /v2/models/NAME): {_listed(self.names)}")
             name = self.default
         found = self.slots.get(name)
+        if found is None and self.discover is not None:
+            self.refresh()
+            found = self.slots.get(name)
         if found is None:
             raise ServiceError(404, "unknown_model", f"no model {_shown(name)} is served here; the models are: "
                                                      f"{_listed(self.names)}")

@@ -72,10 +72,11 @@ class Reloader:
                  estimate: Callable[[str, Any], int] | None = None,
                  on_swap: Callable[[str, Any, Any], None] | None = None,
                  compatible: Callable[[Any], str | None] | None = None, only: str | None = None,
-                 ledger: ModelLedger | None = None):
+                 ledger: ModelLedger | None = None, spare: int | None = None):
         self.models, self.open_model, self.worker = models, open_model, worker
         self.compatible = compatible or (lambda new: None)  # a loaded version -> why it may not serve, or None
         self.only = only  # the one model whose control requests this process applies (batched layout), or all
+        self.spare = spare  # a spare model service's index: it applies the requests addressed to it (service/spares.py)
         self.ready_timeout_s, self.retire_s, self.poll_s, self.control_dir = ready_timeout_s, retire_s, poll_s, \
             control_dir
         self.on_event = on_event or (lambda model, event, seconds: None)
@@ -307,7 +308,8 @@ class Reloader:
             request = read_json(path)
             if request is None or request.get("serial", 0) <= self._applied.get(request.get("model"), 0):
                 continue
-            if self.only is not None and request.get("model") != self.only:
+            if (request.get("spare") != self.spare) if self.spare is not None else \
+                    (self.only is not None and request.get("model") != self.only):
                 continue  # another model's process answers it
             name = request["model"]
             if request["action"] == "unload":

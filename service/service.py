@@ -56,6 +56,7 @@ from transferkit.service.remote import RemoteModel
 from transferkit.service.runtime import ModelRuntime, resolve_bundle, warmup_sizes
 from transferkit.service.settings import ServiceSettings, env_name
 from transferkit.service.shared import remove_server_files
+from transferkit.service.spares import assignments
 
 logger = logging.getLogger("transferkit.service")
 SETTINGS = ServiceSettings.from_env()
@@ -324,7 +325,8 @@ def _model_ledger(index: int) -> ModelLedger | None:
     if not SETTINGS.memory_budget_mb:
         return None
     devices = max(1, PLAN.gpus)
-    return ModelLedger(len(SOURCES) * PLAN.model_workers, index * PLAN.model_workers + _worker_index(),
+    return ModelLedger((len(SOURCES) + SETTINGS.spare_models) * PLAN.model_workers,
+                       index * PLAN.model_workers + _worker_index(),
                        _worker_index() % devices, SETTINGS.memory_budget_mb * 2**20 // devices, MIN_RESIDENCY_S)
 
 
@@ -366,10 +368,12 @@ def _no_tracebacks_for_not_serving(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], NotServing))
 
 
-def _model_service(source: ModelSource, service_name: str, index: int):
+def _model_service(source: ModelSource | None, service_name: str, index: int):
     """The batched layout's model service of one model: one process per GPU, each with its own copy of the model
-    and BentoML's adaptive batcher (a batch never mixes models: each model has its own service)."""
-    choice = CHOICES.get(source.name) or CHOICE
+    and BentoML's adaptive batcher (a batch never mixes models: each model has its own service). Without a source:
+    a spare (service/spares.py), given its model by the first load addressed to it."""
+    choice = (CHOICES.get(source.name) if source else None) or CHOICE
+    spare = None if source else index - len(SOURCES)
 
     class ClassifierModel:
         def __init__(self) -> None:
@@ -381,28 +385,41 @@ def _model_service(source: ModelSource, service_name: str, index: int):
                                        threads=PLAN.threads, batch_sizes=warmup_sizes(SETTINGS.max_batch_size),
                                        device_id=_worker_index() % gpus, observe=metrics.observe)
 
-            self.slot = ModelSlot(source.name, None, source)
-            self.models = ModelSet({source.name: self.slot}, source.name)
-            # The manifest the entry reads at its start: every version this process serves must keep its input size
-            # and classes (service/models.py's same_interface).
-            started_with = read_served_manifest(_bundle_opener(source.where))[0]
+            self.models = ModelSet({source.name: ModelSlot(source.name, None, source)} if source else {},
+                                   source.name if source else None)
+            # The manifest the entry reads at its start (a spare: its model's first version): every version this
+            # process serves must keep its input size and classes (service/models.py's same_interface).
+            self.started_with = read_served_manifest(_bundle_opener(source.where))[0] if source else None
             # New versions (polled), the operator's load and unload of this model, and the memory budget shared with
             # the other models' processes of this device (service/ledger.py) are applied here.
             self.ledger = _model_ledger(index)
             self.reloader = Reloader(self.models, open_model, worker=_worker_index() + 1,
                                      ready_timeout_s=max(60.0, SETTINGS.timeout_s * 4), retire_s=SETTINGS.timeout_s,
                                      poll_s=SETTINGS.poll_s, control_dir=CONTROL_DIR, on_event=metrics.model_event,
-                                     compatible=lambda new: same_interface(started_with, new), only=source.name,
-                                     estimate=_estimated_bytes, ledger=self.ledger)
-            self.reloader.open_initial([source.name], _loaded_at_start(self.ledger))
+                                     compatible=self._compatible, only=source.name if source else None,
+                                     estimate=_estimated_bytes, ledger=self.ledger, spare=spare)
+            self.reloader.open_initial([source.name] if source else [], _loaded_at_start(self.ledger))
             if SETTINGS.poll_s > 0 or CONTROL_DIR is not None or self.ledger is not None:
                 self.reloader.start()
+
+        @property
+        def slot(self) -> ModelSlot | None:
+            """This process's one model (None: a spare not given one yet)."""
+            return next(iter(self.models.slots.values()), None)
+
+        def _compatible(self, new: LocalModel) -> str | None:
+            if self.started_with is None:  # a spare's first model: what its entry will read
+                self.started_with = new.manifest
+                return None
+            return same_interface(self.started_with, new)
 
         def _runtime(self) -> ModelRuntime:
             """The serving version's runtime (a call takes it once: a swap never splits a batch); 503 when an
             operator unloaded the model, or the memory budget did (its load starts now)."""
+            if self.slot is None:
+                raise NotServing("model unloaded")
             try:
-                current = self.models.select(source.name)
+                current = self.models.select(self.slot.name)
             except ModelUnavailable as exc:  # BentoML masks a 5xx's message: the entry asks describe() for it
                 raise NotServing(exc.reason) from None
             if self.ledger is not None:
@@ -410,7 +427,7 @@ def _model_service(source: ModelSource, service_name: str, index: int):
             return current.runtime
 
         def __is_ready__(self) -> bool:
-            current = self.slot.current
+            current = self.slot.current if self.slot else None
             return current is None or current.runtime.ready  # unloaded on purpose: the service stays ready
 
         @bentoml.api(batchable=True, batch_dim=0, max_batch_size=SETTINGS.max_batch_size,
@@ -437,6 +454,8 @@ def _model_service(source: ModelSource, service_name: str, index: int):
 
         @bentoml.api
         def describe(self) -> dict:
+            if self.slot is None:
+                return {"state": "unloaded"}
             current, reason = self.slot.current, {"reason": self.slot.reason} if self.slot.reason else {}
             if current is None and self.slot.evicted:
                 return {"state": "reloading", "retry_s": self.slot.retry_after(), **reason}
@@ -445,7 +464,7 @@ def _model_service(source: ModelSource, service_name: str, index: int):
             version = {"version": current.manifest.version} if current.manifest is not None else {}
             return {**current.runtime.describe(), **version, **reason}
 
-    if source.tag:  # packed into a bento with the service that runs it
+    if source and source.tag:  # packed into a bento with the service that runs it
         ClassifierModel.bundle = STORE_MODELS[source.name]
     return bentoml.service(
         name=service_name,
@@ -473,6 +492,9 @@ if PLAN.layout == "batched":
         for index, source in enumerate(SOURCES):
             setattr(cls, f"model_{index}",
                     bentoml.depends(_model_service(source, MODEL_SERVICE_NAMES[source.name], index)))
+        for spare in range(SETTINGS.spare_models):  # service/spares.py
+            setattr(cls, f"spare_{spare}", bentoml.depends(_model_service(
+                None, f"transferkit-model-spare-{spare}", len(SOURCES) + spare)))
         return cls
 
     @bentoml.service(
@@ -489,14 +511,26 @@ if PLAN.layout == "batched":
 
         def __init__(self) -> None:
             self._init_entry()
-            pipeline = Pipeline(decode_all, self.gate, SETTINGS.max_pixels, WARMING_WAIT_S, DECODE_WAIT_S)
-            models = {source.name: ModelSlot(source.name, RemoteModel(
-                source.name, lambda source=source: _bundle_path(source), CHOICES.get(source.name) or CHOICE,
-                lambda index=index: getattr(self, f"model_{index}"), pipeline, find_version=_version_finder(source),
-                on_version=_say_version), source) for index, source in enumerate(SOURCES)}
+            self.pipeline = Pipeline(decode_all, self.gate, SETTINGS.max_pixels, WARMING_WAIT_S, DECODE_WAIT_S)
+            models = {source.name: self._remote(source, f"model_{index}") for index, source in enumerate(SOURCES)}
             self.models = ModelSet(models, DEFAULT_MODEL, CONFIG_ERROR)
+            if SETTINGS.spare_models:
+                self.models.discover = self._adopt_spares
             self._say_served()
             self._share_readiness()
+
+        def _remote(self, source: ModelSource, dependency: str) -> ModelSlot:
+            """The slot of a model whose processes are the model service ``dependency`` (an attribute)."""
+            return ModelSlot(source.name, RemoteModel(
+                source.name, lambda: _bundle_path(source), CHOICES.get(source.name) or CHOICE,
+                lambda: getattr(self, dependency), self.pipeline, find_version=_version_finder(source),
+                on_version=_say_version), source)
+
+        def _adopt_spares(self) -> None:
+            """Serve every model given a spare model service since the start (service/spares.py)."""
+            for name, (spare, source) in assignments(CONTROL_DIR).items():
+                if name not in self.models.slots:
+                    self.models.slots[name] = self._remote(source, f"spare_{spare}")
 
         def _ready_here(self) -> bool:
             return self._entry_ready()  # BentoML also asks each model service (a dependency) before answering 200
@@ -567,7 +601,8 @@ def _estimated_rate() -> float | None:
 # In the batched layout a model's own processes apply its control requests; they serve the models of the start only.
 CONTROL = RepositoryControl(lambda: bentoml.get_current_service(), ADMIN_TOKEN, CONTROL_DIR,
                             PLAN.model_workers if PLAN.layout == "batched" else PLAN.entry_workers,
-                            SETTINGS.timeout_s * 4, fixed_models=PLAN.layout == "batched")
+                            SETTINGS.timeout_s * 4, fixed_models=PLAN.layout == "batched",
+                            spares=SETTINGS.spare_models if PLAN.layout == "batched" else 0)
 ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service(), SETTINGS, PLAN, CONTROL),
                                    path="/")(ImageClassifier)
 ImageClassifier.add_asgi_middleware(

@@ -146,6 +146,10 @@ class ServiceSettings(BaseSettings):
                                                        "used model is unloaded, and loaded again at its next "
                                                        "request (503 `reloading` with Retry-After meanwhile); 0: no "
                                                        "budget")
+    spare_models: int = Field(0, ge=0, le=16, description="`batched`: empty model services started beside the "
+                                                          "served models' ones, each given for good to a model "
+                                                          "first loaded after the start through model control; 0: "
+                                                          "such a load is refused (409)")
 
     @classmethod
     def from_env(cls) -> ServiceSettings:

@@ -113,7 +113,7 @@ ADMIN = "batched-admin-token"
 @pytest.fixture(scope="module")
 def batched(bundle, tmp_path_factory):
     """The batched layout serving a model repository of two models: the trained bundle as ``digits-test`` (the
-    default) and a copy of it as ``other``, polled for new versions, model control on."""
+    default) and a copy of it as ``other``, polled for new versions, model control on, one spare model service."""
     import shutil
 
     repository = tmp_path_factory.mktemp("repository")
@@ -121,7 +121,7 @@ def batched(bundle, tmp_path_factory):
     shutil.copytree(bundle, repository / "other" / "1")  # version folders: polled for newer ones
     with ready_server(repository, tmp_path_factory.mktemp("logs") / "batched.log", layout="batched",
                       max_batch_size=16, max_latency_ms=10_000, default_model="digits-test", poll_s=0.5,
-                      admin_token=ADMIN) as srv:
+                      admin_token=ADMIN, spare_models=1) as srv:
         srv.repository = repository
         yield srv
 
@@ -237,7 +237,7 @@ def test_batched_layout_swaps_in_a_polled_version_and_refuses_one_with_other_cla
 def test_batched_layout_unloads_and_loads_a_model_in_its_own_processes(batched, trained_run):
     """Model control reaches the model's own service: unloaded, it answers 503 model_unloaded (the other model and
     readiness unaffected); a load of a version with other classes is refused with the reason (409); a load of a
-    compatible one serves again; a model the service did not start with cannot be loaded here."""
+    compatible one serves again."""
     import shutil
 
     path = split_files(trained_run.run_dir, "test")[0][0]
@@ -260,9 +260,46 @@ def test_batched_layout_unloads_and_loads_a_model_in_its_own_processes(batched, 
     loaded = batched.post("/v2/repository/models/other/load", headers=admin)
     assert loaded.status_code == 200 and loaded.json()["versions"] == ["2"], loaded.text
     assert batched.post("/predict?model=other", files=upload).status_code == 200
+
+
+def test_batched_layout_loads_a_model_it_did_not_start_with_into_a_spare_model_service(batched, trained_run):
+    """A repository folder added after the start is loaded by name into the spare model service (one here), then
+    served by every entry worker, listed, unloaded and loaded again; a second new name finds no spare left: 409."""
+    import shutil
+
+    from transferkit.core.manifest import read_manifest
+
+    path = split_files(trained_run.run_dir, "test")[0][0]
+    upload = [("images", (path.name, path.read_bytes(), "image/png"))]
+    admin = {"Authorization": f"Bearer {ADMIN}"}
     shutil.copytree(batched.repository / "digits-test", batched.repository / "late")
+    assert batched.post("/predict?model=late", files=upload).status_code == 404  # not served until loaded
     late = batched.post("/v2/repository/models/late/load", headers=admin)
-    assert late.status_code == 409 and "restart the service" in late.json()["error"], late.text
+    version = read_manifest(batched.repository / "late").version
+    assert late.status_code == 200 and late.json()["versions"] == [version], late.text
+    expected = batched.post("/predict", files=upload).json()
+    for _ in range(4):  # each entry worker, whichever takes the connection, finds the model
+        answer = batched.post("/predict?model=late", files=upload)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()[0]["label"] == expected[0]["label"]  # the same weights under another name
+        assert answer.json()[0]["score"] == pytest.approx(expected[0]["score"], abs=1e-5)
+    assert "late" in {model["name"] for model in batched.get("/metadata").json()["models"]}
+    assert len(batched.workers("transferkit-model-spare-0")) == 1
+    pixels = decode_image(path.read_bytes(), 32)[None]
+    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    client = triton.InferenceServerClient(batched.url.removeprefix("http://"))
+    assert client.is_model_ready("late")
+    probabilities = client.infer("late", [tensor]).as_numpy("probabilities")
+    assert float(probabilities.max()) == pytest.approx(expected[0]["score"], abs=1e-5)
+    shutil.copytree(batched.repository / "digits-test", batched.repository / "later")
+    refused = batched.post("/v2/repository/models/later/load", headers=admin)
+    assert refused.status_code == 409 and "every spare model service is taken (1: late)" in refused.json()["error"]
+    assert batched.post("/v2/repository/models/late/unload", headers=admin).status_code == 200
+    unloaded = batched.post("/predict?model=late", files=upload)
+    assert unloaded.status_code == 503 and unloaded.json()["reason"] == "model_unloaded", unloaded.text
+    assert batched.post("/v2/repository/models/late/load", headers=admin).status_code == 200
+    assert batched.post("/predict?model=late", files=upload).status_code == 200
 
 
 def test_batched_layout_keeps_two_models_within_a_budget_that_holds_one(bundle, trained_run, tmp_path):
