@@ -16,6 +16,7 @@ import struct
 import time
 from dataclasses import dataclass
 
+from transferkit.service.models import to_evict
 from transferkit.service.shared import SharedRecords, alive
 
 logger = logging.getLogger("transferkit.service.models")
@@ -23,7 +24,7 @@ logger = logging.getLogger("transferkit.service.models")
 UNLOADED, LOADING, LOADED = 0, 1, 2
 # A record's fields, each written on its own: the owner writes all but ``evict``, which the others set and the owner
 # clears, so no writer ever overwrites another's field.
-FIELDS = {"pid": "i", "device": "i", "state": "i", "evict": "i", "cost": "q", "last_used": "d", "loaded_at": "d"}
+FIELDS = {"pid": "i", "device": "i", "state": "i", "evict": "i", "cost_bytes": "q", "last_used": "d", "loaded_at": "d"}
 RECORD = struct.Struct("=" + "".join(FIELDS.values()))
 _OFFSETS = {name: struct.calcsize("=" + "".join(list(FIELDS.values())[:i])) for i, name in enumerate(FIELDS)}
 WAIT_STEP_S = 0.05
@@ -38,7 +39,7 @@ class Holder:
     device: int
     state: int
     evict: int
-    cost: int
+    cost_bytes: int
     last_used: float
     loaded_at: float
 
@@ -55,7 +56,7 @@ class ModelLedger(SharedRecords):
         # A process the arbiter restarted: the others may have filled the budget since the start.
         self.restarted = previous != 0 and previous != os.getpid()
         with self.locked():
-            for name, value in {"pid": os.getpid(), "device": device, "state": UNLOADED, "evict": 0, "cost": 0,
+            for name, value in {"pid": os.getpid(), "device": device, "state": UNLOADED, "evict": 0, "cost_bytes": 0,
                                 "last_used": 0.0, "loaded_at": 0.0}.items():
                 self._set(name, value)
 
@@ -78,18 +79,17 @@ class ModelLedger(SharedRecords):
     def asked_to_evict(self) -> bool:
         return self.holder(self.index).evict == 1
 
-    def holding(self, cost: int, state: int = LOADED) -> None:
+    def holding(self, cost: int) -> None:
         """This process holds its model (``cost`` bytes), from now."""
         with self.locked():
-            self._set("cost", cost)
-            self._set("state", state)
-            if state == LOADED:
-                self._set("loaded_at", time.monotonic())
+            self._set("cost_bytes", cost)
+            self._set("state", LOADED)
+            self._set("loaded_at", time.monotonic())
 
     def released(self) -> None:
         with self.locked():
             self._set("state", UNLOADED)
-            self._set("cost", 0)
+            self._set("cost_bytes", 0)
             self._set("evict", 0)
 
     def claim(self, cost: int, wait_s: float) -> float:
@@ -98,7 +98,7 @@ class ModelLedger(SharedRecords):
         (the record says loading), else the seconds it expects the wait to last (call again)."""
         with self.locked():
             holders = self.neighbours()
-            used = sum(h.cost for h in holders)
+            used = sum(h.cost_bytes for h in holders)
             if not self.budget_bytes or used + cost <= self.budget_bytes:
                 self._claimed(cost)
                 return 0.0
@@ -108,19 +108,17 @@ class ModelLedger(SharedRecords):
                                self.budget_bytes / 2**20)
                 self._claimed(cost)
                 return 0.0
-            now, wait, freed = time.monotonic(), 0.0, used
             # Others still loading are evicted once loaded (and past their residency): until then, wait.
-            for victim in sorted((h for h in holders if h.state == LOADED), key=lambda h: h.last_used):
-                if freed + cost <= self.budget_bytes:
-                    break
+            now, wait = time.monotonic(), 0.0
+            for victim in to_evict([h for h in holders if h.state == LOADED], used, cost, self.budget_bytes):
                 settled_at = victim.loaded_at + self.min_residency_s
                 if settled_at <= now:
                     self._set("evict", 1, victim.index)
-                wait, freed = max(wait, settled_at - now), freed - victim.cost
+                wait = max(wait, settled_at - now)
             return max(wait, WAIT_STEP_S)
 
     def _claimed(self, cost: int) -> None:
-        self._set("cost", cost)
+        self._set("cost_bytes", cost)
         if self.holder(self.index).state == UNLOADED:  # a swap keeps serving the version it replaces
             self._set("state", LOADING)
 

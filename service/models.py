@@ -68,6 +68,19 @@ def reloading(name: str, retry_after: int) -> ModelUnavailable:
                                          f"loading again; retry in {retry_after} s", retry_after)
 
 
+def to_evict(loaded: list, used: int, cost: int, budget: int) -> list:
+    """The least recently used of ``loaded`` (each with ``last_used`` and ``cost_bytes``: a worker's slots, or the
+    model processes of service/ledger.py) that must go for ``cost`` more bytes to fit beside ``used`` in ``budget``,
+    in eviction order; all of them when even that is not enough."""
+    chosen, freed = [], used
+    for victim in sorted(loaded, key=lambda v: v.last_used):
+        if freed + cost <= budget:
+            break
+        chosen.append(victim)
+        freed -= victim.cost_bytes
+    return chosen
+
+
 class ModelSlot(Generic[E]):
     """One name's place in the set: the version that answers now (``current``; None once unloaded) and the last
     thing that happened to it (service/reload.py swaps versions in and out). Requests take ``current`` once, at

@@ -31,7 +31,7 @@ from typing import Any
 
 from transferkit.core.repository import ModelSource, repository_model
 from transferkit.service.ledger import ModelLedger
-from transferkit.service.models import ModelSet, ModelSlot
+from transferkit.service.models import ModelSet, ModelSlot, to_evict
 
 logger = logging.getLogger("transferkit.service.models")  # at INFO in a server (service/service.py)
 TICK_S = 0.25  # how often a worker looks at the control folder
@@ -238,12 +238,7 @@ class Reloader:
         loaded = [s for s in self.models.slots.values() if s.current is not None]
         used = sum(s.cost_bytes for s in loaded)
         victims = sorted((s for s in loaded if s is not slot), key=lambda s: s.last_used)
-        needed, freed = [], used
-        for victim in victims:
-            if freed + cost <= self.budget_bytes:
-                break
-            needed.append(victim)
-            freed -= victim.cost_bytes
+        needed = to_evict(victims, used, cost, self.budget_bytes)
         wait = max((victim.loaded_at + MIN_RESIDENCY_S - time.monotonic() for victim in needed), default=0.0)
         if wait > 0:
             slot.retry_s = wait + (slot.load_seconds or 1.0)

@@ -42,7 +42,7 @@ def test_a_claim_that_fits_is_granted_and_one_that_does_not_asks_the_least_recen
     assert c.holder(2).state == UNLOADED
     b.released()  # what b's reload loop does (service/reload.py's evict_for_others)
     assert c.claim(100 * MB, 5) == 0 and c.holder(2).state == LOADING
-    assert (b.holder(1).state, b.holder(1).cost, b.asked_to_evict()) == (UNLOADED, 0, False)
+    assert (b.holder(1).state, b.holder(1).cost_bytes, b.asked_to_evict()) == (UNLOADED, 0, False)
 
 
 def test_other_devices_and_dead_processes_do_not_count(shm):
