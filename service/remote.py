@@ -69,7 +69,7 @@ class RemoteModel:
         height, width = self.manifest.explain.resolution
         return joined[:, :classes], joined[:, classes:].reshape(-1, height, width)
 
-    async def _call(self, call, pixels: np.ndarray) -> np.ndarray:
+    async def _call(self, call, pixels: np.ndarray, again: bool = True) -> np.ndarray:
         from bentoml.exceptions import BentoMLException
 
         try:
@@ -91,6 +91,8 @@ class RemoteModel:
             raise ModelUnavailable("model_unavailable", f"the model failed to load: {info.get('error')}", None)
         if state == "loading":
             raise ModelUnavailable("warming_up", "the model is still loading and warming up; retry shortly", 2)
+        if state == "ready" and again and status == 503:  # refused while (re)loading, loaded since: once more
+            return await self._call(call, pixels, again=False)
         raise ModelUnavailable("overloaded", "the model is busy and cannot answer within its latency budget; "
                                              "retry with backoff", 1)
 
