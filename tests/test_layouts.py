@@ -456,6 +456,49 @@ def test_a_warming_worker_answers_a_retryable_503_and_a_failed_one_model_unavail
     assert error_for(info.value).status_code == 503 and "Retry-After" not in error_for(info.value).headers
 
 
+def test_the_batched_entry_asks_again_once_when_the_model_loaded_between_refusal_and_question(tmp_path):
+    """A model process refuses (503) while its model reloads; when the entry asks why, it is ready: the entry calls
+    once more instead of answering `overloaded` (seen: a 503 `overloaded` for a model that had just loaded). A 504
+    (the request's time is spent) or a second refusal is not retried."""
+    import asyncio
+    from http import HTTPStatus
+    from types import SimpleNamespace
+
+    from bentoml.exceptions import BentoMLException, ServiceUnavailable
+
+    from transferkit.core.backends import Choice
+    from transferkit.core.errors import ModelUnavailable
+    from transferkit.service.remote import RemoteModel, classify_retrying
+
+    def model_process(refusals: list[Exception]):
+        calls = []
+
+        async def classify(pixels):
+            calls.append(len(pixels))
+            if refusals:
+                raise refusals.pop(0)
+            return np.full((len(pixels), 3), 1 / 3, np.float32)
+
+        async def describe():
+            return {"state": "ready"}
+
+        return SimpleNamespace(to_async=SimpleNamespace(classify=classify, describe=describe)), calls
+
+    bundle = write_faulty_bundle(tmp_path / "bundle")  # only its manifest is read here
+    pixels = np.zeros((2, 32, 32, 3), np.uint8)
+    client, calls = model_process([ServiceUnavailable("reloading")])
+    remote = RemoteModel("a", lambda: bundle, Choice("onnx", "test"), lambda: client, pipeline=None)
+    assert asyncio.run(remote._call(classify_retrying, pixels)).shape == (2, 3) and calls == [2, 2]
+    for refusals, expected_calls in (([ServiceUnavailable("busy"), ServiceUnavailable("busy")], 2),
+                                     ([BentoMLException("timed out", error_code=HTTPStatus.GATEWAY_TIMEOUT)], 1)):
+        client, calls = model_process(refusals)
+        remote = RemoteModel("a", lambda: bundle, Choice("onnx", "test"), lambda client=client: client,
+                             pipeline=None)
+        with pytest.raises(ModelUnavailable) as refused:
+            asyncio.run(remote._call(classify_retrying, pixels))
+        assert refused.value.reason == "overloaded" and len(calls) == expected_calls
+
+
 TRACING_PROBE = """
 import os
 import transferkit.service.service as service
