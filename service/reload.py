@@ -209,16 +209,22 @@ class Reloader:
         """Another model process of this device needs the room this one's model holds (service/ledger.py)."""
         for slot in self.models.slots.values():
             with slot.lock:
-                old = slot.swap(None)
-                if old is None:
-                    continue
-                slot.evicted = True
-                self.on_swap(slot.name, old, None)
-                old.runtime.retire(self.retire_s)
-                self.on_event(slot.name, "evicted", None)
-                logger.info("transferkit: %s unloaded to make room for another model's process (memory budget "
-                            "%.0f MB a device)", slot.name, self.ledger.budget_bytes / 2**20)
+                if self._evict(slot):
+                    logger.info("transferkit: %s unloaded to make room for another model's process (memory budget "
+                                "%.0f MB a device)", slot.name, self.ledger.budget_bytes / 2**20)
         self.ledger.released()
+
+    def _evict(self, victim: ModelSlot) -> bool:
+        """Unload ``victim``'s version for the memory budget (loaded again at its next request); False when it
+        held none."""
+        old = victim.swap(None)
+        if old is None:
+            return False
+        victim.evicted = True
+        self.on_swap(victim.name, old, None)
+        old.runtime.retire(self.retire_s)
+        self.on_event(victim.name, "evicted", None)
+        return True
 
     def _make_room(self, slot: ModelSlot, cost: int) -> None:
         """Evict the least recently used other models until ``cost`` more fits in the budget (every loaded version
@@ -246,13 +252,9 @@ class Reloader:
         for victim in victims:
             if used + cost <= self.budget_bytes:
                 break
-            old = victim.swap(None)
-            if old is None:
+            if not self._evict(victim):
                 continue
-            victim.evicted, used = True, used - victim.cost_bytes
-            self.on_swap(victim.name, old, None)
-            old.runtime.retire(self.retire_s)
-            self.on_event(victim.name, "evicted", None)
+            used -= victim.cost_bytes
             logger.info("transferkit: worker %d unloaded %s to make room for %s (memory budget %.0f MB)",
                         self.worker, victim.name, slot.name, self.budget_bytes / 2**20)
         if used + cost > self.budget_bytes:
