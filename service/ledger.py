@@ -80,8 +80,10 @@ class ModelLedger(SharedRecords):
         return self.holder(self.index).evict == 1
 
     def holding(self, cost: int) -> None:
-        """This process holds its model (``cost`` bytes), from now."""
+        """This process holds its model (``cost`` bytes), from now. A request to let go made before is void: the
+        one who asked asks again while it still needs the room (after this model's residency)."""
         with self.locked():
+            self._set("evict", 0)
             self._set("cost_bytes", cost)
             self._set("state", LOADED)
             self._set("loaded_at", time.monotonic())
@@ -121,10 +123,3 @@ class ModelLedger(SharedRecords):
         self._set("cost_bytes", cost)
         if self.holder(self.index).state == UNLOADED:  # a swap keeps serving the version it replaces
             self._set("state", LOADING)
-
-    def make_room(self, cost: int, wait_s: float, on_wait=lambda seconds: None) -> None:
-        """:meth:`claim` until there is room, or past ``wait_s`` (then loads over the budget, logged)."""
-        deadline = time.monotonic() + wait_s
-        while (expected := self.claim(cost, deadline - time.monotonic())) > 0:
-            on_wait(expected)
-            time.sleep(min(expected, 0.25))

@@ -115,48 +115,60 @@ class Reloader:
 
     # --- loading ------------------------------------------------------------------------------------------------
 
-    def load(self, name: str, where: Any, source: ModelSource | None = None) -> Outcome:
+    def load(self, name: str, where: Any, source: ModelSource | None = None, unless_loaded: bool = False) -> Outcome:
         """Load ``where`` (a bundle folder or store tag) as model ``name`` and swap it in once warm; on failure the
-        version serving stays."""
+        version serving stays. ``unless_loaded``: nothing to do when a version serves by the time it is this load's
+        turn (a load on demand that another load got ahead of)."""
         slot = self.models.slots.get(name)
         if slot is None:  # a model the repository holds but this service did not serve yet
             slot = self.models.slots.setdefault(name, ModelSlot(name, None, source))
         with self._budget_lock, slot.lock:
+            if unless_loaded and slot.current is not None:
+                return Outcome(True, _version(slot.current))
             # The larger of the first guess and what its last load here measured: a measurement alone can come out
             # low (memory an evicted model left behind is reused without the worker growing).
             cost = max(slot.measured_bytes, self.estimate(name, where))
             self._make_room(slot, cost)
-            started = time.perf_counter()
-            resident = _resident_bytes()
-            new = self.open_model(name, where)
-            new.runtime.settled.wait(self.ready_timeout_s)
-            reason = None if new.is_ready() else new.error or f"not ready within {self.ready_timeout_s:.0f} s"
-            if reason is None:
-                reason = self.compatible(new)
-            if reason is not None:
-                new.runtime.retire(0)
-                self._held(slot)
-                slot.reason = f"{_shown(where)}: {reason}"
-                self.on_event(name, "load_failed", None)
-                logger.error("transferkit: worker %d kept %s %s serving: loading %s failed: %s", self.worker, name,
-                             _version(slot.current), _shown(where), reason)
-                return Outcome(False, _version(slot.current), slot.reason)
-            # The worker's growth while it verified, loaded and warmed the version (with the largest request, where a
-            # budget is set); other requests' transient memory blurs it a little.
-            slot.measured_bytes = max(slot.measured_bytes, _resident_bytes() - resident)
-            old = slot.swap(new)
-            seconds = time.perf_counter() - started
-            slot.path, slot.reason, slot.evicted, slot.load_seconds = where, "", False, seconds
-            slot.loaded_at, slot.retry_s = time.monotonic(), 0.0
-            slot.cost_bytes = max(cost, slot.measured_bytes)
+            try:
+                return self._open_and_swap(slot, where, cost)
+            except BaseException:
+                self._held(slot)  # the room claimed goes with the failed load: the record says what is held
+                raise
+
+    def _open_and_swap(self, slot: ModelSlot, where: Any, cost: int) -> Outcome:
+        """Open ``where``, wait for it to verify and warm, and swap it in; a failure keeps the serving version."""
+        name = slot.name
+        started = time.perf_counter()
+        resident = _resident_bytes()
+        new = self.open_model(name, where)
+        new.runtime.settled.wait(self.ready_timeout_s)
+        reason = None if new.is_ready() else new.error or f"not ready within {self.ready_timeout_s:.0f} s"
+        if reason is None:
+            reason = self.compatible(new)
+        if reason is not None:
+            new.runtime.retire(0)
             self._held(slot)
-            self.on_event(name, "loaded", seconds)
-            self.on_swap(name, old, new)
-            logger.info("transferkit: worker %d serves %s %s (was %s; %.1f s to verify, load and warm)", self.worker,
-                        name, _version(new), _version(old), seconds)
-            if old is not None:
-                old.runtime.retire(self.retire_s)
-            return Outcome(True, _version(new))
+            slot.reason = f"{_shown(where)}: {reason}"
+            self.on_event(name, "load_failed", None)
+            logger.error("transferkit: worker %d kept %s %s serving: loading %s failed: %s", self.worker, name,
+                         _version(slot.current), _shown(where), reason)
+            return Outcome(False, _version(slot.current), slot.reason)
+        # The worker's growth while it verified, loaded and warmed the version (with the largest request, where a
+        # budget is set); other requests' transient memory blurs it a little.
+        slot.measured_bytes = max(slot.measured_bytes, _resident_bytes() - resident)
+        old = slot.swap(new)
+        seconds = time.perf_counter() - started
+        slot.path, slot.reason, slot.evicted, slot.load_seconds = where, "", False, seconds
+        slot.loaded_at, slot.retry_s = time.monotonic(), 0.0
+        slot.cost_bytes = max(cost, slot.measured_bytes)
+        self._held(slot)
+        self.on_event(name, "loaded", seconds)
+        self.on_swap(name, old, new)
+        logger.info("transferkit: worker %d serves %s %s (was %s; %.1f s to verify, load and warm)", self.worker,
+                    name, _version(new), _version(old), seconds)
+        if old is not None:
+            old.runtime.retire(self.retire_s)
+        return Outcome(True, _version(new))
 
     # --- the memory budget -----------------------------------------------------------------------------------------
 
@@ -188,7 +200,8 @@ class Reloader:
             try:
                 source = slot.source
                 newest = repository_model(source.repository / slot.name) if source and source.repository else None
-                self.load(slot.name, (newest or source).where if source else slot.path, newest or source)
+                self.load(slot.name, (newest or source).where if source else slot.path, newest or source,
+                          unless_loaded=True)
             except Exception:  # noqa: BLE001 - the next request tries again; the reason must not vanish
                 logger.exception("transferkit: worker %d could not load %s on demand", self.worker, slot.name)
             finally:
@@ -207,12 +220,12 @@ class Reloader:
 
     def evict_for_others(self) -> None:
         """Another model process of this device needs the room this one's model holds (service/ledger.py)."""
-        for slot in self.models.slots.values():
-            with slot.lock:
+        for slot in list(self.models.slots.values()):  # the batched layout's model process holds one model
+            with slot.lock:  # the record says unloaded before a load on demand can claim room again
                 if self._evict(slot):
                     logger.info("transferkit: %s unloaded to make room for another model's process (memory budget "
                                 "%.0f MB a device)", slot.name, self.ledger.budget_bytes / 2**20)
-        self.ledger.released()
+                self.ledger.released()
 
     def _evict(self, victim: ModelSlot) -> bool:
         """Unload ``victim``'s version for the memory budget (loaded again at its next request); False when it
@@ -232,12 +245,7 @@ class Reloader:
         to evict have been loaded :data:`MIN_RESIDENCY_S`. Under a shared budget, the other processes' models
         are evicted the same way, by asking them."""
         if self.ledger is not None:
-            held = slot.cost_bytes if slot.current is not None else 0
-
-            def waiting(seconds: float) -> None:
-                slot.retry_s = seconds + (slot.load_seconds or 1.0)
-
-            self.ledger.make_room(held + cost, self.ready_timeout_s, on_wait=waiting)
+            self._claim_shared(slot, cost)
             return
         if not self.budget_bytes:
             return
@@ -262,6 +270,22 @@ class Reloader:
                            "budget of %.0f MB", self.worker, slot.name, cost / 2**20, used / 2**20,
                            self.budget_bytes / 2**20)
 
+    def _claim_shared(self, slot: ModelSlot, cost: int) -> None:
+        """Room on this device for ``cost`` more (and the version ``slot`` replaces, while it serves), asking the
+        other model processes to let go (service/ledger.py); past the ready timeout it loads over the budget."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        while True:
+            if self.ledger.asked_to_evict() and self._evict(slot):
+                # Another process waits for this one's room while this one waits for its (both swapping in new
+                # versions): let the version being replaced go rather than both waiting out the timeout.
+                logger.info("transferkit: %s unloaded while its new version waits for room (memory budget)", slot.name)
+                self.ledger.released()
+            held = slot.cost_bytes if slot.current is not None else 0
+            expected = self.ledger.claim(held + cost, deadline - time.monotonic())
+            if expected <= 0:
+                return
+            slot.retry_s = expected + (slot.load_seconds or 1.0)
+            time.sleep(min(expected, 0.25))
     def unload(self, name: str) -> Outcome:
         slot = self.models.slots.get(name)
         if slot is None:

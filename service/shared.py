@@ -17,6 +17,7 @@ import mmap
 import os
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +52,8 @@ class SharedRecords:
                 os.ftruncate(fd, record.size * count)
             self._map = mmap.mmap(fd, record.size * count)
             self._lock_fd = os.dup(fd)
+            # flock excludes other processes only: this process's threads share the descriptor, so they queue here.
+            self._thread_lock = threading.Lock()
         finally:
             os.close(fd)
 
@@ -66,11 +69,12 @@ class SharedRecords:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """The file's lock, for a decision that reads several records and writes one or more (held briefly)."""
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        with self._thread_lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def remove(self) -> None:
         with contextlib.suppress(OSError):
