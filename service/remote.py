@@ -72,6 +72,7 @@ class RemoteModel:
     async def _call(self, call, pixels: np.ndarray, again: bool = True) -> np.ndarray:
         from bentoml.exceptions import BentoMLException
 
+        started = time.monotonic()
         try:
             answer = np.asarray(await call(self.client(), pixels))
             self._follow_soon()
@@ -91,8 +92,9 @@ class RemoteModel:
             raise ModelUnavailable("model_unavailable", f"the model failed to load: {info.get('error')}", None)
         if state == "loading":
             raise ModelUnavailable("warming_up", "the model is still loading and warming up; retry shortly", 2)
-        if state == "ready" and again and status == 503:  # refused while (re)loading, loaded since: once more
-            return await self._call(call, pixels, again=False)
+        if state == "ready" and again and status == 503 and \
+                info.get("ready_for_s", float("inf")) < time.monotonic() - started:
+            return await self._call(call, pixels, again=False)  # refused while (re)loading, ready since: once more
         raise ModelUnavailable("overloaded", "the model is busy and cannot answer within its latency budget; "
                                              "retry with backoff", 1)
 

@@ -52,6 +52,7 @@ class ModelRuntime:
         self._explainer: Any = None  # the fp32 onnx predictor, loaded at the first map where the served one has none
         self._explainer_lock = threading.Lock()
         self.load_seconds: float | None = None
+        self.ready_at: float | None = None  # time.monotonic() once ready
         self.warm_seconds: float | None = None  # one image's inference once warm: admission's first estimate
         self.settled = threading.Event()  # set once loading has succeeded or failed
         # The threads that run decoding and inference: one per session thread keeps a worker from running more
@@ -89,6 +90,7 @@ class ModelRuntime:
             return
         self.predictor, self.manifest, self.bundle = predictor, bundle.manifest, bundle
         self.load_seconds = round(time.perf_counter() - start, 2)
+        self.ready_at = time.monotonic()
         self.state = "ready"
         self.settled.set()
         logger.info("transferkit: serving %s %s with %s on %s (%.1fs to verify, load and warm)",
@@ -201,6 +203,9 @@ class ModelRuntime:
                 "input_dtype": str(getattr(self.predictor, "input_dtype", "float32")),
                 "cuda": getattr(self.predictor, "cuda_note", "n/a") or "loaded",
                 "warmup_batch_sizes": self.batch_sizes, "load_seconds": self.load_seconds,
+                # How long this version has answered: the batched entry retries a call this process refused only
+                # when the version became ready after the call began (service/remote.py).
+                "ready_for_s": round(time.monotonic() - self.ready_at, 3),
                 "warm_inference_seconds": round(self.warm_seconds, 5),
                 **({"microbatch": {"max_batch": self.batcher.max_batch, "model_calls": self.batch_images[0],
                                    "images": self.batch_images[1],
