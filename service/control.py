@@ -145,7 +145,7 @@ async def index_rows(models: Any) -> list[dict]:
     """Triton's repository index: name, version, state, reason."""
     rows = []
     models.refresh()
-    for name, slot in models.slots.items():
+    for name, slot in list(models.slots.items()):  # a load may add a slot while this awaits
         entry = slot.current
         if entry is None:
             state, version = "UNAVAILABLE", None

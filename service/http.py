@@ -460,7 +460,7 @@ async def model_list(service: Any) -> list[dict]:
     """``/metadata``'s ``models``: every served model, its state and where to address it."""
     listed = []
     service.models.refresh()
-    for name, slot in service.models.slots.items():
+    for name, slot in list(service.models.slots.items()):  # a load may add a slot while this awaits
         entry = slot.current
         # Described first: in the batched layout that is how the entry learns of a version its model swapped in.
         described = await entry.describe() if entry is not None and entry.manifest is not None else {}

@@ -143,7 +143,7 @@ class ModelSet(Generic[E]):
 
     def __iter__(self) -> Iterator[tuple[str, E]]:
         """The models that are loaded (unloaded ones are skipped), by name."""
-        return iter([(name, slot.current) for name, slot in self.slots.items() if slot.current is not None])
+        return iter([(name, slot.current) for name, slot in list(self.slots.items()) if slot.current is not None])
 
     def select(self, name: str | None) -> E:
         """The model ``name`` names, or the default one for None; a :class:`ServiceError` (404 or 400) otherwise,

@@ -441,6 +441,12 @@ class OpenInferenceProtocol:
         """The model is ready (in the batched layout, in another process too)."""
         return entry.is_ready() and (await entry.describe()).get("state") == "ready"
 
+    @staticmethod
+    async def held_or_let_go(entry) -> bool:
+        """For the server's readiness: the model is ready, or let go on purpose (evicted by the memory budget and
+        loaded at its next request, or unloaded by an operator), as in-process layouts leave such models out."""
+        return entry.is_ready() and (await entry.describe()).get("state") in ("ready", "reloading", "unloaded")
+
     async def server_metadata(self, request: Request) -> JSONResponse:
         return JSONResponse({"name": "transferkit", "version": transferkit.__version__, "extensions": EXTENSIONS})
 
@@ -449,7 +455,7 @@ class OpenInferenceProtocol:
 
     async def ready(self, request: Request) -> Response:
         service = self.get_entry()
-        ready = service.is_ready() and all([await self.serving(entry) for _, entry in service.models])
+        ready = service.is_ready() and all([await self.held_or_let_go(entry) for _, entry in service.models])
         return Response(status_code=200 if ready else 503)
 
     async def model_metadata(self, request: Request) -> JSONResponse:

@@ -69,6 +69,9 @@ ROLE = lifecycle.install_worker_lifecycle(SETTINGS.drain_timeout_s)
 if ROLE is not None:  # BentoML leaves the root logger at WARNING: show versions loaded, swapped and evicted
     logging.getLogger("transferkit.service.models").setLevel(logging.INFO)
 if ROLE == "arbiter":  # the records its workers share (service/shared.py): gone with the server
+    # Files of an earlier server with this process id are not this one's: a restarted container gets a new process
+    # namespace (often the same id) while a pod's /dev/shm stays, and its records would count as live workers.
+    remove_server_files(str(os.getpid()))
     atexit.register(remove_server_files, str(os.getpid()))
 decode_all = metrics.timed("decode", _decode_all)  # every layout's decoding, observed on /metrics
 
@@ -530,7 +533,10 @@ if PLAN.layout == "batched":
             """Serve every model given a spare model service since the start (service/spares.py)."""
             for name, (spare, source) in assignments(CONTROL_DIR).items():
                 if name not in self.models.slots:
-                    self.models.slots[name] = self._remote(source, f"spare_{spare}")
+                    # Its newest version (the one first loaded may have been pruned since; the entry then follows
+                    # whatever version the spare swaps in).
+                    newest = repository_model(source.repository / name) if source.repository else None
+                    self.models.slots[name] = self._remote(newest or source, f"spare_{spare}")
 
         def _ready_here(self) -> bool:
             return self._entry_ready()  # BentoML also asks each model service (a dependency) before answering 200

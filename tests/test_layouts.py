@@ -334,6 +334,8 @@ def test_batched_layout_keeps_two_models_within_a_budget_that_holds_one(bundle, 
             raise AssertionError(f"model {name} never answered:\n{srv.log()[-3000:]}")
 
         assert srv.post("/predict?model=a", files=upload).status_code == 200  # loaded at the start
+        # b waits for its first request, let go on purpose: the server is ready (as in-process, which skips it).
+        assert srv.get("/v2/health/ready").status_code == 200
         until_answered("b")
         until_answered("a")
         log = srv.log()
@@ -459,7 +461,8 @@ def test_a_warming_worker_answers_a_retryable_503_and_a_failed_one_model_unavail
 def test_the_batched_entry_asks_again_once_when_the_model_loaded_between_refusal_and_question(tmp_path):
     """A model process refuses (503) while its model reloads; when the entry asks why, it is ready: the entry calls
     once more instead of answering `overloaded` (seen: a 503 `overloaded` for a model that had just loaded). A 504
-    (the request's time is spent) or a second refusal is not retried."""
+    (the request's time is spent), a second refusal, or a refusal by a model ready since before the call (BentoML's
+    own overload 503: a retry would double the work) is not retried."""
     import asyncio
     from http import HTTPStatus
     from types import SimpleNamespace
@@ -470,7 +473,7 @@ def test_the_batched_entry_asks_again_once_when_the_model_loaded_between_refusal
     from transferkit.core.errors import ModelUnavailable
     from transferkit.service.remote import RemoteModel, classify_retrying
 
-    def model_process(refusals: list[Exception]):
+    def model_process(refusals: list[Exception], ready_for_s: float = 0.0):
         calls = []
 
         async def classify(pixels):
@@ -480,7 +483,7 @@ def test_the_batched_entry_asks_again_once_when_the_model_loaded_between_refusal
             return np.full((len(pixels), 3), 1 / 3, np.float32)
 
         async def describe():
-            return {"state": "ready"}
+            return {"state": "ready", "ready_for_s": ready_for_s}
 
         return SimpleNamespace(to_async=SimpleNamespace(classify=classify, describe=describe)), calls
 
@@ -489,9 +492,11 @@ def test_the_batched_entry_asks_again_once_when_the_model_loaded_between_refusal
     client, calls = model_process([ServiceUnavailable("reloading")])
     remote = RemoteModel("a", lambda: bundle, Choice("onnx", "test"), lambda: client, pipeline=None)
     assert asyncio.run(remote._call(classify_retrying, pixels)).shape == (2, 3) and calls == [2, 2]
-    for refusals, expected_calls in (([ServiceUnavailable("busy"), ServiceUnavailable("busy")], 2),
-                                     ([BentoMLException("timed out", error_code=HTTPStatus.GATEWAY_TIMEOUT)], 1)):
-        client, calls = model_process(refusals)
+    for refusals, ready_for_s, expected_calls in (
+            ([ServiceUnavailable("busy"), ServiceUnavailable("busy")], 0.0, 2),
+            ([BentoMLException("timed out", error_code=HTTPStatus.GATEWAY_TIMEOUT)], 0.0, 1),
+            ([ServiceUnavailable("batcher full")], 60.0, 1)):  # ready all along: BentoML's own overload, no retry
+        client, calls = model_process(refusals, ready_for_s)
         remote = RemoteModel("a", lambda: bundle, Choice("onnx", "test"), lambda client=client: client,
                              pipeline=None)
         with pytest.raises(ModelUnavailable) as refused:
