@@ -123,8 +123,8 @@ class Reloader:
         if slot is None:  # a model the repository holds but this service did not serve yet
             slot = self.models.slots.setdefault(name, ModelSlot(name, None, source))
         with self._budget_lock, slot.lock:
-            if unless_loaded and slot.current is not None:
-                return Outcome(True, _version(slot.current))
+            if unless_loaded and (slot.current is not None or not slot.evicted):  # loaded, or unloaded on purpose
+                return Outcome(slot.current is not None, _version(slot.current))
             # The larger of the first guess and what its last load here measured: a measurement alone can come out
             # low (memory an evicted model left behind is reused without the worker growing).
             cost = max(slot.measured_bytes, self.estimate(name, where))
@@ -198,10 +198,17 @@ class Reloader:
 
         def load() -> None:
             try:
-                source = slot.source
+                source = slot.source  # the last version loaded here
                 newest = repository_model(source.repository / slot.name) if source and source.repository else None
-                self.load(slot.name, (newest or source).where if source else slot.path, newest or source,
-                          unless_loaded=True)
+                signature = (newest.path, stamp(newest.path)) if newest is not None else None
+                if signature is not None and self._failed.get(slot.name) == signature:
+                    # It failed here (a swap that had let the serving version go for another model's room, then
+                    # failed): the last version that loaded, until the newest one's files change.
+                    newest = None
+                outcome = self.load(slot.name, (newest or source).where if source else slot.path, newest or source,
+                                    unless_loaded=True)
+                if newest is not None and not outcome.ok:
+                    self._failed[slot.name] = signature
             except Exception:  # noqa: BLE001 - the next request tries again; the reason must not vanish
                 logger.exception("transferkit: worker %d could not load %s on demand", self.worker, slot.name)
             finally:
@@ -286,6 +293,7 @@ class Reloader:
                 return
             slot.retry_s = expected + (slot.load_seconds or 1.0)
             time.sleep(min(expected, 0.25))
+
     def unload(self, name: str) -> Outcome:
         slot = self.models.slots.get(name)
         if slot is None:

@@ -29,6 +29,7 @@ import atexit
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import bentoml
@@ -371,6 +372,17 @@ def _no_tracebacks_for_not_serving(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], NotServing))
 
 
+def _still_there(source: ModelSource, name: str) -> ModelSource:
+    """The version a spare was first given, else (its folder pruned since) the newest one of its repository folder:
+    the entry reads the manifest there, and follows whatever version the spare swaps in."""
+    if source.path is None or source.path.is_dir() or source.repository is None:
+        return source
+    try:
+        return repository_model(source.repository / name) or source
+    except (OSError, TransferkitError):  # the model's folder is gone too: its manifest is missing, said as such
+        return source
+
+
 def _model_service(source: ModelSource | None, service_name: str, index: int):
     """The batched layout's model service of one model: one process per GPU, each with its own copy of the model
     and BentoML's adaptive batcher (a batch never mixes models: each model has its own service). Without a source:
@@ -465,7 +477,11 @@ def _model_service(source: ModelSource | None, service_name: str, index: int):
             if current is None:
                 return {"state": "unloaded", **reason}
             version = {"version": current.manifest.version} if current.manifest is not None else {}
-            return {**current.runtime.describe(), **version, **reason}
+            described = {**current.runtime.describe(), **version, **reason}
+            if "ready_for_s" in described and self.slot.loaded_at:  # ready, then swapped in: answering since then
+                described["ready_for_s"] = min(described["ready_for_s"],
+                                               round(time.monotonic() - self.slot.loaded_at, 3))
+            return described
 
     if source and source.tag:  # packed into a bento with the service that runs it
         ClassifierModel.bundle = STORE_MODELS[source.name]
@@ -533,10 +549,7 @@ if PLAN.layout == "batched":
             """Serve every model given a spare model service since the start (service/spares.py)."""
             for name, (spare, source) in assignments(CONTROL_DIR).items():
                 if name not in self.models.slots:
-                    # Its newest version (the one first loaded may have been pruned since; the entry then follows
-                    # whatever version the spare swaps in).
-                    newest = repository_model(source.repository / name) if source.repository else None
-                    self.models.slots[name] = self._remote(newest or source, f"spare_{spare}")
+                    self.models.slots[name] = self._remote(_still_there(source, name), f"spare_{spare}")
 
         def _ready_here(self) -> bool:
             return self._entry_ready()  # BentoML also asks each model service (a dependency) before answering 200

@@ -207,3 +207,71 @@ def test_two_model_processes_under_a_budget_for_one_take_turns(bundle, shm):
     while a_models.slots["a"].current is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert a_models.slots["a"].current is not None and b_models.slots["b"].current is None
+
+
+class _Opened:
+    """A version as ``Reloader.load`` sees it once opened: settled at once, ready or failed."""
+
+    def __init__(self, ready: bool):
+        self.runtime, self.manifest, self.error = self, None, None if ready else "broken"
+        self.settled = self
+        self._ready = ready
+
+    def wait(self, timeout: float) -> bool:
+        return True
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    def retire(self, after_s: float) -> None:
+        pass
+
+
+def test_a_load_that_raises_gives_back_the_room_it_claimed(shm):
+    (ledger,) = _ledgers(shm, 1, budget=150 * MB)
+    slot = ModelSlot("a", None)
+    slot.evicted = True
+
+    def unreadable(name, where):
+        raise OSError("the disk went away")
+
+    reloader = Reloader(ModelSet({"a": slot}, "a"), unreadable, worker=1, ready_timeout_s=5, retire_s=0.1,
+                        ledger=ledger, estimate=lambda name, where: 100 * MB)
+    with pytest.raises(OSError):
+        reloader.load("a", "somewhere")
+    assert (ledger.holder(0).state, ledger.holder(0).cost_bytes) == (UNLOADED, 0)  # not LOADING 100 MB for good
+
+
+def test_a_load_on_demand_leaves_a_model_unloaded_by_an_operator_alone(tmp_path):
+    opened = []
+    slot = ModelSlot("a", None)  # unloaded by an operator (not evicted) after the request that asked for it
+    reloader = Reloader(ModelSet({"a": slot}, "a"), lambda name, where: opened.append(where) or _Opened(True),
+                        worker=1, ready_timeout_s=5, retire_s=0.1)
+    assert not reloader.load("a", tmp_path, unless_loaded=True).ok and opened == [] and slot.current is None
+
+
+def test_on_demand_a_newest_version_that_failed_here_gives_way_to_the_last_good_one(tmp_path):
+    """A swap that let the serving version go for another model's room, then failed: its requests' loads on demand
+    take the version that served before, not the broken one again (and again)."""
+    from transferkit.core.repository import ModelSource
+    from transferkit.service.reload import stamp
+
+    repository = tmp_path / "repository"
+    for version in ("1", "2"):
+        (repository / "a" / version).mkdir(parents=True)
+        (repository / "a" / version / "manifest.json").write_text("{}")
+    opened = []
+
+    def open_model(name, where):
+        opened.append(where.name)
+        return _Opened(ready=where.name == "1")
+
+    slot = ModelSlot("a", None, ModelSource("a", path=repository / "a" / "1", repository=repository))
+    slot.evicted = True
+    reloader = Reloader(ModelSet({"a": slot}, "a"), open_model, worker=1, ready_timeout_s=5, retire_s=0.1)
+    reloader._failed["a"] = (repository / "a" / "2", stamp(repository / "a" / "2"))  # as the reload loop records it
+    reloader.on_demand(slot)
+    deadline = time.monotonic() + 10
+    while slot.current is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert opened == ["1"] and slot.current is not None
