@@ -107,19 +107,31 @@ class RepositoryControl:
 
     async def _carry_out(self, name: str, action: str, source: ModelSource, spare: int | None) -> list[dict]:
         """Write the request for every worker (``spare``: the spare model service of a model loaded since the
-        start), then wait for each one's outcome."""
-        serial = time.time_ns()
-        write_json(self.control_dir / "requests" / f"{name}.json",
-                   {"serial": serial, "model": name, "action": action, "source": source.as_dict(), "spare": spare})
+        start), then wait for each one's outcome. The same request still being carried out (a retry after a 504)
+        is waited for again, not written anew: every worker would load the version once more."""
+        path = self.control_dir / "requests" / f"{name}.json"
+        asked = {"model": name, "action": action, "source": source.as_dict(), "spare": spare}
+        pending = read_json(path) or {}
+        if {key: pending.get(key) for key in asked} == asked and len(self._outcomes(name, pending["serial"])) < \
+                self.workers:
+            serial = pending["serial"]
+        else:
+            # Later than any request before, whatever the clock did (a worker applies a request newer than its last).
+            serial = max(time.time_ns(), pending.get("serial", 0) + 1)
+            write_json(path, {"serial": serial, **asked})
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
-            outcomes = [o for o in map(read_json, (self.control_dir / "status").glob(f"{name}.*.json"))
-                        if o and o.get("serial") == serial]
+            outcomes = self._outcomes(name, serial)
             if len(outcomes) >= self.workers:
                 return outcomes
             await asyncio.sleep(0.1)
         raise ServiceError(504, "control_timeout", f"not every worker finished the {action} of {name!r} within "
                                                    f"{self.timeout_s:.0f} s; POST {PREFIX}/index shows where each is")
+
+    def _outcomes(self, name: str, serial: int) -> list[dict]:
+        """The workers' outcomes of request ``serial`` for ``name`` so far."""
+        return [o for o in map(read_json, (self.control_dir / "status").glob(f"{name}.*.json"))
+                if o and o.get("serial") == serial]
 
 
 def loadable_source(models: Any, name: str) -> ModelSource:

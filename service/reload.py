@@ -39,6 +39,9 @@ TICK_S = 0.25  # how often a worker looks at the control folder
 # requests alternate would otherwise evict each other at every request, and the worker would spend its time loading
 # (measured without it: 92 loads in 30 s; BENCHMARKS.md).
 MIN_RESIDENCY_S = 2.0
+# An evicted version closes this long after it was let go, once its calls are done: the requests that took it have
+# started their calls by then (they are refused 503 `reloading` after).
+EVICTION_GRACE_S = 0.2
 
 
 def stamp(path: Path) -> tuple[int, int]:
@@ -242,7 +245,9 @@ class Reloader:
             return False
         victim.evicted = True
         self.on_swap(victim.name, old, None)
-        old.runtime.retire(self.retire_s)
+        # Its memory is what the budget counts as freed: let go as soon as its calls are done (a request that took
+        # it and has not started its call gets 503 `reloading`), not a request timeout later.
+        old.runtime.retire(EVICTION_GRACE_S, self.retire_s)
         self.on_event(victim.name, "evicted", None)
         return True
 

@@ -8,6 +8,7 @@ layout holds one per process. Its state decides the honest answer while it is no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -55,6 +56,9 @@ class ModelRuntime:
         self.ready_at: float | None = None  # time.monotonic() once ready
         self.warm_seconds: float | None = None  # one image's inference once warm: admission's first estimate
         self.settled = threading.Event()  # set once loading has succeeded or failed
+        # Calls using this version now (requests from their model call's admission to its answer): a version let go
+        # closes once none is left, and refuses new ones (:meth:`retire`).
+        self._calls, self._calls_lock, self.retired = 0, threading.Lock(), False
         # The threads that run decoding and inference: one per session thread keeps a worker from running more
         # work at once than its share of the cores (a queue on the event loop is cheaper than preempted threads).
         self.compute_threads = compute_threads
@@ -125,15 +129,16 @@ class ModelRuntime:
         waits for the model, so the wait is observed as ``queue``: from ``since`` (when the request began waiting,
         e.g. for a decode slot) or from now, until a thread takes the job."""
         loop = asyncio.get_running_loop()
-        if self.batcher is not None:
-            return await loop.run_in_executor(self.executor, fn, *args)
-        queued = time.perf_counter() if since is None else since
+        with self.in_use():
+            if self.batcher is not None:
+                return await loop.run_in_executor(self.executor, fn, *args)
+            queued = time.perf_counter() if since is None else since
 
-        def job():
-            self.observe("queue", time.perf_counter() - queued)
-            return fn(*args)
+            def job():
+                self.observe("queue", time.perf_counter() - queued)
+                return fn(*args)
 
-        return await loop.run_in_executor(self.executor, job)
+            return await loop.run_in_executor(self.executor, job)
 
     def _batched(self, images: int) -> None:
         self.batch_images[0] += 1
@@ -144,16 +149,18 @@ class ModelRuntime:
     async def predict_batched(self, pixels: np.ndarray) -> np.ndarray:
         """``predict`` through the micro-batcher, with whatever other requests are queued."""
         self.check()
-        return await asyncio.wrap_future(self.batcher.submit(pixels))
+        with self.in_use():
+            return await asyncio.wrap_future(self.batcher.submit(pixels))
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] -> float32 [N, C] (the graph or the predictor casts); each call's duration is
         observed as ``inference`` (a call that raises is not)."""
         self.check()
-        start = time.perf_counter()
-        probabilities = self.predictor(pixels)
-        self.observe("inference", time.perf_counter() - start)
-        return probabilities
+        with self.in_use():
+            start = time.perf_counter()
+            probabilities = self.predictor(pixels)
+            self.observe("inference", time.perf_counter() - start)
+            return probabilities
 
     def explain(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N, H, W, 3] -> (probabilities [N, C], the top class's activation maps [N, h, w]); one model call,
@@ -161,10 +168,11 @@ class ModelRuntime:
         the served backend's map failed its bound at export (e.g. int8, which ``auto`` may choose for speed), the
         fp32 onnx file answers, loaded at the first such request (core/predictors.py's ``explaining_backend``)."""
         self.check()
-        start = time.perf_counter()
-        answer = self._explaining_predictor().explain(pixels)
-        self.observe("inference", time.perf_counter() - start)
-        return answer
+        with self.in_use():
+            start = time.perf_counter()
+            answer = self._explaining_predictor().explain(pixels)
+            self.observe("inference", time.perf_counter() - start)
+            return answer
 
     def _explaining_predictor(self) -> Any:
         from transferkit.core.predictors import explaining_backend
@@ -180,19 +188,43 @@ class ModelRuntime:
                             backend, self.backend)
         return self._explainer
 
-    def retire(self, after_s: float) -> None:
-        """Let go of the model ``after_s`` seconds from now (a newer version answers in its place): its threads end
-        once the work already given to them is done, and its memory is returned when the last request holding it
-        ends. The delay covers requests that took this version just before the swap and have not yet queued."""
+    @contextlib.contextmanager
+    def in_use(self):
+        """Around a call of this version: counted, so that :meth:`retire` lets it go only once it is idle; a version
+        let go already answers 503 ``reloading`` (its replacement, or its reload, is on its way)."""
+        with self._calls_lock:
+            if self.retired:
+                raise ModelUnavailable("reloading", "the version this request was given was let go meanwhile; retry "
+                                                    "shortly", 1)
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._calls_lock:
+                self._calls -= 1
 
-        def close() -> None:
+    def retire(self, grace_s: float, within_s: float | None = None) -> None:
+        """Let go of this version once no call uses it, ``grace_s`` from now at the earliest (a request that took
+        this version just before a swap may not have started its call yet) and ``within_s`` after that at the latest
+        (default ``grace_s``): its threads end, and its session's memory goes with the last reference to it. A swap
+        waits a request timeout; an eviction for the memory budget, a moment (its memory is what the budget freed)."""
+        within_s = grace_s if within_s is None else within_s
+
+        def close_when_idle() -> None:
+            time.sleep(grace_s)
+            deadline = time.monotonic() + within_s
+            while True:
+                with self._calls_lock:
+                    if self._calls == 0 or time.monotonic() >= deadline:
+                        self.retired = True
+                        break
+                time.sleep(0.05)
             self.executor.shutdown(wait=False)
             if self.batcher is not None:
                 self.batcher.close()
+            self.predictor = self._explainer = None
 
-        timer = threading.Timer(after_s, close)
-        timer.daemon = True
-        timer.start()
+        threading.Thread(target=close_when_idle, name="retire", daemon=True).start()
 
     def describe(self) -> dict:
         """The runtime part of /metadata (no filesystem paths)."""

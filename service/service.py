@@ -454,7 +454,10 @@ def _model_service(source: ModelSource | None, service_name: str, index: int):
             runtime.settled.wait(WARMING_WAIT_S)
             if not runtime.ready:  # BentoML masks a 5xx's message: the entry asks describe() for the reason
                 raise NotServing(f"model {runtime.state}")
-            return runtime.predict(pixels)
+            try:
+                return runtime.predict(pixels)
+            except ModelUnavailable as exc:  # the version was let go meanwhile (evicted): the entry asks why
+                raise NotServing(exc.reason) from None
 
         @bentoml.api
         def explain(self, pixels: np.ndarray) -> np.ndarray:
@@ -464,7 +467,10 @@ def _model_service(source: ModelSource | None, service_name: str, index: int):
             runtime.settled.wait(WARMING_WAIT_S)
             if not runtime.ready:
                 raise NotServing(f"model {runtime.state}")
-            probabilities, maps = runtime.explain(pixels)
+            try:
+                probabilities, maps = runtime.explain(pixels)
+            except ModelUnavailable as exc:
+                raise NotServing(exc.reason) from None
             return np.concatenate([probabilities, maps.reshape(len(maps), -1)], axis=1)
 
         @bentoml.api
@@ -618,9 +624,11 @@ def _estimated_rate() -> float | None:
 
 
 # In the batched layout a model's own processes apply its control requests; they serve the models of the start only.
+# A control request waits for the workers within the request timeout, which BentoML enforces on every route (its
+# bare 504 would come first): past it, the documented 504 `control_timeout`, the load going on (a retry waits for it).
 CONTROL = RepositoryControl(lambda: bentoml.get_current_service(), ADMIN_TOKEN, CONTROL_DIR,
                             PLAN.model_workers if PLAN.layout == "batched" else PLAN.entry_workers,
-                            SETTINGS.timeout_s * 4, fixed_models=PLAN.layout == "batched",
+                            max(0.5, SETTINGS.timeout_s - 1.0), fixed_models=PLAN.layout == "batched",
                             spares=SETTINGS.spare_models if PLAN.layout == "batched" else 0)
 ImageClassifier = bentoml.asgi_app(build_app(lambda: bentoml.get_current_service(), SETTINGS, PLAN, CONTROL),
                                    path="/")(ImageClassifier)

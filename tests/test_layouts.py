@@ -458,6 +458,30 @@ def test_a_warming_worker_answers_a_retryable_503_and_a_failed_one_model_unavail
     assert error_for(info.value).status_code == 503 and "Retry-After" not in error_for(info.value).headers
 
 
+def test_a_version_let_go_closes_once_its_calls_are_done_and_refuses_new_ones(tmp_path):
+    """What the memory budget frees: an evicted version's session goes once its calls are done (it stayed a
+    request timeout, 30 s, while the budget counted it freed: ten reloads in 30 s held ten sessions), and a request
+    that took it before the eviction but calls after is answered 503 `reloading`."""
+    from transferkit.core.errors import ModelUnavailable
+    from transferkit.service.runtime import ModelRuntime
+
+    bundle = write_faulty_bundle(tmp_path / "bundle")
+    runtime = ModelRuntime(lambda: bundle, "onnx", "cpu", 1, [1])
+    assert runtime.settled.wait(60) and runtime.ready, runtime.error
+    pixels = np.full((1, 32, 32, 3), 30, np.uint8)
+    with runtime.in_use():  # a call still running
+        runtime.retire(0.0, within_s=30)
+        time.sleep(0.5)
+        assert not runtime.retired and runtime.predict(pixels).shape == (1, 2)
+    deadline = time.monotonic() + 5
+    while runtime.predictor is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert runtime.retired and runtime.predictor is None  # let go within moments of its last call
+    with pytest.raises(ModelUnavailable) as refused:
+        runtime.predict(pixels)
+    assert (refused.value.reason, refused.value.retry_after) == ("reloading", 1)
+
+
 def test_the_batched_entry_asks_again_once_when_the_model_loaded_between_refusal_and_question(tmp_path):
     """A model process refuses (503) while its model reloads; when the entry asks why, it is ready: the entry calls
     once more instead of answering `overloaded` (seen: a 503 `overloaded` for a model that had just loaded). A 504

@@ -325,6 +325,31 @@ def test_the_control_routes_load_and_unload_in_every_worker_with_the_admin_token
     assert missing.status_code == 404 and missing.json()["reason"] == "unknown_model"
 
 
+def test_a_retried_control_request_waits_for_the_first_instead_of_loading_again(swapping, tmp_path):
+    """A load that outlasts the wait answers 504 `control_timeout` and goes on; the same request again waits for it
+    (each worker would otherwise load the version once more), and a new one is numbered after it whatever the
+    clock says."""
+    from transferkit.service.control import RepositoryControl
+
+    _, reloader, _, service = swapping  # its reload loop not started: no worker applies the request yet
+    control = RepositoryControl(lambda: service, b"s3cret", tmp_path / "control", 1, 0.5)
+    settings = ServiceSettings(max_images=4)
+    client = TestClient(build_app(lambda: service, settings, settings.plan(cores=2, gpus=0), control))
+    admin = {"Authorization": "Bearer s3cret"}
+    requests = tmp_path / "control" / "requests" / "digits.json"
+    first = client.post("/v2/repository/models/digits/load", headers=admin)
+    assert first.status_code == 504 and first.json()["reason"] == "control_timeout"
+    serial = json.loads(requests.read_text())["serial"]
+    assert client.post("/v2/repository/models/digits/load", headers=admin).status_code == 504
+    assert json.loads(requests.read_text())["serial"] == serial  # the same request, not a second one
+    reloader.apply_requests()  # the worker carries it out, once
+    outcomes = [json.loads(path.read_text()) for path in (tmp_path / "control" / "status").glob("digits.*.json")]
+    assert [(o["serial"], o["ok"]) for o in outcomes] == [(serial, True)]
+    requests.write_text(json.dumps({**json.loads(requests.read_text()), "serial": serial + 10**12}))  # clock ahead
+    client.post("/v2/repository/models/digits/unload", headers=admin)  # (504: no worker applies it here)
+    assert json.loads(requests.read_text())["serial"] > serial + 10**12
+
+
 def test_model_control_is_off_without_an_admin_token():
     from transferkit.service.control import RepositoryControl
 
