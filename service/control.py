@@ -83,9 +83,13 @@ class RepositoryControl:
             name = request.path_params[NAME_PARAMETER]
             models = self.get_service().models
             models.refresh()
-            source = loadable_source(models, name)
-            if action == "unload" and name not in models.slots:
-                raise ServiceError(404, "unknown_model", f"model {name!r} is not loaded")
+            if action == "unload":  # what serves now, its folder removed since or not
+                slot = models.slots.get(name)
+                if slot is None or not NAME_PATTERN.fullmatch(name):
+                    raise ServiceError(404, "unknown_model", f"model {ascii(name)[:70]} is not loaded")
+                source = slot.source or loadable_source(models, name)
+            else:
+                source = loadable_source(models, name)
             spare = assignments(self.control_dir).get(name, (None,))[0]
             if self.fixed_models and name not in models.slots and spare is None:
                 if not self.spares:

@@ -36,7 +36,7 @@ import bentoml
 import numpy as np
 
 from transferkit.core.backends import Choice, choose_backend
-from transferkit.core.errors import ModelUnavailable, TransferkitError
+from transferkit.core.errors import ModelUnavailable, ServiceError, TransferkitError
 from transferkit.core.repository import ModelSource, default_model, model_sources, repository_model
 from transferkit.core.store import STORE_LABEL
 from transferkit.service import connections, guard, lifecycle
@@ -648,13 +648,16 @@ ImageClassifier.add_asgi_middleware(
 
 def _check_model_params(params: dict[str, str]) -> None:
     """The route guard's check of ``/v2/models/{name}[/versions/{version}]``: a served model's, or the route's own
-    404 (503 when no model could be read); of ``/v2/repository/models/{model_name}/...``: a served model or one of
-    its repositories' folders (service/control.py)."""
-    from transferkit.service.control import NAME_PARAMETER, loadable_source
+    404 (503 when no model could be read); of ``/v2/repository/models/{model_name}/...``: a well-formed name (the
+    route looks for it after checking the admin credential: service/control.py)."""
+    from transferkit.service.control import NAME_PARAMETER, NAME_PATTERN
 
     service = bentoml.get_current_service()
     if NAME_PARAMETER in params:
-        loadable_source(service.models, params[NAME_PARAMETER])
+        # Only its form: which folders exist is for the admin credential's holder (the route checks it first).
+        if not NAME_PATTERN.fullmatch(params[NAME_PARAMETER]):
+            raise ServiceError(404, "unknown_model", f"no model {ascii(params[NAME_PARAMETER])[:70]} in this "
+                                                     "service's repositories")
     else:
         OpenInferenceProtocol.model_for(service, params["name"], params.get("version"))
 

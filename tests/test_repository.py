@@ -206,6 +206,11 @@ def test_a_real_server_of_a_repository_answers_tritonclient_for_each_model_and_i
         assert client.is_model_ready("digits-fp16", "fp16-1")
         with pytest.raises(InferenceServerException, match="admin token"):
             client.load_model("digits-fp16")
+        # Without the credential a name that exists and one that does not get the same 401: which folders the
+        # repository holds is for the credential's holder (the guard looked them up first: 404 told them apart).
+        for name in ("digits-fp16", "no-such-model"):
+            refused = server.post(f"/v2/repository/models/{name}/load")
+            assert refused.status_code == 401, (name, refused.text)
 
 
 def test_serve_refuses_a_wrong_reference_or_default_in_one_line_before_starting(repository, tmp_path):
@@ -323,6 +328,10 @@ def test_the_control_routes_load_and_unload_in_every_worker_with_the_admin_token
     assert _infer_version(client, files) == (200, "13")
     missing = client.post("/v2/repository/models/nope/load", headers=admin)
     assert missing.status_code == 404 and missing.json()["reason"] == "unknown_model"
+    shutil.rmtree(repo / "digits")  # its folder removed: what serves from memory can still be unloaded
+    gone = client.post("/v2/repository/models/digits/unload", headers=admin)
+    assert gone.status_code == 200, gone.text
+    assert client.post("/predict", files=_upload(files[:1])).json()["reason"] == "model_unloaded"
 
 
 def test_a_retried_control_request_waits_for_the_first_instead_of_loading_again(swapping, tmp_path):
