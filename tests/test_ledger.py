@@ -125,8 +125,8 @@ class _Version:
         self.runtime = self
         self.retired_after: float | None = None
 
-    def retire(self, after_s: float) -> None:
-        self.retired_after = after_s
+    def retire(self, grace_s: float, within_s: float | None = None) -> None:
+        self.retired_after = grace_s
 
 
 def test_two_swaps_that_wait_for_each_other_s_room_settle_at_once(shm):
@@ -223,7 +223,7 @@ class _Opened:
     def is_ready(self) -> bool:
         return self._ready
 
-    def retire(self, after_s: float) -> None:
+    def retire(self, grace_s: float, within_s: float | None = None) -> None:
         pass
 
 
