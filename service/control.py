@@ -104,8 +104,12 @@ class RepositoryControl:
         models.refresh()  # a model given a spare just now
         failed = [o for o in outcomes if not o["ok"]]
         if failed:
-            return error_response(ServiceError(409, "load_failed", f"model {name!r} was not loaded (the version "
-                                                                    f"serving before stays): {failed[0]['reason']}"))
+            loaded = sorted({o["version"] or "" for o in outcomes if o["ok"]})
+            # Some workers may have loaded it: say so, as each serves what it has (the index shows which).
+            stays = f"{len(outcomes) - len(failed)} of {len(outcomes)} workers serve version {', '.join(loaded)} " \
+                    "now, the others what they served before" if loaded else "the version serving before stays"
+            return error_response(ServiceError(409, "load_failed", f"model {name!r} was not loaded by every worker "
+                                                                    f"({stays}): {failed[0]['reason']}"))
         return JSONResponse({"model": name, "action": action,
                              "versions": sorted({o["version"] or "" for o in outcomes}), "workers": len(outcomes)})
 

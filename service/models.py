@@ -98,6 +98,8 @@ class ModelSlot(Generic[E]):
         self.load_seconds: float | None = None  # how long its last load took: the Retry-After of a reload
         self.loaded_at = 0.0  # monotonic time its version was swapped in
         self.retry_s = 0.0  # while its load waits for room: how long until it should answer
+        # Evicted, then its load on demand failed: why, and until when (monotonic) no request tries it again.
+        self.reload_failed, self.reload_failed_until = "", 0.0
 
     def retry_after(self) -> int:
         """While this evicted model loads again: the seconds until it should answer."""
@@ -105,6 +107,10 @@ class ModelSlot(Generic[E]):
 
     def serving(self) -> E:
         current = self.current
+        if current is None and self.evicted and self.reload_failed:
+            wait = max(1, round(self.reload_failed_until - time.monotonic()))
+            raise ModelUnavailable("model_unavailable", f"model {self.name!r} was let go for the memory budget and "
+                                                        f"could not be loaded again: {self.reload_failed}", wait)
         if current is None and self.evicted:
             raise reloading(self.name, self.retry_after())
         if current is None:
@@ -166,7 +172,8 @@ class ModelSet(Generic[E]):
             raise ServiceError(404, "unknown_model", f"no model {_shown(name)} is served here; the models are: "
                                                      f"{_listed(self.names)}")
         found.last_used = time.monotonic()
-        if found.current is None and found.evicted and self.on_demand is not None:
+        if found.current is None and found.evicted and self.on_demand is not None and \
+                time.monotonic() >= found.reload_failed_until:  # a failed reload is not tried at every request
             self.on_demand(found)
         return found.serving()
 

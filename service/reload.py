@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from transferkit.core.repository import ModelSource, repository_model
+from transferkit.service.errors import mask_paths
 from transferkit.service.ledger import ModelLedger
 from transferkit.service.models import ModelSet, ModelSlot, to_evict
 
@@ -42,6 +43,9 @@ MIN_RESIDENCY_S = 2.0
 # An evicted version closes this long after it was let go, once its calls are done: the requests that took it have
 # started their calls by then (they are refused 503 `reloading` after).
 EVICTION_GRACE_S = 0.2
+# An evicted model whose load on demand failed is tried again this long after, at its next request; meanwhile its
+# requests are answered 503 `model_unavailable` with the reason (and the other models are not evicted for it).
+RELOAD_BACKOFF_S = 30.0
 
 
 def stamp(path: Path) -> tuple[int, int]:
@@ -162,6 +166,7 @@ class Reloader:
         old = slot.swap(new)
         seconds = time.perf_counter() - started
         slot.path, slot.reason, slot.evicted, slot.load_seconds = where, "", False, seconds
+        slot.reload_failed, slot.reload_failed_until = "", 0.0
         slot.loaded_at, slot.retry_s = time.monotonic(), 0.0
         slot.cost_bytes = max(cost, slot.measured_bytes)
         self._held(slot)
@@ -212,13 +217,23 @@ class Reloader:
                                     unless_loaded=True)
                 if newest is not None and not outcome.ok:
                     self._failed[slot.name] = signature
-            except Exception:  # noqa: BLE001 - the next request tries again; the reason must not vanish
+                if not outcome.ok:
+                    self._reload_failed(slot, outcome.reason)
+            except Exception as exc:  # noqa: BLE001 - tried again after the back-off; the reason must not vanish
                 logger.exception("transferkit: worker %d could not load %s on demand", self.worker, slot.name)
+                self._reload_failed(slot, mask_paths(f"{type(exc).__name__}: {exc}"))
             finally:
                 with self._loading_lock:
                     self._loading.discard(slot.name)
 
         threading.Thread(target=load, name=f"load-{slot.name}", daemon=True).start()
+
+    @staticmethod
+    def _reload_failed(slot: ModelSlot, reason: str) -> None:
+        """Not tried again at every request (each would evict another model first): after the back-off."""
+        if slot.current is None and slot.evicted:
+            slot.reload_failed = reason or "see the server's log"
+            slot.reload_failed_until = time.monotonic() + RELOAD_BACKOFF_S
 
     def _held(self, slot: ModelSlot) -> None:
         """Tell the other model processes (service/ledger.py) what this one holds now."""

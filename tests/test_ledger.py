@@ -275,3 +275,38 @@ def test_on_demand_a_newest_version_that_failed_here_gives_way_to_the_last_good_
     while slot.current is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert opened == ["1"] and slot.current is not None
+
+
+def test_an_evicted_model_whose_reload_failed_says_why_and_is_not_tried_at_every_request(tmp_path):
+    """Each load on demand evicts another model first: a broken one tried at every request evicted the others in
+    turn, and answered `reloading` for ever. After a failure it answers 503 `model_unavailable` with the reason
+    until the back-off is over, then tries again."""
+    from transferkit.core.errors import ModelUnavailable
+    from transferkit.service import reload
+
+    opened = []
+    slot = ModelSlot("a", None)
+    slot.evicted = True
+    models = ModelSet({"a": slot}, "a")
+    Reloader(models, lambda name, where: opened.append(where) or _Opened(ready=False), worker=1, ready_timeout_s=5,
+             retire_s=0.1, budget_bytes=100 * MB, estimate=lambda name, where: MB)  # sets models.on_demand
+    with pytest.raises(ModelUnavailable) as first:
+        models.select("a")  # starts the load
+    assert first.value.reason == "reloading"
+    deadline = time.monotonic() + 10
+    while not slot.reload_failed and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for _ in range(3):
+        with pytest.raises(ModelUnavailable) as refused:
+            models.select("a")
+        assert refused.value.reason == "model_unavailable" and "broken" in refused.value.message
+        assert 1 <= refused.value.retry_after <= reload.RELOAD_BACKOFF_S
+    time.sleep(0.2)
+    assert len(opened) == 1  # not tried again within the back-off
+    slot.reload_failed_until = time.monotonic()  # the back-off is over
+    with pytest.raises(ModelUnavailable):
+        models.select("a")
+    deadline = time.monotonic() + 10
+    while len(opened) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(opened) == 2

@@ -359,6 +359,39 @@ def test_a_retried_control_request_waits_for_the_first_instead_of_loading_again(
     assert json.loads(requests.read_text())["serial"] > serial + 10**12
 
 
+def test_a_load_that_some_workers_failed_says_which_version_the_others_serve(swapping, tmp_path):
+    """Two workers, one loads the new version and one fails: the 409 says so (it said the version serving before
+    stays, which was true for one worker only)."""
+    import threading
+
+    from transferkit.service.control import RepositoryControl
+
+    _, _, _, service = swapping
+    control_dir = tmp_path / "control"
+    control = RepositoryControl(lambda: service, b"s3cret", control_dir, 2, 20)
+    settings = ServiceSettings(max_images=4)
+    client = TestClient(build_app(lambda: service, settings, settings.plan(cores=2, gpus=0), control))
+
+    def two_workers() -> None:  # what each worker's reload loop writes once it has carried the request out
+        request = control_dir / "requests" / "digits.json"
+        while not request.exists():
+            time.sleep(0.02)
+        serial = json.loads(request.read_text())["serial"]
+        for worker, ok in ((1, True), (2, False)):
+            outcome = {"serial": serial, "worker": worker, "ok": ok, "version": "10" if ok else None,
+                       "reason": "" if ok else "digits/10: not ready within 60 s"}
+            (control_dir / "status").mkdir(exist_ok=True)
+            (control_dir / "status" / f"digits.{worker}.json").write_text(json.dumps(outcome))
+
+    workers = threading.Thread(target=two_workers)
+    workers.start()
+    answer = client.post("/v2/repository/models/digits/load", headers={"Authorization": "Bearer s3cret"})
+    workers.join()
+    assert answer.status_code == 409 and answer.json()["reason"] == "load_failed"
+    assert "1 of 2 workers serve version 10 now" in answer.json()["error"], answer.text
+    assert "not ready within 60 s" in answer.json()["error"]
+
+
 def test_model_control_is_off_without_an_admin_token():
     from transferkit.service.control import RepositoryControl
 
