@@ -281,18 +281,27 @@ def test_an_evicted_model_whose_reload_failed_says_why_and_is_not_tried_at_every
     """Each load on demand evicts another model first: a broken one tried at every request evicted the others in
     turn, and answered `reloading` for ever. After a failure it answers 503 `model_unavailable` with the reason
     until the back-off is over, then tries again."""
+    import threading
+
     from transferkit.core.errors import ModelUnavailable
     from transferkit.service import reload
 
-    opened = []
+    opened, may_fail = [], threading.Event()
+
+    def open_model(name, where):
+        may_fail.wait(10)  # not before the first request has its answer
+        opened.append(where)
+        return _Opened(ready=False)
+
     slot = ModelSlot("a", None)
     slot.evicted = True
     models = ModelSet({"a": slot}, "a")
-    Reloader(models, lambda name, where: opened.append(where) or _Opened(ready=False), worker=1, ready_timeout_s=5,
-             retire_s=0.1, budget_bytes=100 * MB, estimate=lambda name, where: MB)  # sets models.on_demand
+    Reloader(models, open_model, worker=1, ready_timeout_s=5, retire_s=0.1, budget_bytes=100 * MB,
+             estimate=lambda name, where: MB)  # sets models.on_demand
     with pytest.raises(ModelUnavailable) as first:
         models.select("a")  # starts the load
     assert first.value.reason == "reloading"
+    may_fail.set()
     deadline = time.monotonic() + 10
     while not slot.reload_failed and time.monotonic() < deadline:
         time.sleep(0.02)
