@@ -68,6 +68,17 @@ def reloading(name: str, retry_after: int) -> ModelUnavailable:
                                          f"loading again; retry in {retry_after} s", retry_after)
 
 
+def not_loaded(name: str, failure: str = "") -> ModelUnavailable:
+    """The answer for a model no version of which is loaded: unloaded by an operator, or (``failure``: why) whose
+    last load failed, such as a model added to the repository with a broken bundle (in either layout)."""
+    again = "POST /v2/repository/models/NAME/load"
+    if failure:
+        return ModelUnavailable("model_unavailable", f"model {name!r} is not loaded: its last load failed: {failure} "
+                                                     f"({again} tries again)", None)
+    return ModelUnavailable("model_unloaded", f"model {name!r} is unloaded: an operator unloaded it ({again} serves "
+                                              "it again)", None)
+
+
 def to_evict(loaded: list, used: int, cost: int, budget: int) -> list:
     """The least recently used of ``loaded`` (each with ``last_used`` and ``cost_bytes``: a worker's slots, or the
     model processes of service/ledger.py) that must go for ``cost`` more bytes to fit beside ``used`` in ``budget``,
@@ -114,8 +125,7 @@ class ModelSlot(Generic[E]):
         if current is None and self.evicted:
             raise reloading(self.name, self.retry_after())
         if current is None:
-            raise ModelUnavailable("model_unloaded", f"model {self.name!r} is unloaded: an operator unloaded it "
-                                                     "(POST /v2/repository/models/NAME/load serves it again)", None)
+            raise not_loaded(self.name, self.reason)
         return current
 
     def swap(self, new: E | None) -> E | None:

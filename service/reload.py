@@ -320,7 +320,7 @@ class Reloader:
             return Outcome(True, None)
         with slot.lock:
             old = slot.swap(None)
-            slot.evicted = False  # the operator's choice: not loaded again on demand
+            slot.evicted, slot.reason = False, ""  # the operator's choice: not loaded again on demand
             self._held(slot)
             if old is not None:
                 self.on_swap(name, old, None)

@@ -20,7 +20,7 @@ from transferkit.core.backends import Choice
 from transferkit.core.errors import ModelUnavailable
 from transferkit.service.decoding import estimate_all
 from transferkit.service.local import Pipeline, read_served_manifest
-from transferkit.service.models import reloading
+from transferkit.service.models import not_loaded, reloading
 
 logger = logging.getLogger("transferkit.service")
 FOLLOW_S = 2.0  # how stale the entry's view of a polled model's version may get while requests flow
@@ -84,8 +84,7 @@ class RemoteModel:
         info = await self.describe()  # why the model refused: loading, failed or busy (BentoML masks 5xx messages)
         state = info.get("state")
         if state == "unloaded":
-            raise ModelUnavailable("model_unloaded", f"model {self.name!r} is unloaded: an operator unloaded it "
-                                                     "(POST /v2/repository/models/NAME/load serves it again)", None)
+            raise not_loaded(self.name, info.get("reason", ""))
         if state == "reloading":
             raise reloading(self.name, max(1, round(info.get("retry_s") or 2)))
         if state == "failed":

@@ -334,6 +334,27 @@ def test_the_control_routes_load_and_unload_in_every_worker_with_the_admin_token
     assert client.post("/predict", files=_upload(files[:1])).json()["reason"] == "model_unloaded"
 
 
+def test_a_new_model_whose_load_failed_says_why_and_an_unload_clears_it(swapping, bundle, files):
+    """A model added to the repository with a broken bundle: its requests say its load failed and why (not that an
+    operator unloaded it); after an operator's unload, they say that."""
+    from serving import tampered_copy
+
+    client, reloader, repo, _ = swapping
+    reloader.start()
+    admin = {"Authorization": "Bearer s3cret"}
+    tampered_copy(bundle, repo / "birds" / "1")
+    loaded = client.post("/v2/repository/models/birds/load", headers=admin)
+    assert loaded.status_code == 409 and loaded.json()["reason"] == "load_failed", loaded.text
+    refused = client.post("/predict?model=birds", files=_upload(files[:1]))
+    assert refused.status_code == 503 and refused.json()["reason"] == "model_unavailable", refused.text
+    assert "its last load failed" in refused.json()["error"] and "checksum" in refused.json()["error"]
+    assert "Retry-After" not in refused.headers  # an operator's fix, not time, makes it serve
+    assert _infer_version(client, files, "birds")[0] == 503
+    assert client.post("/v2/repository/models/birds/unload", headers=admin).status_code == 200
+    assert client.post("/predict?model=birds", files=_upload(files[:1])).json()["reason"] == "model_unloaded"
+    assert _infer_version(client, files) == (200, "10")  # the other model never noticed
+
+
 def test_a_retried_control_request_waits_for_the_first_instead_of_loading_again(swapping, tmp_path):
     """A load that outlasts the wait answers 504 `control_timeout` and goes on; the same request again waits for it
     (each worker would otherwise load the version once more), and a new one is numbered after it whatever the
