@@ -125,7 +125,7 @@ class RouteGuard:
 
     def __init__(self, app: Any, routes: Routes, *, check_params: ParamsCheck, max_head_bytes: int,
                  token: bytes | None = None, protect_metrics: bool = False,
-                 on_reject: Callable[[str], None] | None = None, own_credentials: str = "/v2/repository/"):
+                 on_reject: Callable[[str], None] | None = None, own_credentials: str | None = None):
         self.app, self.routes, self.check_params = app, routes, check_params
         self.max_head_bytes, self.token = max_head_bytes, token
         self.own_credentials = own_credentials  # routes that check a token of their own (the admin token)
@@ -161,7 +161,7 @@ class RouteGuard:
                                                           f"(allowed: {', '.join(sorted(methods))})")
         # OPTIONS: a CORS preflight never carries credentials, and a route answers it with nothing but headers.
         if self.token is not None and path not in self.open_paths and method != "OPTIONS" \
-                and not path.startswith(self.own_credentials):
+                and not (self.own_credentials and path.startswith(self.own_credentials)):
             self._authorize(scope)
 
     def _template_methods(self, path: str) -> frozenset[str]:

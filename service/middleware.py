@@ -6,8 +6,10 @@ the process drains after SIGTERM every other request is answered 503 ``shutting_
 500, never a dropped connection); past the worker's share of ``max_concurrency`` it is 429 ``overloaded``;
 otherwise, when the requests already in flight would keep it from being answered within the latency budget
 (:class:`LatencyBudget`), it is 503 ``overloaded`` with a Retry-After derived from that queue; otherwise the request is
-counted as in flight (:func:`track_request`) so that the drain waits for it. This replaces BentoML's own limiter,
-which would also refuse the Open Inference Protocol's health probes under load.
+counted as in flight (:func:`track_request`) so that the drain waits for it. Model control (``unmetered``: an
+operator's load or unload) skips the cap and the budget: it is what an operator sends to relieve a saturated
+server. This replaces BentoML's own limiter, which would also refuse the Open Inference Protocol's health probes
+under load.
 
 :class:`BodySizeLimit`: BentoML's server has no body limit. A declared Content-Length over the cap is refused before
 one byte of the body is read; a chunked body is counted as it arrives and refused as soon as it passes the cap (the
@@ -20,6 +22,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from contextvars import ContextVar
 from typing import Any
 
 from transferkit.core.errors import ServiceError
@@ -34,6 +37,12 @@ async def refuse(scope: Scope, receive, send, error: ServiceError, headers: Mapp
     """Answer ``error`` before the application sees the request, in the same shape the routes answer with."""
     await error_response(error, headers)(scope, receive, send)
 
+
+# When admission let the current request in (time.perf_counter()) and whether model work was in flight then: the
+# late refusal (service/runtime.py) counts from there, the body's upload included (a burst of uploads on one event
+# loop makes it long), and only for a request that queued behind others (alone, a slow upload or a model slower than
+# the budget frees nothing by being refused).
+ADMITTED_AT: ContextVar[tuple[float, bool] | None] = ContextVar("transferkit_admitted_at", default=None)
 
 PROBES = frozenset({"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 
@@ -137,8 +146,10 @@ class Admission:
     def __init__(self, app: ASGIApp, max_in_flight: int, is_draining: Callable[[], bool], track_request,
                  on_reject: Callable[[str], None] | None = None, loads: Callable[[], Any] | None = None,
                  on_hand_back: Callable[[], None] | None = None, latency_budget_s: float = 0.0,
-                 estimated_rate: Callable[[], float | None] = lambda: None):
+                 estimated_rate: Callable[[], float | None] = lambda: None, unmetered: str | None = None):
         self.app = app
+        # Model control (an operator's load or unload) is not traffic: a saturated server must still take it.
+        self.unmetered = unmetered
         self.budget = LatencyBudget(latency_budget_s, estimate=estimated_rate) if latency_budget_s > 0 else None
         self.on_hand_back = on_hand_back or (lambda: None)
         self.max_in_flight = max_in_flight
@@ -159,6 +170,10 @@ class Admission:
             await refuse(scope, receive, send, ServiceError(
                 503, "shutting_down", "the server is shutting down; retry on another instance", retry_after=1))
             return
+        if self.unmetered is not None and scope["path"].startswith(self.unmetered):
+            with self.track_request():
+                await self.app(scope, receive, send)
+            return
         if self.in_flight >= self.max_in_flight:
             self.on_reject("overloaded")
             await refuse(scope, receive, send, ServiceError(
@@ -176,12 +191,14 @@ class Admission:
         if self._make_loads is not None and self._loads is None:
             self._loads = self._make_loads()
         self._count(+1, work)
+        admitted = ADMITTED_AT.set((time.perf_counter(), self.work_in_flight > 1))
         status = {"code": 500}
         try:
             with self.track_request():
                 await self.app(scope, receive, self._observing(send if self._loads is None else self._balancing(send),
                                                                status))
         finally:
+            ADMITTED_AT.reset(admitted)
             self._count(-1, work, answered=status["code"] == 200)
 
     def _count(self, change: int, work: bool, answered: bool = False) -> None:

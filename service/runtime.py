@@ -23,6 +23,7 @@ from transferkit.core.backends import measure
 from transferkit.core.errors import ModelUnavailable, TransferkitError
 from transferkit.service.errors import mask_paths
 from transferkit.service.microbatch import MicroBatcher
+from transferkit.service.middleware import ADMITTED_AT
 
 logger = logging.getLogger("transferkit.service")
 
@@ -42,7 +43,7 @@ class ModelRuntime:
 
     def __init__(self, bundle_path, backend: str, device: str, threads: int, batch_sizes: list[int],
                  compute_threads: int = 1, device_id: int = 0, max_batch: int | None = None,
-                 on_batch=None, observe: Callable[[str, float], None] | None = None):
+                 on_batch=None, observe: Callable[[str, float], None] | None = None, start_within_s: float = 0.0):
         self.backend, self.device, self.threads, self.device_id = backend, device, threads, device_id
         self.batch_sizes = batch_sizes
         self.state = "loading"
@@ -54,6 +55,7 @@ class ModelRuntime:
         self._explainer_lock = threading.Lock()
         self.load_seconds: float | None = None
         self.ready_at: float | None = None  # time.monotonic() once ready
+        self.ready_perf: float | None = None  # the same moment, time.perf_counter()
         self.warm_seconds: float | None = None  # one image's inference once warm: admission's first estimate
         self.settled = threading.Event()  # set once loading has succeeded or failed
         # Calls using this version now (requests from their model call's admission to its answer): a version let go
@@ -65,6 +67,9 @@ class ModelRuntime:
         self.executor = ThreadPoolExecutor(compute_threads, thread_name_prefix="compute")
         # /metrics' histograms: observe("queue" | "inference", seconds), from the compute and model threads.
         self.observe = observe or (lambda stage, seconds: None)
+        # The latency budget (0: none): admission predicts a request's wait from the measured rate, and a request
+        # whose real wait left no time for its inference is refused here, before any work (see :meth:`run`).
+        self.start_within_s = start_within_s
         # microbatch layout: requests' decoded pixels merge into one model call (service/microbatch.py).
         self.batcher = MicroBatcher(self.predict, max_batch, self._batched,
                                     on_wait=lambda seconds: self.observe("queue", seconds)) if max_batch else None
@@ -94,7 +99,7 @@ class ModelRuntime:
             return
         self.predictor, self.manifest, self.bundle = predictor, bundle.manifest, bundle
         self.load_seconds = round(time.perf_counter() - start, 2)
-        self.ready_at = time.monotonic()
+        self.ready_at, self.ready_perf = time.monotonic(), time.perf_counter()
         self.state = "ready"
         self.settled.set()
         logger.info("transferkit: serving %s %s with %s on %s (%.1fs to verify, load and warm)",
@@ -133,12 +138,29 @@ class ModelRuntime:
             if self.batcher is not None:
                 return await loop.run_in_executor(self.executor, fn, *args)
             queued = time.perf_counter() if since is None else since
+            admitted, behind_others = ADMITTED_AT.get() or (queued, True)
+            # A request that waited for this version to load and warm counts from then: it was not refused for load.
+            admitted = max(admitted, self.ready_perf or admitted)
 
             def job():
-                self.observe("queue", time.perf_counter() - queued)
+                now = time.perf_counter()
+                self.observe("queue", now - queued)
+                if behind_others:
+                    self._refuse_if_late(now - admitted)
                 return fn(*args)
 
             return await loop.run_in_executor(self.executor, job)
+
+    def _refuse_if_late(self, waited: float) -> None:
+        """503 ``overloaded`` for a request that waited so long since admission (its upload, a decode slot, a compute
+        thread) that one image's inference would take it past the latency budget: admission's prediction was wrong (a
+        burst before the worker had measured its rate, or a slower machine), and the client is better served by a
+        retry elsewhere than by a late answer. The refusal costs no model work."""
+        inference = self.warm_seconds or 0.0
+        if inference < self.start_within_s < waited + inference:  # a model slower than the budget still answers
+            raise ModelUnavailable("overloaded", f"waited {waited:.1f} s for the model: it could not be answered "
+                                                 f"within the latency budget ({self.start_within_s:g} s); retry "
+                                                 "with backoff", 1)
 
     def _batched(self, images: int) -> None:
         self.batch_images[0] += 1

@@ -41,6 +41,7 @@ from transferkit.core.repository import ModelSource, default_model, model_source
 from transferkit.core.store import STORE_LABEL
 from transferkit.service import connections, guard, lifecycle
 from transferkit.service.balance import WorkerLoads, WorkerReadiness
+from transferkit.service.control import PREFIX as CONTROL_PREFIX
 from transferkit.service.control import RepositoryControl
 from transferkit.service.decoding import DecodeGate
 from transferkit.service.decoding import decode_all as _decode_all
@@ -589,7 +590,8 @@ else:  # inprocess and microbatch: the model runs in the HTTP worker
                     device=SETTINGS.device, threads=PLAN.threads, batch_sizes=sizes, compute_threads=PLAN.threads,
                     device_id=_worker_index() % max(1, PLAN.gpus),
                     max_batch=SETTINGS.max_batch_size if batching else None, on_batch=metrics.microbatch,
-                    observe=metrics.observe, worker=_worker_index() + 1)
+                    observe=metrics.observe, worker=_worker_index() + 1,
+                    start_within_s=SETTINGS.latency_budget_ms / 1000)
 
             self.models = ModelSet({source.name: ModelSlot(source.name, None, source) for source in SOURCES},
                                    DEFAULT_MODEL, CONFIG_ERROR)
@@ -636,7 +638,7 @@ ImageClassifier.add_asgi_middleware(
     Admission, max_in_flight=-(-SETTINGS.max_concurrency // PLAN.entry_workers),
     is_draining=lifecycle.is_draining, track_request=lifecycle.track_request, on_reject=metrics.rejected,
     on_hand_back=metrics.handed_back, latency_budget_s=SETTINGS.latency_budget_ms / 1000,
-    estimated_rate=_estimated_rate,
+    estimated_rate=_estimated_rate, unmetered=f"{CONTROL_PREFIX}/",
     # Several workers computing behind one socket: the busier hands keep-alive clients back (service/balance.py).
     loads=(lambda: WorkerLoads(PLAN.entry_workers, _worker_index()))
     if PLAN.layout in ("inprocess", "microbatch") and PLAN.entry_workers > 1 else None,
@@ -667,7 +669,7 @@ def guarded(app):
     and missing tokens are refused before BentoML's middleware (its metrics label paths) or a body is read."""
     return RouteGuard(app, collect_routes(app.routes), check_params=_check_model_params,
                       max_head_bytes=SETTINGS.max_header_bytes, token=TOKEN, protect_metrics=SETTINGS.protect_metrics,
-                      on_reject=metrics.rejected)
+                      on_reject=metrics.rejected, own_credentials=f"{CONTROL_PREFIX}/")
 
 
 def _is_entry_worker() -> bool:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 
 import pytest
 
-from transferkit.service.middleware import MEAN_SHARE_OF_BUDGET, Admission, LatencyBudget
+from transferkit.service.middleware import ADMITTED_AT, MEAN_SHARE_OF_BUDGET, Admission, LatencyBudget
 
 
 class Clock:
@@ -141,6 +142,44 @@ def test_the_middleware_sheds_past_the_budget_and_never_the_probes():
     assert status == 503 and body["reason"] == "overloaded" and "latency budget" in body["error"]
     assert headers[b"retry-after"] == b"1"
     assert seen.count("/predict") == 5  # the shed request never reached the application
+
+
+def test_model_control_passes_a_saturated_worker_and_the_drain_still_refuses_it():
+    """An operator's unload is what relieves a saturated server: neither the in-flight cap nor the budget refuses it,
+    and it neither counts against them nor as a measured answer."""
+    async def scenario():
+        release, seen, admitted = asyncio.Event(), [], []
+
+        async def app(scope, receive, send):
+            seen.append(scope["path"])
+            admitted.append(ADMITTED_AT.get())  # where the model's late refusal counts from
+            if scope["path"] == "/predict":
+                await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        draining = []
+        admission = Admission(app, max_in_flight=1, is_draining=lambda: bool(draining),
+                              track_request=contextlib.nullcontext, latency_budget_s=1.0, estimated_rate=lambda: 0.5,
+                              unmetered="/v2/repository/")
+        held = asyncio.create_task(_call(admission))  # the one request the cap allows: 2 s predicted for the next
+        await asyncio.sleep(0.01)
+        refused = await _call(admission)
+        control = await _call(admission, "/v2/repository/models/a/unload")
+        counts = admission.in_flight, admission.work_in_flight
+        draining.append(True)
+        during_drain = await _call(admission, "/v2/repository/models/a/load")
+        release.set()
+        await held
+        return refused[0], control[0], counts, during_drain, seen, admitted
+
+    before = time.perf_counter()
+    refused, control, counts, during_drain, seen, admitted = asyncio.run(scenario())
+    when, behind_others = admitted[0]  # the first request: nothing in flight ahead of it
+    assert before < when < time.perf_counter() and behind_others is False
+    assert refused == 429 and control == 200 and counts == (1, 1)
+    assert during_drain[0] == 503 and json.loads(during_drain[2])["reason"] == "shutting_down"
+    assert seen == ["/predict", "/v2/repository/models/a/unload"]
 
 
 def test_the_decode_gate_admits_in_arrival_order_and_skips_who_gave_up():

@@ -404,7 +404,10 @@ def _png(value: int) -> bytes:
 def test_batched_layout_drains_the_entry_before_the_model_stops(tmp_path: Path):
     """SIGTERM with slow requests in flight: the model service outlives them (BentoML would stop it at once)."""
     bundle_dir = write_faulty_bundle(tmp_path / "bundle")
-    srv = Server(bundle_dir, tmp_path / "drain.log", layout="batched", timeout_s=30, max_batch_size=2)
+    # The batcher's latency budget out of the way: with the other test worker on both cores the slow model took
+    # seconds a call, and BentoML's dispatcher refused the fourth request (503) for its 10-s default, not the drain.
+    srv = Server(bundle_dir, tmp_path / "drain.log", layout="batched", timeout_s=30, max_batch_size=2,
+                 max_latency_ms=60_000)
     try:
         srv.wait_ready()
         with ThreadPoolExecutor(4) as pool:
@@ -480,6 +483,71 @@ def test_a_version_let_go_closes_once_its_calls_are_done_and_refuses_new_ones(tm
     with pytest.raises(ModelUnavailable) as refused:
         runtime.predict(pixels)
     assert (refused.value.reason, refused.value.retry_after) == ("reloading", 1)
+
+
+def test_a_request_whose_wait_used_up_the_latency_budget_is_refused_before_any_work(tmp_path):
+    """Admission predicts the wait from the measured rate; when the real wait for a compute thread leaves no time for
+    the model (a burst before the rate was measured), the request gets 503 `overloaded` instead of a late answer,
+    and the model never runs it. Without a budget it waits and is answered."""
+    import asyncio
+    import threading
+
+    from transferkit.core.errors import ModelUnavailable
+    from transferkit.service.middleware import ADMITTED_AT
+    from transferkit.service.runtime import ModelRuntime
+
+    bundle = write_faulty_bundle(tmp_path / "bundle")
+    pixels = np.full((1, 32, 32, 3), 30, np.uint8)
+
+    async def behind_a_slow_call(runtime: ModelRuntime) -> tuple[list, list]:
+        ran: list = []
+
+        def work(tag: str):
+            ran.append(tag)
+            time.sleep(0.6 if tag == "slow" else 0.0)
+            return runtime.predict(pixels)
+
+        answers = await asyncio.gather(runtime.run(work, "slow"), runtime.run(work, "queued"),
+                                       return_exceptions=True)
+        return answers, ran
+
+    budgeted = ModelRuntime(lambda: bundle, "onnx", "cpu", 1, [1], start_within_s=0.4)
+    assert budgeted.settled.wait(60) and budgeted.ready, budgeted.error
+    answers, ran = asyncio.run(behind_a_slow_call(budgeted))
+    assert answers[0].shape == (1, 2) and ran == ["slow"]
+    assert isinstance(answers[1], ModelUnavailable) and answers[1].reason == "overloaded" and answers[1].retry_after
+    assert "latency budget" in answers[1].message
+
+    async def after_a_long_upload(behind_others: bool, runtime: ModelRuntime = budgeted) -> np.ndarray:
+        ADMITTED_AT.set((time.perf_counter() - 1.0, behind_others))  # admitted 1 s ago, its body arriving since
+        return await runtime.run(runtime.predict, pixels)
+
+    with pytest.raises(ModelUnavailable, match="latency budget"):  # queued behind others' uploads and calls
+        asyncio.run(after_a_long_upload(True))
+    assert asyncio.run(after_a_long_upload(False)).shape == (1, 2)  # alone: a slow link, refusing frees nothing
+    slower = ModelRuntime(lambda: bundle, "onnx", "cpu", 1, [1], start_within_s=1e-6)  # slower than its budget
+    assert slower.settled.wait(60) and slower.ready
+    assert asyncio.run(after_a_long_upload(True, slower)).shape == (1, 2)  # answered, one at a time, as admitted
+
+    release = threading.Event()
+
+    def loading_slowly():
+        release.wait(30)
+        return bundle
+
+    async def admitted_while_warming() -> np.ndarray:  # a worker starting: the request waits for the model
+        warming = ModelRuntime(loading_slowly, "onnx", "cpu", 1, [1], start_within_s=0.4)
+        ADMITTED_AT.set((time.perf_counter(), True))
+        await asyncio.sleep(0.6)
+        release.set()
+        await warming.wait_ready(60)
+        return await warming.run(warming.predict, pixels)
+
+    assert asyncio.run(admitted_while_warming()).shape == (1, 2)  # counted from the model's readiness
+    unbudgeted = ModelRuntime(lambda: bundle, "onnx", "cpu", 1, [1])
+    assert unbudgeted.settled.wait(60) and unbudgeted.ready
+    answers, ran = asyncio.run(behind_a_slow_call(unbudgeted))
+    assert ran == ["slow", "queued"] and answers[1].shape == (1, 2)
 
 
 def test_the_batched_entry_asks_again_once_when_the_model_loaded_between_refusal_and_question(tmp_path):
